@@ -1,0 +1,168 @@
+"""Gemma 1 and Gemma 2 decoders in one class, driven by config flags (GQA/MQA, RoPE, RMSNorm(1+w),
+GeGLU-tanh, attention and final-logit soft-caps, post-norms, query pre-attention scale, sliding
+window), plus the static KV cache and the prefix-LM mask rule.
+
+Attention rule (big_vision's `make_attn_mask`): every token carries a *block* number, the cumsum
+of its autoregressive flag (0 for image + BOS + prefix + "\\n", then 1, 2, ... for suffix tokens);
+padding carries `PAD_BLOCK`. Query i may attend key j iff block[j] <= block[i]. That makes the
+prefix one bidirectional block and the suffix causal. Each token may always attend itself, so a
+padding row never becomes fully masked (no NaN leaks into later layers).
+
+Module names follow transformers' Gemma so Hub weights map one-to-one. Note the HF naming quirk
+kept here: in Gemma 1, `post_attention_layernorm` is the norm *before* the MLP.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import TextConfig
+from .layers import GeGLU, RMSNorm, apply_rope, attention, rope_tables
+
+PAD_BLOCK = 2**30  # block number of padding / unwritten cache slots: never attended
+
+
+class KVCache(nn.Module):
+    """Static cache allocated once: k/v [L, B, Hkv, T_max, D] and the block number of every slot.
+    Writes go to device-side slot indices (`cache_position`), so shapes never change and the decode
+    step can be captured in a CUDA graph."""
+
+    def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        super().__init__()
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer(
+            "block", torch.full((batch_size, max_len), PAD_BLOCK, device=device, dtype=torch.int32), persistent=False
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def reset(self) -> None:
+        self.block.fill_(PAD_BLOCK)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Reorder / duplicate batch rows in place (beam search, prefix sharing)."""
+        self.k.copy_(self.k.index_select(1, rows))
+        self.v.copy_(self.v.index_select(1, rows))
+        self.block.copy_(self.block.index_select(0, rows))
+
+
+def attention_blocks(attention_mask: torch.Tensor | None, ar_mask: torch.Tensor | None, shape) -> torch.Tensor:
+    """Block number per token [B, T] from the validity mask and the autoregressive flags."""
+    B, T = shape
+    ar = torch.zeros(B, T, dtype=torch.int32) if ar_mask is None else ar_mask.to(torch.int32)
+    block = torch.cumsum(ar, dim=1, dtype=torch.int32)
+    if attention_mask is not None:
+        block = torch.where(attention_mask.bool().to(block.device), block, PAD_BLOCK)
+    return block
+
+
+def build_mask(q_block, k_block, q_index, k_index, window: int | None) -> torch.Tensor:
+    """bool [B, 1, T, S]: q_block [B, T], k_block [B, S], q_index [T], k_index [S]."""
+    allowed = k_block[:, None, :] <= q_block[:, :, None]  # [B, T, S]
+    if window:
+        in_window = k_index[None, :] > q_index[:, None] - window  # [T, S]
+        allowed = allowed & (in_window[None] | (q_block == 0)[:, :, None])  # the prefix block ignores the window
+    allowed = allowed | (k_index[None, :] == q_index[:, None])[None]
+    return allowed[:, None]
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False, **dd)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False, **dd)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False, **dd)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False, **dd)
+        self.scale = cfg.query_pre_attn_scalar**-0.5
+        self.logit_cap = cfg.attn_logit_softcapping
+
+    def forward(self, x, cos, sin, mask, cache_k=None, cache_v=None, cache_position=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_k is not None:
+            cache_k.index_copy_(2, cache_position, k.to(cache_k.dtype))
+            cache_v.index_copy_(2, cache_position, v.to(cache_v.dtype))
+            k, v = cache_k, cache_v  # [B, Hkv, T_max, D]
+        out = attention(q, k, v, mask, self.scale, self.logit_cap)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.post_norms = cfg.post_norms
+        self.self_attn = GemmaAttention(cfg, **dd)
+        self.mlp = GeGLU(H, cfg.intermediate_size, **dd)
+        self.input_layernorm = RMSNorm(H, eps, **dd)
+        self.post_attention_layernorm = RMSNorm(H, eps, **dd)  # Gemma 1: the pre-MLP norm (HF naming)
+        if cfg.post_norms:
+            self.pre_feedforward_layernorm = RMSNorm(H, eps, **dd)
+            self.post_feedforward_layernorm = RMSNorm(H, eps, **dd)
+
+    def forward(self, x, cos, sin, mask, cache_k=None, cache_v=None, cache_position=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, cache_position)
+        if not self.post_norms:
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(h)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class GemmaDecoder(nn.Module):
+    def __init__(self, cfg: TextConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, device, dtype) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """E[ids] * sqrt(hidden), the factor rounded to the weight dtype as Gemma does."""
+        w = self.embed_tokens.weight
+        return self.embed_tokens(ids) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=w.dtype, device=w.device)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, H] input embeddings
+        positions: torch.Tensor,  # [B, T] RoPE positions
+        block: torch.Tensor,  # [B, T] attention block numbers (see module docstring)
+        cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,  # [T] cache slots written by this call
+    ) -> torch.Tensor:
+        cfg = self.config
+        T = x.shape[1]
+        if cache is None:
+            q_index = k_index = torch.arange(T, device=x.device)
+            k_block = block
+        else:
+            cache.block.index_copy_(1, cache_position, block.to(torch.int32))
+            q_index, k_index = cache_position, torch.arange(cache.max_len, device=x.device)
+            k_block = cache.block
+        mask_full = build_mask(block, k_block, q_index, k_index, None)
+        mask_sliding = build_mask(block, k_block, q_index, k_index, cfg.sliding_window) if cfg.sliding_window else None
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            mask = mask_sliding if mask_sliding is not None and cfg.is_sliding(i) else mask_full
+            if cache is None:
+                x = layer(x, cos, sin, mask)
+            else:
+                x = layer(x, cos, sin, mask, cache.k[i], cache.v[i], cache_position)
+        return self.norm(x)

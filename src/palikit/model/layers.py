@@ -1,0 +1,96 @@
+"""Building blocks shared by the towers: Gemma RMSNorm, rotary embeddings, soft-capping, the
+GeGLU MLP and the attention kernel (SDPA where it is exact, the explicit math path where Gemma 2's
+attention soft-cap has to be applied between the scores and the softmax).
+
+Numerics follow transformers' eager path, which is what parity is measured against:
+RMSNorm computed in fp32 including `(1 + w)`, RoPE tables in fp32 cast to the activation dtype,
+softmax in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Gemma RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + w)`, weights stored as offsets from 1."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    if not cap:
+        return x
+    return torch.tanh(x / cap) * cap
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin for integer `positions` [B, T] -> two tensors [B, 1, T, head_dim] in `dtype`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Split-halves rotation (HF `rotate_half`, big_vision's layout). x: [B, H, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class GeGLU(nn.Module):
+    """Gemma MLP: down(gelu_tanh(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, dim: int, hidden: int, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False, **dd)
+        self.up_proj = nn.Linear(dim, hidden, bias=False, **dd)
+        self.down_proj = nn.Linear(hidden, dim, bias=False, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    logit_cap: float | None = None,
+) -> torch.Tensor:
+    """Grouped-query attention. q [B, Hq, T, D], k/v [B, Hkv, S, D], mask bool [B, 1, T, S] (True =
+    may attend) or None for full attention. Returns [B, Hq, T, D].
+
+    Without a soft-cap this is SDPA (flash / memory-efficient kernels on GPU). With one, the scores
+    must be capped before the softmax, which SDPA cannot express, so the math is written out
+    (transformers' SDPA path silently skips the cap; we never do).
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    if not logit_cap:
+        if Hkv != Hq:
+            k = k.repeat_interleave(Hq // Hkv, dim=1)
+            v = v.repeat_interleave(Hq // Hkv, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    G = Hq // Hkv
+    qg = q.view(B, Hkv, G, T, D)  # query heads grouped under their kv head
+    scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)) * scale  # [B, Hkv, G, T, S]
+    scores = softcap(scores, logit_cap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, v[:, :, None])  # [B, Hkv, G, T, D]
+    return out.view(B, Hq, T, D)

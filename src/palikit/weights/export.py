@@ -1,0 +1,96 @@
+"""Export a palikit model to the published Hugging Face Hub layout (`language_model.model.*`,
+`vision_tower.vision_model.*`, `multi_modal_projector.linear.*`, tied head omitted) with a
+config.json that transformers reads, so a checkpoint made here loads in transformers and vLLM.
+Every file is written atomically (temporary name, then rename): a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..model import PaliGemmaModel
+
+_HUB_PREFIXES = (
+    ("language_model.", "language_model.model."),
+    ("vision_tower.", "vision_tower.vision_model."),
+)
+
+
+def hub_key(name: str) -> str:
+    for old, new in _HUB_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def hub_state_dict(model: PaliGemmaModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[hub_key(name)] = t.contiguous().cpu()
+    return out
+
+
+def save_hub_checkpoint(
+    model: PaliGemmaModel,
+    folder: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write config.json + model.safetensors (or shards + index when larger than max_shard_bytes)."""
+    from safetensors.torch import save as st_save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = hub_state_dict(model, dtype)
+    meta = {"format": "pt"}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in sd.items():
+        n = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    if len(shards) == 1:
+        atomic_write_bytes(folder / "model.safetensors", st_save(shards[0], metadata=meta))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            atomic_write_bytes(folder / name, st_save(shard, metadata=meta))
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        atomic_write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    cfg = model.config.to_hf_dict()
+    used = dtype or next(iter(sd.values())).dtype
+    cfg["torch_dtype"] = str(used).removeprefix("torch.")
+    atomic_write_json(folder / "config.json", cfg)
+    return folder

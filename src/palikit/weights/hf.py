@@ -1,0 +1,149 @@
+"""Hugging Face safetensors checkpoints: read single-file or sharded (`model.safetensors.index.json`)
+weights in every PaliGemma key layout in use, map them onto palikit's module names, and load them
+strictly into a model built on the meta device (`assign=True`: each tensor is read from the
+memory-mapped file once, straight onto the target device, with no second copy).
+
+Layouts accepted (prefixes before the shared HF module names):
+
+| layout | language model | vision tower | projector | head |
+|---|---|---|---|---|
+| published Hub files (transformers <= 4.51 writer) | `language_model.model.` | `vision_tower.vision_model.` | `multi_modal_projector.` | optional `language_model.lm_head.weight` |
+| transformers 5.x in memory (`state_dict()`) | `model.language_model.` | `model.vision_tower.` (4.52-5.5: `...vision_model.`) | `model.multi_modal_projector.` | `lm_head.weight` |
+| transformers 5.x `save_pretrained` (hybrid) | `language_model.model.` | `vision_tower.` | `multi_modal_projector.` | none |
+
+The head is always tied to the embedding; a stored copy is checked to be identical and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import PaliGemmaConfig
+from ..model import PaliGemmaModel, build_model
+
+_PREFIX_RULES = (
+    ("model.language_model.", "language_model."),
+    ("language_model.model.", "language_model."),
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."),
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names the key, the expected and found shapes."""
+
+
+def internal_key(key: str) -> str:
+    for old, new in _PREFIX_RULES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    """The weight files of a checkpoint folder or a single `.safetensors` / index file."""
+    path = Path(path)
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return _files_from_index(path)
+        return [path]
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return _files_from_index(index)
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        return found
+    raise FileNotFoundError(
+        f"No safetensors weights in {path} (expected model.safetensors or model.safetensors.index.json)."
+    )
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index} is not a valid safetensors index ({e}).") from None
+    files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"{index} lists shards that are not there: {', '.join(missing)}")
+    return files
+
+
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu", dtype=None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint with palikit names (layout detected per key)."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    head = None
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                if key in _HEAD_KEYS:
+                    head = (key, t)
+                    continue
+                name = internal_key(key)
+                if name in out:
+                    raise CheckpointError(f"{file}: tensor {key!r} maps to {name!r}, which another key already gave.")
+                out[name] = t
+    if head is not None:
+        emb = out.get("language_model.embed_tokens.weight")
+        key, t = head
+        if emb is not None and (t.shape != emb.shape or not torch.equal(t, emb)):
+            raise CheckpointError(
+                f"{key} differs from the embedding: palikit supports the tied head every PaliGemma uses "
+                "(tie_word_embeddings=True)."
+            )
+    return out
+
+
+def check_state_dict(model: PaliGemmaModel, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a CheckpointError listing missing, unexpected and mis-shaped tensors."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [(k, expected[k], tuple(sd[k].shape)) for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"{source} does not match the {model.config.name} architecture:"]
+    lines += [f"  missing tensor {k} (expected shape {expected[k]})" for k in missing[:20]]
+    lines += [f"  unexpected tensor {k} {tuple(sd[k].shape)}" for k in unexpected[:20]]
+    lines += [f"  {k}: expected shape {e}, found {f}" for k, e, f in wrong[:20]]
+    more = len(missing) + len(unexpected) + len(wrong) - min(len(missing), 20) - min(len(unexpected), 20) - min(len(wrong), 20)
+    if more > 0:
+        lines.append(f"  ... and {more} more")
+    lines.append("Check that config.json belongs to these weights (model size and image resolution).")
+    raise CheckpointError("\n".join(lines))
+
+
+def load_state_dict_into(model: PaliGemmaModel, sd: dict[str, torch.Tensor], source: str) -> PaliGemmaModel:
+    check_state_dict(model, sd, source)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+
+def load_hf_checkpoint(
+    path: str | Path,
+    config: PaliGemmaConfig | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> PaliGemmaModel:
+    """Load a Hub-layout folder (config.json + safetensors) into a PaliGemmaModel."""
+    path = Path(path)
+    if config is None:
+        config = PaliGemmaConfig.from_json_file(path if path.is_dir() else path.parent)
+    sd = read_safetensors(path, device=device, dtype=dtype)
+    model = build_model(config, device="meta")
+    return load_state_dict_into(model, sd, str(path)).eval()

@@ -1,0 +1,199 @@
+"""palikit == transformers (eager, fp32) on the same random weights, for every on-disk key layout,
+the big_vision .npz format, and export -> reload."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import TINY, hf_logits, hf_model, make_batch
+from palikit.weights.big_vision import load_npz_checkpoint, npz_to_state_dict, state_dict_to_npz
+from palikit.weights.export import save_hub_checkpoint
+from palikit.weights.hf import CheckpointError, load_hf_checkpoint, read_safetensors
+
+ATOL = 1e-4
+
+
+def ours_logits(model, batch):
+    with torch.no_grad():
+        return model(
+            batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"], ar_mask=batch["ar_mask"]
+        )
+
+
+def assert_parity(model, kind, batch=None):
+    cfg = TINY[kind]
+    batch = batch or make_batch(cfg)
+    ref = hf_logits(hf_model(kind), batch)[..., : cfg.output_vocab_size]
+    mine = ours_logits(model, batch)
+    valid = batch["attention_mask"].bool()
+    diff = (ref[valid] - mine[valid]).abs().max().item()
+    assert diff < ATOL, f"max |logit diff| {diff:.2e} on {kind}"
+    return diff
+
+
+def _write_layout(kind: str, layout: str, folder) -> None:
+    """Write the HF model's weights in one of the key layouts found in the wild."""
+    hm = hf_model(kind)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(TINY[kind].to_hf_dict()))
+    mem = {k: v.contiguous() for k, v in hm.state_dict().items()}
+    if layout == "hf5-save":
+        hm.save_pretrained(folder)
+        return
+    if layout == "hf5-memory":
+        save_file({k: v.clone() for k, v in mem.items()}, folder / "model.safetensors")
+        return
+
+    def legacy(k):
+        k = k.replace("model.language_model.", "language_model.model.").replace(
+            "model.vision_tower.", "vision_tower.vision_model.").replace("model.multi_modal_projector.", "multi_modal_projector.")
+        return "language_model.lm_head.weight" if k == "lm_head.weight" else k
+
+    hub = {legacy(k): v.clone() for k, v in mem.items()}
+    if layout == "hub-no-head":
+        hub.pop("language_model.lm_head.weight")
+    if layout == "hub-sharded":
+        keys = sorted(hub)
+        halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+        for name, ks in halves.items():
+            save_file({k: hub[k] for k in ks}, folder / name)
+        index = {"metadata": {}, "weight_map": {k: n for n, ks in halves.items() for k in ks}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        return
+    save_file(hub, folder / "model.safetensors")
+
+
+LAYOUTS = ["hub", "hub-no-head", "hub-sharded", "hf5-memory", "hf5-save"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_logits_equal_transformers_for_every_layout(kind, layout, tmp_path):
+    _write_layout(kind, layout, tmp_path)
+    model = load_hf_checkpoint(tmp_path)
+    assert_parity(model, kind)
+
+
+def test_softcaps_are_applied_and_matter(tmp_path):
+    """Turning either Gemma 2 cap off must break parity: the comparison above has teeth."""
+    _write_layout("pg2", "hub", tmp_path)
+    base = load_hf_checkpoint(tmp_path)
+    batch = make_batch(TINY["pg2"])
+    ref = hf_logits(hf_model("pg2"), batch)[..., : TINY["pg2"].output_vocab_size]
+    valid = batch["attention_mask"].bool()
+    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+        cfg = replace(base.config, text=replace(base.config.text, **{field: None}))
+        model = load_hf_checkpoint(tmp_path, config=cfg)
+        diff = (ours_logits(model, batch)[valid] - ref[valid]).abs().max().item()
+        assert diff > 1e-2, f"disabling {field} changed nothing ({diff:.1e}); test weights too small"
+
+
+def test_unpadded_single_example_and_multi_length(tmp_path):
+    _write_layout("pg1", "hub", tmp_path)
+    model = load_hf_checkpoint(tmp_path)
+    cfg = TINY["pg1"]
+    assert_parity(model, "pg1", make_batch(cfg, seed=5, pad=(0,), suffix_len=1))
+    assert_parity(model, "pg1", make_batch(cfg, seed=6, pad=(2, 0, 5), prefix_len=8, suffix_len=5))
+
+
+def test_npz_big_vision_layout_gives_same_logits(kind, tmp_path):
+    _write_layout(kind, "hub", tmp_path / "hf")
+    model = load_hf_checkpoint(tmp_path / "hf")
+    arrays = state_dict_to_npz(model.state_dict(), model.config)
+    # real naming and stacked shapes
+    L, N, W, D = 2 if kind == "pg1" else 3, 4, 64, 16
+    K = model.config.text.num_key_value_heads
+    assert arrays["params/llm/layers/attn/q_einsum/w"].shape == (L, N, W, D)
+    assert arrays["params/llm/layers/attn/kv_einsum/w"].shape == (L, 2, K, W, D)
+    assert arrays["params/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel"].shape == (2, 32, 4, 8)
+    assert arrays["params/img/embedding/kernel"].shape == (14, 14, 3, 32)
+    np.savez(tmp_path / "ckpt.npz", **arrays)
+    loaded = load_npz_checkpoint(tmp_path / "ckpt.npz", config=model.config)
+    assert_parity(loaded, kind)
+
+
+def test_npz_inferred_config_unrolled_layout_and_bf16(tmp_path):
+    _write_layout("pg2", "hub", tmp_path / "hf")
+    model = load_hf_checkpoint(tmp_path / "hf")
+    arrays = state_dict_to_npz(model.state_dict(), model.config)
+    # unroll the ViT layers (big_vision's scan=False naming) and store bf16 as raw 2-byte values
+    unrolled = {}
+    for k, a in arrays.items():
+        if "/encoderblock/" in k:
+            for i in range(a.shape[0]):
+                unrolled[k.replace("/encoderblock/", f"/encoderblock_{i}/")] = a[i]
+        else:
+            unrolled[k] = a
+    bf16 = {k: torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view("V2") for k, a in unrolled.items()}
+    np.savez(tmp_path / "bf16.npz", **bf16)
+    loaded = load_npz_checkpoint(tmp_path / "bf16.npz")
+    cfg = loaded.config
+    assert (cfg.text.num_hidden_layers, cfg.text.num_key_value_heads, cfg.text.post_norms) == (3, 2, True)
+    assert (cfg.vision.image_size, cfg.vision.num_hidden_layers, cfg.vision.intermediate_size) == (28, 2, 64)
+    assert loaded.vision_tower.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    expected = npz_to_state_dict({k.removeprefix("params/"): a for k, a in unrolled.items()}, cfg)
+    for k, t in loaded.state_dict().items():
+        torch.testing.assert_close(t.float(), expected[k].to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+def test_npz_is_read_without_pickle(tmp_path):
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "evil.npz", obj=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_npz_checkpoint(tmp_path / "evil.npz")
+
+
+def test_export_reload_is_identity_and_transformers_reads_it(tmp_path):
+    from transformers import PaliGemmaForConditionalGeneration
+
+    _write_layout("pg2", "hf5-memory", tmp_path / "src")
+    model = load_hf_checkpoint(tmp_path / "src")
+    save_hub_checkpoint(model, tmp_path / "out", max_shard_bytes=200_000)
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    again = load_hf_checkpoint(tmp_path / "out")
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    keys = set(read_safetensors(tmp_path / "out"))
+    assert keys == set(a)
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    batch = make_batch(TINY["pg2"])
+    diff = (hf_logits(hf, batch) - hf_logits(hf_model("pg2"), batch)).abs().max().item()
+    assert diff == 0.0
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path):
+    _write_layout("pg1", "hub-no-head", tmp_path)
+    sd = read_safetensors(tmp_path)
+    from palikit.weights.hf import load_state_dict_into
+    from palikit.model import build_model
+
+    cfg = TINY["pg1"]
+    bad = dict(sd)
+    bad.pop("language_model.layers.1.mlp.up_proj.weight")
+    bad["language_model.layers.7.extra.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_into(build_model(cfg), bad, "ckpt")
+    msg = str(e.value)
+    assert "missing tensor language_model.layers.1.mlp.up_proj.weight (expected shape (128, 64))" in msg
+    assert "unexpected tensor language_model.layers.7.extra.weight" in msg
+    wrong = cfg.with_image_size(42)  # 9 patches, not 4
+    with pytest.raises(CheckpointError, match=r"position_embedding.weight: expected shape \(9, 32\), found \(4, 32\)"):
+        load_state_dict_into(build_model(wrong), dict(sd), "ckpt")
+
+
+def test_untied_head_is_refused(tmp_path):
+    _write_layout("pg1", "hub", tmp_path)
+    from safetensors.torch import load_file
+
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["language_model.lm_head.weight"] = sd["language_model.lm_head.weight"] + 1
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="differs from the embedding"):
+        load_hf_checkpoint(tmp_path)
