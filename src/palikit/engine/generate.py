@@ -46,6 +46,7 @@ class GenerationOptions:
     sampling: SamplingOptions = SamplingOptions()
     num_beams: int = 1
     length_penalty: float = 1.0
+    ignore_eos: bool = False  # benchmarks: always run max_new_tokens steps
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -70,8 +71,12 @@ class Engine:
         self.pad_id = cfg.pad_token_id
         self._cache: KVCache | None = None
         self._decode = self._decode_step
+        self._greedy = self._greedy_step
         if compile:
-            self._decode = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            # CUDA graphs on GPU ("reduce-overhead"); fused C++ kernels on CPU
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._decode = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+            self._greedy = torch.compile(self._greedy_step, mode=mode, fullgraph=True, dynamic=False)
 
     @property
     def device(self) -> torch.device:
@@ -134,6 +139,15 @@ class Engine:
         h = lm(x, positions[:, None], block, cache, cache_position)
         return self.model.logits(h)[:, -1]
 
+    def _greedy_step(self, tokens, positions, cache_position, cache: KVCache, finished, eos):
+        """One whole greedy step, fused (and compiled as one graph when asked):
+        decode -> argmax -> logprob -> mask finished rows -> advance positions."""
+        logits = self._decode_step(tokens, positions, cache_position, cache).float()
+        nxt = logits.argmax(dim=-1)
+        logprob = (logits.gather(-1, nxt[:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True))[:, 0]
+        nxt = nxt.masked_fill(finished, self.pad_id)
+        return nxt, logprob, finished | torch.isin(nxt, eos), positions + 1, cache_position + 1
+
     # ------------------------------------------------------------------------------ API
     @torch.inference_mode()
     def stream(self, requests: list[Request], options: GenerationOptions = GenerationOptions()) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -148,17 +162,28 @@ class Engine:
         P = max(len(r.text_ids) + (0 if r.image_features is None else r.image_features.shape[0]) for r in requests)
         cache = self._cache_for(B, P + options.max_new_tokens)
         logits, last_pos, P = self._prefill(requests, cache)
-        eos = torch.tensor(self.eos_ids, device=self.device)
-        finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        eos = torch.tensor(self.eos_ids if not options.ignore_eos else (-1,), device=self.device)
+        check_every = 8 if self.device.type == "cuda" else 1  # a host sync per check
+        cache_position = torch.tensor([P], device=self.device)
+        positions = last_pos + 1
+        tokens, logprobs = select_tokens(logits, opts, gen)
+        finished = torch.isin(tokens, eos)
         for step in range(options.max_new_tokens):
-            tokens, logprobs = select_tokens(logits, opts, gen)
-            tokens = tokens.masked_fill(finished, self.pad_id)
             yield tokens, logprobs
-            finished = finished | torch.isin(tokens, eos)
-            if step + 1 == options.max_new_tokens or bool(finished.all()):
+            if step + 1 == options.max_new_tokens:
                 return
-            cache_position = torch.tensor([P + step], device=self.device)
-            logits = self._decode(tokens, last_pos + 1 + step, cache_position, cache)
+            if (step + 1) % check_every == 0 and bool(finished.all()):
+                return
+            if opts.greedy:
+                out = self._greedy(tokens, positions, cache_position, cache, finished, eos)
+                # clone: compiled-graph outputs are overwritten by the next replay
+                tokens, logprobs, finished, positions, cache_position = (t.clone() for t in out)
+            else:
+                logits = self._decode(tokens, positions, cache_position, cache).clone()
+                tokens, logprobs = select_tokens(logits, opts, gen)
+                tokens = tokens.masked_fill(finished, self.pad_id)
+                finished = finished | torch.isin(tokens, eos)
+                positions, cache_position = positions + 1, cache_position + 1
 
     def generate(self, requests: list[Request], options: GenerationOptions = GenerationOptions()) -> list[Generation]:
         if not requests:
@@ -171,30 +196,35 @@ class Engine:
         steps = []
         t_first = None
         for tokens, logprobs in self.stream(requests, options):
-            steps.append((tokens.cpu(), logprobs.float().cpu()))
+            steps.append((tokens, logprobs.float()))
             if t_first is None:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # honest prefill timing
                 t_first = time.perf_counter()
+        if steps:
+            toks = torch.stack([t for t, _ in steps], 1).cpu()  # [B, steps], one host copy
+            lps = torch.stack([lp for _, lp in steps], 1).cpu()
         t_end = time.perf_counter()
-        return self._collect(steps, len(requests), t0, t_first, t_end)
+        return self._collect(toks, lps, len(requests), t0, t_first, t_end, options.ignore_eos)
 
-    def _collect(self, steps, B, t0, t_first, t_end) -> list[Generation]:
+    def _collect(self, toks, lps, B, t0, t_first, t_end, ignore_eos=False) -> list[Generation]:
         out = []
-        n_decode = max(len(steps) - 1, 1)
+        n_decode = max(toks.shape[1] - 1, 1)
         timings = {
             "prefill_ms": (t_first - t0) * 1e3,
             "decode_ms": (t_end - t_first) * 1e3,
             "decode_step_ms": (t_end - t_first) * 1e3 / n_decode,
         }
+        eos = () if ignore_eos else self.eos_ids
         for b in range(B):
-            toks, lps, finished = [], [], False
-            for tokens, logprobs in steps:
-                t = int(tokens[b])
-                if t in self.eos_ids:
+            row, row_lp, finished = [], [], False
+            for t, lp in zip(toks[b].tolist(), lps[b].tolist()):
+                if t in eos:
                     finished = True
                     break
-                toks.append(t)
-                lps.append(float(logprobs[b]))
-            out.append(Generation(toks, lps, finished, dict(timings)))
+                row.append(t)
+                row_lp.append(lp)
+            out.append(Generation(row, row_lp, finished, dict(timings)))
         return out
 
 

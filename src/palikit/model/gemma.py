@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
-from .layers import GeGLU, RMSNorm, apply_rope, attention, rope_tables
+from .layers import GeGLU, RMSNorm, apply_rope, attention, rope_inv_freq, rope_tables
 
 PAD_BLOCK = 2**30  # block number of padding / unwritten cache slots: never attended
 
@@ -133,6 +133,12 @@ class GemmaDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, device, dtype) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
+        self._inv_freq: torch.Tensor | None = None  # computed on first use (the model may be built on meta)
+
+    def inv_freq(self, device) -> torch.Tensor:
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device)
+        return self._inv_freq
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """E[ids] * sqrt(hidden), the factor rounded to the weight dtype as Gemma does."""
@@ -158,7 +164,7 @@ class GemmaDecoder(nn.Module):
             k_block = cache.block
         mask_full = build_mask(block, k_block, q_index, k_index, None)
         mask_sliding = build_mask(block, k_block, q_index, k_index, cfg.sliding_window) if cfg.sliding_window else None
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        cos, sin = rope_tables(positions, self.inv_freq(x.device), x.dtype)
         for i, layer in enumerate(self.layers):
             mask = mask_sliding if mask_sliding is not None and cfg.is_sliding(i) else mask_full
             if cache is None:

@@ -23,8 +23,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # fused x * rsqrt(mean(x^2) + eps)
         return (y * (1.0 + self.weight.float())).type_as(x)
 
 
@@ -34,9 +33,12 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return torch.tanh(x / cap) * cap
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rope_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
     """cos/sin for integer `positions` [B, T] -> two tensors [B, 1, T, head_dim] in `dtype`."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -81,10 +83,7 @@ def attention(
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     if not logit_cap:
-        if Hkv != Hq:
-            k = k.repeat_interleave(Hq // Hkv, dim=1)
-            v = v.repeat_interleave(Hq // Hkv, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hkv != Hq)
     G = Hq // Hkv
     qg = q.view(B, Hkv, G, T, D)  # query heads grouped under their kv head
     scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)) * scale  # [B, Hkv, G, T, S]

@@ -1,0 +1,48 @@
+"""The `palikit` command line: a typer app whose commands are thin wrappers over library functions.
+Errors a user can fix are printed as one clear message (exit code 2); the traceback is shown only
+with PALIKIT_DEBUG=1."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="palikit",
+    help="Run, fine-tune, serve and evaluate PaliGemma / PaliGemma 2 on your own hardware.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+from . import bench as _bench  # noqa: E402,F401  (registers commands)
+from . import info as _info  # noqa: E402,F401
+from . import predict as _predict  # noqa: E402,F401
+
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ImportError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        print("Aborted.", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place errors become messages
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        if os.environ.get("PALIKIT_DEBUG") == "1" or not isinstance(e, USER_ERRORS):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

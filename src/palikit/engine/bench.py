@@ -1,0 +1,166 @@
+"""Inference benchmark: prefill ms, ms per decode step and images/s across batch sizes for palikit,
+and for transformers on the SAME random weights in the same run when it is installed. Timings
+include the image encoder (pixel values in, tokens out); image decoding and resizing are excluded
+for both. Every run generates exactly `new_tokens` tokens (EOS ignored) so the two are comparable.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..config import PaliGemmaConfig
+from ..model import PaliGemmaModel, build_model
+from .generate import Engine, GenerationOptions, Request
+
+
+@dataclass
+class BenchRow:
+    engine: str
+    batch_size: int
+    prefill_ms: float
+    decode_step_ms: float
+    images_per_s: float
+
+
+def random_model(config: PaliGemmaConfig, device="cpu", dtype=torch.float32, seed: int = 0) -> PaliGemmaModel:
+    """Random weights of a given shape (full-size checks without downloading anything)."""
+    model = build_model(config, "meta").to_empty(device=device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name or "layer_norm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if "layer_norm" in name or name.startswith("vision") else 0.0))
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.to(dtype).eval()
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, repeats: int) -> float:
+    """Median wall seconds of `fn` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _prompt(config: PaliGemmaConfig, prompt_len: int) -> list[int]:
+    return [config.bos_token_id] + [min(100 + i, config.output_vocab_size - 1) for i in range(prompt_len - 2)] + [config.bos_token_id + 1]
+
+
+def bench_palikit(model, batch_sizes, new_tokens, prompt_len, repeats, compile=False) -> list[BenchRow]:
+    cfg = model.config
+    dev = model.language_model.embed_tokens.weight.device
+    engine = Engine(model, compile=compile)
+    text = _prompt(cfg, prompt_len)
+    S = cfg.vision.image_size
+    rows = []
+    for B in batch_sizes:
+        pv = torch.rand(B, 3, S, S, device=dev) * 2 - 1
+
+        def run(n):
+            def go():
+                with torch.inference_mode():
+                    feats = model.embed_images(pv.to(model.vision_tower.embeddings.patch_embedding.weight.dtype))
+                    engine.generate([Request(text, feats[b]) for b in range(B)], GenerationOptions(n, ignore_eos=True))
+            return go
+
+        t1 = _timed(run(1), dev, repeats)
+        tn = _timed(run(new_tokens), dev, repeats)
+        rows.append(BenchRow("palikit", B, t1 * 1e3, (tn - t1) * 1e3 / max(new_tokens - 1, 1), B / tn))
+    return rows
+
+
+def hf_model_from(model: PaliGemmaModel):
+    """transformers PaliGemmaForConditionalGeneration holding exactly our weights (eager attention)."""
+    from transformers import PaliGemmaConfig as HFConfig
+    from transformers import PaliGemmaForConditionalGeneration
+
+    w = model.language_model.embed_tokens.weight
+    hcfg = HFConfig(**model.config.to_hf_dict())
+    prefix = {"language_model.": "model.language_model.", "vision_tower.": "model.vision_tower.",
+              "multi_modal_projector.": "model.multi_modal_projector."}
+    sd = {}
+    for k, t in model.state_dict().items():
+        for old, new in prefix.items():
+            if k.startswith(old):
+                sd[new + k[len(old):]] = t
+    sd["lm_head.weight"] = model.language_model.embed_tokens.weight
+    with torch.device(w.device):
+        hf = PaliGemmaForConditionalGeneration._from_config(hcfg, attn_implementation="eager", torch_dtype=w.dtype)
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    if [m for m in missing if m != "lm_head.weight"] or unexpected:
+        raise RuntimeError(f"weight transfer to transformers failed: missing {missing} unexpected {unexpected}")
+    return hf.eval()
+
+
+def bench_transformers(model, batch_sizes, new_tokens, prompt_len, repeats) -> list[BenchRow]:
+    hf = hf_model_from(model)
+    cfg = model.config
+    dev = model.language_model.embed_tokens.weight.device
+    N = cfg.vision.num_image_tokens
+    text = _prompt(cfg, prompt_len)
+    rows = []
+    for B in batch_sizes:
+        ids = torch.tensor([[cfg.image_token_index] * N + text] * B, device=dev)
+        pv = (torch.rand(B, 3, cfg.vision.image_size, cfg.vision.image_size, device=dev) * 2 - 1).to(model.language_model.embed_tokens.weight.dtype)
+
+        def run(n):
+            def go():
+                with torch.inference_mode():
+                    hf.generate(input_ids=ids, pixel_values=pv, attention_mask=torch.ones_like(ids),
+                                token_type_ids=torch.zeros_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, pad_token_id=cfg.pad_token_id)
+            return go
+
+        t1 = _timed(run(1), dev, repeats)
+        tn = _timed(run(new_tokens), dev, repeats)
+        rows.append(BenchRow("transformers", B, t1 * 1e3, (tn - t1) * 1e3 / max(new_tokens - 1, 1), B / tn))
+    return rows
+
+
+def run_bench(config: PaliGemmaConfig, *, batch_sizes=(1, 4), new_tokens=32, prompt_len=16, repeats=3,
+              device="cpu", dtype=torch.float32, compare_transformers=True, compile=False) -> dict:
+    torch.manual_seed(0)
+    model = random_model(config, device, dtype)
+    rows = bench_palikit(model, batch_sizes, new_tokens, prompt_len, repeats, compile)
+    hf_rows: list[BenchRow] = []
+    hf_error = None
+    if compare_transformers:
+        try:
+            hf_rows = bench_transformers(model, batch_sizes, new_tokens, prompt_len, repeats)
+        except ImportError:
+            hf_error = "transformers not installed"
+    ratios = {}
+    for ours, theirs in zip(rows, hf_rows):
+        ratios[str(ours.batch_size)] = {
+            "decode_step_speedup": theirs.decode_step_ms / ours.decode_step_ms,
+            "prefill_speedup": theirs.prefill_ms / ours.prefill_ms,
+            "images_per_s_ratio": ours.images_per_s / theirs.images_per_s,
+        }
+    return {
+        "model": config.name,
+        "device": str(device) if torch.device(device).type != "cuda" else torch.cuda.get_device_name(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "new_tokens": new_tokens,
+        "prompt_tokens": config.vision.num_image_tokens + prompt_len,
+        "torch": torch.__version__,
+        "rows": [asdict(r) for r in rows + hf_rows],
+        "speedup_vs_transformers": ratios,
+        **({"transformers_error": hf_error} if hf_error else {}),
+    }
