@@ -1,1 +1,133 @@
-"""placeholder"""
+"""`palikit predict | caption | ocr | ask | detect | segment`: thin commands over `PaliGemma`.
+
+Several IMAGE arguments are frames of one example (video, NLVR2-style pairs); a video file is
+sampled into `--frames` frames.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from . import app
+
+DEMO_HINT = "point it at real weights with --model google/paligemma2-3b-mix-224 or a local checkpoint folder"
+
+
+def bundled_demo_model() -> Path | None:
+    demo = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+    return demo if (demo / "config.json").exists() else None
+
+
+def load_model(model: str | None, device: str, dtype: str, tokenizer: str | None, compile: bool = False):
+    from ..api import PaliGemma
+
+    if model is None:
+        demo = bundled_demo_model()
+        if demo is None:
+            raise ValueError(f"no --model given and this install has no bundled demo model; {DEMO_HINT}.")
+        print(f"Using the bundled demo model (tiny, trained on synthetic shapes); {DEMO_HINT}.", file=sys.stderr)
+        model = str(demo)
+    return PaliGemma.from_pretrained(model, device=device, dtype=dtype, tokenizer=tokenizer, compile=compile)
+
+
+def _frames(images: list[str], frames: int):
+    from ..video import VIDEO_SUFFIXES, read_frames
+
+    if len(images) == 1 and Path(images[0]).suffix.lower() in VIDEO_SUFFIXES:
+        return read_frames(images[0], frames)
+    return images if len(images) > 1 else images[0]
+
+
+def _run(images, prompt_fn, *, model, device, dtype, tokenizer, as_json, out, max_new_tokens, temperature,
+         top_k, top_p, seed, num_beams, frames, labels=None):
+    from rich.console import Console
+
+    pg = load_model(model, device, dtype, tokenizer)
+    example = _frames(images, frames)
+    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                num_beams=num_beams)
+    result = prompt_fn(pg, example, opts)
+    if out is not None:
+        from ..preprocess import load_image
+        from ..tasks.draw import draw, save_png
+
+        first = example[0] if isinstance(example, list) else example
+        save_png(draw(load_image(first), result.detections), out)
+    if as_json:
+        print(result.to_json())
+        return
+    console = Console()
+    console.print(f"[bold]{result.prompt}[/bold] -> {result.text!r}")
+    for d in result.detections:
+        score = "" if d.score is None else f"  score {d.score:.2f}"
+        mask = "" if d.mask is None else f"  mask {int(d.mask.sum())} px"
+        flag = "" if d.requested else "  (label not asked for)"
+        console.print(f"  {d.label or '?'}: box x0={d.box[0]:.0f} y0={d.box[1]:.0f} x1={d.box[2]:.0f} y1={d.box[3]:.0f}"
+                      f"{score}{mask}{flag}")
+    for e in result.errors:
+        console.print(f"  [yellow]note:[/yellow] {e}")
+    if result.hint:
+        console.print(f"  [cyan]hint:[/cyan] {result.hint}")
+    t = result.timings
+    console.print(f"  [dim]{t.get('image_ms', 0):.0f} ms image, {t.get('prefill_ms', 0):.0f} ms prefill, "
+                  f"{t.get('decode_step_ms', 0):.1f} ms/token[/dim]")
+    if out is not None:
+        console.print(f"  annotated image written to {out}")
+
+
+MODEL = typer.Option(None, "--model", "-m", help="Checkpoint folder, big_vision .npz or Hub id (default: bundled demo).")
+DEVICE = typer.Option("auto", help="cpu, cuda, cuda:1 or auto.")
+DTYPE = typer.Option("auto", help="float32, bfloat16, float16 or auto (bf16 on GPU).")
+TOKENIZER = typer.Option(None, help="Tokenizer file when it is not next to the weights.")
+JSON = typer.Option(False, "--json", help="Print the Result as JSON.")
+OUT = typer.Option(None, "--out", "-o", help="Write the image with boxes and masks drawn (PNG).")
+MAX_NEW = typer.Option(64, help="Maximum tokens to generate.")
+TEMP = typer.Option(0.0, help="0 = greedy; > 0 samples.")
+TOPK = typer.Option(None, help="Sample from the k most likely tokens.")
+TOPP = typer.Option(None, help="Nucleus sampling mass.")
+SEED = typer.Option(None, help="Seed for sampling.")
+BEAMS = typer.Option(1, help="Beam search width.")
+FRAMES = typer.Option(8, help="Frames sampled from a video file.")
+IMAGES = typer.Argument(..., help="Image path(s); several = frames of one example; or one video file.")
+
+
+def _register(name: str, help_text: str, build, extra_arg: str | None = None, label_task: str | None = None):
+    if extra_arg is None:
+        def command(images: list[str] = IMAGES, model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE,
+                    tokenizer: str = TOKENIZER, as_json: bool = JSON, out: Path = OUT, max_new_tokens: int = MAX_NEW,
+                    temperature: float = TEMP, top_k: int = TOPK, top_p: float = TOPP, seed: int = SEED,
+                    num_beams: int = BEAMS, frames: int = FRAMES, lang: str = typer.Option("en", help="Language code.")):
+            _run(images, lambda pg, ex, o: build(pg, ex, o, lang, None), model=model, device=device, dtype=dtype,
+                 tokenizer=tokenizer, as_json=as_json, out=out, max_new_tokens=max_new_tokens, temperature=temperature,
+                 top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams, frames=frames)
+    else:
+        def command(images: list[str] = IMAGES, text: str = typer.Argument(..., metavar=extra_arg.upper(), help=help_text),
+                    model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE, tokenizer: str = TOKENIZER,
+                    as_json: bool = JSON, out: Path = OUT, max_new_tokens: int = MAX_NEW, temperature: float = TEMP,
+                    top_k: int = TOPK, top_p: float = TOPP, seed: int = SEED, num_beams: int = BEAMS,
+                    frames: int = FRAMES, lang: str = typer.Option("en", help="Language code.")):
+            _run(images, lambda pg, ex, o: build(pg, ex, o, lang, text), model=model, device=device, dtype=dtype,
+                 tokenizer=tokenizer, as_json=as_json, out=out, max_new_tokens=max_new_tokens, temperature=temperature,
+                 top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams, frames=frames)
+    command.__doc__ = help_text
+    app.command(name)(command)
+
+
+def _labels(text: str) -> list[str]:
+    return [t.strip() for t in text.replace(";", ",").split(",") if t.strip()]
+
+
+_register("predict", "Run any prompt: palikit predict IMAGE 'answer en what is on the table'.",
+          lambda pg, ex, o, lang, text: pg.predict(ex, text, **o), extra_arg="prompt")
+_register("caption", "Caption the image ('caption {lang}').", lambda pg, ex, o, lang, _: pg.caption(ex, lang, **o))
+_register("describe", "Longer description ('describe {lang}').", lambda pg, ex, o, lang, _: pg.describe(ex, lang, **o))
+_register("ocr", "Read the text in the image ('ocr').", lambda pg, ex, o, lang, _: pg.ocr(ex, **o))
+_register("ask", "Answer a question about the image ('answer {lang} {question}').",
+          lambda pg, ex, o, lang, text: pg.answer(ex, text, lang, **o), extra_arg="question")
+_register("detect", "Boxes for the given classes: palikit detect IMAGE 'dog ; car'.",
+          lambda pg, ex, o, lang, text: pg.detect(ex, _labels(text), **o), extra_arg="labels")
+_register("segment", "Masks for the given classes: palikit segment IMAGE cat.",
+          lambda pg, ex, o, lang, text: pg.segment(ex, _labels(text), **o), extra_arg="labels")
