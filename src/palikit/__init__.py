@@ -1,3 +1,46 @@
-"""palikit: the self-hosted toolkit for Google's PaliGemma and PaliGemma 2."""
+"""palikit: the self-hosted toolkit for Google's PaliGemma and PaliGemma 2.
+
+    import palikit
+    pg = palikit.PaliGemma.from_pretrained("google/paligemma2-3b-mix-224")
+    result = pg.detect("street.jpg", ["car", "person"])   # boxes in pixels, scores, masks
+
+Names are imported lazily so `import palikit` stays light (no torch until a model is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "PaliGemma": "palikit.api",
+    "PaliGemmaConfig": "palikit.config",
+    "PRESETS": "palikit.config",
+    "get_config": "palikit.config",
+    "PaliGemmaModel": "palikit.model",
+    "build_model": "palikit.model",
+    "Engine": "palikit.engine",
+    "GenerationOptions": "palikit.engine",
+    "SamplingOptions": "palikit.engine",
+    "Tokenizer": "palikit.tokenizer",
+    "ImageProcessor": "palikit.preprocess",
+    "load_image": "palikit.preprocess",
+    "Result": "palikit.tasks",
+    "Detection": "palikit.tasks",
+    "parse_detections": "palikit.tasks",
+    "MaskCodec": "palikit.tasks.mask_codec",
+    "draw": "palikit.tasks.draw",
+    "load_hf_checkpoint": "palikit.weights.hf",
+    "load_npz_checkpoint": "palikit.weights.big_vision",
+    "save_hub_checkpoint": "palikit.weights.export",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'palikit' has no attribute {name!r}")

@@ -1,0 +1,218 @@
+"""The "shapes" synthetic data set behind the bundled demo model: deterministic by seed, with
+train / validation / test splits. Each image holds 1-3 shapes (circle, square, triangle) in a few
+colours, sizes and positions (overlap allowed) on a plain, gradient or noisy background, and some
+hold one short rendered word. Every mix-checkpoint task has targets:
+
+    caption en                      -> "a red circle and two blue squares"
+    detect circle                   -> "<locY0><locX0><locY1><locX1> circle ; ..."   ("" when absent)
+    detect circle ; square          -> both classes, instances in reading order
+    segment circle                  -> "<loc>x4 <seg>x16 circle ; ..."  (needs the mask codec)
+    ocr                             -> the word
+    answer en how many circles are there  -> "2"
+    answer en what color is the square    -> "blue"   (asked only when there is exactly one)
+
+Captions and instance orders are canonical (class order, then colour order; instances top-to-bottom
+then left-to-right), so exact match is a fair metric. Boxes are encoded as round(v / side * 1024)
+clipped to 1023, the inverse of the parser's v / 1024 decode.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+CLASSES = ("circle", "square", "triangle")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+WORDS = ("cat", "sun", "box", "map", "key", "cup", "pen", "hat", "owl", "jam", "fox", "bus", "ink", "zip", "web",
+         "oak", "gem", "toy", "art", "dot")
+NUMBER_WORDS = ("zero", "a", "two", "three", "four")
+SPLIT_SEEDS = {"train": 0, "validation": 1_000_003, "test": 2_000_003}
+
+
+@dataclass
+class Shape:
+    cls: str
+    color: str
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
+    mask: np.ndarray = field(repr=False)  # bool [H, W], visible part after later shapes are drawn
+
+
+@dataclass
+class Sample:
+    image: Image.Image
+    shapes: list[Shape]
+    word: str | None
+    index: int
+
+
+def _background(rng: random.Random, size: int) -> Image.Image:
+    kind = rng.choice(("plain", "gradient", "noise"))
+    base = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
+    if kind == "plain":
+        arr = np.broadcast_to(base, (size, size, 3)).copy()
+    elif kind == "gradient":
+        other = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
+        t = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
+        arr = base * (1 - t) + other * t
+        arr = np.broadcast_to(arr, (size, size, 3)).copy()
+        if rng.random() < 0.5:
+            arr = arr.transpose(1, 0, 2).copy()
+    else:
+        noise = np.random.default_rng(rng.randint(0, 2**31)).normal(0, 25, (size, size, 3))
+        arr = base + noise
+    # keep backgrounds muted so the saturated shape colours stay distinct
+    arr = 0.55 * arr + 0.45 * 128
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, cls: str, box, fill) -> None:
+    x0, y0, x1, y1 = box
+    if cls == "circle":
+        draw.ellipse(box, fill=fill)
+    elif cls == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+
+
+def make_sample(index: int, seed: int = 0, size: int = 112, word_prob: float = 0.5) -> Sample:
+    """One image with its ground truth; the same (index, seed, size) always gives the same sample."""
+    rng = random.Random(seed * 1_000_003 + index)
+    image = _background(rng, size)
+    draw = ImageDraw.Draw(image)
+    n = rng.choice((1, 1, 2, 2, 3))
+    shapes: list[Shape] = []
+    occupied = np.zeros((size, size), dtype=bool)
+    for _ in range(n):
+        for _attempt in range(20):
+            side = rng.randint(size // 5, size // 2)
+            x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
+            box = (x0, y0, x0 + side - 1, y0 + side - 1)
+            if occupied[y0:y0 + side, x0:x0 + side].mean() < 0.3:  # overlap allowed, occlusion limited
+                break
+        cls, color = rng.choice(CLASSES), rng.choice(tuple(COLORS))
+        layer = Image.new("L", (size, size), 0)
+        _draw_shape(ImageDraw.Draw(layer), cls, box, 255)
+        mask = np.array(layer) > 127
+        for s in shapes:  # the new shape hides what it covers
+            s.mask &= ~mask
+        _draw_shape(draw, cls, box, COLORS[color])
+        occupied |= mask
+        shapes.append(Shape(cls, color, tuple(float(v) for v in box), mask))
+    shapes = [s for s in shapes if s.mask.sum() >= 0.35 * _area(s.box)] or shapes[-1:]
+    for s in shapes:  # tight boxes around the visible part
+        ys, xs = np.nonzero(s.mask)
+        s.box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+    word = None
+    if rng.random() < word_prob:
+        word = rng.choice(WORDS)
+        font = ImageFont.load_default(size=max(10, size // 6))
+        tx, ty = rng.randint(2, size // 2), rng.randint(2, size - size // 5)
+        dark = np.array(image.crop((tx, ty, tx + size // 3, ty + size // 6))).mean() > 128
+        draw.text((tx, ty), word.upper(), fill=(0, 0, 0) if dark else (255, 255, 255), font=font,
+                  stroke_width=1, stroke_fill=(255, 255, 255) if dark else (0, 0, 0))
+    return Sample(image, shapes, word, index)
+
+
+def _area(box) -> float:
+    return max(box[2] - box[0], 0) * max(box[3] - box[1], 0)
+
+
+def loc_tokens(box, width: int, height: int) -> str:
+    x0, y0, x1, y1 = box
+
+    def q(v, side):
+        return min(max(int(round(v / side * 1024)), 0), 1023)
+
+    return "".join(f"<loc{q(v, s):04d}>" for v, s in ((y0, height), (x0, width), (y1, height), (x1, width)))
+
+
+def _reading_order(shapes: list[Shape]) -> list[Shape]:
+    return sorted(shapes, key=lambda s: (round(s.box[1] / 8), s.box[0]))
+
+
+def caption(shapes: list[Shape]) -> str:
+    groups: dict[tuple[str, str], int] = {}
+    for s in shapes:
+        groups[(s.cls, s.color)] = groups.get((s.cls, s.color), 0) + 1
+    order = sorted(groups, key=lambda k: (CLASSES.index(k[0]), tuple(COLORS).index(k[1])))
+    parts = [f"{NUMBER_WORDS[groups[k]]} {k[1]} {k[0] if groups[k] == 1 else PLURALS[k[0]]}" for k in order]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def detect_suffix(shapes: list[Shape], classes: list[str], size: tuple[int, int], seg_fn=None) -> str:
+    items = []
+    for s in _reading_order([s for s in shapes if s.cls in classes]):
+        seg = "" if seg_fn is None else "".join(f"<seg{t:03d}>" for t in seg_fn(s))
+        items.append(f"{loc_tokens(s.box, *size)}{seg} {s.cls}")
+    return " ; ".join(items)
+
+
+def examples(sample: Sample, rng: random.Random, seg_fn=None) -> list[dict]:
+    """Prefix/suffix pairs for one sample (one per task that applies)."""
+    size = sample.image.size
+    present = sorted({s.cls for s in sample.shapes}, key=CLASSES.index)
+    out = [{"prefix": "caption en", "suffix": caption(sample.shapes), "task": "caption"}]
+    cls = rng.choice(CLASSES)  # may be absent: then the answer is empty
+    out.append({"prefix": f"detect {cls}", "suffix": detect_suffix(sample.shapes, [cls], size), "task": "detect"})
+    pair = sorted(rng.sample(CLASSES, 2), key=CLASSES.index)
+    out.append({"prefix": f"detect {pair[0]} ; {pair[1]}", "suffix": detect_suffix(sample.shapes, pair, size),
+                "task": "detect"})
+    if seg_fn is not None:
+        target = rng.choice(present)
+        out.append({"prefix": f"segment {target}", "suffix": detect_suffix(sample.shapes, [target], size, seg_fn),
+                    "task": "segment"})
+    if sample.word:
+        out.append({"prefix": "ocr", "suffix": sample.word.upper(), "task": "ocr"})
+    count_cls = rng.choice(CLASSES)
+    n = sum(s.cls == count_cls for s in sample.shapes)
+    out.append({"prefix": f"answer en how many {PLURALS[count_cls]} are there", "suffix": str(n), "task": "count"})
+    singles = [c for c in present if sum(s.cls == c for s in sample.shapes) == 1]
+    if singles:
+        c = rng.choice(singles)
+        color = next(s.color for s in sample.shapes if s.cls == c)
+        out.append({"prefix": f"answer en what color is the {c}", "suffix": color, "task": "color"})
+    return out
+
+
+def iter_split(split: str, n: int, size: int = 112) -> Iterator[Sample]:
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"split must be one of {', '.join(SPLIT_SEEDS)}, got {split!r}")
+    for i in range(n):
+        yield make_sample(i, SPLIT_SEEDS[split], size)
+
+
+def write_split(folder: str | Path, split: str, n: int, size: int = 112, seg_fn=None) -> Path:
+    """Images as PNG, `{split}.jsonl` (image, prefix, suffix, task) and `{split}_coco.json`
+    (detection + instance segmentation ground truth, RLE masks)."""
+    from ..tasks.results import mask_to_rle
+
+    folder = Path(folder)
+    (folder / split).mkdir(parents=True, exist_ok=True)
+    rng = random.Random(SPLIT_SEEDS[split] + 7)
+    lines, images, annotations = [], [], []
+    categories = [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)]
+    for sample in iter_split(split, n, size):
+        rel = f"{split}/{sample.index:06d}.png"
+        sample.image.save(folder / rel)
+        for ex in examples(sample, rng, seg_fn):
+            lines.append(json.dumps({"image": rel, **ex}))
+        images.append({"id": sample.index, "file_name": rel, "width": size, "height": size})
+        for s in sample.shapes:
+            x0, y0, x1, y1 = s.box
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": sample.index, "category_id": CLASSES.index(s.cls) + 1,
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(s.mask.sum()), "iscrowd": 0,
+                "segmentation": mask_to_rle(s.mask),
+            })
+    (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    coco = {"images": images, "annotations": annotations, "categories": categories}
+    (folder / f"{split}_coco.json").write_text(json.dumps(coco))
+    return folder
