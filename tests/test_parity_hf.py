@@ -197,3 +197,26 @@ def test_untied_head_is_refused(tmp_path):
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="differs from the embedding"):
         load_hf_checkpoint(tmp_path)
+
+
+def test_multi_frame_input_equals_transformers_multi_image(tmp_path):
+    """Frames encoded separately, tokens concatenated (big_vision video / NLVR2) == transformers
+    with several images per prompt."""
+    _write_layout("pg2", "hub", tmp_path)
+    model = load_hf_checkpoint(tmp_path)
+    cfg = model.config
+    N, S = cfg.vision.num_image_tokens, cfg.vision.image_size
+    g = torch.Generator().manual_seed(4)
+    frames = torch.rand(2, 3, 3, S, S, generator=g) * 2 - 1  # [B, F, 3, S, S]
+    text = torch.randint(3, 300, (2, 7), generator=g)
+    text[:, 0] = cfg.bos_token_id
+    ids = torch.cat([torch.full((2, 3 * N), cfg.image_token_index), text], 1)
+    ar = torch.zeros_like(ids)
+    ar[:, -3:] = 1
+    with torch.no_grad():
+        ref = hf_model("pg2")(input_ids=ids, pixel_values=frames.flatten(0, 1), attention_mask=torch.ones_like(ids),
+                              token_type_ids=ar, position_ids=torch.arange(1, ids.shape[1] + 1)[None].expand(2, -1)).logits
+        mine = model(ids, frames, ar_mask=ar)
+    assert (ref[..., : cfg.output_vocab_size] - mine).abs().max().item() < ATOL
+    with pytest.raises(ValueError, match="placeholders"):
+        model(ids[:, N:], frames, ar_mask=ar[:, N:])
