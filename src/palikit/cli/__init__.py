@@ -17,7 +17,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-from . import bench as _bench  # noqa: E402,F401  (registers commands)
+from . import batch as _batch  # noqa: E402,F401  (registers commands)
+from . import bench as _bench  # noqa: E402,F401
 from . import info as _info  # noqa: E402,F401
 from . import predict as _predict  # noqa: E402,F401
 

@@ -21,16 +21,22 @@ def bundled_demo_model() -> Path | None:
     return demo if (demo / "config.json").exists() else None
 
 
+def default_model(model: str | None) -> str:
+    """The given model, or the bundled demo model (saying so in one line)."""
+    if model is not None:
+        return model
+    demo = bundled_demo_model()
+    if demo is None:
+        raise ValueError(f"no --model given and this install has no bundled demo model; {DEMO_HINT}.")
+    print(f"Using the bundled demo model (tiny, trained on synthetic shapes); {DEMO_HINT}.", file=sys.stderr)
+    return str(demo)
+
+
 def load_model(model: str | None, device: str, dtype: str, tokenizer: str | None, compile: bool = False):
     from ..api import PaliGemma
 
-    if model is None:
-        demo = bundled_demo_model()
-        if demo is None:
-            raise ValueError(f"no --model given and this install has no bundled demo model; {DEMO_HINT}.")
-        print(f"Using the bundled demo model (tiny, trained on synthetic shapes); {DEMO_HINT}.", file=sys.stderr)
-        model = str(demo)
-    return PaliGemma.from_pretrained(model, device=device, dtype=dtype, tokenizer=tokenizer, compile=compile)
+    return PaliGemma.from_pretrained(default_model(model), device=device, dtype=dtype, tokenizer=tokenizer,
+                                     compile=compile)
 
 
 def _frames(images: list[str], frames: int):

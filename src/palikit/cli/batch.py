@@ -1,0 +1,40 @@
+"""`palikit batch`: resumable batch inference on Ray Data (local Ray by default, or a cluster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app
+
+
+@app.command()
+def batch(
+    input: Path = typer.Option(..., "--input", "-i", help="Folder of images, .jsonl (image, id, prompt...) or .parquet."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for part-*.jsonl / part-*.parquet results."),
+    task: str = typer.Option(..., help="ocr | caption | describe | detect | segment | answer | predict"),
+    model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder or Hub id (default: bundled demo)."),
+    labels: str = typer.Option(None, help="Classes for detect/segment, e.g. 'dog ; car'."),
+    question: str = typer.Option(None, help="Question for the answer task."),
+    prompt: str = typer.Option(None, help="Prompt for the predict task."),
+    lang: str = typer.Option("en", help="Language code for caption/answer."),
+    format: str = typer.Option("jsonl", help="jsonl or parquet."),
+    batch_size: int = typer.Option(8, help="Images per model call."),
+    workers: int = typer.Option(1, help="Model replicas (one per GPU when GPUs are there)."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    address: str = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
+    max_new_tokens: int = typer.Option(64, help="Maximum tokens per answer."),
+):
+    """Run one task over many images; a rerun skips what is already written."""
+    from ..distributed.ray_batch import run_batch
+    from .predict import default_model
+
+    summary = run_batch(
+        input, output, task, default_model(model),
+        labels=[x.strip() for x in labels.split(";")] if labels else None, question=question, prompt=prompt,
+        lang=lang, fmt=format, batch_size=batch_size, num_workers=workers, device=device, address=address,
+        max_new_tokens=max_new_tokens,
+    )
+    typer.echo(f"{summary.written} written ({summary.failed} failed inputs recorded with their error), "
+               f"{summary.skipped} already done, {summary.images_per_s:.1f} images/s -> {summary.output}")

@@ -1,0 +1,1 @@
+"""Scaling past one process: Ray Data batch inference and Ray Serve replicas (imported only when used)."""

@@ -1,0 +1,126 @@
+"""The user-facing PaliGemma object and CLI on a tiny random checkpoint in the real on-disk format."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from palikit.api import PaliGemma
+from palikit.engine import Generation, GenerationOptions, Request
+from palikit.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), family="pg2")
+
+
+@pytest.fixture(scope="module")
+def pg(ckpt):
+    return PaliGemma.from_pretrained(ckpt, device="cpu")
+
+
+@pytest.fixture
+def image(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "img.png"
+    Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(path)  # 90 wide, 60 high
+    return path
+
+
+def test_predict_equals_engine_on_the_same_inputs(pg, image):
+    result = pg.predict(image, "caption en", max_new_tokens=8)
+    pv = pg.processor([str(image)])
+    feats = pg.model.embed_images(pv)[0].detach()
+    gen = pg.engine.generate([Request(pg.tokenizer.encode_prompt("caption en").ids, feats)], GenerationOptions(8))[0]
+    assert result.tokens == gen.tokens
+    assert result.text == pg.tokenizer.decode(gen.tokens)
+    assert result.image_size == (90, 60)
+    assert set(result.timings) >= {"image_ms", "prefill_ms", "decode_step_ms"}
+    json.loads(result.to_json())
+
+
+def test_batch_equals_single_and_repeated_images_encode_once(pg, image, monkeypatch):
+    prompts = ["caption en", "ocr", "answer en what is this", "detect circle"]
+    singles = [pg.predict(image, p, max_new_tokens=6).tokens for p in prompts]
+    calls = []
+    real = pg.model.vision_tower.forward
+    monkeypatch.setattr(pg.model.vision_tower, "forward", lambda pv: calls.append(pv.shape) or real(pv))
+    batched = pg.predict_batch([image] * len(prompts), prompts, max_new_tokens=6)
+    assert [r.tokens for r in batched] == singles
+    assert len(calls) == 1  # one image, four prompts: the encoder ran once
+
+
+def test_stream_pieces_join_to_the_predicted_text(pg, image):
+    pieces = list(pg.stream(image, "describe en", max_new_tokens=10))
+    assert "".join(pieces) == pg.predict(image, "describe en", max_new_tokens=10).text
+
+
+def test_detections_come_back_in_original_pixels_with_scores(pg, image, monkeypatch):
+    tok = pg.tokenizer
+    text_ids = tok.encode("<loc0256><loc0512><loc0768><loc1023> circle ; <loc0000><loc0000><loc0512><loc0512> dog")
+    logprobs = [-0.1] * len(text_ids)
+    monkeypatch.setattr(pg.engine, "generate", lambda reqs, opts: [Generation(text_ids, logprobs, True, {})])
+    r = pg.detect(image, ["circle"])
+    assert [d.label for d in r.detections] == ["circle", "dog"]
+    x0, y0, x1, y1 = r.detections[0].box
+    assert (x0, y0, x1, y1) == pytest.approx((0.5 * 90, 0.25 * 60, 1023 / 1024 * 90, 0.75 * 60))
+    assert r.detections[0].score == pytest.approx(np.exp(-0.1), rel=1e-4)
+    assert r.detections[0].requested and not r.detections[1].requested
+
+
+def test_mismatched_tokenizer_is_refused(ckpt, tmp_path):
+    from palikit.testing import WORDS
+    from palikit.tokenizer import build_tokenizer
+
+    big = build_tokenizer(WORDS + [f"extra{i}" for i in range(500)] + list("abcdefghijklmnopqrstuvwxyz"), tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match="do not belong together"):
+        PaliGemma.from_pretrained(ckpt, device="cpu", tokenizer=tmp_path / "tokenizer.json")
+    del big
+
+
+def test_missing_files_and_offline_hub_give_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="neither a local folder"):
+        PaliGemma.from_pretrained(tmp_path / "nope" / "x" / "y")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        PaliGemma.from_pretrained(tmp_path / "empty")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        PaliGemma.from_pretrained("google/paligemma2-3b-mix-224")
+
+
+def test_bad_options_and_prompts(pg, image):
+    with pytest.raises(ValueError, match="unknown option"):
+        pg.predict(image, "ocr", max_tokens=3)
+    with pytest.raises(ValueError, match="prompt must be a string"):
+        pg.predict(image, None)
+    with pytest.raises(ValueError, match="limit is"):
+        pg.predict(image, "answer en " + "a " * 3000)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        pg.predict_batch([image], ["ocr", "ocr"])
+
+
+def test_cli_predict_json_and_annotated_png(ckpt, image, tmp_path, capsys):
+    from palikit.cli import main
+
+    out = tmp_path / "annotated.png"
+    assert main(["detect", str(image), "circle ; square", "--model", str(ckpt), "--device", "cpu", "--json",
+                 "--max-new-tokens", "6", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["prompt"] == "detect circle ; square"
+    assert Image.open(out).size == (90, 60)
+    assert main(["caption", str(tmp_path / "missing.png"), "--model", str(ckpt)]) == 2
+    assert "missing.png" in capsys.readouterr().err
+
+
+def test_multi_frame_example(pg, image):
+    r = pg.predict([image, image], "answer en what changed", max_new_tokens=4)
+    assert r.image_size == (90, 60)
+    cfg = pg.model.config
+    assert torch.is_tensor(pg.model.embed_images(torch.zeros(1, 2, 3, cfg.vision.image_size, cfg.vision.image_size)))
