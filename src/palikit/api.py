@@ -158,7 +158,7 @@ class PaliGemma:
             if t in self.engine.eos_ids:
                 return
             emitted.append(t)
-            yield self.tokenizer.token_texts(emitted)[-1]
+            yield self.tokenizer.token_texts(emitted, final=False)[-1]
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
