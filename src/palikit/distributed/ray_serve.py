@@ -1,0 +1,94 @@
+"""The single-process HTTP app (`palikit.serve.app.create_app`) as a Ray Serve deployment: N
+replicas (one per GPU when there are GPUs), optional autoscaling bounds, the same endpoints and
+limits. Each replica builds its own app around its own model (the ingress builder runs on the
+replica), and answers carry an `x-palikit-replica` header so spreading is visible.
+
+    from palikit.distributed.ray_serve import serve_replicas
+    serve_replicas("path/to/checkpoint", replicas=2, port=8000)       # blocks until Ctrl-C
+
+or `palikit serve --model M --replicas N`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+REPLICA_HEADER = "x-palikit-replica"
+
+
+def build_application(model: str, *, settings=None, replicas: int = 1, min_replicas: int | None = None,
+                      max_replicas: int | None = None, device: str = "auto", dtype: str = "auto",
+                      cpus_per_replica: float = 1.0, name: str = "palikit"):
+    """A Ray Serve `Application` ready for `serve.run`. With min/max replicas it autoscales."""
+    from ray import serve
+
+    from ..serve.schemas import ServerSettings
+
+    settings = settings or ServerSettings()
+
+    def build_app():
+        import socket
+
+        from ..api import PaliGemma
+        from ..serve.app import create_app
+
+        pg = PaliGemma.from_pretrained(model, device=device, dtype=dtype)
+        app = create_app(pg, settings)
+        tag = f"{socket.gethostname()}:{os.getpid()}"
+
+        @app.middleware("http")
+        async def replica_header(request, call_next):
+            response = await call_next(request)
+            response.headers[REPLICA_HEADER] = tag
+            return response
+
+        return app
+
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": 1 if use_gpu else 0},
+                               "max_ongoing_requests": settings.max_queue + settings.max_batch_size}
+    if min_replicas is not None or max_replicas is not None:
+        lo = min_replicas if min_replicas is not None else 1
+        hi = max_replicas if max_replicas is not None else max(lo, replicas)
+        if not 0 <= lo <= hi:
+            raise ValueError(f"autoscaling bounds must satisfy 0 <= min ({lo}) <= max ({hi})")
+        options["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, min(replicas, hi)),
+                                         "target_ongoing_requests": max(2, settings.max_batch_size // 2)}
+    else:
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        options["num_replicas"] = replicas
+    deployment = serve.deployment(serve.ingress(build_app)(), name=name, **options)
+    return deployment.bind()
+
+
+def serve_replicas(model: str, *, host: str = "127.0.0.1", port: int = 8000, settings=None, replicas: int = 1,
+                   min_replicas: int | None = None, max_replicas: int | None = None, device: str = "auto",
+                   dtype: str = "auto", address: str | None = None, block: bool = True):
+    """Start Ray (local, or join `address`), deploy, and serve HTTP on host:port."""
+    import ray
+    from ray import serve
+
+    from ..serve.schemas import ServerSettings
+
+    settings = replace(settings or ServerSettings(), host=host, port=port)
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    app = build_application(model, settings=settings, replicas=replicas, min_replicas=min_replicas,
+                            max_replicas=max_replicas, device=device, dtype=dtype)
+    handle = serve.run(app, name="palikit", route_prefix="/", blocking=False)
+    if block:
+        import time
+
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return handle
