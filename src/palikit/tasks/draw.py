@@ -1,0 +1,93 @@
+"""Draw detections (boxes, labels, scores, semi-transparent masks) on an image, and save PNGs atomically.
+
+Colours: one distinct colour per label, assigned in order of first appearance from a fixed palette
+(so the same call always gives the same colours). Line width and font size scale with the image's
+shorter side so labels stay readable on thumbnails and on large photos.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .parse import Detection
+
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40),
+    (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128),
+    (255, 225, 25), (128, 128, 128),
+)
+
+
+def label_colors(detections: Sequence[Detection]) -> dict[str, tuple[int, int, int]]:
+    """Label -> colour, distinct for the first len(PALETTE) labels (first-appearance order)."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for d in detections:
+        if d.label not in out:
+            out[d.label] = PALETTE[len(out) % len(PALETTE)]
+    return out
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def draw(image: Image.Image, detections: Sequence[Detection], *, show_scores: bool = True,
+         mask_alpha: float = 0.45) -> Image.Image:
+    """A copy of `image` (RGB, same size) with masks tinted, boxes outlined and labels written."""
+    out = image.convert("RGB")
+    w, h = out.size
+    colors = label_colors(detections)
+    arr = np.asarray(out, dtype=np.float32).copy()  # [H, W, 3]
+    for d in detections:
+        if d.mask is not None:
+            m = np.asarray(d.mask, dtype=bool)
+            if m.shape == (h, w):
+                color = np.array(colors[d.label], dtype=np.float32)
+                arr[m] = (1 - mask_alpha) * arr[m] + mask_alpha * color  # [P, 3]
+    out = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+    canvas = ImageDraw.Draw(out)
+    short = min(w, h)
+    line = max(1, round(short / 250))
+    font = _font(max(10, round(short / 32)))
+    for d in detections:
+        color = colors[d.label]
+        x0, y0, x1, y1 = d.box
+        canvas.rectangle([x0, y0, max(x1 - 1, x0), max(y1 - 1, y0)], outline=color, width=line)
+        text = d.label or "?"
+        if show_scores and d.score is not None:
+            text += f" {d.score:.2f}"
+        tx0, ty0, tx1, ty1 = canvas.textbbox((0, 0), text, font=font)
+        tw, th = tx1 - tx0 + 4, ty1 - ty0 + 4
+        lx = min(max(x0, 0), max(w - tw, 0))
+        ly = y0 - th if y0 - th >= 0 else min(y0 + line, max(h - th, 0))  # above the box, else inside it
+        canvas.rectangle([lx, ly, lx + tw - 1, ly + th - 1], fill=color)
+        ink = (0, 0, 0) if 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2] > 140 else (255, 255, 255)
+        canvas.text((lx + 2 - tx0, ly + 2 - ty0), text, fill=ink, font=font)
+    return out
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write `image` as PNG via a temp file in the same folder and os.replace (no half-written files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

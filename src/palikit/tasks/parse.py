@@ -1,0 +1,295 @@
+"""Parse PaliGemma's generated text into boxes, seg-token runs, labels and confidences; never raises.
+
+Output format (detect / segment), instances separated by " ; ":
+
+    <locY0><locX0><locY1><locX1> label                      detection
+    <locY0><locX0><locY1><locX1><seg000>…<seg127>×16 label  segmentation (label may be absent)
+
+Coordinates. Each `<locNNNN>` is a bin v in 0..1023 in the order (y_min, x_min, y_max, x_max). By
+default (official demo, HF blog, supervision) y = v / 1024 * H and x = v / 1024 * W, where (W, H)
+is the ORIGINAL image size. `coord_denominator=1023` gives big_vision's RefCOCO convention (v / 1023,
+so bin 1023 is the far edge). Boxes come back as float pixel (x0, y0, x1, y1), clipped to the image.
+
+Malformed output is skipped and described in `ParseResult.errors`: fewer than 4 locs (truncated or
+interrupted), boxes with y1 <= y0 or x1 <= x0 (degenerate: dropped), seg runs shorter than 16 (box
+kept, mask dropped), more than 16 segs (first 16 kept), out-of-range or malformed tokens, segs outside
+an instance. Text before the first loc token and other plain text end up in `ParseResult.text`.
+
+Confidence. When `token_texts` (the text each generated token contributed, joining to `text`) and
+`token_logprobs` (natural-log probability of each generated token) are given, every character span is
+mapped back to the tokens that overlap it, and
+
+    score      = exp(mean log-prob of the 4 loc tokens and the tokens of the label)
+    mask_score = exp(mean log-prob of the 16 seg tokens)
+
+i.e. the geometric-mean per-token probability. Without them both are None.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+_LEX = re.compile(
+    r"<loc(?P<loc>\d{4})>|<seg(?P<seg>\d{3})>|(?P<bad><(?:loc|seg)[^<>;]{0,8}>?)|(?P<special><[^<>;\s]{1,16}>)"
+    r"|(?P<sep>;)|(?P<text>[^<;]+|<)"
+)
+_TOKEN = re.compile(r"<loc\d{4}>|<seg\d{3}>")
+
+
+@dataclass(eq=False)
+class Detection:
+    """One parsed instance. `box` is pixel (x0, y0, x1, y1) in the original image; `loc` the raw bins
+    (y0, x0, y1, x1); `seg_tokens` the 16 mask codes (0..127) when present; `mask` a bool [H, W] array
+    once the mask codec has decoded it; `requested` False when the label was not asked for."""
+
+    label: str
+    box: tuple[float, float, float, float]
+    loc: tuple[int, int, int, int]
+    score: float | None = None
+    seg_tokens: tuple[int, ...] | None = None
+    mask: np.ndarray | None = field(default=None, repr=False)
+    requested: bool = True
+    mask_score: float | None = None
+
+
+@dataclass
+class ParseResult:
+    detections: list[Detection]
+    errors: list[str]
+    text: str
+
+
+@dataclass
+class _Instance:
+    locs: list[tuple[int, int, int]] = field(default_factory=list)  # (value, start, end)
+    segs: list[tuple[int, int, int]] = field(default_factory=list)
+    label: list[tuple[str, int]] = field(default_factory=list)  # (text piece, start)
+    extra_segs: int = 0
+    stray: int = 0
+
+
+def _norm(label: str) -> str:
+    return " ".join(label.lower().split())
+
+
+def _forms(label: str) -> set[str]:
+    from .prompts import singular
+
+    n = _norm(label)
+    return {n, singular(n), n + "s", n + "es"} if n else set()
+
+
+def _requested(labels: str | Sequence[str] | None) -> list[str] | None:
+    if labels is None:
+        return None
+    items = labels.split(";") if isinstance(labels, str) else [str(x) for x in labels]
+    out = [" ".join(x.split()) for x in items if x and x.strip()]
+    return out or None  # an empty list means "no preference", like None
+
+
+class _Scorer:
+    """Maps character spans of `text` to generated tokens and averages their log-probs."""
+
+    def __init__(self, text: str, token_texts: Sequence[str] | None, token_logprobs: Sequence[float] | None,
+                 errors: list[str]):
+        self.ok = False
+        if token_texts is None or token_logprobs is None:
+            return
+        try:
+            texts = [str(t) for t in token_texts]
+            lps = [float(x) for x in token_logprobs]
+        except (TypeError, ValueError):
+            errors.append("token_texts/token_logprobs are not sequences of str/float; scores not computed")
+            return
+        if len(texts) != len(lps):
+            errors.append(f"{len(texts)} token_texts but {len(lps)} token_logprobs; scores not computed")
+            return
+        if "".join(texts) != text:
+            errors.append("token_texts do not join to the text; scores not computed")
+            return
+        self.starts, pos = [], 0
+        for t in texts:
+            self.starts.append(pos)
+            pos += len(t)
+        self.ends = self.starts[1:] + [pos]
+        self.lps = lps
+        self.ok = True
+
+    def tokens(self, start: int, end: int) -> set[int]:
+        """Indices of non-empty tokens overlapping text[start:end]."""
+        if not self.ok or end <= start:
+            return set()
+        i = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        out = set()
+        while i < len(self.starts) and self.starts[i] < end:
+            if self.ends[i] > start and self.ends[i] > self.starts[i]:
+                out.add(i)
+            i += 1
+        return out
+
+    def score(self, spans: list[tuple[int, int]]) -> float | None:
+        if not self.ok:
+            return None
+        idx: set[int] = set()
+        for s, e in spans:
+            idx |= self.tokens(s, e)
+        vals = [self.lps[i] for i in idx if math.isfinite(self.lps[i])]
+        if not vals:
+            return None
+        return float(math.exp(min(sum(vals) / len(vals), 0.0)))
+
+
+def parse_detections(
+    text: str,
+    image_size: tuple[int, int],
+    *,
+    requested_labels: str | Sequence[str] | None = None,
+    coord_denominator: int = 1024,
+    token_texts: Sequence[str] | None = None,
+    token_logprobs: Sequence[float] | None = None,
+) -> ParseResult:
+    """Parse detect/segment output into `Detection`s (pixel boxes in `image_size` = (width, height)).
+    Never raises on any `text`; bad arguments (image size, denominator) raise ValueError."""
+    try:
+        w, h = (int(v) for v in image_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"image_size must be (width, height), got {image_size!r}") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    if coord_denominator not in (1023, 1024):
+        raise ValueError("coord_denominator must be 1024 (official demo) or 1023 (big_vision RefCOCO)")
+    if not isinstance(text, str):
+        return ParseResult([], [f"expected text, got {type(text).__name__}"], "")
+
+    errors: list[str] = []
+    requested = _requested(requested_labels)
+    wanted = set().union(*(_forms(r) for r in requested)) if requested else set()
+    scorer = _Scorer(text, token_texts, token_logprobs, errors)
+    instances: list[_Instance] = []
+    cur: _Instance | None = None
+    stray_segs = 0
+    specials: list[str] = []
+
+    for m in _LEX.finditer(text):
+        kind = m.lastgroup
+        if kind == "loc":
+            v = int(m.group("loc"))
+            if v > 1023:
+                errors.append(f"<loc{m.group('loc')}> is out of range (0..1023); ignored")
+                continue
+            if cur is not None and (len(cur.locs) == 4 or cur.label):  # complete, or interrupted by text
+                instances.append(cur)
+                cur = None
+            if cur is None:
+                cur = _Instance()
+            cur.locs.append((v, m.start(), m.end()))
+        elif kind == "seg":
+            v = int(m.group("seg"))
+            if v > 127:
+                errors.append(f"<seg{m.group('seg')}> is out of range (0..127); ignored")
+            elif cur is not None and len(cur.locs) == 4 and not cur.label:
+                if len(cur.segs) < 16:
+                    cur.segs.append((v, m.start(), m.end()))
+                else:
+                    cur.extra_segs += 1
+            else:
+                stray_segs += 1
+        elif kind == "bad":
+            errors.append(f"malformed token {m.group('bad')!r}; ignored")
+        elif kind == "special":
+            specials.append(m.group())
+        elif kind == "sep":
+            if cur is not None:
+                instances.append(cur)
+                cur = None
+        elif cur is not None:
+            piece = m.group()
+            if piece.strip() or cur.label:
+                cur.label.append((piece, m.start()))
+        elif instances and m.group().strip():
+            errors.append(f"text {m.group().strip()!r} after ';' has no <loc> box; ignored")
+    if cur is not None:
+        instances.append(cur)
+    if specials:
+        errors.append(f"ignored {len(specials)} other special token(s): {', '.join(dict.fromkeys(specials))}")
+    if stray_segs:
+        errors.append(f"{stray_segs} <seg> token(s) outside a 4-<loc> box (or after its label); ignored")
+
+    detections: list[Detection] = []
+    for n, inst in enumerate(instances, 1):
+        raw_label = "".join(p for p, _ in inst.label).replace("<", " ").replace(">", " ")
+        label = " ".join(raw_label.split())
+        if len(inst.locs) < 4:
+            errors.append(f"instance {n}: only {len(inst.locs)} of 4 <loc> tokens (truncated or malformed); skipped")
+            continue
+        y0, x0, y1, x1 = (v for v, _, _ in inst.locs)
+        if y1 <= y0 or x1 <= x0:
+            errors.append(f"instance {n} ({label or 'no label'}): degenerate box y0={y0} x0={x0} y1={y1} x1={x1}; "
+                          "skipped")
+            continue
+        seg: tuple[int, ...] | None = None
+        if inst.segs and len(inst.segs) < 16:
+            errors.append(f"instance {n} ({label or 'no label'}): only {len(inst.segs)} of 16 <seg> tokens; "
+                          "box kept, mask dropped")
+        elif inst.segs:
+            seg = tuple(v for v, _, _ in inst.segs)
+        if inst.extra_segs:
+            errors.append(f"instance {n}: {inst.extra_segs} <seg> token(s) beyond 16; ignored")
+        if not label and requested and len(requested) == 1:
+            label = requested[0]
+        d = coord_denominator
+        box = (min(max(x0 / d * w, 0.0), w), min(max(y0 / d * h, 0.0), h),
+               min(max(x1 / d * w, 0.0), w), min(max(y1 / d * h, 0.0), h))
+        spans = [(s, e) for _, s, e in inst.locs]
+        if raw_label.strip():
+            start = inst.label[0][1] + (len(raw_label) - len(raw_label.lstrip()))
+            spans.append((start, start + len(raw_label.strip())))
+        detections.append(Detection(
+            label=label, box=box, loc=(y0, x0, y1, x1), score=scorer.score(spans), seg_tokens=seg,
+            requested=requested is None or bool(_forms(label) & wanted),
+            mask_score=scorer.score([(s, e) for _, s, e in inst.segs]) if seg is not None else None,
+        ))
+    return ParseResult(detections, errors, re.sub(r"[ \t]{2,}", " ", _TOKEN.sub("", text)).strip())
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two (x0, y0, x1, y1) boxes."""
+    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
+    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def dedupe(detections: Sequence[Detection], iou_threshold: float = 0.7) -> list[Detection]:
+    """Drop boxes that overlap an already kept box of the same label (case-insensitive) with
+    IoU > iou_threshold. Higher scores win; without scores the earlier box wins. Order is kept."""
+    order = sorted(range(len(detections)),
+                   key=lambda i: (-(detections[i].score if detections[i].score is not None else -1.0), i))
+    kept: list[int] = []
+    for i in order:
+        d = detections[i]
+        if all(_norm(detections[k].label) != _norm(d.label) or box_iou(detections[k].box, d.box) <= iou_threshold
+               for k in kept):
+            kept.append(i)
+    return [detections[i] for i in sorted(kept)]
+
+
+def detection_to_dict(d: Detection, ndigits: int = 2) -> dict[str, Any]:
+    """Plain-JSON form of a detection, without the mask (see results.py for masks)."""
+    return {
+        "label": d.label,
+        "box": [round(float(v), ndigits) for v in d.box],
+        "loc": list(d.loc),
+        "score": None if d.score is None else round(float(d.score), 6),
+        "mask_score": None if d.mask_score is None else round(float(d.mask_score), 6),
+        "seg_tokens": None if d.seg_tokens is None else list(d.seg_tokens),
+        "requested": bool(d.requested),
+    }

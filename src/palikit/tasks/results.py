@@ -1,0 +1,219 @@
+"""The typed `Result` of one prediction, and its JSON / COCO / supervision conversions.
+
+Owns: `Result` (text, prompt, image size, detections, parse errors, timings, tokens, log-probs,
+prompt hint), COCO run-length encoding of masks (`mask_to_rle` / `rle_to_mask`, uncompressed
+`{"size": [h, w], "counts": [...]}` in column-major order, plus COCO's compressed string form that
+pycocotools' `loadRes` needs), and the optional `supervision` export (imported lazily).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .parse import Detection, detection_to_dict
+
+
+# ------------------------------------------------------------------------------ RLE
+def _runs(mask: np.ndarray) -> list[int]:
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")  # COCO counts run down columns
+    if flat.size == 0:
+        return []
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat[0]:
+        counts = [0] + counts  # counts always start with a run of zeros
+    return [int(c) for c in counts]
+
+
+def _compress(counts: list[int]) -> str:
+    """COCO's string form of counts (maskApi.c rleToString): deltas to the count two back, in 5-bit
+    little-endian groups with a continuation bit, offset by 48 into printable ASCII."""
+    out = []
+    for i, c in enumerate(counts):
+        x = c - counts[i - 2] if i > 2 else c
+        more = True
+        while more:
+            b = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (b & 0x10) else (x != 0)
+            if more:
+                b |= 0x20
+            out.append(chr(b + 48))
+    return "".join(out)
+
+
+def _decompress(s: str) -> list[int]:
+    counts: list[int] = []
+    p = 0
+    while p < len(s):
+        x = k = 0
+        more = True
+        while more:
+            c = ord(s[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def mask_to_rle(mask: np.ndarray, compressed: bool = False) -> dict[str, Any]:
+    """COCO RLE of a 2-D mask: {"size": [h, w], "counts": [...]} (or a COCO string when compressed)."""
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D [H, W], got shape {m.shape}")
+    counts = _runs(m)
+    return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": _compress(counts) if compressed else counts}
+
+
+def rle_to_mask(rle: Mapping[str, Any]) -> np.ndarray:
+    """Decode a COCO RLE (list counts or compressed string/bytes counts) to a bool [H, W] array."""
+    h, w = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    if isinstance(counts, str):
+        counts = _decompress(counts)
+    counts = [int(c) for c in counts]
+    if sum(counts) != h * w:
+        raise ValueError(f"RLE counts sum to {sum(counts)}, expected h*w = {h * w}")
+    values = np.zeros(len(counts), dtype=bool)
+    values[1::2] = True
+    flat = np.repeat(values, counts)
+    return flat.reshape((h, w), order="F")
+
+
+# ------------------------------------------------------------------------------ Result
+@dataclass(eq=False)
+class Result:
+    """What a prediction returns: the generated `text`, parsed `detections` (pixel boxes in the
+    original `image_size` = (w, h), optional masks), parse `errors`, `timings` in ms, the generated
+    `tokens` and their `token_logprobs`, and a `hint` when the prompt looks like a missed task keyword."""
+
+    text: str
+    prompt: str = ""
+    image_size: tuple[int, int] = (0, 0)
+    detections: list[Detection] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[float] | None = None
+    hint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        dets = []
+        for d in self.detections:
+            item = detection_to_dict(d)
+            item["mask"] = None if d.mask is None else mask_to_rle(d.mask)
+            dets.append(item)
+        return {
+            "text": self.text,
+            "prompt": self.prompt,
+            "image_size": [int(v) for v in self.image_size],
+            "detections": dets,
+            "errors": list(self.errors),
+            "timings": {k: round(float(v), 3) for k, v in self.timings.items()},
+            "tokens": [int(t) for t in self.tokens],
+            "token_logprobs": None if self.token_logprobs is None else [float(x) for x in self.token_logprobs],
+            "hint": self.hint,
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Result:
+        dets = []
+        for d in data.get("detections", []):
+            dets.append(Detection(
+                label=d["label"], box=tuple(float(v) for v in d["box"]), loc=tuple(int(v) for v in d["loc"]),
+                score=d.get("score"), mask_score=d.get("mask_score"),
+                seg_tokens=None if d.get("seg_tokens") is None else tuple(int(v) for v in d["seg_tokens"]),
+                mask=None if d.get("mask") is None else rle_to_mask(d["mask"]),
+                requested=bool(d.get("requested", True)),
+            ))
+        lp = data.get("token_logprobs")
+        return cls(
+            text=data.get("text", ""), prompt=data.get("prompt", ""),
+            image_size=tuple(int(v) for v in data.get("image_size", (0, 0))), detections=dets,
+            errors=list(data.get("errors", [])), timings=dict(data.get("timings", {})),
+            tokens=[int(t) for t in data.get("tokens", [])], token_logprobs=None if lp is None else list(lp),
+            hint=data.get("hint"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Result:
+        return cls.from_dict(json.loads(text))
+
+    def to_coco(self, image_id: int, category_ids: Mapping[str, int]) -> list[dict[str, Any]]:
+        """COCO results entries: {"image_id", "category_id", "bbox": [x, y, w, h], "score"} plus a
+        compressed-RLE "segmentation" when a mask is present (loadable by pycocotools' loadRes).
+        Labels are matched exactly, then case-insensitively; unknown labels are left out. A detection
+        without a score gets 1.0."""
+        lower = {k.lower().strip(): v for k, v in category_ids.items()}
+        out = []
+        for d in self.detections:
+            cid = category_ids.get(d.label, lower.get(d.label.lower().strip()))
+            if cid is None:
+                continue
+            x0, y0, x1, y1 = (float(v) for v in d.box)
+            item: dict[str, Any] = {
+                "image_id": image_id, "category_id": int(cid),
+                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                "score": 1.0 if d.score is None else float(d.score),
+            }
+            if d.mask is not None:
+                item["segmentation"] = mask_to_rle(d.mask, compressed=True)
+            out.append(item)
+        return out
+
+    def to_supervision(self) -> Any:
+        """`supervision.Detections` with xyxy, confidence (when every box has a score), masks (when
+        any has one; others get empty masks), class_id (order of first appearance) and class_name."""
+        try:
+            import supervision as sv
+        except ImportError as e:
+            raise ImportError("Result.to_supervision() needs the supervision package: pip install supervision") from e
+        n = len(self.detections)
+        w, h = self.image_size
+        names = [d.label for d in self.detections]
+        classes = list(dict.fromkeys(names))
+        xyxy = np.array([d.box for d in self.detections], dtype=np.float32).reshape(n, 4)
+        conf = None
+        if n and all(d.score is not None for d in self.detections):
+            conf = np.array([d.score for d in self.detections], dtype=np.float32)
+        mask = None
+        if any(d.mask is not None for d in self.detections):
+            mask = np.stack([d.mask.astype(bool) if d.mask is not None else np.zeros((h, w), bool)
+                             for d in self.detections])  # [N, H, W]
+        return sv.Detections(xyxy=xyxy, mask=mask, confidence=conf,
+                             class_id=np.array([classes.index(x) for x in names], dtype=int),
+                             data={"class_name": np.array(names, dtype=str)})
+
+    def __str__(self) -> str:
+        lines = [f"{self.prompt!r} -> {self.text!r}"]
+        for d in self.detections:
+            x0, y0, x1, y1 = d.box
+            parts = [f"  {d.label or '?'}: box ({x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f})"]
+            if d.score is not None:
+                parts.append(f"score {d.score:.2f}")
+            if d.mask is not None:
+                parts.append(f"mask {int(np.asarray(d.mask).sum())} px")
+            if not d.requested:
+                parts.append("(not requested)")
+            lines.append("  ".join(parts))
+        lines += [f"  error: {e}" for e in self.errors]
+        if self.hint:
+            lines.append(f"  hint: {self.hint}")
+        return "\n".join(lines)
