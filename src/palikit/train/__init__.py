@@ -1,0 +1,41 @@
+"""Fine-tuning PaliGemma on custom data: data loading (JSONL, COCO), big_vision-layout batches and
+losses, training modes (full / attention-only / LoRA, freeze switches), the loop with atomic
+resumable checkpoints, and `train(config)` for `palikit train` and `torchrun`.
+
+Names are imported lazily so `import palikit.train` does not pull peft or the loop's imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "TrainConfig": "palikit.train.config",
+    "ConfigError": "palikit.train.config",
+    "Example": "palikit.train.data",
+    "Dataset": "palikit.train.data",
+    "DataError": "palikit.train.data",
+    "Problem": "palikit.train.data",
+    "load_jsonl": "palikit.train.data",
+    "load_coco": "palikit.train.data",
+    "load_examples": "palikit.train.data",
+    "Collator": "palikit.train.collate",
+    "batch_loss": "palikit.train.collate",
+    "apply_mode": "palikit.train.modes",
+    "merge_lora": "palikit.train.modes",
+    "count_trainable": "palikit.train.modes",
+    "save_lora_adapter": "palikit.train.checkpoint",
+    "load_lora_adapter": "palikit.train.checkpoint",
+    "latest_checkpoint": "palikit.train.checkpoint",
+    "Trainer": "palikit.train.trainer",
+    "train": "palikit.train.trainer",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'palikit.train' has no attribute {name!r}")

@@ -1,0 +1,224 @@
+"""Atomic, resumable training checkpoints and the final export.
+
+A checkpoint is a folder `checkpoints/step-00000120/` holding
+- `trainable.safetensors`: the trainable parameters (everything in `full` mode; the attention
+  weights or the LoRA adapters otherwise -- the frozen rest comes from the base model on resume),
+- `optimizer.pt`, `trainer_state.pt`: optimizer and LR-scheduler state, RNG states (python, numpy,
+  torch CPU and CUDA), the step (= data position: batch order is a pure function of seed and step),
+- `state.json`: step, metrics and the loss history, human-readable.
+
+It is written into `checkpoints/.tmp-step-.../` (every file fsynced) and then renamed into place,
+which is atomic on POSIX: a crash or SIGKILL leaves either the complete folder or a `.tmp-` folder
+that is ignored and cleaned up on the next start. So "the latest `step-*` folder" is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..weights.export import atomic_write_json
+
+CKPT_DIR = "checkpoints"
+PREFIX = "step-"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def atomic_dir(final: Path, fill) -> Path:
+    """Create `final` atomically: `fill(tmp_dir)` writes the content, then one rename publishes it.
+    An existing `final` is replaced (moved aside first, removed after the rename)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    info: dict,
+) -> Path:
+    from safetensors.torch import save as st_save
+
+    params = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state()}
+
+    def fill(tmp: Path):
+        _write(tmp / "trainable.safetensors", st_save(params, metadata={"format": "pt"}))
+        _write(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
+        _write(tmp / "trainer_state.pt", _torch_bytes(trainer_state))
+        _write(tmp / "state.json", (json.dumps({"step": step, **info}, indent=1) + "\n").encode())
+
+    return atomic_dir(Path(output_dir) / CKPT_DIR / f"{PREFIX}{step:08d}", fill)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(output_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    files = ("state.json", "trainable.safetensors", "optimizer.pt", "trainer_state.pt")
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(PREFIX) and all((p / f).exists() for f in files)]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def clean_partial(output_dir: str | Path) -> None:
+    """Remove `.tmp-` / `.old-` leftovers of an interrupted write."""
+    for root in (Path(output_dir), Path(output_dir) / CKPT_DIR):
+        if root.is_dir():
+            for p in root.iterdir():
+                if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
+    """Load trainable params (strict over the trainable set), optimizer, scheduler, RNG; return state.json."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    params = load_file(path / "trainable.safetensors")
+    own = dict(model.named_parameters())
+    missing = [n for n, p in own.items() if p.requires_grad and n not in params]
+    unknown = [n for n in params if n not in own]
+    if missing or unknown:
+        raise ValueError(f"{path} does not match this model/mode: missing {missing[:5]}, unexpected {unknown[:5]} "
+                         "(was it written with another mode or lora_targets?)")
+    with torch.no_grad():
+        for n, t in params.items():
+            own[n].copy_(t)
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return json.loads((path / "state.json").read_text())
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int, keep: set[str] = frozenset()) -> None:
+    found = list_checkpoints(output_dir)
+    for p in found[: max(len(found) - max(keep_last, 1), 0)]:
+        if p.name not in keep:
+            # rename first (atomic), so a kill during the delete never leaves a half checkpoint
+            # that looks complete; the `.old-` leftover is removed by `clean_partial`
+            trash = p.parent / f".old-{p.name}-{os.getpid()}"
+            os.rename(p, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ LoRA adapters
+def save_lora_adapter(model: nn.Module, folder: str | Path, lora_config: dict) -> Path:
+    """The adapter tensors (palikit module names) + `adapter_config.json`, written atomically."""
+    from safetensors.torch import save as st_save
+
+    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if ".lora_" in n}
+
+    def fill(tmp: Path):
+        _write(tmp / "adapter.safetensors", st_save(tensors, metadata={"format": "pt"}))
+        _write(tmp / "adapter_config.json", (json.dumps(lora_config, indent=1) + "\n").encode())
+
+    return atomic_dir(Path(folder), fill)
+
+
+def load_lora_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Inject LoRA layers as described by `adapter_config.json` and load the saved adapter weights."""
+    from safetensors.torch import load_file
+
+    from .modes import inject_lora
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    inject_lora(model, cfg["targets"], rank=cfg["rank"], alpha=cfg["alpha"], dropout=cfg.get("dropout", 0.0))
+    tensors = load_file(folder / "adapter.safetensors")
+    own = dict(model.named_parameters())
+    missing = [n for n in own if ".lora_" in n and n not in tensors]
+    if missing or any(n not in own for n in tensors):
+        raise ValueError(f"{folder}: adapter does not match the injected modules (missing {missing[:5]})")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            own[n].copy_(t)
+    return model
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_json(path, obj)

@@ -1,0 +1,119 @@
+"""What is trainable: `full`, `attention` (the fine-tuning colab's recipe: only the decoder's
+attention q/k/v/o projections, trained with plain SGD), `lora` (peft adapters on chosen modules),
+plus the `freeze_vision` (SigLIP + projector, big_vision's `img/*`) and `freeze_decoder`
+(Gemma incl. embeddings, `llm/*`) switches.
+
+LoRA uses `peft.inject_adapter_in_model`, so the model stays a plain `PaliGemmaModel` (same forward,
+same state-dict names plus `lora_A`/`lora_B`); `merge_lora` folds the adapters into the base
+weights and restores the original module tree, ready for `save_hub_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .config import ATTENTION_REGEX
+
+ATTENTION_PARAM_RE = re.compile(ATTENTION_REGEX + r"\.weight$")
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+DECODER_PREFIXES = ("language_model.",)
+
+
+def _is_lora_name(name: str) -> bool:
+    return ".lora_" in name
+
+
+def apply_mode(
+    model: nn.Module,
+    mode: str = "full",
+    *,
+    freeze_vision: bool = False,
+    freeze_decoder: bool = False,
+    lora_targets: str | list[str] = ATTENTION_REGEX,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+) -> list[str]:
+    """Set `requires_grad` for the mode (in place; LoRA injects adapters) and return the trainable
+    parameter names. The freeze switches apply on top of `full` (and restrict `attention` / LoRA
+    targets to the unfrozen part)."""
+    if mode == "lora":
+        inject_lora(model, lora_targets, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
+    for name, p in model.named_parameters():
+        if mode == "full":
+            train = True
+        elif mode == "attention":
+            train = bool(ATTENTION_PARAM_RE.fullmatch(name))
+        elif mode == "lora":
+            train = _is_lora_name(name)
+        else:
+            raise ValueError(f"unknown mode {mode!r}; use full, attention or lora")
+        if freeze_vision and name.startswith(VISION_PREFIXES):
+            train = False
+        if freeze_decoder and name.startswith(DECODER_PREFIXES):
+            train = False
+        p.requires_grad_(train)
+    names = trainable_names(model)
+    if not names:
+        raise ValueError(f"mode={mode!r} with freeze_vision={freeze_vision}, freeze_decoder={freeze_decoder} leaves nothing to train")
+    return names
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------------------ LoRA
+def _targets(lora_targets: str | list[str]):
+    """A regex string stays a regex (peft full-matches it on module names); "a,b" -> names."""
+    if isinstance(lora_targets, str) and "," in lora_targets and not any(c in lora_targets for c in "\\()[]|*+?"):
+        return [t.strip() for t in lora_targets.split(",") if t.strip()]
+    return lora_targets
+
+
+def inject_lora(model: nn.Module, lora_targets, *, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> nn.Module:
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ImportError("mode=lora needs peft: pip install peft") from None
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=_targets(lora_targets), bias="none")
+    try:
+        inject_adapter_in_model(cfg, model)
+    except ValueError as e:
+        if "not found" not in str(e):
+            raise
+    n = sum(1 for name, _ in model.named_parameters() if _is_lora_name(name))
+    if not n:
+        raise ValueError(f"lora_targets={lora_targets!r} matched no module (names look like "
+                         "language_model.layers.0.self_attn.q_proj)")
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(_is_lora_name(n) for n, _ in model.named_parameters())
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA adapter into its base weight and put the plain base layer back, in place.
+    Afterwards the state dict has exactly the original names (exportable as a Hub checkpoint)."""
+    from peft.tuners.lora import LoraLayer
+
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    for name, module in targets:
+        with torch.no_grad():
+            module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.get_base_layer())
+    return model

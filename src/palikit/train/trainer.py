@@ -1,0 +1,448 @@
+"""The fine-tuning loop: `train(config) -> final checkpoint folder`.
+
+- Optimizer: AdamW (b1, b2, eps 1e-8, decoupled weight decay) or plain SGD (the colab's
+  attention-only recipe: `mode=attention` picks SGD unless `optimizer=` says otherwise).
+- Schedule: linear warmup from 0, then cosine decay to 0 (big_vision's `decay_type="cosine"`).
+- Steps: `batch_size` examples per optimizer step, split over ranks and `grad_accum` micro-batches;
+  the loss numerator / denominator split (see `collate.py`) makes the step's gradient equal to the
+  full-batch gradient whatever the split. Gradient-norm clipping, bf16 autocast on CUDA.
+- Data order: epoch e uses `randperm(N, seed + e)`, step s takes batch `s % steps_per_epoch` of
+  epoch `s // steps_per_epoch` (remainder dropped) -- the position is the step, so resuming needs
+  nothing but the step number.
+- Distributed: under `torchrun` (`WORLD_SIZE > 1`) the process group is initialised (nccl on GPU,
+  gloo on CPU), each rank takes every `world`-th example of the step's batch, gradients are
+  all-reduced (averaged) in one flat buffer before clipping, only rank 0 writes files.
+- Eval every `eval_every` steps and at the end: val loss (same loss as training) and an optional
+  metric hook; the best checkpoint (by `best_metric`) is kept and recorded in `best.json`.
+- Checkpoints every `save_every` steps and at the end (atomic, see `checkpoint.py`); `resume=true`
+  continues from the latest complete one. The final model is exported in the Hub layout to
+  `output_dir/final` (LoRA merged; the adapter is also saved to `output_dir/adapter`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ck
+from .collate import Collator, default_image_processor, loss_denominator, loss_terms, to_device, token_nll
+from .config import TrainConfig
+from .data import Dataset, Example, load_examples
+from .modes import apply_mode, count_trainable, has_lora, merge_lora
+
+
+# ------------------------------------------------------------------------------------ helpers
+def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier for optimizer step `s` (0-based): linear warmup to 1, cosine decay to 0."""
+
+    def f(s: int) -> float:
+        if warmup_steps and s < warmup_steps:
+            return (s + 1) / warmup_steps
+        progress = (s - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    spe = n // batch_size
+    epoch, k = divmod(step, spe)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[k * batch_size:(k + 1) * batch_size].tolist()
+
+
+def load_model(path: str, device="cpu", dtype=torch.float32):
+    p = Path(path)
+    if p.suffix == ".npz":
+        from ..weights.big_vision import load_npz_checkpoint
+
+        model = load_npz_checkpoint(p)
+    elif p.exists():
+        from ..weights.hf import load_hf_checkpoint
+
+        model = load_hf_checkpoint(p, device="cpu")
+    else:
+        raise FileNotFoundError(f"model={path!r}: no such checkpoint folder or .npz file")
+    return model.to(device=device, dtype=dtype)
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from ..tokenizer import Tokenizer
+
+    if cfg.tokenizer:
+        return Tokenizer.from_file(cfg.tokenizer)
+    folder = Path(cfg.model) if Path(cfg.model).is_dir() else Path(cfg.model).parent
+    try:
+        return Tokenizer.from_file(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No tokenizer next to model={cfg.model}; set tokenizer=PATH/tokenizer.json") from None
+
+
+def _import_metric(spec: str) -> Callable:
+    mod, _, fn = spec.partition(":")
+    if not fn:
+        raise ValueError(f"metric={spec!r}: use 'package.module:function'")
+    return getattr(importlib.import_module(mod), fn)
+
+
+class _Dist:
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owned = False
+
+    def init(self, device: torch.device) -> None:
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.owned = True
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------ trainer
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        model=None,
+        tokenizer=None,
+        image_processor=None,
+        train_set: Dataset | list[Example] | None = None,
+        val_set: Dataset | list[Example] | None = None,
+        metric_fn: Callable | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        cfg = self.cfg = config
+        self.dist = _Dist()
+        if cfg.device == "auto":
+            dev = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
+        else:
+            dev = cfg.device
+        self.device = torch.device(dev)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dist.init(self.device)
+        self.is_main = self.dist.rank == 0
+        self._log = log or print
+        self.out = Path(cfg.output_dir)
+
+        seed_everything(cfg.seed)
+        self.model = model if model is not None else load_model(cfg.model)
+        self.model.to(self.device)
+        self.model.train()
+        self.trainable = apply_mode(
+            self.model, cfg.mode, freeze_vision=cfg.freeze_vision, freeze_decoder=cfg.freeze_decoder,
+            lora_targets=cfg.lora_targets, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        )
+        self.model.to(self.device)  # LoRA layers are created on the base layer's device; be sure
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+        def as_list(ds):
+            return list(ds.examples) if isinstance(ds, Dataset) else list(ds)
+
+        data_kw = dict(data_format=cfg.data_format, strict=cfg.strict_data, coco_task=cfg.coco_task,
+                       coco_images=cfg.coco_images, include_absent=cfg.coco_include_absent, mask_codec=cfg.mask_codec)
+        self.train_set = as_list(train_set if train_set is not None else load_examples(cfg.train_data, **data_kw))
+        if val_set is not None:
+            self.val_set = as_list(val_set)
+        else:
+            self.val_set = as_list(load_examples(cfg.val_data, **data_kw)) if cfg.val_data else []
+        self.collator = Collator(
+            tokenizer if tokenizer is not None else load_tokenizer(cfg),
+            image_processor if image_processor is not None else default_image_processor(
+                self.model.config, cfg.model if cfg.model and Path(cfg.model).is_dir() else None),
+            self.model.config, cfg.max_len, cfg.pad_to_max_len,
+        )
+        self.metric_fn = metric_fn or (_import_metric(cfg.metric) if cfg.metric else None)
+
+        # ---- step arithmetic
+        per_micro = cfg.batch_size / (self.dist.world * cfg.grad_accum)
+        if per_micro != int(per_micro):
+            raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of world_size x grad_accum "
+                             f"= {self.dist.world} x {cfg.grad_accum}")
+        self.micro_batch = int(per_micro)
+        n = len(self.train_set)
+        if n < cfg.batch_size:
+            raise ValueError(f"{n} training examples are fewer than batch_size={cfg.batch_size}")
+        self.steps_per_epoch = n // cfg.batch_size
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * self.total_steps
+        self.warmup_steps = int(round(warmup))
+
+        # ---- optimizer / schedule
+        if cfg.optimizer_name == "sgd":
+            self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                               weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(self.total_steps, self.warmup_steps))
+        self.step = 0
+        self.history: list[dict] = []
+        self.best: dict | None = None
+
+    # -------------------------------------------------------------------------------- utils
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            self._log(msg)
+
+    def autocast(self):
+        p = self.cfg.precision
+        if p == "bf16" or (p == "auto" and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _micro_batches(self, step: int) -> list[list[Example]]:
+        idx = batch_indices(step, len(self.train_set), self.cfg.batch_size, self.cfg.seed)
+        local = idx[self.dist.rank::self.dist.world]
+        m = self.micro_batch
+        return [[self.train_set[i] for i in local[j:j + m]] for j in range(0, len(local), m)]
+
+    # -------------------------------------------------------------------------------- steps
+    def train_step(self, step: int) -> dict:
+        cfg = self.cfg
+        batches = [to_device(self.collator(exs), self.device) for exs in self._micro_batches(step)]
+        denom = self.dist.all_sum(torch.tensor(sum(loss_denominator(b, cfg.loss) for b in batches), dtype=torch.float64))
+        denom = max(float(denom), 1.0)
+        total = torch.zeros((), dtype=torch.float64)
+        for b in batches:
+            with self.autocast():
+                nll, w = token_nll(self.model, b)
+            num = loss_terms(nll.float(), w, cfg.loss)
+            (num * (self.dist.world / denom)).backward()
+            total += num.detach().double().cpu()
+        if self.dist.world > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= self.dist.world
+            off = 0
+            for p in self.params:
+                p.grad = flat[off:off + p.numel()].view_as(p).clone()
+                off += p.numel()
+        if cfg.grad_clip and cfg.grad_clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+        else:
+            gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(self.dist.all_sum(total) / denom)
+        return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Val loss over the whole val set (sharded over ranks) and the metric hook's values."""
+        if not self.val_set:
+            return {}
+        self.model.eval()
+        mine = self.val_set[self.dist.rank::self.dist.world]
+        num = torch.zeros((), dtype=torch.float64)
+        den = torch.zeros((), dtype=torch.float64)
+        for j in range(0, len(mine), self.micro_batch):
+            b = to_device(self.collator(mine[j:j + self.micro_batch]), self.device)
+            with self.autocast():
+                nll, w = token_nll(self.model, b)
+            num += loss_terms(nll.float(), w, self.cfg.loss).double().cpu()
+            den += loss_denominator(b, self.cfg.loss)
+        out = {"val_loss": float(self.dist.all_sum(num) / self.dist.all_sum(den).clamp(min=1))}
+        if self.metric_fn is not None and self.is_main:
+            res = self.metric_fn(self.model, self.val_set, self)
+            out.update(res if isinstance(res, dict) else {"metric": float(res)})
+        self.model.train()
+        return out
+
+    # -------------------------------------------------------------------------------- state
+    def _info(self) -> dict:
+        return {"total_steps": self.total_steps, "epoch": self.step / self.steps_per_epoch,
+                "best": self.best, "history": self.history, "mode": self.cfg.mode}
+
+    def save(self) -> Path | None:
+        path = None
+        if self.is_main:
+            path = ck.save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler, self._info())
+            keep = {f"{ck.PREFIX}{self.best['step']:08d}"} if self.best else set()
+            ck.prune_checkpoints(self.out, self.cfg.keep_last, keep)
+        self.dist.barrier()
+        return path
+
+    def resume(self) -> bool:
+        path = ck.latest_checkpoint(self.out)
+        if path is None:
+            return False
+        state = ck.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.step = state["step"]
+        self.history = state.get("history", [])
+        self.best = state.get("best")
+        self.log(f"resumed from {path} (step {self.step}/{self.total_steps})")
+        return True
+
+    def _update_best(self, metrics: dict) -> bool:
+        key = self.cfg.best_metric
+        if key not in metrics:
+            return False
+        v = metrics[key]
+        better = self.best is None or (v < self.best["value"] if self.cfg.best_mode == "min" else v > self.best["value"])
+        if better:
+            self.best = {"step": self.step, "metric": key, "value": v}
+        return better
+
+    # -------------------------------------------------------------------------------- loop
+    def fit(self) -> Path:
+        cfg = self.cfg
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ck.clean_partial(self.out)
+            ck.write_json(self.out / "train_config.json", cfg.to_dict())
+        self.dist.barrier()
+        if cfg.resume:
+            self.resume()
+        self.log(f"training {count_trainable(self.model):,} parameters ({cfg.mode}"
+                 f"{', vision frozen' if cfg.freeze_vision else ''}{', decoder frozen' if cfg.freeze_decoder else ''}), "
+                 f"{len(self.train_set)} examples, {self.total_steps} steps of {cfg.batch_size}, "
+                 f"optimizer {cfg.optimizer_name}, world {self.dist.world}")
+        progress = self._progress()
+        t0 = time.time()
+        try:
+            while self.step < self.total_steps:
+                rec = self.train_step(self.step)
+                self.step += 1
+                self.history.append(rec)
+                if progress:
+                    progress[0].update(progress[1], completed=self.step, description=f"loss {rec['loss']:.4f}")
+                if self.step % max(cfg.log_every, 1) == 0 or self.step == self.total_steps:
+                    self.log(f"step {self.step}/{self.total_steps} loss {rec['loss']:.5f} lr {rec['lr']:.3g} "
+                             f"grad_norm {rec['grad_norm']:.3g} ({time.time() - t0:.1f}s)")
+                last = self.step == self.total_steps
+                evaluated = False
+                if self.val_set and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
+                    metrics = self.evaluate()
+                    self.history.append({"step": self.step, **metrics})
+                    evaluated = self._update_best(metrics)
+                    self.log(f"eval step {self.step}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()))
+                if (cfg.save_every and self.step % cfg.save_every == 0) or last or evaluated:
+                    path = self.save()
+                    if path is not None:
+                        self.log(f"saved {path}")
+                    if evaluated and self.is_main:
+                        ck.write_json(self.out / "best.json", {**self.best, "checkpoint": f"{ck.CKPT_DIR}/{ck.PREFIX}{self.step:08d}"})
+        finally:
+            if progress:
+                progress[0].stop()
+        final = self.export()
+        self.plot()
+        self.dist.barrier()
+        return final
+
+    def _progress(self):
+        if not (self.cfg.progress and self.is_main):
+            return None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        p = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                     TimeRemainingColumn())
+        task = p.add_task("training", total=self.total_steps, completed=self.step)
+        p.start()
+        return p, task
+
+    def export(self) -> Path:
+        """Hub-layout export of the final weights (LoRA merged) to `output_dir/final`."""
+        final = self.out / "final"
+        if not self.is_main:
+            return final
+        from ..weights.export import save_hub_checkpoint
+
+        model = self.model
+        if has_lora(model):
+            cfg = self.cfg
+            ck.save_lora_adapter(model, self.out / "adapter", {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
+                                                                "dropout": cfg.lora_dropout, "targets": cfg.lora_targets})
+            merge_lora(model)
+        dtype = None
+        if self.cfg.export_dtype:
+            from ..runtime import resolve_dtype
+
+            dtype = resolve_dtype(self.cfg.export_dtype, self.device)
+
+        def fill(tmp: Path):
+            save_hub_checkpoint(model, tmp, dtype=dtype)
+            self._copy_side_files(tmp)
+
+        ck.atomic_dir(final, fill)
+        self.log(f"exported {final}")
+        return final
+
+    def _copy_side_files(self, dst: Path) -> None:
+        """Tokenizer and preprocessor files next to the exported weights, so `final/` is a complete
+        palikit / transformers checkpoint."""
+        cfg = self.cfg
+        model_dir = Path(cfg.model) if cfg.model and Path(cfg.model).is_dir() else None
+        tok = getattr(self.collator.tokenizer, "path", None) or (Path(cfg.tokenizer) if cfg.tokenizer else None)
+        files = []
+        if tok is not None and Path(tok).is_file():
+            files.append(Path(tok))
+        for d in filter(None, (model_dir, Path(tok).parent if tok else None)):
+            files += [d / n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                                      "special_tokens_map.json", "preprocessor_config.json")]
+        for f in files:
+            if f.is_file() and not (dst / f.name).exists():
+                shutil.copy(f, dst / f.name)
+
+    def plot(self) -> Path | None:
+        if not (self.cfg.plot and self.is_main):
+            return None
+        from .plot import loss_curve_png
+
+        train = [(h["step"], h["loss"]) for h in self.history if "loss" in h]
+        val = [(h["step"], h["val_loss"]) for h in self.history if "val_loss" in h]
+        return loss_curve_png(train, val, self.out / "loss_curve.png", title=self.cfg.mode)
+
+    def close(self) -> None:
+        self.dist.close()
+
+
+def train(config: TrainConfig | str | Path, overrides: list[str] | tuple[str, ...] = (), **kwargs) -> Path:
+    """Run a fine-tuning job; return the final Hub-layout checkpoint folder (`output_dir/final`).
+
+    `config` is a TrainConfig or a YAML path (+ `key=value` overrides). Keyword arguments go to
+    `Trainer` (model / tokenizer / image_processor / train_set / val_set / metric_fn objects
+    instead of the paths in the config). Works under `torchrun --nproc_per_node N`."""
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig.from_yaml(config, overrides)
+    elif overrides:
+        config = TrainConfig.from_dict(config.to_dict(), overrides)
+    trainer = Trainer(config, **kwargs)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

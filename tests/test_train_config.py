@@ -1,0 +1,46 @@
+"""TrainConfig: YAML + key=value overrides with type conversion and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from palikit.train.config import ConfigError, TrainConfig
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: /m\ntrain_data: d.jsonl\nlr: 3e-5\nbatch_size: 16\nmode: attention\n")
+    cfg = TrainConfig.from_yaml(p, ["lr=1e-4", "mode=lora", "max_steps=20", "freeze_vision=true",
+                                    "max_len=none", "warmup=0.1", "val_data=v.jsonl", "lora_targets=q_proj,v_proj"])
+    assert (cfg.lr, cfg.mode, cfg.max_steps, cfg.freeze_vision, cfg.max_len) == (1e-4, "lora", 20, True, None)
+    assert cfg.batch_size == 16 and cfg.warmup == 0.1 and cfg.val_data == "v.jsonl"
+    assert cfg.lora_targets == "q_proj,v_proj"
+    odd = TrainConfig.from_dict({}, [r"lora_targets=.*[qv]_proj", "tokenizer=none", "output_dir=runs/a=b", "model=123"])
+    assert odd.lora_targets == ".*[qv]_proj" and odd.tokenizer is None and odd.output_dir == "runs/a=b"
+    assert odd.model == "123"
+    assert TrainConfig.from_yaml(p).optimizer_name == "sgd"  # attention mode -> the colab's SGD
+    assert cfg.optimizer_name == "adamw"
+    # every field is overridable and round-trips
+    again = TrainConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+def test_unknown_keys_and_bad_values_are_clear(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 1e-3\nlearning_rate: 2\n")
+    with pytest.raises(ConfigError, match="unknown key.*'learning_rate'.*known keys: model"):
+        TrainConfig.from_yaml(p)
+    with pytest.raises(ConfigError, match="unknown key 'btach_size'"):
+        TrainConfig.from_dict({}, ["btach_size=3"])
+    with pytest.raises(ConfigError, match="batch_size: cannot use 'eight' as int"):
+        TrainConfig.from_dict({}, ["batch_size=eight"])
+    with pytest.raises(ConfigError, match="freeze_vision: cannot use 'maybe' as bool"):
+        TrainConfig.from_dict({}, ["freeze_vision=maybe"])
+    with pytest.raises(ConfigError, match="mode='adapter': must be one of full, attention, lora"):
+        TrainConfig.from_dict({}, ["mode=adapter"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        TrainConfig.from_dict({}, ["lr"])
+    with pytest.raises(ConfigError, match="No config file"):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="pad_to_max_len=true needs max_len"):
+        TrainConfig.from_dict({"pad_to_max_len": True})
