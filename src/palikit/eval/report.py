@@ -1,0 +1,194 @@
+"""Reports: the cached-results table (other models' numbers kept in a JSON or CSV file), a Markdown
+comparison table and PNG bar charts (accuracy, speed efficiency, cost efficiency per model). Every
+file is written atomically (temporary file in the same folder, then `os.replace`).
+
+Cached-results rows: {"model", "metric" (or "task"), "accuracy" (score x100, i.e. percent for
+accuracies), "median_latency_s", "cost_per_call" ($ per sample), optional "device", "source", "n"}.
+Missing speed / cost leave the efficiency columns empty. Efficiencies are recomputed from those
+columns with the same definitions as the fresh run (runner module docstring).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ["model", "metric", "accuracy", "median_latency_s", "cost_per_call", "speed_efficiency",
+           "cost_efficiency", "source"]
+CHARTS = {"accuracy": "Accuracy (score x100)", "speed_efficiency": "Speed efficiency (score / s per sample)",
+          "cost_efficiency": "Cost efficiency (score / $ per sample)"}
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` to `path` via a temporary file in the same folder and `os.replace`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _num(v: Any) -> float | None:
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Typed row with the efficiency columns filled in from accuracy, latency and cost."""
+    acc, lat, cost = _num(row.get("accuracy")), _num(row.get("median_latency_s")), _num(row.get("cost_per_call"))
+    out = {"model": str(row.get("model", "?")), "metric": str(row.get("metric") or row.get("task") or ""),
+           "accuracy": acc, "median_latency_s": lat, "cost_per_call": cost,
+           "speed_efficiency": acc / lat if acc is not None and lat else None,
+           "cost_efficiency": acc / cost if acc is not None and cost else None,
+           "source": str(row.get("source") or "cached")}
+    for k in ("device", "n", "task"):
+        if row.get(k) not in (None, ""):
+            out[k] = row[k]
+    return out
+
+
+def load_cached_results(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a cached-results file: JSON (a list of rows or {"results": [...]}) or CSV with a header."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+    else:
+        data = json.loads(text)
+        rows = data["results"] if isinstance(data, Mapping) else data
+    return [normalize_row(r) for r in rows]
+
+
+def save_cached_results(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write rows (e.g. existing cache + `report.to_row()`) as JSON or CSV by suffix, atomically."""
+    p = Path(path)
+    rows = [normalize_row(r) for r in rows]
+    if p.suffix.lower() == ".csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=COLUMNS + ["device", "n", "task"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        return atomic_write(p, buf.getvalue())
+    return atomic_write(p, json.dumps(rows, indent=2))
+
+
+def comparison_rows(report: Any, cached: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The fresh run first, then the cached rows for the same metric (rows without a metric kept)."""
+    fresh = normalize_row(report.to_row())
+    fresh["source"] = "this run"
+    others = [normalize_row(r) for r in cached]
+    others = [r for r in others if not r["metric"] or r["metric"] in (report.primary, report.task)]
+    return [fresh, *others]
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "–"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if 0 < abs(v) < 0.01:
+            return f"{v:.2e}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    head = ["model", "metric", "accuracy", "median s", "$ / call", "speed eff.", "cost eff.", "source"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(report: Any, rows: Sequence[Mapping[str, Any]] | None = None) -> str:
+    rows = list(rows) if rows is not None else comparison_rows(report)
+    sp, cost = report.speed, report.cost
+    out = [f"# Evaluation: {report.model} on {report.task}", "",
+           f"- dataset: `{report.dataset}` ({report.n} samples; {report.predicted_now} predicted in this call)",
+           f"- prompt: `{report.prompt}`", "", "## Accuracy", "", "| metric | value |", "|---|---|"]
+    out += [f"| {k}{' (primary)' if k == report.primary else ''} | {_fmt(v, 4)} |" for k, v in report.metrics.items()]
+    out += ["", "## Speed", "", "| | value |", "|---|---|"]
+    labels = {"median_s": "median latency (s / sample)", "p90_s": "p90 latency (s)", "mean_s": "mean latency (s)",
+              "throughput_per_s": "throughput (samples / s)", "image_ms": "image encode (ms, mean)",
+              "prefill_ms": "prefill (ms, mean)", "decode_ms": "decode (ms, mean)",
+              "decode_step_ms": "decode step (ms, median)", "decode_share": "decode share of prefill+decode"}
+    out += [f"| {labels.get(k, k)} | {_fmt(v, 4)} |" for k, v in sp.items()]
+    price = (f"${cost['price_per_hour']}/h x mean s / 3600" if cost.get("price_per_hour") is not None else
+             f"${cost['price_per_call']} per call" if cost.get("price_per_call") is not None else "no price given")
+    out += ["", f"- speed efficiency = score / median s = **{_fmt(report.speed_efficiency)}**",
+            f"- cost per sample ({price}) = {_fmt(cost.get('cost_per_sample'), 6)}; "
+            f"cost efficiency = score / $ = **{_fmt(report.cost_efficiency)}**",
+            "- score = primary metric x 100; latency is end to end per sample (batch wall time / batch size).",
+            "", "## Comparison", "", markdown_table(rows), ""]
+    return "\n".join(out)
+
+
+def write_charts(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *, size: tuple[float, float] = (8, 4.5),
+                 dpi: int = 100, title: str = "") -> dict[str, Path]:
+    """One horizontal bar chart per column of `CHARTS` (PNG, `size` inches x `dpi`); a chart whose
+    column is empty for every row is skipped. Needs matplotlib (Agg backend)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("charts need matplotlib: pip install matplotlib (or pass charts=False)") from e
+    out: dict[str, Path] = {}
+    for key, label in CHARTS.items():
+        pts = [(f"{r['model']}" + ("" if r.get("source") != "this run" else " *"), r[key]) for r in rows
+               if r.get(key) is not None]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=size, dpi=dpi)
+        names, vals = zip(*pts)
+        colors = ["tab:orange" if n.endswith(" *") else "tab:blue" for n in names]
+        ax.barh(range(len(vals)), vals, color=colors)
+        ax.set_yticks(range(len(vals)), names)
+        ax.invert_yaxis()
+        ax.margins(x=0.15)
+        ax.set_xlabel(label)
+        ax.set_title(f"{title}: {label}" if title else label, fontsize=10)
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {_fmt(float(v))}", va="center", fontsize=8)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi)
+        plt.close(fig)
+        out[key] = atomic_write(Path(out_dir) / f"{key}.png", buf.getvalue())
+    return out
+
+
+def write_report(report: Any, out_dir: str | Path, *, cached: Sequence[Mapping[str, Any]] = (),
+                 charts: bool = True) -> dict[str, Path]:
+    """report.json, report.md and (charts=True) accuracy / speed_efficiency / cost_efficiency PNGs."""
+    out = Path(out_dir)
+    rows = comparison_rows(report, cached)
+    files = {"json": out / "report.json", "markdown": out / "report.md"}
+    if charts:
+        files.update(write_charts(rows, out, title=f"{report.task}: {report.primary}"))
+    report.files.update({k: str(v) for k, v in files.items()})
+    atomic_write(files["json"], json.dumps({**report.to_dict(), "comparison": rows}, indent=2, default=str))
+    atomic_write(files["markdown"], markdown_report(report, rows))
+    return files
