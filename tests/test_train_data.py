@@ -139,7 +139,7 @@ def test_segmentation_decoding(monkeypatch, coco_tools):
     import sys
 
     if coco_tools:
-        pytest.importorskip("pycocotools")
+        import pycocotools  # noqa: F401 - a test dependency
     else:  # the dependency-free path: polygons with PIL, uncompressed RLE by hand
         monkeypatch.setitem(sys.modules, "pycocotools", None)
     rle = {"size": [3, 2], "counts": [1, 2, 3]}  # column-major: 0 | 1 1 | 0 0 0

@@ -145,7 +145,7 @@ def test_loss_curve_png_with_and_without_matplotlib(tmp_path, monkeypatch, matpl
     from palikit.train.plot import loss_curve_png
 
     if matplotlib:
-        pytest.importorskip("matplotlib")
+        import matplotlib  # noqa: F401 - a test dependency
     else:
         monkeypatch.setitem(sys.modules, "matplotlib", None)
     train = [(s, 3.0 / s) for s in range(1, 30)]

@@ -1,0 +1,66 @@
+"""`palikit serve`: the HTTP server (FastAPI + uvicorn) for one model; docs at /docs, playground at /."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from . import app
+
+
+@app.command("serve")
+def serve(
+    model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder, big_vision .npz or Hub id (default: bundled demo)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind. Anything but loopback exposes the server: set --api-key."),
+    port: int = typer.Option(8000, help="Port to bind (0 = any free port)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (bf16 on GPU)."),
+    tokenizer: str = typer.Option(None, help="Tokenizer file when it is not next to the weights."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (CUDA graphs on GPU)."),
+    api_key: list[str] = typer.Option(None, "--api-key", help="Accepted Bearer key (repeatable); also env PALIKIT_API_KEYS (comma-separated)."),
+    max_batch_size: int = typer.Option(16, help="Requests fused into one model call."),
+    max_wait_ms: float = typer.Option(5.0, help="How long a request waits for others to batch with."),
+    max_queue: int = typer.Option(256, help="Waiting requests beyond which new ones get 503 + Retry-After."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request (queue + generation) before 504."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest image file accepted (MB)."),
+    max_image_pixels: int = typer.Option(40_000_000, help="Largest image accepted, width x height (decompression bombs)."),
+    max_new_tokens_limit: int = typer.Option(512, help="Largest max_new_tokens a client may ask for."),
+    max_prompt_chars: int = typer.Option(2000, help="Longest prompt accepted (characters)."),
+    warmup: bool = typer.Option(True, help="Run one tiny prediction before /readyz reports ready."),
+    torch_threads: int = typer.Option(0, help="torch intra-op threads (0 = torch's default; 1 is fastest for tiny models)."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+):
+    """Serve the model over HTTP: /v1/{predict,caption,describe,ocr,answer,detect,segment},
+    /v1/chat/completions (OpenAI-compatible), /healthz, /readyz, /metrics, playground at /."""
+    try:
+        import uvicorn
+
+        from ..serve import ServerSettings, create_app
+        from ..serve.app import is_loopback
+    except ImportError as e:
+        raise ImportError(f"the server needs extra packages ({e.name} is missing): "
+                          "pip install fastapi uvicorn python-multipart prometheus-client") from None
+    from .predict import load_model
+
+    keys = tuple(api_key or ()) + ServerSettings.keys_from_env()
+    if not is_loopback(host) and not keys:
+        bar = "!" * 78
+        print(f"{bar}\nWARNING: binding to {host} with NO API key: anyone who can reach this address can use the "
+              f"model.\nSet --api-key or PALIKIT_API_KEYS, or bind to 127.0.0.1.\n{bar}", file=sys.stderr)
+    settings = ServerSettings(host=host, port=port, api_keys=keys, max_batch_size=max_batch_size,
+                              max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout_s=timeout,
+                              max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
+                              max_new_tokens_limit=max_new_tokens_limit, max_prompt_chars=max_prompt_chars,
+                              warmup=warmup)
+    if torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    pg = load_model(model, device, dtype, tokenizer, compile=compile)
+    application = create_app(pg, settings)
+    auth = f"{len(keys)} API key(s)" if keys else "no API key"
+    print(f"palikit: serving {pg.name} on http://{host}:{port} ({auth}); docs at /docs, playground at /",
+          file=sys.stderr, flush=True)
+    uvicorn.run(application, host=host, port=port, log_level=log_level, access_log=False,
+                timeout_graceful_shutdown=5)
