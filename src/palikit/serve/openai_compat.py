@@ -1,0 +1,193 @@
+"""OpenAI-compatible `/v1/chat/completions`: how chat messages map onto PaliGemma's prefix format.
+
+PaliGemma has no chat template: it answers ONE prompt about one image (or several frames). The
+mapping, documented for users of OpenAI clients:
+
+- The prompt is the text of the LAST user message (its text parts joined by a space, whitespace
+  collapsed so no newline ends the prefix early). Write PaliGemma task prompts there:
+  `caption en`, `ocr`, `answer en what is this`, `detect cat ; dog`, `segment cat`.
+- The image is the `image_url` part(s) of the last user message that has any (so a follow-up
+  text-only question reuses the earlier image). Several images in one message are frames of one
+  example. Images are data URLs (`data:image/png;base64,...`) or bare base64: the server never
+  fetches URLs and never reads files.
+- system / developer / assistant / tool messages are ignored; earlier turns are not context.
+- `max_completion_tokens` (or `max_tokens`) -> max_new_tokens; `temperature` defaults to 0 (greedy,
+  PaliGemma's recommended decoding), not OpenAI's 1; `top_p` and `seed` are honoured; `n` must be 1;
+  `stop` and `tools` are refused; other OpenAI fields are accepted and ignored.
+- finish_reason is "length" when the token budget ran out, else "stop". usage counts image tokens
+  as prompt tokens.
+- `stream: true` sends Server-Sent Events (`chat.completion.chunk`, then `data: [DONE]`), one chunk per
+  generated token, from `PaliGemma.stream` on the model thread; a client that disconnects stops the
+  generation. `stream_options.include_usage` adds the usage chunk. An error after the stream started
+  arrives as one `data: {"error": ...}` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from .batcher import QueueFull, Stopped
+from .schemas import ApiError, ChatRequest, bad_request, clean_message
+
+log = logging.getLogger("palikit.serve")
+
+
+@dataclass
+class ChatCall:
+    prompt: str
+    images: list[str]          # data URLs / base64, decoded by the app
+    options: dict[str, Any]    # Options fields
+    stream: bool
+    include_usage: bool
+
+
+def _text_and_images(content) -> tuple[str, list[str]]:
+    if content is None:
+        return "", []
+    if isinstance(content, str):
+        return content, []
+    texts, images = [], []
+    for part in content:
+        if part.type in ("text", "input_text"):
+            texts.append(part.text or "")
+        else:
+            url = part.image_url.url if part.image_url is not None and not isinstance(part.image_url, str) else part.image_url
+            if not url:
+                raise bad_request("an image_url part has no url; send {'type': 'image_url', 'image_url': "
+                                  "{'url': 'data:image/png;base64,...'}}.", "messages")
+            images.append(url)
+    return " ".join(texts), images
+
+
+def parse_chat(req: ChatRequest) -> ChatCall:
+    if req.n != 1:
+        raise bad_request("n must be 1: this server returns one completion per request.", "n")
+    if req.tools:
+        raise bad_request("tools are not supported: PaliGemma does not call functions.", "tools")
+    if req.stop:
+        raise bad_request("stop sequences are not supported: PaliGemma stops at its end-of-sequence token; "
+                          "limit the length with max_tokens.", "stop")
+    users = [m for m in req.messages if m.role == "user"]
+    if not users:
+        raise bad_request("no user message: put the prompt (e.g. 'caption en') and the image in a user message.",
+                          "messages")
+    text, _ = _text_and_images(users[-1].content)
+    images: list[str] = []
+    for m in reversed(users):
+        _, images = _text_and_images(m.content)
+        if images:
+            break
+    prompt = " ".join(text.split())
+    if not prompt:
+        raise bad_request("the last user message has no text: it is the PaliGemma prompt, e.g. 'caption en', "
+                          "'answer en what is this', 'detect cat'.", "messages")
+    if not images:
+        raise bad_request("no image: PaliGemma answers about an image; add {'type': 'image_url', 'image_url': "
+                          "{'url': 'data:image/png;base64,...'}} to the user message.", "messages")
+    opts: dict[str, Any] = {"temperature": req.temperature if req.temperature is not None else 0.0}
+    mnt = req.max_completion_tokens or req.max_tokens
+    if mnt is not None:
+        opts["max_new_tokens"] = mnt
+    if req.top_p is not None and opts["temperature"] > 0:
+        opts["top_p"] = req.top_p
+    if req.seed is not None:
+        opts["seed"] = req.seed
+    return ChatCall(prompt, images, opts, req.stream,
+                    bool(req.stream_options and req.stream_options.include_usage))
+
+
+def new_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def completion(cid: str, model: str, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": finish_reason}],
+        "usage": usage,
+    }
+
+
+def chunk(cid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
+          usage: dict[str, int] | None = None, empty_choices: bool = False) -> str:
+    body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [] if empty_choices else
+                            [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    if usage is not None:
+        body["usage"] = usage
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ------------------------------------------------------------------------------ streaming
+async def stream(state, cid: str, image, call, opts, n_prompt: int):
+    """SSE chunks of an OpenAI streaming chat completion; generation runs on the model thread."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+    kwargs = {k: v for k, v in opts.as_kwargs().items() if k not in ("coord_denominator", "dedupe_iou", "num_beams")}
+
+    def work() -> int:
+        n = 0
+        for piece in state.pg.stream(image, call.prompt, **kwargs):
+            if cancel.is_set():
+                break
+            n += 1
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+        return n
+
+    created = int(time.time())
+    job = asyncio.ensure_future(state.batcher.submit(None, work, state.settings.request_timeout_s))
+    try:
+        yield chunk(cid, state.name, created, {"role": "assistant", "content": ""})
+        while True:
+            get = asyncio.ensure_future(pieces.get())
+            done, _ = await asyncio.wait({get, job}, return_when=asyncio.FIRST_COMPLETED)
+            if get in done:
+                yield chunk(cid, state.name, created, {"content": get.result()})
+                continue
+            get.cancel()
+            while not pieces.empty():
+                yield chunk(cid, state.name, created, {"content": pieces.get_nowait()})
+            break
+        try:
+            n = job.result()
+        except Exception as e:  # noqa: BLE001
+            err = stream_error(e, state)
+            yield f"data: {json.dumps(err.body())}\n\n"
+            return
+        state.metrics.tokens.inc(n)
+        finish = "length" if n >= opts.max_new_tokens else "stop"
+        yield chunk(cid, state.name, created, {}, finish)
+        if call.include_usage:
+            yield chunk(cid, state.name, created, {}, usage=usage(n_prompt, n), empty_choices=True)
+        yield "data: [DONE]\n\n"
+    finally:
+        cancel.set()
+        if not job.done():
+            job.cancel()
+
+
+def stream_error(e: BaseException, state) -> ApiError:
+    if isinstance(e, QueueFull):
+        return ApiError(503, "overloaded", "the server is busy (request queue full); retry shortly.")
+    if isinstance(e, Stopped):
+        return ApiError(503, "unavailable", "the server is shutting down.")
+    if isinstance(e, asyncio.TimeoutError):
+        return ApiError(504, "timeout", f"the request did not finish within {state.settings.request_timeout_s:g} s.")
+    if isinstance(e, ValueError):
+        return ApiError(400, "invalid_request", clean_message(str(e)))
+    log.error("streaming generation failed: %r", e)
+    return ApiError(500, "internal_error", "internal server error during generation.")

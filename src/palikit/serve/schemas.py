@@ -1,0 +1,240 @@
+"""Request bodies, server settings and the one error shape of the HTTP server.
+
+Every client error is `{"error": {"type", "message"[, "param"]}}` with a 4xx status; messages say
+what to change and never echo internals (no tracebacks, paths or huge inputs). JSON bodies are
+validated strictly ("temperature": "0.5" is refused); multipart form fields are strings, so they
+are validated leniently ("0.5" is a number there).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+# ------------------------------------------------------------------------------ settings
+@dataclass
+class ServerSettings:
+    """Everything `create_app` needs besides the model; `palikit serve` flags map one-to-one."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()           # Bearer keys; empty = no auth (fine on loopback only)
+    max_batch_size: int = 16                 # requests fused into one predict_batch call
+    max_wait_ms: float = 5.0                 # how long the first request of a batch waits for company
+    max_queue: int = 256                     # pending requests beyond which new ones get 503
+    request_timeout_s: float = 60.0          # queue wait + generation; past it: 504
+    max_upload_bytes: int = 20 * 1024 * 1024  # per image, after base64 decoding
+    max_image_pixels: int = 40_000_000       # width * height read from the header, before decoding
+    max_images_per_request: int = 8          # frames of one example (chat messages with several images)
+    max_prompt_chars: int = 2000
+    max_new_tokens_limit: int = 512
+    default_max_new_tokens: int = 64
+    max_num_beams: int = 4
+    warmup: bool = True                      # one tiny prediction before /readyz says ready
+    cors_origins: tuple[str, ...] = ()
+
+    @property
+    def max_body_bytes(self) -> int:
+        # base64 is 4/3 larger; room for several frames in one chat request and the JSON around them
+        return (self.max_upload_bytes * 4 // 3 + 64 * 1024) * max(1, min(self.max_images_per_request, 4))
+
+    @staticmethod
+    def keys_from_env(value: str | None = None) -> tuple[str, ...]:
+        raw = os.environ.get("PALIKIT_API_KEYS", "") if value is None else value
+        return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+# ------------------------------------------------------------------------------ errors
+class ApiError(Exception):
+    """A client-facing error: HTTP status, machine-readable type, human message."""
+
+    def __init__(self, status: int, type: str, message: str, *, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.type, self.message, self.param = status, type, message, param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"type": self.type, "message": self.message}
+        if self.param is not None:
+            err["param"] = self.param
+        return {"error": err}
+
+
+def bad_request(message: str, param: str | None = None, type: str = "invalid_request") -> ApiError:
+    return ApiError(400, type, message, param=param)
+
+
+def clean_message(msg: str) -> str:
+    """Library messages are user-facing, but never let a path or a huge value through."""
+    msg = re.sub(r"(/[\w.@+-]+){2,}", "<path>", msg)
+    return msg[:500]
+
+
+def validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """One readable line per problem ("temperature: Input should be a valid number"), never the input."""
+    parts, first = [], None
+    for err in e.errors(include_url=False, include_input=False)[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        first = first or loc or None
+        msg = err.get("msg", "invalid value")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field (check the spelling; see /docs for the accepted fields)"
+        elif err.get("type") == "missing":
+            msg = "field required"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts), first
+
+
+# ------------------------------------------------------------------------------ requests
+class Options(BaseModel):
+    """Generation options shared by every endpoint (all optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (server default 64).")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (deterministic); > 0 samples.")
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    num_beams: int = Field(1, ge=1, description="Beam search width (greedy only).")
+    coord_denominator: int = Field(1024, description="Box decoding: 1024 (official demo) or 1023 (big_vision RefCOCO).")
+    dedupe_iou: float | None = Field(None, ge=0.0, le=1.0, description="Drop duplicate boxes above this IoU.")
+
+
+class ImageField(BaseModel):
+    image: str = Field(..., description="The image as base64 or a data URL (data:image/png;base64,...). "
+                                       "URLs and file paths are not accepted; multipart uploads are.")
+
+
+class PredictRequest(Options, ImageField):
+    prompt: str = Field(..., description="Any PaliGemma prompt, e.g. 'caption en' or 'detect cat ; dog'.")
+    labels: list[str] | str | None = Field(None, description="Labels asked for (marks detections as requested).")
+
+
+class CaptionRequest(Options, ImageField):
+    lang: str = "en"
+
+
+class DescribeRequest(CaptionRequest):
+    pass
+
+
+class OcrRequest(Options, ImageField):
+    pass
+
+
+class AnswerRequest(Options, ImageField):
+    question: str
+    lang: str = "en"
+
+
+class DetectRequest(Options, ImageField):
+    labels: list[str] | str = Field(..., description="Object names: a list, or one string 'cat ; dog'.")
+
+
+class SegmentRequest(DetectRequest):
+    pass
+
+
+TASK_REQUESTS: dict[str, type[BaseModel]] = {
+    "predict": PredictRequest, "caption": CaptionRequest, "describe": DescribeRequest, "ocr": OcrRequest,
+    "answer": AnswerRequest, "detect": DetectRequest, "segment": SegmentRequest,
+}
+
+OPTION_FIELDS = tuple(Options.model_fields)
+
+
+@dataclass(frozen=True)
+class GenOptions:
+    """Validated generation options as passed to `PaliGemma.predict_batch` (hashable: the batcher
+    groups requests by it)."""
+
+    values: tuple[tuple[str, Any], ...] = field(default=())
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return dict(self.values)["max_new_tokens"]
+
+
+def gen_options(opts: Options, settings: ServerSettings) -> GenOptions:
+    """Apply server limits and defaults; raise ApiError on what the engine would refuse."""
+    mnt = opts.max_new_tokens if opts.max_new_tokens is not None else settings.default_max_new_tokens
+    if mnt > settings.max_new_tokens_limit:
+        raise bad_request(f"max_new_tokens is {mnt}; this server allows at most {settings.max_new_tokens_limit}.",
+                          "max_new_tokens")
+    if opts.num_beams > settings.max_num_beams:
+        raise bad_request(f"num_beams is {opts.num_beams}; this server allows at most {settings.max_num_beams}.",
+                          "num_beams")
+    if opts.coord_denominator not in (1023, 1024):
+        raise bad_request("coord_denominator must be 1024 (official demo) or 1023 (big_vision RefCOCO).",
+                          "coord_denominator")
+    if opts.num_beams > 1 and opts.temperature > 0:
+        raise bad_request("beam search is deterministic: use temperature=0 with num_beams > 1.", "num_beams")
+    kw: dict[str, Any] = {"max_new_tokens": mnt, "temperature": float(opts.temperature),
+                          "top_k": opts.top_k, "top_p": opts.top_p, "seed": opts.seed, "num_beams": opts.num_beams,
+                          "coord_denominator": opts.coord_denominator, "dedupe_iou": opts.dedupe_iou}
+    return GenOptions(tuple(sorted(kw.items())))
+
+
+# ------------------------------------------------------------------------------ chat (OpenAI)
+class ChatImageUrl(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ChatContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "image_url", "input_text", "input_image"]
+    text: str | None = None
+    image_url: ChatImageUrl | str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ChatContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The subset of OpenAI's chat.completions body that maps onto PaliGemma; other fields that
+    OpenAI clients send by default are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default 0 (greedy), unlike OpenAI's 1.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    tools: list[Any] | None = None
+
+
+def parse_model(model: type[BaseModel], data: Any, *, strict: bool) -> Any:
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object.")
+    try:
+        return model.model_validate(data, strict=strict)
+    except ValidationError as e:
+        msg, param = validation_message(e)
+        raise bad_request(msg, param) from None
