@@ -30,6 +30,10 @@ def serve(
     warmup: bool = typer.Option(True, help="Run one tiny prediction before /readyz reports ready."),
     torch_threads: int = typer.Option(0, help="torch intra-op threads (0 = torch's default; 1 is fastest for tiny models)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    replicas: int = typer.Option(0, help="Serve N replicas with Ray Serve (one per GPU when there are GPUs); 0 = one process."),
+    min_replicas: int = typer.Option(None, help="Ray Serve autoscaling lower bound (with --max-replicas)."),
+    max_replicas: int = typer.Option(None, help="Ray Serve autoscaling upper bound."),
+    ray_address: str = typer.Option(None, help="Join this Ray cluster instead of starting a local Ray."),
 ):
     """Serve the model over HTTP: /v1/{predict,caption,describe,ocr,answer,detect,segment},
     /v1/chat/completions (OpenAI-compatible), /healthz, /readyz, /metrics, playground at /."""
@@ -53,6 +57,16 @@ def serve(
                               max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
                               max_new_tokens_limit=max_new_tokens_limit, max_prompt_chars=max_prompt_chars,
                               warmup=warmup)
+    if replicas or min_replicas is not None or max_replicas is not None:
+        from ..distributed.ray_serve import serve_replicas
+        from .predict import default_model
+
+        print(f"palikit: serving with Ray Serve ({replicas or 'autoscaled'} replicas) on http://{host}:{port}",
+              file=sys.stderr, flush=True)
+        serve_replicas(default_model(model), host=host, port=port, settings=settings, replicas=max(replicas, 1),
+                       min_replicas=min_replicas, max_replicas=max_replicas, device=device, dtype=dtype,
+                       address=ray_address)
+        return
     if torch_threads > 0:
         import torch
 

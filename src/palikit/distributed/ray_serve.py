@@ -84,11 +84,17 @@ def serve_replicas(model: str, *, host: str = "127.0.0.1", port: int = 8000, set
                             max_replicas=max_replicas, device=device, dtype=dtype)
     handle = serve.run(app, name="palikit", route_prefix="/", blocking=False)
     if block:
+        import signal
         import time
 
+        def _stop(*_):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _stop)  # `kill` shuts the replicas down cleanly, like Ctrl-C
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             serve.shutdown()
+            ray.shutdown()
     return handle
