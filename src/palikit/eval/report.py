@@ -14,11 +14,11 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..fileio import atomic_write_bytes
 
 COLUMNS = ["model", "metric", "accuracy", "median_latency_s", "cost_per_call", "speed_efficiency",
            "cost_efficiency", "source"]
@@ -28,17 +28,7 @@ CHARTS = {"accuracy": "Accuracy (score x100)", "speed_efficiency": "Speed effici
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     """Write `data` to `path` via a temporary file in the same folder and `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, data)
 
 
 def _num(v: Any) -> float | None:

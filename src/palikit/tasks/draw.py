@@ -7,8 +7,8 @@ shorter side so labels stay readable on thumbnails and on large photos.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,16 +78,8 @@ def draw(image: Image.Image, detections: Sequence[Detection], *, show_scores: bo
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write `image` as PNG via a temp file in the same folder and os.replace (no half-written files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from ..fileio import atomic_write_bytes
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())

@@ -28,9 +28,9 @@ image. Encoding (`refcoco_mask2str`): crop the full-resolution mask to the round
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -188,20 +188,12 @@ class MaskCodec(nn.Module):
 
     def to_npz(self, path: str | os.PathLike) -> Path:
         """Write the same key layout as vae-oid.npz (float32), atomically (temp file + os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from ..fileio import atomic_write_bytes
+
         arrays = {k: v.detach().cpu().float().numpy() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return atomic_write_bytes(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------ full resolution

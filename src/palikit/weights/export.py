@@ -6,14 +6,14 @@ Every file is written atomically (temporary name, then rename): a crash never le
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_write_bytes, atomic_write_json
 from ..model import PaliGemmaModel
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "hub_key", "hub_state_dict", "save_hub_checkpoint"]
 
 _HUB_PREFIXES = (
     ("language_model.", "language_model.model."),
@@ -26,24 +26,6 @@ def hub_key(name: str) -> str:
         if name.startswith(old):
             return new + name[len(old):]
     return name
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def hub_state_dict(model: PaliGemmaModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
