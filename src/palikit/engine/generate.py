@@ -72,6 +72,7 @@ class Engine:
         self._cache: KVCache | None = None
         self._decode = self._decode_step
         self._greedy = self._greedy_step
+        self._cuda_graphs = compile and self.device.type == "cuda"
         if compile:
             # CUDA graphs on GPU ("reduce-overhead"); fused C++ kernels on CPU
             mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -163,7 +164,8 @@ class Engine:
         cache = self._cache_for(B, P + options.max_new_tokens)
         logits, last_pos, P = self._prefill(requests, cache)
         eos = torch.tensor(self.eos_ids if not options.ignore_eos else (-1,), device=self.device)
-        check_every = 8 if self.device.type == "cuda" else 1  # a host sync per check
+        check_every = 8 if self.device.type == "cuda" else 4  # all-finished check: a host sync each time
+        graphs = self._cuda_graphs
         cache_position = torch.tensor([P], device=self.device)
         positions = last_pos + 1
         tokens, logprobs = select_tokens(logits, opts, gen)
@@ -176,10 +178,12 @@ class Engine:
                 return
             if opts.greedy:
                 out = self._greedy(tokens, positions, cache_position, cache, finished, eos)
-                # clone: compiled-graph outputs are overwritten by the next replay
-                tokens, logprobs, finished, positions, cache_position = (t.clone() for t in out)
+                if graphs:  # CUDA-graph outputs are overwritten by the next replay
+                    out = tuple(t.clone() for t in out)
+                tokens, logprobs, finished, positions, cache_position = out
             else:
-                logits = self._decode(tokens, positions, cache_position, cache).clone()
+                logits = self._decode(tokens, positions, cache_position, cache)
+                logits = logits.clone() if graphs else logits
                 tokens, logprobs = select_tokens(logits, opts, gen)
                 tokens = tokens.masked_fill(finished, self.pad_id)
                 finished = finished | torch.isin(tokens, eos)
