@@ -413,10 +413,12 @@ class Trainer:
             files.append(Path(tok))
         for d in filter(None, (model_dir, Path(tok).parent if tok else None)):
             files += [d / n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                                      "special_tokens_map.json", "preprocessor_config.json")]
+                                      "special_tokens_map.json", "preprocessor_config.json", "vae-oid.npz")]
         for f in files:
             if f.is_file() and not (dst / f.name).exists():
                 shutil.copy(f, dst / f.name)
+        if cfg.mask_codec and Path(cfg.mask_codec).is_file() and not (dst / "vae-oid.npz").exists():
+            shutil.copy(cfg.mask_codec, dst / "vae-oid.npz")  # so the exported model can decode <seg> tokens
 
     def plot(self) -> Path | None:
         if not (self.cfg.plot and self.is_main):

@@ -1,0 +1,132 @@
+"""Everything the demo model's training recipe needs, built by our own code from the "shapes"
+generator: a PaliGemma-style tokenizer (the data's words and characters + 1024 `<loc>` + 128 `<seg>`),
+a mask codec with the vae-oid.npz architecture trained on the generator's masks, the train /
+validation / test splits as JSONL (+ COCO json for detection and segmentation), and an initial
+checkpoint (tiny PaliGemma 2 config, random weights) in the Hub layout that `palikit train
+recipes/demo.yaml` fine-tunes.
+
+    python -m palikit.demo.build --out work/demo            # then: palikit train recipes/demo.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..config import PaliGemmaConfig, TextConfig, VisionConfig
+from .shapes import CLASSES, COLORS, NUMBER_WORDS, PLURALS, WORDS, iter_split, write_split
+
+IMAGE_SIZE = 112
+TASK_WORDS = ["caption", "en", "detect", "segment", "ocr", "answer", "how", "many", "are", "there", "what", "color",
+              "is", "the", "and"]
+CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:?'-")
+
+# A tiny PaliGemma 2 (post-norms, soft-caps, GQA): 112 px / patch 14 = 64 image tokens.
+DEMO_CONFIG = PaliGemmaConfig(
+    vision=VisionConfig(image_size=IMAGE_SIZE, patch_size=14, hidden_size=128, intermediate_size=512,
+                        num_hidden_layers=4, num_attention_heads=4),
+    text=TextConfig(vocab_size=0, hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=1, head_dim=48, query_pre_attn_scalar=48, post_norms=True,
+                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    name="palikit-demo-shapes",
+)
+
+
+def demo_pieces() -> list[str]:
+    words = list(CLASSES) + list(PLURALS.values()) + list(COLORS) + [w.upper() for w in WORDS] + list(NUMBER_WORDS)
+    return sorted(set(words + TASK_WORDS)) + CHARS
+
+
+def build_tokenizer(out: Path):
+    from ..tokenizer import build_tokenizer as build
+
+    return build(demo_pieces(), out / "tokenizer.json")
+
+
+def shape_masks(n_images: int, size: int = IMAGE_SIZE) -> np.ndarray:
+    """64x64 crops of every shape's visible mask inside its box (the codec's training data)."""
+    from ..tasks.mask_codec import _resize64
+
+    crops = []
+    for sample in iter_split("train", n_images, size):
+        for s in sample.shapes:
+            x0, y0, x1, y1 = (int(round(v)) for v in s.box)
+            crops.append(_resize64(s.mask[y0:y1, x0:x1].astype(np.float32)).clamp(0, 1).numpy())
+    return np.stack(crops)
+
+
+def build_codec(out: Path, n_images: int = 2000, steps: int = 1500, seed: int = 0):
+    import torch
+
+    from ..tasks.mask_codec import train_mask_codec
+
+    masks = torch.from_numpy(shape_masks(n_images))
+    codec = train_mask_codec(masks, steps=steps, embed_dim=64, seed=seed)
+    codec.to_npz(out / "vae-oid.npz")
+    return codec
+
+
+def build_data(out: Path, codec, n_train: int, n_val: int, n_test: int) -> None:
+    from ..tasks.mask_codec import tokens_from_mask
+
+    def seg_fn(shape):
+        return tokens_from_mask(codec, shape.mask, shape.box)
+
+    for split, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
+        write_split(out / "data", split, n, IMAGE_SIZE, seg_fn=seg_fn)
+
+
+def build_initial_checkpoint(out: Path, tokenizer, seed: int = 0) -> Path:
+    import torch
+
+    from ..engine.bench import random_model
+    from ..preprocess import ImageProcessor
+    from ..weights.export import save_hub_checkpoint
+
+    cfg = replace(DEMO_CONFIG, text=replace(DEMO_CONFIG.text, vocab_size=tokenizer.vocab_size),
+                  image_token_index=tokenizer.image_id)
+    model = random_model(cfg, "cpu", torch.float32, seed=seed)
+    folder = out / "init"
+    save_hub_checkpoint(model, folder)
+    (folder / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (out / name).exists():
+            (folder / name).write_bytes((out / name).read_bytes())
+    (folder / "vae-oid.npz").write_bytes((out / "vae-oid.npz").read_bytes())
+    ImageProcessor(size=IMAGE_SIZE).save(folder)
+    return folder
+
+
+def build(out: str | Path, *, n_train: int = 20_000, n_val: int = 500, n_test: int = 500, codec_images: int = 2000,
+          codec_steps: int = 1500, seed: int = 0) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out)
+    codec = build_codec(out, codec_images, codec_steps, seed)
+    build_data(out, codec, n_train, n_val, n_test)
+    init = build_initial_checkpoint(out, tok, seed)
+    summary = {"tokenizer_size": tok.vocab_size, "init_checkpoint": str(init), "data": str(out / "data"),
+               "splits": {"train": n_train, "validation": n_val, "test": n_test}}
+    (out / "build.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Build the demo model's tokenizer, mask codec, data and initial checkpoint.")
+    ap.add_argument("--out", default="work/demo")
+    ap.add_argument("--train", type=int, default=20_000)
+    ap.add_argument("--val", type=int, default=500)
+    ap.add_argument("--test", type=int, default=500)
+    ap.add_argument("--codec-images", type=int, default=2000)
+    ap.add_argument("--codec-steps", type=int, default=1500)
+    a = ap.parse_args()
+    print(json.dumps(build(a.out, n_train=a.train, n_val=a.val, n_test=a.test, codec_images=a.codec_images,
+                           codec_steps=a.codec_steps), indent=2))
+
+
+if __name__ == "__main__":
+    main()
