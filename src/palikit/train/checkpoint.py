@@ -110,15 +110,24 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler,
     info: dict,
+    *,
+    params: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
+    """`params` / `optimizer_state` override what is read from the model / optimizer (FSDP passes
+    the gathered full tensors)."""
     from safetensors.torch import save as st_save
 
-    params = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    if params is None:
+        params = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: t.contiguous() for n, t in params.items()}
+    if optimizer_state is None:
+        optimizer_state = optimizer.state_dict()
     trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state()}
 
     def fill(tmp: Path):
         _write(tmp / "trainable.safetensors", st_save(params, metadata={"format": "pt"}))
-        _write(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
+        _write(tmp / "optimizer.pt", _torch_bytes(optimizer_state))
         _write(tmp / "trainer_state.pt", _torch_bytes(trainer_state))
         _write(tmp / "state.json", (json.dumps({"step": step, **info}, indent=1) + "\n").encode())
 

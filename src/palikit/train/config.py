@@ -67,6 +67,7 @@ class TrainConfig:
     max_len: int | None = None  # text tokens per example ([BOS] .. [EOS]); longer ones are cut
     pad_to_max_len: bool = False  # pad every batch to max_len (fixed shapes) instead of the longest
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    fsdp: bool = False  # under torchrun: shard params, grads and optimizer state over the ranks (FSDP2)
     device: str = "auto"
     seed: int = 0
     # ---- bookkeeping

@@ -165,6 +165,11 @@ class Trainer:
             lora_targets=cfg.lora_targets, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         )
         self.model.to(self.device)  # LoRA layers are created on the base layer's device; be sure
+        self.fsdp = bool(cfg.fsdp) and self.dist.world > 1
+        if self.fsdp:
+            from .fsdp import shard_model
+
+            shard_model(self.model, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
         def as_list(ds):
@@ -184,6 +189,9 @@ class Trainer:
             self.model.config, cfg.max_len, cfg.pad_to_max_len,
         )
         self.metric_fn = metric_fn or (_import_metric(cfg.metric) if cfg.metric else None)
+        if self.fsdp and self.metric_fn is not None:
+            raise ValueError("metric hooks run on rank 0 alone, which a sharded (fsdp) model cannot do; "
+                             "use val_loss as best_metric with fsdp=true, or evaluate the exported checkpoint.")
 
         # ---- step arithmetic
         per_micro = cfg.batch_size / (self.dist.world * cfg.grad_accum)
@@ -240,7 +248,7 @@ class Trainer:
             num = loss_terms(nll.float(), w, cfg.loss)
             (num * (self.dist.world / denom)).backward()
             total += num.detach().double().cpu()
-        if self.dist.world > 1:
+        if self.dist.world > 1 and not self.fsdp:  # FSDP reduce-scatters (and averages) the grads itself
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -249,7 +257,11 @@ class Trainer:
             for p in self.params:
                 p.grad = flat[off:off + p.numel()].view_as(p).clone()
                 off += p.numel()
-        if cfg.grad_clip and cfg.grad_clip > 0:
+        if self.fsdp:
+            from .fsdp import total_grad_norm
+
+            gnorm = total_grad_norm(self.params, cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else math.inf)
+        elif cfg.grad_clip and cfg.grad_clip > 0:
             gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
         else:
             gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
@@ -269,10 +281,17 @@ class Trainer:
         mine = self.val_set[self.dist.rank::self.dist.world]
         num = torch.zeros((), dtype=torch.float64)
         den = torch.zeros((), dtype=torch.float64)
-        for j in range(0, len(mine), self.micro_batch):
-            b = to_device(self.collator(mine[j:j + self.micro_batch]), self.device)
+        starts = list(range(0, len(mine), self.micro_batch))
+        if self.fsdp:  # every rank must run the same number of (collective) forwards
+            most = math.ceil(math.ceil(len(self.val_set) / self.dist.world) / self.micro_batch)
+            starts += [None] * (most - len(starts))
+        for j in starts:
+            chunk = self.val_set[:1] if j is None else mine[j:j + self.micro_batch]
+            b = to_device(self.collator(chunk), self.device)
             with self.autocast():
                 nll, w = token_nll(self.model, b)
+            if j is None:
+                continue
             num += loss_terms(nll.float(), w, self.cfg.loss).double().cpu()
             den += loss_denominator(b, self.cfg.loss)
         out = {"val_loss": float(self.dist.all_sum(num) / self.dist.all_sum(den).clamp(min=1))}
@@ -289,8 +308,13 @@ class Trainer:
 
     def save(self) -> Path | None:
         path = None
+        full = {}
+        if self.fsdp:  # gather on every rank (collective), write on rank 0
+            from .fsdp import full_optimizer_state, full_trainable_state
+
+            full = {"params": full_trainable_state(self.model), "optimizer_state": full_optimizer_state(self.model, self.optimizer)}
         if self.is_main:
-            path = ck.save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler, self._info())
+            path = ck.save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler, self._info(), **full)
             keep = {f"{ck.PREFIX}{self.best['step']:08d}"} if self.best else set()
             ck.prune_checkpoints(self.out, self.cfg.keep_last, keep)
         self.dist.barrier()
@@ -300,12 +324,33 @@ class Trainer:
         path = ck.latest_checkpoint(self.out)
         if path is None:
             return False
-        state = ck.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        if self.fsdp:
+            state = self._resume_sharded(path)
+        else:
+            state = ck.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step = state["step"]
         self.history = state.get("history", [])
         self.best = state.get("best")
         self.log(f"resumed from {path} (step {self.step}/{self.total_steps})")
         return True
+
+    def _resume_sharded(self, path: Path) -> dict:
+        import json
+
+        from safetensors.torch import load_file
+
+        from .fsdp import load_full_state
+
+        params = load_file(path / "trainable.safetensors")
+        own = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(params) != own:
+            raise ValueError(f"{path} does not match this model/mode (was it written with another mode or lora_targets?)")
+        optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        load_full_state(self.model, self.optimizer, params, optim_state)
+        trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        ck.set_rng_state(trainer_state["rng"])
+        return json.loads((path / "state.json").read_text())
 
     def _update_best(self, metrics: dict) -> bool:
         key = self.cfg.best_metric
@@ -378,11 +423,23 @@ class Trainer:
     def export(self) -> Path:
         """Hub-layout export of the final weights (LoRA merged) to `output_dir/final`."""
         final = self.out / "final"
-        if not self.is_main:
-            return final
         from ..weights.export import save_hub_checkpoint
 
         model = self.model
+        if self.fsdp:  # gather the full weights (collective), then export an unsharded copy on rank 0
+            from .fsdp import full_model_state
+
+            full = full_model_state(self.model)
+            if not self.is_main:
+                return final
+            cfg = self.cfg
+            model = load_model(cfg.model)
+            apply_mode(model, cfg.mode, freeze_vision=cfg.freeze_vision, freeze_decoder=cfg.freeze_decoder,
+                       lora_targets=cfg.lora_targets, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                       lora_dropout=cfg.lora_dropout)
+            model.load_state_dict(full, strict=True)
+        if not self.is_main:
+            return final
         if has_lora(model):
             cfg = self.cfg
             ck.save_lora_adapter(model, self.out / "adapter", {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
