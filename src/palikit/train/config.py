@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-MODES = ("full", "attention", "lora")
+MODES = ("full", "attention", "lora", "qlora")
 LOSSES = ("big_vision", "hf")
 
 # Gemma decoder attention projections (what the colab trains and the default LoRA target).
@@ -43,7 +43,7 @@ class TrainConfig:
     strict_data: bool = True  # True: a bad line raises; False: skipped and reported
     output_dir: str = "runs/finetune"
     # ---- what is trainable
-    mode: str = "full"  # full | attention | lora
+    mode: str = "full"  # full | attention | lora | qlora (4-bit NF4 decoder + LoRA, needs bitsandbytes)
     freeze_vision: bool = False  # SigLIP tower + projector (big_vision's img/*)
     freeze_decoder: bool = False  # Gemma decoder incl. embeddings (big_vision's llm/*)
     lora_rank: int = 8

@@ -40,17 +40,21 @@ def apply_mode(
     """Set `requires_grad` for the mode (in place; LoRA injects adapters) and return the trainable
     parameter names. The freeze switches apply on top of `full` (and restrict `attention` / LoRA
     targets to the unfrozen part)."""
-    if mode == "lora":
+    if mode == "qlora":  # 4-bit NF4 frozen decoder linears + LoRA adapters
+        from .qlora import quantize_base
+
+        quantize_base(model)
+    if mode in ("lora", "qlora"):
         inject_lora(model, lora_targets, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
     for name, p in model.named_parameters():
         if mode == "full":
             train = True
         elif mode == "attention":
             train = bool(ATTENTION_PARAM_RE.fullmatch(name))
-        elif mode == "lora":
+        elif mode in ("lora", "qlora"):
             train = _is_lora_name(name)
         else:
-            raise ValueError(f"unknown mode {mode!r}; use full, attention or lora")
+            raise ValueError(f"unknown mode {mode!r}; use full, attention, lora or qlora")
         if freeze_vision and name.startswith(VISION_PREFIXES):
             train = False
         if freeze_decoder and name.startswith(DECODER_PREFIXES):
@@ -109,11 +113,22 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Afterwards the state dict has exactly the original names (exportable as a Hub checkpoint)."""
     from peft.tuners.lora import LoraLayer
 
+    from .qlora import dequantize_all, dequantized_weight, is_4bit, to_linear
+
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
     for name, module in targets:
-        with torch.no_grad():
-            module.merge()
+        base = module.get_base_layer()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.get_base_layer())
+        if is_4bit(base):  # QLoRA: fold into the dequantized weight at full precision (no re-quantizing)
+            with torch.no_grad():
+                w = dequantized_weight(base)
+                for adapter in module.active_adapters:
+                    w = w + module.get_delta_weight(adapter).float()
+            setattr(parent, child, to_linear(base, w))
+            continue
+        with torch.no_grad():
+            module.merge()
+        setattr(parent, child, base)
+    dequantize_all(model)  # quantized layers without an adapter
     return model
