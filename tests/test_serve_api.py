@@ -7,6 +7,8 @@ from __future__ import annotations
 import concurrent.futures
 import io
 
+import httpx
+
 import pytest
 from PIL import Image
 from serve_helpers import assert_same_result, b64, metric_samples, one_thread, png_bytes, reference_model, shared_server
@@ -128,3 +130,13 @@ def test_open_paths_need_no_key_but_the_api_does(server):
         r = httpx.get(server.url + path)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert r.json()["error"]["type"] == "unauthorized"
+
+
+def test_docs_page_works_offline():
+    """Swagger UI is served from the installed swagger-ui-bundle, not a CDN (servers are often offline)."""
+    srv = shared_server()
+    page = httpx.get(srv.url + "/docs", timeout=30)
+    assert page.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in page.text
+    assert "cdn.jsdelivr" not in page.text
+    js = httpx.get(srv.url + "/docs-assets/swagger-ui-bundle.js", timeout=30)
+    assert js.status_code == 200 and len(js.content) > 100_000

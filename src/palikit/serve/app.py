@@ -243,7 +243,7 @@ class ServerMiddleware:
 
         st.metrics.inflight.inc()
         try:
-            protected = not (path in OPEN_PATHS or path.startswith("/static/"))
+            protected = not (path in OPEN_PATHS or path.startswith(("/static/", "/docs-assets/")))
             if protected and not st.check_key(headers.get("authorization")):
                 msg = ("missing API key: send 'Authorization: Bearer <key>'." if not headers.get("authorization")
                        else "invalid API key.")
@@ -386,7 +386,7 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
             warm.cancel()
             await state.batcher.stop()
 
-    app = FastAPI(title="palikit", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="palikit", version="0.1.0", lifespan=lifespan, docs_url=None,
                   description="PaliGemma server: task endpoints with structured results, OpenAI-compatible chat, "
                               "micro-batching. Images as multipart uploads, base64 or data URLs (never URLs).")
     app.state.palikit = state
@@ -434,6 +434,7 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _docs(app)
 
     # ---------------------------------------------------------------- task endpoints
     def task_route(task: str):
@@ -541,6 +542,26 @@ async def _warmup(state: State) -> None:
             log.exception("warm-up prediction failed")
             return
     state.ready = True
+
+
+def _docs(app: FastAPI) -> None:
+    """/docs from the swagger-ui-bundle package when installed (works offline, where self-hosted
+    servers usually are); FastAPI's CDN page otherwise."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    urls = {}
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+
+        app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+        urls = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js", "swagger_css_url": "/docs-assets/swagger-ui.css",
+                "swagger_favicon_url": "/docs-assets/favicon-32x32.png"}
+    except ImportError:
+        pass
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="palikit API", **urls)
 
 
 def is_loopback(host: str) -> bool:
