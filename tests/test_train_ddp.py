@@ -4,37 +4,13 @@ as one process with the whole batch."""
 from __future__ import annotations
 
 import pytest
-import os
-import socket
 
-import torch
 from safetensors.torch import load_file
 
-from palikit.train.config import TrainConfig
 from palikit.train.trainer import train
-from test_train_helpers import run_config, run_kwargs, setup_run, one_thread  # noqa: F401
+from test_train_helpers import distributed_worker, free_port, one_thread, run_config, run_kwargs, setup_run  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, cfg_dicts):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo")  # one group for several runs (train() reuses an existing one)
-    try:
-        for d in cfg_dicts:
-            train(TrainConfig(**d), **run_kwargs())
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):
@@ -46,7 +22,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     # the ViT key biases, to which softmax is invariant -- into +-lr steps: ~1e-4 apart.)
     losses = ("big_vision", "hf")
     over = {loss: dict(max_steps=3, loss=loss, plot=False, lr=1e-2, optimizer="sgd") for loss in losses}
-    mp.spawn(_ddp_worker, args=(2, _free_port(), [run_config(tmp_path, f"ddp-{k}", **over[k]).to_dict() for k in losses]),
+    mp.spawn(distributed_worker, args=(2, free_port(), [run_config(tmp_path, f"ddp-{k}", **over[k]).to_dict() for k in losses]),
              nprocs=2, join=True)
     for loss in losses:
         single = train(run_config(tmp_path, f"single-{loss}", **over[loss]), **run_kwargs())

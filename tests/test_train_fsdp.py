@@ -3,38 +3,14 @@ with the whole batch; checkpoints are gathered into the ordinary format and resu
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from palikit.train.config import TrainConfig
 from palikit.train.trainer import train
-from test_train_helpers import one_thread, run_config, run_kwargs, setup_run  # noqa: F401
+from test_train_helpers import distributed_worker, free_port, one_thread, run_config, run_kwargs, setup_run  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, cfg_dicts):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo")
-    try:
-        for d in cfg_dicts:
-            train(TrainConfig(**d), **run_kwargs())
-    finally:
-        dist.destroy_process_group()
 
 
 def _max_diff(a_dir, b_dir) -> float:
@@ -51,7 +27,7 @@ def test_fsdp_matches_single_process_and_resumes_sharded(tmp_path):
     full4 = run_config(tmp_path, "fsdp-4", fsdp=True, max_steps=4, **common).to_dict()
     half = run_config(tmp_path, "fsdp-resume", fsdp=True, max_steps=2, **common).to_dict()
     resumed = dict(half, max_steps=4)  # same output_dir: continues from the step-2 checkpoint
-    mp.spawn(_worker, args=(2, _free_port(), [full4, half, resumed]), nprocs=2, join=True)
+    mp.spawn(distributed_worker, args=(2, free_port(), [full4, half, resumed]), nprocs=2, join=True)
     single = train(run_config(tmp_path, "single-4", max_steps=4, **common), **run_kwargs())
     assert _max_diff(single, tmp_path / "single-4" / "final") == 0.0
     base = load_file(tmp_path / "base" / "model.safetensors")

@@ -156,3 +156,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def distributed_worker(rank, world, port, cfg_dicts):
+    """One rank of a spawned gloo group running `train` once per config (DDP or FSDP tests)."""
+    import os
+
+    import torch.distributed as dist
+
+    from palikit.train.config import TrainConfig
+    from palikit.train.trainer import train
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo")  # one group for several runs (train() reuses an existing one)
+    try:
+        for d in cfg_dicts:
+            train(TrainConfig(**d), **run_kwargs())
+    finally:
+        dist.destroy_process_group()
