@@ -31,3 +31,9 @@ def test_build_train_and_load_the_demo_pipeline(tmp_path):
     assert pg.mask_codec is not None  # the codec travels with the exported checkpoint
     r = pg.segment(root / "data" / "test" / "000000.png", "circle", max_new_tokens=8)
     assert r.prompt == "segment circle"
+    from palikit.demo.evaluate import TARGETS, markdown, scorecard
+
+    results = scorecard(pg, root / "data", tmp_path / "eval", limit=2, batch_size=4)
+    assert set(results) == set(TARGETS)
+    table = markdown(results)
+    assert table.count("\n") == len(TARGETS) + 1 and "| detect | map50 |" in table
