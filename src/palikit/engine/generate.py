@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model import PAD_BLOCK, KVCache, PaliGemmaModel
+from ..model import KVCache, PaliGemmaModel
+from ..model.gemma import positions_and_blocks
 from .sampling import SamplingOptions, select_tokens
 
 DECODE_BLOCK = 2**20  # decode tokens' block base: above any prompt block, below PAD_BLOCK
@@ -124,8 +125,7 @@ class Engine:
         image_features = None
         if feats:
             image_features = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])[None].to(self.device, self.dtype)
-        positions = torch.cumsum(valid.long(), dim=1)
-        block = torch.where(valid, torch.cumsum(ar, dim=1, dtype=torch.int32), PAD_BLOCK)
+        positions, block = positions_and_blocks(valid, ar)
         logits = self.model(
             ids, image_features=image_features, positions=positions, block=block, cache=cache,
             cache_position=torch.arange(ids.shape[1], device=self.device), logits_to_keep=1,

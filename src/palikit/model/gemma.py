@@ -57,14 +57,13 @@ class KVCache(nn.Module):
         self.block.copy_(self.block.index_select(0, rows))
 
 
-def attention_blocks(attention_mask: torch.Tensor | None, ar_mask: torch.Tensor | None, shape) -> torch.Tensor:
-    """Block number per token [B, T] from the validity mask and the autoregressive flags."""
-    B, T = shape
-    ar = torch.zeros(B, T, dtype=torch.int32) if ar_mask is None else ar_mask.to(torch.int32)
-    block = torch.cumsum(ar, dim=1, dtype=torch.int32)
-    if attention_mask is not None:
-        block = torch.where(attention_mask.bool().to(block.device), block, PAD_BLOCK)
-    return block
+def positions_and_blocks(valid: torch.Tensor, ar_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE positions (1-based over real tokens, as transformers) and attention block numbers [B, T]
+    from the validity mask [B, T] (bool) and the autoregressive flags (None = all prefix)."""
+    positions = torch.cumsum(valid.long(), dim=1)
+    ar = torch.zeros(valid.shape, dtype=torch.int32, device=valid.device) if ar_mask is None else ar_mask.to(torch.int32)
+    block = torch.where(valid, torch.cumsum(ar, dim=1, dtype=torch.int32), PAD_BLOCK)
+    return positions, block
 
 
 def build_mask(q_block, k_block, q_index, k_index, window: int | None) -> torch.Tensor:

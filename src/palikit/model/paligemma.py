@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import PaliGemmaConfig
-from .gemma import PAD_BLOCK, GemmaDecoder, KVCache
+from .gemma import GemmaDecoder, KVCache, positions_and_blocks
 from .layers import softcap
 from .siglip import SiglipVisionTower
 
@@ -89,11 +89,9 @@ class PaliGemmaModel(nn.Module):
             image_features = self.embed_images(pixel_values)
         x = self.embed_inputs(input_ids, image_features)
         valid = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
-        if positions is None:
-            positions = torch.cumsum(valid.long(), dim=1)  # 1-based like transformers
-        if block is None:
-            ar = torch.zeros(B, T, dtype=torch.int32, device=dev) if ar_mask is None else ar_mask.to(torch.int32)
-            block = torch.where(valid, torch.cumsum(ar, dim=1, dtype=torch.int32), PAD_BLOCK)
+        default_positions, default_block = positions_and_blocks(valid, ar_mask)
+        positions = default_positions if positions is None else positions
+        block = default_block if block is None else block
         if cache is not None and cache_position is None:
             cache_position = torch.arange(T, device=dev)
         h = self.language_model(x, positions, block, cache, cache_position)
