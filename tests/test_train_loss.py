@@ -115,3 +115,52 @@ def test_padding_never_leaks(tmp_path):
             num = sum(loss_terms(*token_nll(ours, p), kind) for p in parts)
             den = sum(loss_denominator(p, kind) for p in parts)
             assert abs((num / den).item() - batch_loss(ours, batch, kind).item()) < 1e-6
+
+
+def test_label_smoothing_equals_the_smoothed_cross_entropy(tmp_path):
+    _, ours, cfg = _pair("pg2")
+    batch, _ = _batch(tmp_path, cfg)
+    eps = 0.1
+    with torch.no_grad():
+        plain, w = token_nll(ours, batch)
+        smooth, w2 = token_nll(ours, batch, label_smoothing=eps)
+        hidden = ours(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
+                      ar_mask=batch["ar_mask"], return_hidden=True)
+        logp = torch.log_softmax(ours.logits(hidden[:, :-1]).double(), -1)  # [B, T-1, V]
+    assert torch.equal(w, w2) and w.any()
+    expected = (1 - eps) * plain.double() + eps * (-logp.mean(-1))
+    assert torch.allclose(smooth.double()[w], expected[w], atol=1e-5)
+    assert (smooth[w] - plain[w]).abs().max() > 1e-3  # smoothing does change the loss
+
+
+def test_kernel_only_weight_decay_spares_norms_biases_and_embeddings():
+    from palikit.train.config import ConfigError, TrainConfig
+    from palikit.train.trainer import param_groups
+
+    _, model, _ = _pair("pg2")
+    decay, rest = param_groups(model, 0.1, "kernels")
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in rest["params"]}
+    assert rest["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+    assert decayed and all(n.endswith(".weight") and "norm" not in n and "embed_tokens" not in n
+                           and "position_embedding" not in n for n in decayed), decayed
+    assert any("q_proj" in n for n in decayed) and any("patch_embedding" in n for n in decayed)  # Linear + Conv
+    assert any("norm" in n for n in spared) and any("embed_tokens" in n for n in spared)
+    assert any(n.endswith(".bias") for n in spared) and any("position_embedding" in n for n in spared)
+    assert len(decayed) + len(spared) == sum(1 for _ in model.parameters())
+    assert len(param_groups(model, 0.1, "all")) == 1
+
+    # one AdamW step with zero gradients: only the decay term moves anything
+    opt = torch.optim.AdamW([decay, rest], lr=0.5, weight_decay=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        factor = 1 - 0.5 * 0.1 if n in decayed else 1.0
+        assert torch.allclose(p.detach(), before[n] * factor, atol=1e-7), n
+    with pytest.raises(ConfigError, match="weight_decay_on"):
+        TrainConfig(weight_decay_on="bias")
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        TrainConfig(label_smoothing=1.0)

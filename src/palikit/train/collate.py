@@ -112,16 +112,17 @@ def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position NLL [B, T-1] (fp32, 0 where not supervised) and the weights [B, T-1].
 
-    Logits are computed only at supervised positions (memory: K x V instead of B x T x V)."""
+    Logits are computed only at supervised positions (memory: K x V instead of B x T x V).
+    `label_smoothing` > 0 gives the smoothed cross-entropy (target 1 - e, e spread over the vocab)."""
     hidden = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
                    ar_mask=batch["ar_mask"], return_hidden=True)
     weights = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).bool()
     logits = model.logits(hidden[:, :-1][weights]).float()  # [K, V]
     targets = batch["input_ids"][:, 1:][weights]
-    nll = F.cross_entropy(logits, targets, reduction="none")
+    nll = F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
     full = torch.zeros(weights.shape, dtype=nll.dtype, device=nll.device)
     return full.masked_scatter(weights, nll), weights
 

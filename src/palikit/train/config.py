@@ -54,6 +54,8 @@ class TrainConfig:
     optimizer: str = "auto"  # auto (sgd for attention mode, else adamw) | adamw | sgd
     lr: float = 1e-5
     weight_decay: float = 0.0
+    weight_decay_on: str = "all"  # all | kernels (big_vision: Linear/Conv weights only, no norms/biases/embeddings)
+    label_smoothing: float = 0.0  # training loss only; the reported val loss is the plain NLL
     beta1: float = 0.9
     beta2: float = 0.999
     momentum: float = 0.0  # sgd only
@@ -99,6 +101,9 @@ class TrainConfig:
         one_of("coco_task", ("detect", "segment"))
         one_of("precision", ("auto", "fp32", "bf16"))
         one_of("best_mode", ("min", "max"))
+        one_of("weight_decay_on", ("all", "kernels"))
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         for name in ("batch_size", "grad_accum", "lora_rank", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -1,6 +1,7 @@
 """The fine-tuning loop: `train(config) -> final checkpoint folder`.
 
-- Optimizer: AdamW (b1, b2, eps 1e-8, decoupled weight decay) or plain SGD (the colab's
+- Optimizer: AdamW (b1, b2, eps 1e-8, decoupled weight decay on every weight or, `weight_decay_on=kernels`,
+  on Linear/Conv kernels only, as big_vision) or plain SGD (the colab's
   attention-only recipe: `mode=attention` picks SGD unless `optimizer=` says otherwise).
 - Schedule: linear warmup from 0, then cosine decay to 0 (big_vision's `decay_type="cosine"`).
 - Steps: `batch_size` examples per optimizer step, split over ranks and `grad_accum` micro-batches;
@@ -53,6 +54,20 @@ def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, on: str = "all") -> list[dict]:
+    """Optimizer groups of the trainable parameters. `on="all"`: one group, decay everywhere.
+    `on="kernels"` (big_vision's rule): decay only the weights of Linear / Conv layers (LoRA's included);
+    norms, biases, embeddings and position embeddings get none."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if on == "all" or weight_decay == 0:
+        return [{"params": trainable}]
+    kernels = {id(m.weight) for m in model.modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and getattr(m, "weight", None) is not None}
+    decay = [p for p in trainable if id(p) in kernels]
+    rest = [p for p in trainable if id(p) not in kernels]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
 def seed_everything(seed: int) -> None:
@@ -208,10 +223,11 @@ class Trainer:
         self.warmup_steps = int(round(warmup))
 
         # ---- optimizer / schedule
+        groups = param_groups(self.model, cfg.weight_decay, cfg.weight_decay_on)
         if cfg.optimizer_name == "sgd":
-            self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
-            self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                                weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(self.total_steps, self.warmup_steps))
         self.step = 0
@@ -244,7 +260,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64)
         for b in batches:
             with self.autocast():
-                nll, w = token_nll(self.model, b)
+                nll, w = token_nll(self.model, b, cfg.label_smoothing)
             num = loss_terms(nll.float(), w, cfg.loss)
             (num * (self.dist.world / denom)).backward()
             total += num.detach().double().cpu()
