@@ -37,3 +37,28 @@ def test_build_train_and_load_the_demo_pipeline(tmp_path):
     assert set(results) == set(TARGETS)
     table = markdown(results)
     assert table.count("\n") == len(TARGETS) + 1 and "| detect | map50 |" in table
+
+
+def test_install_refuses_a_model_below_target_and_replaces_atomically(tmp_path):
+    import pytest
+
+    from palikit.demo.evaluate import SHIPPED_FILES, TARGETS, install
+
+    model = tmp_path / "final"
+    model.mkdir()
+    for name in SHIPPED_FILES[:-1]:
+        (model / name).write_text(name)
+    good = {task: {metric: target + 0.05} for task, (metric, target) in TARGETS.items()}
+    bad = {**good, "ocr": {"exact_match": 0.5}}
+    dest = tmp_path / "assets" / "demo-model"
+    with pytest.raises(ValueError, match="ocr"):
+        install(model, bad, dest)
+    assert not dest.exists()
+    (dest).mkdir(parents=True)
+    (dest / "stale.bin").write_text("old model")
+    install(model, good, dest, n_test=500)
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*SHIPPED_FILES[:-1], "scorecard.json", "README.md"])
+    card = json.loads((dest / "scorecard.json").read_text())
+    assert card["ocr"]["exact_match"] == TARGETS["ocr"][1] + 0.05 and card["test_images"] == 500
+    assert "| ocr | exact_match |" in (dest / "README.md").read_text()
+    assert install(model, bad, dest, force=True) == dest  # --force ships it anyway

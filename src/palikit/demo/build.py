@@ -25,9 +25,10 @@ TASK_WORDS = ["caption", "en", "detect", "segment", "ocr", "answer", "how", "man
               "is", "the", "and"]
 CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:?'-")
 
-# A tiny PaliGemma 2 (post-norms, soft-caps, GQA): 112 px / patch 14 = 64 image tokens.
+# A tiny PaliGemma 2 (post-norms, soft-caps, GQA): 112 px / patch 28 = 16 image tokens (one per cell of
+# the shapes grid), so a CPU trains it in about an hour.
 DEMO_CONFIG = PaliGemmaConfig(
-    vision=VisionConfig(image_size=IMAGE_SIZE, patch_size=14, hidden_size=128, intermediate_size=512,
+    vision=VisionConfig(image_size=IMAGE_SIZE, patch_size=28, hidden_size=128, intermediate_size=512,
                         num_hidden_layers=4, num_attention_heads=4),
     text=TextConfig(vocab_size=0, hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=1, head_dim=48, query_pre_attn_scalar=48, post_norms=True,
@@ -101,8 +102,8 @@ def build_initial_checkpoint(out: Path, tokenizer, seed: int = 0) -> Path:
     return folder
 
 
-def build(out: str | Path, *, n_train: int = 20_000, n_val: int = 500, n_test: int = 500, codec_images: int = 2000,
-          codec_steps: int = 1500, seed: int = 0) -> dict:
+def build(out: str | Path, *, n_train: int = 10_000, n_val: int = 300, n_test: int = 500, codec_images: int = 2000,
+          codec_steps: int = 400, seed: int = 0) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out)
@@ -118,11 +119,11 @@ def build(out: str | Path, *, n_train: int = 20_000, n_val: int = 500, n_test: i
 def main() -> None:
     ap = argparse.ArgumentParser(description="Build the demo model's tokenizer, mask codec, data and initial checkpoint.")
     ap.add_argument("--out", default="work/demo")
-    ap.add_argument("--train", type=int, default=20_000)
-    ap.add_argument("--val", type=int, default=500)
+    ap.add_argument("--train", type=int, default=10_000)
+    ap.add_argument("--val", type=int, default=300)
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--codec-images", type=int, default=2000)
-    ap.add_argument("--codec-steps", type=int, default=1500)
+    ap.add_argument("--codec-steps", type=int, default=400)
     a = ap.parse_args()
     print(json.dumps(build(a.out, n_train=a.train, n_val=a.val, n_test=a.test, codec_images=a.codec_images,
                            codec_steps=a.codec_steps), indent=2))

@@ -3,12 +3,17 @@ mAP@0.5 and segmentation mIoU on the COCO ground truth, exact match for OCR, cou
 captions. Prints a Markdown table (the README's) and writes each task's report under `out`.
 
     python -m palikit.demo.evaluate --model work/demo/run/final --data work/demo/data --out work/demo/eval
+    python -m palikit.demo.evaluate ... --install    # + copy it into src/palikit/assets/demo-model
+
+`--install` ships the model only when every target is met (`--force` overrides): the checkpoint files,
+its codec and tokenizer, plus `scorecard.json` and a model card with the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 TARGETS = {"detect": ("map50", 0.7), "segment": ("miou", 0.6), "ocr": ("exact_match", 0.8),
@@ -58,6 +63,47 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "preprocessor_config.json", "vae-oid.npz", "generation_config.json")
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+
+
+def missed_targets(results: dict) -> dict[str, float]:
+    return {task: results.get(task, {}).get(metric, float("nan")) for task, (metric, target) in TARGETS.items()
+            if not results.get(task, {}).get(metric, float("-inf")) >= target}
+
+
+def install(model_dir: str | Path, results: dict, dest: str | Path = ASSET_DIR, *, n_test: int = 0,
+            force: bool = False) -> Path:
+    """Copy a trained demo checkpoint into the package (atomically: a temp folder renamed over the old
+    one) with its `scorecard.json` and a model card. Refuses a model that misses a target unless forced."""
+    missed = missed_targets(results)
+    if missed and not force:
+        raise ValueError(f"not installing: below target on {missed}; train longer or pass --force")
+    model_dir, dest = Path(model_dir), Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in SHIPPED_FILES:
+        if (model_dir / name).exists():
+            shutil.copy2(model_dir / name, tmp / name)
+    for name in SHIPPED_FILES[:-1]:
+        if not (tmp / name).exists():
+            raise FileNotFoundError(f"{model_dir} has no {name}: export the model with its tokenizer and codec")
+    card = {task: {m: v for m, v in r.items() if isinstance(v, (int, float))} for task, r in results.items()}
+    (tmp / "scorecard.json").write_text(json.dumps({**card, "test_images": n_test}, indent=2) + "\n")
+    (tmp / "README.md").write_text(
+        "# palikit demo model\n\nA 3.3M-parameter PaliGemma 2-architecture model trained by `recipes/demo.yaml` "
+        "on the synthetic \"shapes\" data set (`python -m palikit.demo.build`). It only knows that world: "
+        "for real images use `--model google/paligemma2-3b-mix-224` or a local checkpoint.\n\n"
+        f"Scorecard on {n_test or 'the'} held-out test images (`python -m palikit.demo.evaluate`):\n\n"
+        + markdown(results) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
 def main() -> None:
     from ..api import PaliGemma
 
@@ -66,11 +112,17 @@ def main() -> None:
     ap.add_argument("--data", default="work/demo/data")
     ap.add_argument("--out", default="work/demo/eval")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--install", action="store_true", help="copy the model into src/palikit/assets/demo-model")
+    ap.add_argument("--force", action="store_true", help="install even when a target is missed")
     a = ap.parse_args()
     pg = PaliGemma.from_pretrained(a.model, device="auto")
     results = scorecard(pg, a.data, a.out, limit=a.limit)
     print(markdown(results))
     print(json.dumps({k: {m: v for m, v in r.items() if isinstance(v, (int, float))} for k, r in results.items()}))
+    if a.install:
+        n_test = sum(1 for _ in (Path(a.data) / "test").glob("*.png"))
+        n_test = min(n_test, a.limit) if a.limit else n_test
+        print(f"installed in {install(a.model, results, n_test=n_test, force=a.force)}")
 
 
 if __name__ == "__main__":

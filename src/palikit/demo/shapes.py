@@ -1,7 +1,7 @@
 """The "shapes" synthetic data set behind the bundled demo model: deterministic by seed, with
 train / validation / test splits. Each image holds 1-3 shapes (circle, square, triangle) in a few
-colours, sizes and positions (overlap allowed) on a plain, gradient or noisy background, and some
-hold one short rendered word. Every mix-checkpoint task has targets:
+colours, sizes and grid-aligned positions (some overlapping) on a plain, gradient or noisy background,
+and half hold one short rendered word. Every mix-checkpoint task has targets:
 
     caption en                      -> "a red circle and two blue squares"
     detect circle                   -> "<locY0><locX0><locY1><locX1> circle ; ..."   ("" when absent)
@@ -82,21 +82,48 @@ def _draw_shape(draw: ImageDraw.ImageDraw, cls: str, box, fill) -> None:
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
+GRID = 4  # the image is a 4x4 grid of cells (one cell = one 28 px patch of the demo model)
+
+
 def make_sample(index: int, seed: int = 0, size: int = 112, word_prob: float = 0.5) -> Sample:
-    """One image with its ground truth; the same (index, seed, size) always gives the same sample."""
+    """One image with its ground truth; the same (index, seed, size) always gives the same sample.
+
+    Shapes are 1-2 grid cells wide and sit on cell boundaries (so box corners take a few values a
+    small model can learn on a CPU); one in five multi-shape images lets a shape overlap an earlier
+    one, which then keeps only its visible part (tight box and mask around it). A word, when
+    present, is rendered in a free 1-cell band, large enough to read at 112 px."""
     rng = random.Random(seed * 1_000_003 + index)
     image = _background(rng, size)
     draw = ImageDraw.Draw(image)
+    cell = size / GRID
+    free = np.ones((GRID, GRID), dtype=bool)  # cells no shape or text uses yet
+    text_free = np.ones((GRID, GRID), dtype=bool)  # cells the text band does not use
+    word, band = None, None
+    if rng.random() < word_prob:
+        word = rng.choice(WORDS)
+        band = rng.randrange(0, GRID)  # the text's row of cells
+        free[band] = text_free[band] = False
     n = rng.choice((1, 1, 2, 2, 3))
+    allow_overlap = n > 1 and rng.random() < 0.2
     shapes: list[Shape] = []
-    occupied = np.zeros((size, size), dtype=bool)
-    for _ in range(n):
-        for _attempt in range(20):
-            side = rng.randint(size // 5, size // 2)
-            x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
-            box = (x0, y0, x0 + side - 1, y0 + side - 1)
-            if occupied[y0:y0 + side, x0:x0 + side].mean() < 0.3:  # overlap allowed, occlusion limited
+    for k in range(n):
+        placed = None
+        for _attempt in range(40):
+            side = rng.choice((1, 2))
+            cx, cy = rng.randint(0, GRID - side), rng.randint(0, GRID - side)
+            region = free[cy:cy + side, cx:cx + side]
+            ok = region.all() or (allow_overlap and k > 0 and text_free[cy:cy + side, cx:cx + side].all()
+                                  and region.mean() >= 0.5)
+            if ok:
+                placed = (cx, cy, side)
                 break
+        if placed is None:
+            continue
+        cx, cy, side = placed
+        free[cy:cy + side, cx:cx + side] = False
+        x0, y0 = round(cx * cell), round(cy * cell)
+        x1, y1 = round((cx + side) * cell), round((cy + side) * cell)
+        box = (x0, y0, x1 - 1, y1 - 1)  # PIL boxes are inclusive
         cls, color = rng.choice(CLASSES), rng.choice(tuple(COLORS))
         layer = Image.new("L", (size, size), 0)
         _draw_shape(ImageDraw.Draw(layer), cls, box, 255)
@@ -104,21 +131,21 @@ def make_sample(index: int, seed: int = 0, size: int = 112, word_prob: float = 0
         for s in shapes:  # the new shape hides what it covers
             s.mask &= ~mask
         _draw_shape(draw, cls, box, COLORS[color])
-        occupied |= mask
-        shapes.append(Shape(cls, color, tuple(float(v) for v in box), mask))
-    shapes = [s for s in shapes if s.mask.sum() >= 0.35 * _area(s.box)] or shapes[-1:]
+        shapes.append(Shape(cls, color, (float(x0), float(y0), float(x1), float(y1)), mask))
+    shapes = [s for s in shapes if s.mask.sum() >= 0.5 * _area(s.box) * _FILL[s.cls]] or shapes[-1:]
     for s in shapes:  # tight boxes around the visible part
         ys, xs = np.nonzero(s.mask)
         s.box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-    word = None
-    if rng.random() < word_prob:
-        word = rng.choice(WORDS)
-        font = ImageFont.load_default(size=max(10, size // 6))
-        tx, ty = rng.randint(2, size // 2), rng.randint(2, size - size // 5)
-        dark = np.array(image.crop((tx, ty, tx + size // 3, ty + size // 6))).mean() > 128
-        draw.text((tx, ty), word.upper(), fill=(0, 0, 0) if dark else (255, 255, 255), font=font,
-                  stroke_width=1, stroke_fill=(255, 255, 255) if dark else (0, 0, 0))
+    if word is not None:
+        font = ImageFont.load_default(size=max(10, round(cell * 0.65)))
+        width = draw.textlength(word.upper(), font=font)
+        tx = rng.randint(1, max(1, int(size - width - 2)))
+        ty = round(band * cell + cell * 0.12)
+        draw.text((tx, ty), word.upper(), fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
     return Sample(image, shapes, word, index)
+
+
+_FILL = {"circle": 0.785, "square": 1.0, "triangle": 0.5}  # share of its box a whole shape covers
 
 
 def _area(box) -> float:
@@ -156,19 +183,27 @@ def detect_suffix(shapes: list[Shape], classes: list[str], size: tuple[int, int]
 
 
 def examples(sample: Sample, rng: random.Random, seg_fn=None) -> list[dict]:
-    """Prefix/suffix pairs for one sample (one per task that applies)."""
+    """Prefix/suffix pairs for one sample (one per task that applies). Detection and segmentation
+    are asked the way `palikit eval` asks a COCO image (every class present, `detect a ; b`), plus one
+    detect prompt over random classes that may be absent (empty answer) so the model learns to say so."""
     size = sample.image.size
     present = sorted({s.cls for s in sample.shapes}, key=CLASSES.index)
     out = [{"prefix": "caption en", "suffix": caption(sample.shapes), "task": "caption"}]
-    cls = rng.choice(CLASSES)  # may be absent: then the answer is empty
-    out.append({"prefix": f"detect {cls}", "suffix": detect_suffix(sample.shapes, [cls], size), "task": "detect"})
-    pair = sorted(rng.sample(CLASSES, 2), key=CLASSES.index)
-    out.append({"prefix": f"detect {pair[0]} ; {pair[1]}", "suffix": detect_suffix(sample.shapes, pair, size),
+    out.append({"prefix": "detect " + " ; ".join(present), "suffix": detect_suffix(sample.shapes, present, size),
                 "task": "detect"})
+    asked = sorted(rng.sample(CLASSES, rng.choice((1, 1, 2))), key=CLASSES.index)
+    if rng.random() < 0.5:  # half the time, make sure at least one asked class is present
+        asked = sorted(set(asked[:-1]) | {rng.choice(present)}, key=CLASSES.index)
+    if asked != present:
+        out.append({"prefix": "detect " + " ; ".join(asked), "suffix": detect_suffix(sample.shapes, asked, size),
+                    "task": "detect"})
     if seg_fn is not None:
-        target = rng.choice(present)
-        out.append({"prefix": f"segment {target}", "suffix": detect_suffix(sample.shapes, [target], size, seg_fn),
-                    "task": "segment"})
+        out.append({"prefix": "segment " + " ; ".join(present),
+                    "suffix": detect_suffix(sample.shapes, present, size, seg_fn), "task": "segment"})
+        if len(present) > 1:
+            target = [rng.choice(present)]
+            out.append({"prefix": f"segment {target[0]}", "suffix": detect_suffix(sample.shapes, target, size, seg_fn),
+                        "task": "segment"})
     if sample.word:
         out.append({"prefix": "ocr", "suffix": sample.word.upper(), "task": "ocr"})
     count_cls = rng.choice(CLASSES)

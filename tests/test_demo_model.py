@@ -1,0 +1,92 @@
+"""The demo model's checkpoint format and the CLI around it: the folder the recipe produces (our
+tokenizer.json, preprocessor_config.json, DEMO_CONFIG weights in the Hub layout) loads in transformers
+and gives palikit's answers token for token; without `--model` the CLI uses the bundled model and says
+so in one line (or says clearly that none is bundled); `palikit demo` runs every task on the test
+split's images, prints expected answers and writes annotated PNGs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from palikit.api import PaliGemma
+from palikit.cli import main
+from palikit.cli import predict as cli_predict
+from palikit.demo.build import DEMO_CONFIG, build_initial_checkpoint, build_tokenizer
+from palikit.demo.shapes import make_sample
+from palikit.tasks.mask_codec import make_random_codec
+from palikit.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def recipe_checkpoint(tmp_path_factory):
+    """What `python -m palikit.demo.build` hands to `palikit train` (random weights, real files)."""
+    out = tmp_path_factory.mktemp("demo-build")
+    tok = build_tokenizer(out)
+    make_random_codec(seed=0, embed_dim=64).to_npz(out / "vae-oid.npz")
+    return build_initial_checkpoint(out, tok, seed=3)
+
+
+def test_the_demo_checkpoint_loads_in_transformers_and_answers_the_same(recipe_checkpoint):
+    """transformers (eager, fp32) reads the folder -- weights, tokenizer.json, preprocessor_config.json
+    -- and greedy generation gives palikit's tokens for every task prompt."""
+    import transformers
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    folder = recipe_checkpoint
+    hf = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    hf_proc = SiglipImageProcessorPil.from_pretrained(folder)
+    ours = PaliGemma.from_pretrained(folder, device="cpu", dtype="float32")
+    assert ours.model.config.vision.patch_size == DEMO_CONFIG.vision.patch_size and ours.mask_codec is not None
+    n_img, image_id = ours.model.config.vision.num_image_tokens, ours.model.config.image_token_index
+    prompts = ["caption en", "detect circle ; square ; triangle", "segment square", "ocr",
+               "answer en how many circles are there", "answer en what color is the triangle"]
+    for i in range(2):
+        image = make_sample(i, seed=2_000_003).image
+        pixels = hf_proc(images=image, return_tensors="pt")["pixel_values"]  # [1, 3, H, W]
+        assert torch.allclose(pixels, ours.processor.preprocess_with_sizes([image])[0], atol=1e-6)
+        for prompt in prompts:
+            text_ids = ours.tokenizer.encode_prompt(prompt).ids  # [BOS] prompt "\n"
+            assert hf_tok(prompt + "\n", add_special_tokens=False).input_ids == text_ids[1:], prompt
+            mine = ours.predict(image, prompt, max_new_tokens=12).tokens
+            inp = torch.tensor([[image_id] * n_img + text_ids])
+            with torch.no_grad():
+                out = hf.generate(input_ids=inp, pixel_values=pixels, attention_mask=torch.ones_like(inp),
+                                  token_type_ids=torch.zeros_like(inp), max_new_tokens=12, do_sample=False,
+                                  eos_token_id=ours.tokenizer.eos_id, pad_token_id=ours.tokenizer.pad_id)
+            theirs = out[0, inp.shape[1]:].tolist()
+            eos = ours.tokenizer.eos_id
+            theirs = theirs[:theirs.index(eos)] if eos in theirs else theirs
+            assert mine and mine == theirs, (i, prompt, mine, theirs)
+
+
+def test_cli_without_model_uses_the_bundled_model_and_says_so_in_one_line(recipe_checkpoint, tmp_path, capsys,
+                                                                         monkeypatch):
+    image = tmp_path / "x.png"
+    make_sample(0, seed=2_000_003).image.save(image)
+    monkeypatch.setattr(cli_predict, "bundled_demo_model", lambda: recipe_checkpoint)
+    assert main(["caption", str(image), "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    notice = [line for line in captured.err.splitlines() if "bundled demo model" in line]
+    assert len(notice) == 1 and "--model google/paligemma2-3b-mix-224" in notice[0], captured.err
+    assert captured.out.strip()
+
+    monkeypatch.setattr(cli_predict, "bundled_demo_model", lambda: None)
+    assert main(["caption", str(image)]) != 0
+    err = capsys.readouterr().err
+    assert "no bundled demo model" in err and "--model" in err and "Traceback" not in err
+
+
+def test_demo_command_runs_every_task_and_writes_annotated_pngs(tmp_path, capsys):
+    model = make_tiny_checkpoint(tmp_path / "ckpt", family="pg2", image_size=112)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--images", "2", "--model", str(model)]) == 0
+    text = capsys.readouterr().out
+    for task in ("caption", "detect", "segment", "count", "color"):
+        assert task in text
+    assert "answers as expected" in text and "a " in text  # expected captions are printed
+    for i in range(2):
+        assert (out / f"example{i}.png").is_file()
+        assert (out / f"example{i}-detect.png").is_file() and (out / f"example{i}-segment.png").is_file()
