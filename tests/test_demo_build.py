@@ -42,11 +42,11 @@ def test_build_train_and_load_the_demo_pipeline(tmp_path):
 def test_install_refuses_a_model_below_target_and_replaces_atomically(tmp_path):
     import pytest
 
-    from palikit.demo.evaluate import SHIPPED_FILES, TARGETS, install
+    from palikit.demo.evaluate import REQUIRED_FILES, TARGETS, install
 
     model = tmp_path / "final"
     model.mkdir()
-    for name in SHIPPED_FILES[:-1]:
+    for name in REQUIRED_FILES:
         (model / name).write_text(name)
     good = {task: {metric: target + 0.05} for task, (metric, target) in TARGETS.items()}
     bad = {**good, "ocr": {"exact_match": 0.5}}
@@ -57,7 +57,7 @@ def test_install_refuses_a_model_below_target_and_replaces_atomically(tmp_path):
     (dest).mkdir(parents=True)
     (dest / "stale.bin").write_text("old model")
     install(model, good, dest, n_test=500)
-    assert sorted(p.name for p in dest.iterdir()) == sorted([*SHIPPED_FILES[:-1], "scorecard.json", "README.md"])
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*REQUIRED_FILES, "scorecard.json", "README.md"])
     card = json.loads((dest / "scorecard.json").read_text())
     assert card["ocr"]["exact_match"] == TARGETS["ocr"][1] + 0.05 and card["test_images"] == 500
     assert "| ocr | exact_match |" in (dest / "README.md").read_text()

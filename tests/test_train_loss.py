@@ -138,7 +138,8 @@ def test_kernel_only_weight_decay_spares_norms_biases_and_embeddings():
     from palikit.train.trainer import param_groups
 
     _, model, _ = _pair("pg2")
-    decay, rest = param_groups(model, 0.1, "kernels")
+    trainable = list(model.parameters())
+    decay, rest = param_groups(model, trainable, 0.1, "kernels")
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     spared = {names[id(p)] for p in rest["params"]}
@@ -149,7 +150,7 @@ def test_kernel_only_weight_decay_spares_norms_biases_and_embeddings():
     assert any("norm" in n for n in spared) and any("embed_tokens" in n for n in spared)
     assert any(n.endswith(".bias") for n in spared) and any("position_embedding" in n for n in spared)
     assert len(decayed) + len(spared) == sum(1 for _ in model.parameters())
-    assert len(param_groups(model, 0.1, "all")) == 1
+    assert len(param_groups(model, trainable, 0.1, "all")) == 1
 
     # one AdamW step with zero gradients: only the decay term moves anything
     opt = torch.optim.AdamW([decay, rest], lr=0.5, weight_decay=0.1)

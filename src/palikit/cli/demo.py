@@ -3,9 +3,9 @@ generator, runs every task (caption, detect, segment, ocr, counting and colour q
 bundled demo model, prints the results and writes annotated PNGs.
 
 The example images come from the generator's held-out test split, so the table shows the expected
-answer next to each one. When the install has no trained demo model (it was deleted), it says so and runs the same pipeline on a tiny
-random checkpoint in the real on-disk format instead: that checks the installation end to end
-(loading, tokenizer, preprocessing, generation, parsing, drawing) but its answers are noise.
+answer next to each one. When the install has no trained demo model, it says so and runs the same
+pipeline on a tiny random checkpoint in the real on-disk format instead: that checks the installation
+end to end (loading, tokenizer, preprocessing, generation, parsing, drawing) but its answers are noise.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 import typer
 
 from . import app
-
 
 
 def demo_prompts(sample) -> list[tuple[str, str, str]]:

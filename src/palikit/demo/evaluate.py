@@ -63,9 +63,15 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "preprocessor_config.json", "vae-oid.npz", "generation_config.json")
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "preprocessor_config.json", "vae-oid.npz")
+OPTIONAL_FILES = ("generation_config.json",)
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+
+
+def numeric(results: dict) -> dict:
+    """Each task's numeric metrics (what goes into JSON; per-sample lists left out)."""
+    return {task: {m: v for m, v in r.items() if isinstance(v, (int, float))} for task, r in results.items()}
 
 
 def missed_targets(results: dict) -> dict[str, float]:
@@ -81,17 +87,16 @@ def install(model_dir: str | Path, results: dict, dest: str | Path = ASSET_DIR, 
     if missed and not force:
         raise ValueError(f"not installing: below target on {missed}; train longer or pass --force")
     model_dir, dest = Path(model_dir), Path(dest)
+    for name in REQUIRED_FILES:
+        if not (model_dir / name).exists():
+            raise FileNotFoundError(f"{model_dir} has no {name}: export the model with its tokenizer and codec")
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in SHIPPED_FILES:
+    for name in REQUIRED_FILES + OPTIONAL_FILES:
         if (model_dir / name).exists():
             shutil.copy2(model_dir / name, tmp / name)
-    for name in SHIPPED_FILES[:-1]:
-        if not (tmp / name).exists():
-            raise FileNotFoundError(f"{model_dir} has no {name}: export the model with its tokenizer and codec")
-    card = {task: {m: v for m, v in r.items() if isinstance(v, (int, float))} for task, r in results.items()}
-    (tmp / "scorecard.json").write_text(json.dumps({**card, "test_images": n_test}, indent=2) + "\n")
+    (tmp / "scorecard.json").write_text(json.dumps({**numeric(results), "test_images": n_test}, indent=2) + "\n")
     (tmp / "README.md").write_text(
         "# palikit demo model\n\nA 3.3M-parameter PaliGemma 2-architecture model trained by `recipes/demo.yaml` "
         "on the synthetic \"shapes\" data set (`python -m palikit.demo.build`). It only knows that world: "
@@ -118,7 +123,7 @@ def main() -> None:
     pg = PaliGemma.from_pretrained(a.model, device="auto")
     results = scorecard(pg, a.data, a.out, limit=a.limit)
     print(markdown(results))
-    print(json.dumps({k: {m: v for m, v in r.items() if isinstance(v, (int, float))} for k, r in results.items()}))
+    print(json.dumps(numeric(results)))
     if a.install:
         n_test = sum(1 for _ in (Path(a.data) / "test").glob("*.png"))
         n_test = min(n_test, a.limit) if a.limit else n_test

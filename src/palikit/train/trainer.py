@@ -56,11 +56,11 @@ def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
     return f
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, on: str = "all") -> list[dict]:
-    """Optimizer groups of the trainable parameters. `on="all"`: one group, decay everywhere.
+def param_groups(model: torch.nn.Module, trainable: list[torch.nn.Parameter], weight_decay: float,
+                 on: str = "all") -> list[dict]:
+    """Optimizer groups of `trainable` (parameters of `model`). `on="all"`: one group, decay everywhere.
     `on="kernels"` (big_vision's rule): decay only the weights of Linear / Conv layers (LoRA's included);
     norms, biases, embeddings and position embeddings get none."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
     if on == "all" or weight_decay == 0:
         return [{"params": trainable}]
     kernels = {id(m.weight) for m in model.modules()
@@ -223,7 +223,7 @@ class Trainer:
         self.warmup_steps = int(round(warmup))
 
         # ---- optimizer / schedule
-        groups = param_groups(self.model, cfg.weight_decay, cfg.weight_decay_on)
+        groups = param_groups(self.model, self.params, cfg.weight_decay, cfg.weight_decay_on)
         if cfg.optimizer_name == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
