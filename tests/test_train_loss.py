@@ -4,6 +4,7 @@ batch; the big_vision loss equals a hand computation; padding never leaks into t
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,22 @@ def test_kernel_only_weight_decay_spares_norms_biases_and_embeddings():
         TrainConfig(weight_decay_on="bias")
     with pytest.raises(ConfigError, match="label_smoothing"):
         TrainConfig(label_smoothing=1.0)
+
+
+def test_image_cache_gives_the_same_batches_without_rereading(tmp_path):
+    cfg = TINY["pg1"]
+    ds = load_jsonl(write_dataset(tmp_path))
+    plain = Collator(WordTokenizer(), SimpleImageProcessor(cfg.vision.image_size), cfg)
+    cached = Collator(WordTokenizer(), SimpleImageProcessor(cfg.vision.image_size), cfg, cache_images=True)
+    exs = list(ds.examples)
+    doubled = exs[:2] + exs[:2]  # the same file twice in one batch, before it is cached
+    first = cached(doubled)
+    assert torch.equal(first["pixel_values"], plain(doubled)["pixel_values"])
+    assert len(cached._pixels) == len({str(e.image) for e in doubled})
+    full = cached(exs)
+    for ex in exs:  # once cached, the files are not read again
+        Path(ex.image).unlink(missing_ok=True)
+    again = cached(exs)
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    with pytest.raises(ValueError, match="cannot read image"):
+        plain(exs)

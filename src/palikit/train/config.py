@@ -68,6 +68,7 @@ class TrainConfig:
     loss: str = "big_vision"  # big_vision (per-example mean, then batch mean) | hf (mean over tokens)
     max_len: int | None = None  # text tokens per example ([BOS] .. [EOS]); longer ones are cut
     pad_to_max_len: bool = False  # pad every batch to max_len (fixed shapes) instead of the longest
+    cache_images: bool = False  # keep preprocessed pixels in RAM after first use (3*S*S*4 bytes per image file)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     fsdp: bool = False  # under torchrun: shard params, grads and optimizer state over the ranks (FSDP2)
     device: str = "auto"

@@ -201,7 +201,7 @@ class Trainer:
             tokenizer if tokenizer is not None else load_tokenizer(cfg),
             image_processor if image_processor is not None else default_image_processor(
                 self.model.config, cfg.model if cfg.model and Path(cfg.model).is_dir() else None),
-            self.model.config, cfg.max_len, cfg.pad_to_max_len,
+            self.model.config, cfg.max_len, cfg.pad_to_max_len, cfg.cache_images,
         )
         self.metric_fn = metric_fn or (_import_metric(cfg.metric) if cfg.metric else None)
         if self.fsdp and self.metric_fn is not None:
