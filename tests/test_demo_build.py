@@ -62,3 +62,6 @@ def test_install_refuses_a_model_below_target_and_replaces_atomically(tmp_path):
     assert card["ocr"]["exact_match"] == TARGETS["ocr"][1] + 0.05 and card["test_images"] == 500
     assert "| ocr | exact_match |" in (dest / "README.md").read_text()
     assert install(model, bad, dest, force=True) == dest  # --force ships it anyway
+    forced = json.loads((dest / "scorecard.json").read_text())
+    assert forced["missed_targets"] == {"ocr": 0.5} and card["missed_targets"] == {}
+    assert "Below target on: ocr (0.500 < 0.8)" in (dest / "README.md").read_text()

@@ -102,7 +102,7 @@ def build_initial_checkpoint(out: Path, tokenizer, seed: int = 0) -> Path:
     return folder
 
 
-def build(out: str | Path, *, n_train: int = 10_000, n_val: int = 300, n_test: int = 500, codec_images: int = 2000,
+def build(out: str | Path, *, n_train: int = 20_000, n_val: int = 300, n_test: int = 500, codec_images: int = 2000,
           codec_steps: int = 400, seed: int = 0) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def build(out: str | Path, *, n_train: int = 10_000, n_val: int = 300, n_test: i
 def main() -> None:
     ap = argparse.ArgumentParser(description="Build the demo model's tokenizer, mask codec, data and initial checkpoint.")
     ap.add_argument("--out", default="work/demo")
-    ap.add_argument("--train", type=int, default=10_000)
+    ap.add_argument("--train", type=int, default=20_000)
     ap.add_argument("--val", type=int, default=300)
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--codec-images", type=int, default=2000)

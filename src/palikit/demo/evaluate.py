@@ -55,11 +55,12 @@ def scorecard(model, data: str | Path, out: str | Path, *, limit: int | None = N
 
 
 def markdown(results: dict) -> str:
-    lines = ["| task | metric | demo model | target |", "|---|---|---|---|"]
+    lines = ["| task | metric | demo model | target | met |", "|---|---|---|---|---|"]
     for task, (metric, target) in TARGETS.items():
         value = results.get(task, {}).get(metric)
         shown = "n/a" if value is None else f"{value:.3f}"
-        lines.append(f"| {task} | {metric} | {shown} | >= {target} |")
+        met = "yes" if value is not None and value >= target else "**no**"
+        lines.append(f"| {task} | {metric} | {shown} | >= {target} | {met} |")
     return "\n".join(lines)
 
 
@@ -96,13 +97,16 @@ def install(model_dir: str | Path, results: dict, dest: str | Path = ASSET_DIR, 
     for name in REQUIRED_FILES + OPTIONAL_FILES:
         if (model_dir / name).exists():
             shutil.copy2(model_dir / name, tmp / name)
-    (tmp / "scorecard.json").write_text(json.dumps({**numeric(results), "test_images": n_test}, indent=2) + "\n")
+    card = {**numeric(results), "test_images": n_test, "missed_targets": missed}
+    (tmp / "scorecard.json").write_text(json.dumps(card, indent=2) + "\n")
+    below = ("\n**Below target on: " + ", ".join(f"{t} ({v:.3f} < {TARGETS[t][1]})" for t, v in missed.items())
+             + "** (installed with --force).\n") if missed else ""
     (tmp / "README.md").write_text(
-        "# palikit demo model\n\nA 3.3M-parameter PaliGemma 2-architecture model trained by `recipes/demo.yaml` "
+        "# palikit demo model\n\nA 3.5M-parameter PaliGemma 2-architecture model trained by `recipes/demo.yaml` "
         "on the synthetic \"shapes\" data set (`python -m palikit.demo.build`). It only knows that world: "
         "for real images use `--model google/paligemma2-3b-mix-224` or a local checkpoint.\n\n"
         f"Scorecard on {n_test or 'the'} held-out test images (`python -m palikit.demo.evaluate`):\n\n"
-        + markdown(results) + "\n")
+        + markdown(results) + "\n" + below)
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)

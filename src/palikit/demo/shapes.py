@@ -137,10 +137,12 @@ def make_sample(index: int, seed: int = 0, size: int = 112, word_prob: float = 0
         ys, xs = np.nonzero(s.mask)
         s.box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
     if word is not None:
-        font = ImageFont.load_default(size=max(10, round(cell * 0.65)))
-        width = draw.textlength(word.upper(), font=font)
-        tx = rng.randint(1, max(1, int(size - width - 2)))
-        ty = round(band * cell + cell * 0.12)
+        # the word fills two cells of its band, centred (one patch pair per word: readable by a tiny tower)
+        font = ImageFont.load_default(size=max(10, round(cell * 0.78)))
+        bx0, by0, bx1, by1 = draw.textbbox((0, 0), word.upper(), font=font, stroke_width=2)
+        col = rng.randint(0, GRID - 2)
+        tx = round(col * cell + (2 * cell - (bx1 - bx0)) / 2 - bx0)
+        ty = round(band * cell + (cell - (by1 - by0)) / 2 - by0)
         draw.text((tx, ty), word.upper(), fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
     return Sample(image, shapes, word, index)
 
