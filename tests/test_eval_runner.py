@@ -321,3 +321,36 @@ def test_ocr_per_domain(tmp_path):
     rep = evaluate(FakeModel(lambda n, p, lab: FakeResult(next(outs))), tmp_path / "o.jsonl", "ocr", batch_size=1,
                    out_dir=tmp_path / "o", progress=False, charts=False)
     assert rep.metrics["accuracy/domain/plates"] == 1.0 and rep.metrics["accuracy/domain/signs"] == 0.75
+
+
+def test_resume_refuses_predictions_of_another_model(ocr_data, tmp_path):
+    out = tmp_path / "run"
+    first = FakeModel(_ocr_answer, fail_after=4)
+    first.fingerprint = lambda: "aaaa"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(first, ocr_data, "ocr", batch_size=2, out_dir=out, progress=False, charts=False)
+    other = FakeModel(_ocr_answer)
+    other.fingerprint = lambda: "bbbb"
+    with pytest.raises(ValueError, match="another model"):
+        evaluate(other, ocr_data, "ocr", batch_size=2, out_dir=out, progress=False, charts=False)
+    assert other.seen == []
+    same = FakeModel(_ocr_answer)
+    same.fingerprint = lambda: "aaaa"
+    evaluate(same, ocr_data, "ocr", batch_size=2, out_dir=out, progress=False, charts=False)
+    assert len(same.seen) == 6  # resumed: only what the first run had not done
+    evaluate(other, ocr_data, "ocr", batch_size=2, out_dir=out, progress=False, charts=False, resume=False)
+    assert len(other.seen) == 10
+
+
+def test_palikit_fingerprint_follows_the_weights(tmp_path):
+    import torch
+
+    from palikit.api import PaliGemma
+    from palikit.testing import make_tiny_checkpoint
+
+    pg = PaliGemma.from_pretrained(make_tiny_checkpoint(tmp_path / "ck", family="pg1"), device="cpu")
+    before = pg.fingerprint()
+    assert before == pg.fingerprint() and len(before) == 16
+    with torch.no_grad():
+        pg.model.language_model.embed_tokens.weight[0, 0] += 1.0
+    assert pg.fingerprint() != before

@@ -80,6 +80,20 @@ class PaliGemma:
             codec = MaskCodec.from_npz(files.mask_codec).to(dev).eval()
         return cls(net, tok, proc, codec, compile=compile, name=Path(str(model)).name)
 
+    def fingerprint(self) -> str:
+        """A short hash of the weights (names, shapes, dtypes and a strided sample of each tensor's
+        values): what `palikit eval` records so it never resumes with another model's predictions."""
+        import hashlib
+
+        h = hashlib.sha256()
+        with torch.no_grad():
+            for name, t in self.model.state_dict().items():
+                flat = t.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy()
+                h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+                h.update(sample.tobytes())
+        return h.hexdigest()[:16]
+
     # ------------------------------------------------------------------------------ images
     @property
     def device(self) -> torch.device:

@@ -348,6 +348,24 @@ def _progress(enabled: bool, total: int, done: int):
     return prog
 
 
+def _check_same_model(out: Path, model: Any, name: str, resuming: bool) -> None:
+    """Record which model writes `out/predictions.jsonl`; refuse to resume another model's file."""
+    fp = getattr(model, "fingerprint", None)
+    fp = fp() if callable(fp) else fp
+    if fp is None:
+        return
+    marker = out / "model.json"
+    if resuming and marker.exists():
+        before = json.loads(marker.read_text())
+        if before.get("fingerprint") != fp:
+            raise ValueError(f"{out / 'predictions.jsonl'} holds predictions of another model "
+                             f"({before.get('name')}, weights {before.get('fingerprint')}; this one: {name}, {fp}); "
+                             "use another out_dir or resume=False")
+    tmp = marker.with_name(".model.json.tmp")
+    tmp.write_text(json.dumps({"name": name, "fingerprint": fp}))
+    tmp.replace(marker)
+
+
 def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], task: str, *, batch_size: int = 8,
              out_dir: str | Path, price_per_hour: float | None = None, price_per_call: float | None = None,
              resume: bool = True, progress: bool = True, prompt: str | Callable[[Sample], str] | None = None,
@@ -381,8 +399,9 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
     if stale:
         raise ValueError(f"{pred_path} holds predictions made with other prompts (e.g. sample {stale[0]!r}); "
                          "use another out_dir or resume=False")
-    todo = [s for s in samples if s.id not in recs]
     name = model_name or getattr(model, "name", None) or type(model).__name__
+    _check_same_model(out, model, name, bool(recs))
+    todo = [s for s in samples if s.id not in recs]
     opts = dict(predict_options or {})
     prog = _progress(progress, len(samples), len(samples) - len(todo))
     scores = [v for s in samples if s.id in recs and (v := MT.sample_score(task, recs[s.id], s)) is not None]
