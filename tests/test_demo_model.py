@@ -6,6 +6,8 @@ split's images, prints expected answers and writes annotated PNGs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -45,6 +47,8 @@ def test_the_demo_checkpoint_loads_in_transformers_and_answers_the_same(which, r
     ours = PaliGemma.from_pretrained(folder, device="cpu", dtype="float32")
     assert ours.model.config.vision.patch_size == DEMO_CONFIG.vision.patch_size and ours.mask_codec is not None
     n_img, image_id = ours.model.config.vision.num_image_tokens, ours.model.config.image_token_index
+    # PaliGemmaProcessor inserts image_seq_length <image> tokens: it must match the model's
+    assert json.loads((folder / "preprocessor_config.json").read_text())["image_seq_length"] == n_img
     prompts = ["caption en", "detect circle ; square ; triangle", "segment square", "ocr",
                "answer en how many circles are there", "answer en what color is the triangle"]
     for i in range(2):

@@ -38,5 +38,5 @@ def make_tiny_checkpoint(folder: str | Path, family: str = "pg1", seed: int = 0,
             if p.ndim > 1:
                 p.mul_(5.0)
     save_hub_checkpoint(model, folder)
-    ImageProcessor(size=image_size).save(folder)
+    ImageProcessor(size=image_size, patch_size=cfg.vision.patch_size).save(folder)
     return folder

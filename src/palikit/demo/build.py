@@ -98,7 +98,7 @@ def build_initial_checkpoint(out: Path, tokenizer, seed: int = 0) -> Path:
         if (out / name).exists():
             (folder / name).write_bytes((out / name).read_bytes())
     (folder / "vae-oid.npz").write_bytes((out / "vae-oid.npz").read_bytes())
-    ImageProcessor(size=IMAGE_SIZE).save(folder)
+    ImageProcessor(size=IMAGE_SIZE, patch_size=cfg.vision.patch_size).save(folder)
     return folder
 
 
