@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench demo-model clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,14 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# the bundled demo model from scratch: data, reading warm-up, task mix, anneal, scorecard (+ install if it meets every target)
+demo-model: $(VENV)/.installed
+	$(PY) -m palikit.demo.build --out work/demo
+	$(VENV)/bin/palikit train recipes/demo-ocr-warmup.yaml
+	$(VENV)/bin/palikit train recipes/demo.yaml
+	$(VENV)/bin/palikit train recipes/demo-anneal.yaml
+	$(PY) -m palikit.demo.evaluate --model work/demo/anneal/final --data work/demo/data --out work/demo/eval --install
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/palikit bench --compile

@@ -82,6 +82,7 @@ def test_coco_detection_targets(tmp_path):
     ]
     ds = load_examples(_coco(tmp_path, anns))
     assert [e.prefix for e in ds] == ["detect cat ; dog", "detect car"]
+    assert {e.task for e in ds} == {"detect"}  # so tasks=[detect] selects COCO examples too
     assert ds[0].suffix == ("<loc0000><loc0000><loc1023><loc1023> cat ; "
                             "<loc0256><loc0256><loc0768><loc0512> dog ; "
                             "<loc0000><loc0512><loc0102><loc1023> dog")
@@ -177,3 +178,37 @@ def test_coco_segment_with_real_codec_and_tokenizer(tmp_path):
     pt = tok.encode_prompt(ex.prefix, ex.suffix)
     suffix_ids = pt.ids[pt.prefix_len:]
     assert sum(tok.is_loc(i) for i in suffix_ids) == 8 and sum(tok.is_seg(i) for i in suffix_ids) == 32
+
+
+def test_tasks_filter_selects_rows_by_task_field(tmp_path):
+    """`tasks=[...]` (the demo recipe's reading warm-up) keeps only the listed JSONL rows, in order,
+    for both training and validation data; a filter nothing matches is an error naming what exists."""
+    from palikit.train.config import TrainConfig
+    from palikit.train.data import select_tasks
+    from palikit.train.trainer import Trainer
+    from test_train_helpers import run_config, run_kwargs, setup_run
+
+    setup_run(tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    for row, task in zip(rows, ["caption", "ocr", "caption", "ocr"]):
+        row["task"] = task
+    tagged = tmp_path / "data" / "tagged.jsonl"
+    tagged.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds = load_jsonl(tagged)
+    assert [ex.task for ex in ds] == ["caption", "ocr", "caption", "ocr"]
+
+    cfg = run_config(tmp_path, train_data=str(tagged), val_data=str(tagged), tasks=["ocr"], batch_size=2, plot=False)
+    trainer = Trainer(cfg, **run_kwargs())
+    assert [ex.suffix for ex in trainer.train_set] == [rows[1]["suffix"], rows[3]["suffix"]]
+    assert [ex.source for ex in trainer.val_set] == [f"{tagged}:2", f"{tagged}:4"]
+    assert TrainConfig.from_dict({}, ["tasks=ocr,count"]).tasks == ["ocr", "count"]
+    assert select_tasks(ds.examples, None, "x") == ds.examples
+
+    with pytest.raises(DataError, match="no example has a task in \\['count'\\]; tasks found: caption, ocr"):
+        select_tasks(ds.examples, ["count"], str(tagged))
+    untagged = load_jsonl(tmp_path / "data" / "train.jsonl")
+    with pytest.raises(DataError, match='rows need a "task" field'):
+        select_tasks(untagged.examples, ["ocr"], "train.jsonl")
+    (tmp_path / "data" / "bad.jsonl").write_text(json.dumps({**rows[0], "task": 3}) + "\n")
+    with pytest.raises(DataError, match="line 1: key task must be a string"):
+        load_jsonl(tmp_path / "data" / "bad.jsonl")

@@ -54,3 +54,22 @@ def test_overfit_then_engine_reproduces_suffixes(tmp_path):
     gens = Engine(model).generate(reqs, GenerationOptions(max_new_tokens=24))
     for ex, g in zip(ds.examples, gens):
         assert g.finished and tok.decode(g.tokens) == ex.suffix, (tok.decode(g.tokens), ex.suffix)
+
+
+def test_export_corrects_a_stale_image_seq_length(tmp_path):
+    """A base folder whose preprocessor_config.json names the wrong number of image tokens (the demo's
+    init before that was fixed) must not pass it on: transformers' processor would insert that many."""
+    from palikit.testing import make_tiny_checkpoint
+
+    make_tiny_checkpoint(tmp_path / "base", "pg1", image_size=28)
+    pre = tmp_path / "base" / "preprocessor_config.json"
+    stale = {**json.loads(pre.read_text()), "image_seq_length": 999}
+    pre.write_text(json.dumps(stale))
+    write_dataset(tmp_path / "data")
+    logs = []
+    final = train(run_config(tmp_path, max_steps=2, plot=False), log=logs.append)
+    n = load_hf_checkpoint(final).config.vision.num_image_tokens
+    written = json.loads((final / "preprocessor_config.json").read_text())
+    assert written["image_seq_length"] == n != 999
+    assert written["size"] == stale["size"]  # the rest of the file is kept
+    assert any("image_seq_length 999 -> " in m for m in logs)

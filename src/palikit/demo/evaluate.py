@@ -2,7 +2,7 @@
 mAP@0.5 and segmentation mIoU on the COCO ground truth, exact match for OCR, counting, colour and
 captions. Prints a Markdown table (the README's) and writes each task's report under `out`.
 
-    python -m palikit.demo.evaluate --model work/demo/run/final --data work/demo/data --out work/demo/eval
+    python -m palikit.demo.evaluate --model work/demo/anneal/final --data work/demo/data --out work/demo/eval
     python -m palikit.demo.evaluate ... --install    # + copy it into src/palikit/assets/demo-model
 
 `--install` ships the model only when every target is met (`--force` overrides): the checkpoint files,
@@ -102,8 +102,9 @@ def install(model_dir: str | Path, results: dict, dest: str | Path = ASSET_DIR, 
     below = ("\n**Below target on: " + ", ".join(f"{t} ({v:.3f} < {TARGETS[t][1]})" for t, v in missed.items())
              + "** (installed with --force).\n") if missed else ""
     (tmp / "README.md").write_text(
-        "# palikit demo model\n\nA 3.5M-parameter PaliGemma 2-architecture model trained by `recipes/demo.yaml` "
-        "on the synthetic \"shapes\" data set (`python -m palikit.demo.build`). It only knows that world: "
+        "# palikit demo model\n\nA 3.5M-parameter PaliGemma 2-architecture model trained on the synthetic "
+        "\"shapes\" data set (`python -m palikit.demo.build`) by three recipes in turn: `recipes/demo-ocr-warmup.yaml`, "
+        "`recipes/demo.yaml`, `recipes/demo-anneal.yaml` (`make demo-model`). It only knows that world: "
         "for real images use `--model google/paligemma2-3b-mix-224` or a local checkpoint.\n\n"
         f"Scorecard on {n_test or 'the'} held-out test images (`python -m palikit.demo.evaluate`):\n\n"
         + markdown(results) + "\n" + below)
@@ -117,7 +118,7 @@ def main() -> None:
     from ..api import PaliGemma
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="work/demo/run/final")
+    ap.add_argument("--model", default="work/demo/anneal/final")
     ap.add_argument("--data", default="work/demo/data")
     ap.add_argument("--out", default="work/demo/eval")
     ap.add_argument("--limit", type=int, default=None)
@@ -131,7 +132,10 @@ def main() -> None:
     if a.install:
         n_test = sum(1 for _ in (Path(a.data) / "test").glob("*.png"))
         n_test = min(n_test, a.limit) if a.limit else n_test
-        print(f"installed in {install(a.model, results, n_test=n_test, force=a.force)}")
+        try:
+            print(f"installed in {install(a.model, results, n_test=n_test, force=a.force)}")
+        except (ValueError, FileNotFoundError) as e:  # a missed target or a folder without the files: no traceback
+            raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class Example:
     prefix: str
     suffix: str
     source: str = ""  # "file:line" (or "file:image_id=..") for error messages
+    task: str = ""  # JSONL: the row's optional "task" field (e.g. "ocr"); COCO: detect / segment. For TrainConfig.tasks
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,11 @@ def load_jsonl(path: str | Path, *, strict: bool = True, image_root: str | Path 
         if not image.is_file():
             bad(f"image file not found: {image}")
             continue
-        examples.append(Example(str(image), row["prefix"], row["suffix"], f"{path}:{n}"))
+        task = row.get("task", "")
+        if not isinstance(task, str):
+            bad("key task must be a string")
+            continue
+        examples.append(Example(str(image), row["prefix"], row["suffix"], f"{path}:{n}", task))
     return _finish(examples, problems, strict, str(path))
 
 
@@ -293,8 +298,21 @@ def load_coco(
             bad_images.add(image_id)
             continue
         prefix = f"{task} " + " ; ".join(cats[c] for c in listed)
-        examples.append(Example(str(image), prefix, " ; ".join(parts), f"{path}:image_id={image_id}"))
+        examples.append(Example(str(image), prefix, " ; ".join(parts), f"{path}:image_id={image_id}", task))
     return _finish(examples, problems, strict, str(path))
+
+
+def select_tasks(examples: Sequence[Example], tasks: Sequence[str] | None, what: str) -> list[Example]:
+    """Keep the examples whose `task` is listed (all of them when `tasks` is empty/None). Rows without a
+    task field cannot be selected, so a filter over data that has none is an error, not an empty set."""
+    if not tasks:
+        return list(examples)
+    wanted = set(tasks)
+    kept = [ex for ex in examples if ex.task in wanted]
+    if not kept:
+        found = ", ".join(sorted({ex.task for ex in examples if ex.task})) or 'none (rows need a "task" field)'
+        raise DataError([Problem(what, "-", f"no example has a task in {sorted(wanted)}; tasks found: {found}")], what)
+    return kept
 
 
 def load_examples(

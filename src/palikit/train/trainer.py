@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import json
 import importlib
 import math
 import os
@@ -39,7 +40,7 @@ import torch.distributed as dist
 from . import checkpoint as ck
 from .collate import Collator, default_image_processor, loss_denominator, loss_terms, to_device, token_nll
 from .config import TrainConfig
-from .data import Dataset, Example, load_examples
+from .data import Dataset, Example, load_examples, select_tasks
 from .modes import apply_mode, count_trainable, has_lora, merge_lora
 
 
@@ -197,6 +198,10 @@ class Trainer:
             self.val_set = as_list(val_set)
         else:
             self.val_set = as_list(load_examples(cfg.val_data, **data_kw)) if cfg.val_data else []
+        if cfg.tasks:
+            self.train_set = select_tasks(self.train_set, cfg.tasks, cfg.train_data or "training data")
+            if self.val_set:
+                self.val_set = select_tasks(self.val_set, cfg.tasks, cfg.val_data or "validation data")
         self.collator = Collator(
             tokenizer if tokenizer is not None else load_tokenizer(cfg),
             image_processor if image_processor is not None else default_image_processor(
@@ -492,6 +497,19 @@ class Trainer:
                 shutil.copy(f, dst / f.name)
         if cfg.mask_codec and Path(cfg.mask_codec).is_file() and not (dst / "vae-oid.npz").exists():
             shutil.copy(cfg.mask_codec, dst / "vae-oid.npz")  # so the exported model can decode <seg> tokens
+        self._fix_image_seq_length(dst / "preprocessor_config.json")
+
+    def _fix_image_seq_length(self, path: Path) -> None:
+        """transformers' PaliGemmaProcessor inserts `image_seq_length` <image> tokens: a copied file that
+        disagrees with the model (a stale base folder) would make transformers feed the wrong count."""
+        if not path.is_file():
+            return
+        d = json.loads(path.read_text())
+        n = self.model.config.vision.num_image_tokens
+        if d.get("image_seq_length") not in (None, n):
+            self.log(f"{path.name}: image_seq_length {d['image_seq_length']} -> {n} (the model's image tokens)")
+            d["image_seq_length"] = n
+            path.write_text(json.dumps(d, indent=2) + "\n")
 
     def plot(self) -> Path | None:
         if not (self.cfg.plot and self.is_main):
