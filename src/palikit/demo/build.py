@@ -2,7 +2,7 @@
 generator: a PaliGemma-style tokenizer (the data's words and characters + 1024 `<loc>` + 128 `<seg>`),
 a mask codec with the vae-oid.npz architecture trained on the generator's masks, the train /
 validation / test splits as JSONL (+ COCO json for detection and segmentation), and an initial
-checkpoint (tiny PaliGemma 2 config, random weights) in the Hub layout that the two-stage recipe
+checkpoint (tiny PaliGemma 2 config, random weights) in the Hub layout that the three-stage recipe
 trains: `recipes/demo-ocr-warmup.yaml` (reading first), `recipes/demo.yaml` (the task mix), then
 `recipes/demo-anneal.yaml` (more mix steps at a lower LR).
 

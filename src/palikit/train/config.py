@@ -40,7 +40,7 @@ class TrainConfig:
     coco_task: str = "detect"  # detect | segment
     coco_include_absent: bool = False  # list every category in the prefix (absent -> no boxes)
     mask_codec: str | None = None  # vae-oid.npz for coco_task=segment
-    tasks: list[str] | None = None  # keep only JSONL rows whose "task" field is listed (train and val)
+    tasks: list[str] | None = None  # keep only examples of these tasks (JSONL "task" field; COCO: coco_task), train and val
     strict_data: bool = True  # True: a bad line raises; False: skipped and reported
     output_dir: str = "runs/finetune"
     # ---- what is trainable
