@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from palikit.api import PaliGemma
-from palikit.engine import Generation, GenerationOptions, Request
+from palikit.engine import Generation, GenerationOptions, Request, Ticket
 from palikit.testing import make_tiny_checkpoint
 
 
@@ -46,13 +46,19 @@ def test_predict_equals_engine_on_the_same_inputs(pg, image):
 
 def test_batch_equals_single_and_repeated_images_encode_once(pg, image, monkeypatch):
     prompts = ["caption en", "ocr", "answer en what is this", "detect circle"]
-    singles = [pg.predict(image, p, max_new_tokens=6).tokens for p in prompts]
+    pg.engine.scheduler.image_cache.clear()
     calls = []
     real = pg.model.vision_tower.forward
     monkeypatch.setattr(pg.model.vision_tower, "forward", lambda pv: calls.append(pv.shape) or real(pv))
+    singles = [pg.predict(image, p, max_new_tokens=6).tokens for p in prompts]
     batched = pg.predict_batch([image] * len(prompts), prompts, max_new_tokens=6)
     assert [r.tokens for r in batched] == singles
-    assert len(calls) == 1  # one image, four prompts: the encoder ran once
+    # one image, eight prompts: the tower ran once (the image-feature cache is keyed by content)
+    assert len(calls) == 1
+    with torch.no_grad():  # weights change (an optimizer step): the cache must not serve old features
+        pg.model.multi_modal_projector.linear.bias.add_(0.0)
+    pg.predict(image, prompts[0], max_new_tokens=6)
+    assert len(calls) == 2
 
 
 def test_stream_pieces_join_to_the_predicted_text(pg, image):
@@ -64,7 +70,12 @@ def test_detections_come_back_in_original_pixels_with_scores(pg, image, monkeypa
     tok = pg.tokenizer
     text_ids = tok.encode("<loc0256><loc0512><loc0768><loc1023> circle ; <loc0000><loc0000><loc0512><loc0512> dog")
     logprobs = [-0.1] * len(text_ids)
-    monkeypatch.setattr(pg.engine, "generate", lambda reqs, opts: [Generation(text_ids, logprobs, True, {})])
+    def fake_submit(request, options, on_token=None):
+        ticket = Ticket(request, options, None, frozenset(), 0)
+        ticket.future.set_result(Generation(text_ids, logprobs, True, {}))
+        return ticket
+
+    monkeypatch.setattr(pg.engine, "submit", fake_submit)
     r = pg.detect(image, ["circle"])
     assert [d.label for d in r.detections] == ["circle", "dog"]
     x0, y0, x1, y1 = r.detections[0].box

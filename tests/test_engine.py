@@ -8,7 +8,8 @@ import torch
 
 from conftest import TINY, hf_model
 from palikit.engine import Engine, GenerationOptions, Request, SamplingOptions, generate_naive
-from palikit.engine.sampling import filter_logits, select_tokens
+from palikit.engine.sampling import RowSampling, filter_logits, sample_rows
+from palikit.engine.slots import SlotBatch
 from palikit.weights.hf import load_hf_checkpoint
 from test_parity_hf import _write_layout
 
@@ -59,27 +60,27 @@ def test_batched_equals_single(models, kind):
 
 
 def test_cached_logits_equal_uncached_forward(models, kind):
-    """Teacher-forced: prefill + cached decode steps give the full forward's logits."""
+    """Teacher-forced: prefill + cached decode steps give the full forward's logits, in a slot
+    batch whose other rows hold other sequences."""
     model = models[kind]
     engine = Engine(model)
-    req = requests_for(model, n=1)[0]
-    steps = list(engine.stream([req], GenerationOptions(max_new_tokens=6)))
-    generated = [int(t[0]) for t, _ in steps]
+    req, other = requests_for(model, n=2)
+    generated = engine.generate([req], GenerationOptions(max_new_tokens=6, ignore_eos=True))[0].tokens
     n_img = req.image_features.shape[0]
     ids = torch.tensor([[model.config.image_token_index] * n_img + req.text_ids + generated])
     ar = torch.tensor([[0] * (n_img + len(req.text_ids)) + [1] * len(generated)])
     with torch.no_grad():
         full = model(ids, image_features=req.image_features[None], ar_mask=ar)[0]
     start = n_img + len(req.text_ids) - 1
-    cache = engine._cache
-    # replay the decode with the engine's cache to collect every step's logits
     with torch.inference_mode():
-        logits0, last, P = engine._prefill([req], cache)
-        got = [logits0[0]]
-        for i, tok in enumerate(generated[:-1]):
-            got.append(engine._decode_step(torch.tensor([tok]), last + 1 + i, torch.tensor([P + i]), cache)[0])
+        batch = SlotBatch(model, n_slots=3, max_len=64)
+        batch.prefill([0], [other])
+        got = [batch.prefill([2], [req])[0]]
+        for tok in generated[:-1]:
+            batch.set_tokens([0, 2], torch.tensor([5, tok]))
+            got.append(batch.decode_logits()[2])
     for i, row in enumerate(got):
-        torch.testing.assert_close(row, full[start + i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(row, full[start + i].float(), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("pad_batch", [False, True])
@@ -124,11 +125,12 @@ def test_sampling_is_seeded_and_top_k1_is_greedy(models):
 def test_sampler_matches_the_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
     probs = torch.softmax(logits / 0.8, -1)[0]
-    gen = torch.Generator().manual_seed(0)
-    opts = SamplingOptions(temperature=0.8)
+    B = 8
+    rows = RowSampling(torch.full((B,), 0.8), torch.full((B,), 5), torch.ones(B), torch.arange(B), torch.zeros(B, dtype=torch.long))
     counts = torch.zeros(5)
-    for _ in range(4000):
-        tok, lp = select_tokens(logits.expand(8, 5), opts, gen)
+    for step in range(4000):
+        rows.counter.fill_(step)
+        tok, lp = sample_rows(logits.expand(B, 5), rows)
         counts += torch.bincount(tok, minlength=5)
     freq = counts / counts.sum()
     assert (freq - probs).abs().max() < 0.015

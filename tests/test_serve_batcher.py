@@ -1,13 +1,13 @@
-"""The micro-batcher and the app's overload/timeout answers, in-process with a fake model (fast and
-deterministic): batches are uniform in options and capped; a full queue answers 503 + Retry-After;
-the per-request timeout answers 504 and expired requests never reach the model; one bad request in a
-batch does not fail the others; shutdown answers waiting requests."""
+"""The server's engine front and the app's overload/timeout answers, in-process with a fake model
+(fast and deterministic): admission stops at slots + queue with 503 + Retry-After; a timed-out or
+abandoned request is cancelled in the engine; the per-request timeout answers 504; one bad request
+does not fail the others; shutdown refuses new requests."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
-import time
 from types import SimpleNamespace
 
 import httpx
@@ -15,138 +15,105 @@ import pytest
 from serve_helpers import b64, png_bytes
 
 from palikit.serve import ServerSettings, create_app
-from palikit.serve.batcher import MicroBatcher, QueueFull, Stopped
+from palikit.serve.batcher import EngineFront, QueueFull, Stopped
 
 
 def run(coro):
     return asyncio.run(coro)
 
 
-def test_batches_group_by_key_and_respect_the_size_cap():
-    calls = []
+class FakePending:
+    def __init__(self, value, delay):
+        self.future = concurrent.futures.Future()
+        self.cancelled = False
+        self.value = value
+        threading.Timer(delay, self._finish).start()
 
-    def run_batch(key, payloads):
-        calls.append((key, list(payloads)))
-        time.sleep(0.02)
-        return [f"{key}:{p}" for p in payloads]
+    def _finish(self):
+        if not self.future.done():
+            self.future.set_result(self.value)
 
-    async def main():
-        b = MicroBatcher(run_batch, max_batch_size=4, max_wait_ms=20, max_queue=100)
-        await b.start()
-        out = await asyncio.gather(*(b.submit("AB"[i % 2], i) for i in range(14)))
-        await b.stop()
-        return out
+    def cancel(self):
+        self.cancelled = True
 
-    out = run(main())
-    assert out == [f"{'AB'[i % 2]}:{i}" for i in range(14)]
-    assert all(len(p) <= 4 for _, p in calls)
-    assert all(all(i % 2 == "AB".index(k) for i in p) for k, p in calls)  # uniform options per call
-    assert sorted(i for _, p in calls for i in p) == list(range(14))
-    assert max(len(p) for _, p in calls) == 4
+    def result(self, timeout=None):
+        self.future.result(timeout)
+        return self.value
 
 
-def test_full_queue_refuses_at_once_with_retry_after():
-    gate = threading.Event()
-
-    def run_batch(key, payloads):
-        gate.wait(5)
-        return payloads
-
-    async def main():
-        b = MicroBatcher(run_batch, max_batch_size=1, max_wait_ms=0, max_queue=2)
-        await b.start()
-        first = asyncio.ensure_future(b.submit("k", 0))
-        await asyncio.sleep(0.05)  # first is running, the queue is empty
-        queued = [asyncio.ensure_future(b.submit("k", i)) for i in (1, 2)]
-        await asyncio.sleep(0.01)
-        with pytest.raises(QueueFull) as e:
-            await b.submit("k", 3)
-        assert e.value.retry_after_s >= 1
-        gate.set()
-        out = await asyncio.gather(first, *queued)
-        await b.stop()
-        return out
-
-    assert run(main()) == [0, 1, 2]
-
-
-def test_timeout_and_expired_requests_never_run():
-    ran = []
-
-    def run_batch(key, payloads):
-        ran.extend(payloads)
-        time.sleep(0.3)
-        return payloads
-
-    async def main():
-        b = MicroBatcher(run_batch, max_batch_size=1, max_wait_ms=0, max_queue=10)
-        await b.start()
-        slow = asyncio.ensure_future(b.submit("k", "first", timeout_s=0.1))
-        await asyncio.sleep(0.01)
-        waiting = asyncio.ensure_future(b.submit("k", "second", timeout_s=0.1))
-        for fut in (slow, waiting):
-            with pytest.raises(asyncio.TimeoutError):
-                await fut
-        await asyncio.sleep(0.4)
-        await b.stop()
-
-    run(main())
-    assert ran == ["first"]  # "second" expired in the queue and was dropped
-
-
-def test_one_bad_request_does_not_fail_its_batch():
-    def run_batch(key, payloads):
-        if "bad" in payloads:
-            raise ValueError("bad request")
-        return [p.upper() for p in payloads]
-
-    async def main():
-        b = MicroBatcher(run_batch, max_batch_size=8, max_wait_ms=30, max_queue=10)
-        await b.start()
-        out = await asyncio.gather(*(b.submit("k", p) for p in ["a", "bad", "c"]), return_exceptions=True)
-        await b.stop()
-        return out
-
-    a, bad, c = run(main())
-    assert (a, c) == ("A", "C") and isinstance(bad, ValueError)
-
-
-def test_stop_answers_waiting_requests():
-    def run_batch(key, payloads):
-        time.sleep(0.2)
-        return payloads
-
-    async def main():
-        b = MicroBatcher(run_batch, max_batch_size=1, max_wait_ms=0, max_queue=10)
-        await b.start()
-        futs = [asyncio.ensure_future(b.submit("k", i)) for i in range(3)]
-        await asyncio.sleep(0.05)
-        await b.stop()
-        out = await asyncio.gather(*futs, return_exceptions=True)
-        with pytest.raises(Stopped):
-            await b.submit("k", 9)
-        return out
-
-    out = run(main())
-    assert any(isinstance(o, Stopped) for o in out)
-
-
-# ------------------------------------------------------------------------------ app level
 class SlowFakeModel:
-    """Enough of `PaliGemma` for the app: sleeps `delay` s per model call."""
+    """Enough of `PaliGemma` for the app: each generation takes `delay` s, all concurrently."""
 
     name = "fake"
 
     def __init__(self, delay: float):
         self.delay = delay
+        self.submitted: list[FakePending] = []
         self.tokenizer = SimpleNamespace(encode_prompt=lambda p: SimpleNamespace(ids=p.split()))
         self.model = SimpleNamespace(config=SimpleNamespace(vision=SimpleNamespace(num_image_tokens=4)))
 
-    def predict_batch(self, images, prompts, **kw):
-        time.sleep(self.delay)
-        return [SimpleNamespace(tokens=[1], text=p, to_dict=lambda p=p: {"text": p}) for p in prompts]
+    def submit(self, image, prompt, labels=None, on_text=None, **options):
+        if prompt == "bad":
+            raise ValueError("bad request")
+        result = SimpleNamespace(tokens=[1], text=prompt.upper(), to_dict=lambda p=prompt: {"text": p})
+        self.submitted.append(FakePending(result, self.delay))
+        return self.submitted[-1]
 
 
+def test_admission_stops_at_slots_plus_queue_with_retry_after():
+    async def main():
+        front = EngineFront(SlowFakeModel(0.3), max_slots=2, max_queue=1)
+        await front.start()
+        jobs = [asyncio.ensure_future(front.run(None, "p", None, {}, 5)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull) as full:
+            await front.run(None, "p", None, {}, 5)
+        out = await asyncio.gather(*jobs)
+        await front.stop()
+        return full.value, out
+
+    full, out = run(main())
+    assert full.retry_after_s >= 1
+    assert [r.text for r in out] == ["P"] * 3
+
+
+def test_timeout_cancels_the_request_in_the_engine():
+    model = SlowFakeModel(1.0)
+
+    async def main():
+        front = EngineFront(model, max_slots=1, max_queue=1)
+        await front.start()
+        with pytest.raises(asyncio.TimeoutError):
+            await front.run(None, "p", None, {}, 0.2)
+        return front.in_flight
+
+    assert run(main()) == 0
+    assert model.submitted and model.submitted[0].cancelled
+
+
+def test_one_bad_request_does_not_fail_the_others():
+    async def main():
+        front = EngineFront(SlowFakeModel(0.05), max_slots=4, max_queue=4)
+        await front.start()
+        return await asyncio.gather(*(front.run(None, p, None, {}, 5) for p in ["a", "bad", "c"]),
+                                    return_exceptions=True)
+
+    a, bad, c = run(main())
+    assert (a.text, c.text) == ("A", "C") and isinstance(bad, ValueError)
+
+
+def test_stop_refuses_new_requests():
+    async def main():
+        front = EngineFront(SlowFakeModel(0.01), max_slots=1, max_queue=1)
+        await front.start()
+        await front.stop()
+        with pytest.raises(Stopped):
+            await front.run(None, "p", None, {}, 5)
+
+    run(main())
+
+
+# ------------------------------------------------------------------------------ app level
 async def _with_app(settings: ServerSettings, model, body):
     app = create_app(model, settings)
     async with app.router.lifespan_context(app):

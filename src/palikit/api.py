@@ -99,24 +99,22 @@ class PaliGemma:
     def device(self) -> torch.device:
         return self.engine.device
 
-    def _encode(self, images: Sequence[Any]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
-        """Image features per example ([F*N, H]; several frames when an example is a list) and the
-        original (width, height) of each example's first frame. Repeated images are encoded once."""
-        cache: dict[Any, tuple[torch.Tensor, tuple[int, int]]] = {}
-        feats, sizes = [], []
+    def _prepare(self, images: Sequence[Any]) -> list[tuple[torch.Tensor, str, tuple[int, int]]]:
+        """Per example: model-ready pixels [F, 3, S, S] (several frames when an example is a list),
+        their content key (the engine's image-feature cache) and the original (width, height) of the
+        first frame. The same image object or path given twice is preprocessed once."""
+        from .engine.features import pixel_key
+
+        seen: dict[Any, tuple[torch.Tensor, str, tuple[int, int]]] = {}
+        out = []
         for item in images:
             frames = list(item) if isinstance(item, (list, tuple)) else [item]
             key = tuple(_image_key(f) for f in frames)
-            if key not in cache:
+            if key not in seen:
                 pixel_values, frame_sizes = self.processor.preprocess_with_sizes(frames)
-                w = self.model.vision_tower.embeddings.patch_embedding.weight
-                with torch.inference_mode():
-                    f = self.model.embed_images(pixel_values.to(w.device, w.dtype)[None])[0]  # [F*N, H]
-                cache[key] = (f, frame_sizes[0])
-            f, size = cache[key]
-            feats.append(f)
-            sizes.append(size)
-        return feats, sizes
+                seen[key] = (pixel_values, pixel_key(pixel_values), frame_sizes[0])
+            out.append(seen[key])
+        return out
 
     # ------------------------------------------------------------------------------ predict
     def predict(self, image, prompt: str, **options) -> Any:
@@ -124,55 +122,92 @@ class PaliGemma:
         top_k, top_p, seed, num_beams, coord_denominator (1024 or 1023), dedupe_iou, labels."""
         return self.predict_batch([image], [prompt], **options)[0]
 
+    def submit(self, image, prompt: str, *, labels: Sequence[str] | None = None, on_text=None, **options) -> Pending:
+        """Queue one prompt on the continuous-batching engine and return at once (thread-safe).
+        `Pending.result()` is the Result; `on_text(piece)` is called (on the engine thread) with
+        each new piece of text as it is generated."""
+        t0 = time.perf_counter()
+        (pixel_values, key, size), = self._prepare([image])
+        image_ms = (time.perf_counter() - t0) * 1e3
+        request = Request(self._prompt_ids(prompt), pixel_values=pixel_values, pixel_key=key)
+        return self._submit(request, prompt, size, labels, _split_options(options), image_ms, on_text)
+
+    def _submit(self, request, prompt, size, labels, options, image_ms, on_text=None) -> Pending:
+        gen_opts, parse_opts = options
+        on_token = None
+        if on_text is not None:
+            from .tokenizer import TextStream
+
+            text = TextStream(self.tokenizer)
+
+            def on_token(token_id, _logprob):
+                piece = text.push(token_id)
+                if piece:
+                    on_text(piece)
+
+        ticket = self.engine.submit(request, gen_opts, on_token)
+        return Pending(self, ticket, prompt, size, labels, parse_opts, image_ms)
+
     def predict_batch(self, images: Sequence[Any], prompts: Sequence[str], *, batch_size: int = 16,
                       labels: Sequence[Sequence[str] | None] | None = None, **options) -> list[Any]:
-        """One prompt per image (an image may be a list of frames). Repeated images are encoded once."""
+        """One prompt per image (an image may be a list of frames), all on the continuous-batching
+        engine; `batch_size` bounds how many images are preprocessed ahead (memory), not the batch."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image.")
-        gen_opts, parse_opts = _split_options(options)
+        opts = _split_options(options)
         labels = list(labels) if labels is not None else [None] * len(prompts)
-        results = []
-        for start in range(0, len(prompts), batch_size):
-            end = start + batch_size
+        window = max(batch_size, 2 * self.engine.scheduler.max_slots)
+        pending: list[Pending] = []
+        waited = 0
+        for start in range(0, len(prompts), window):
+            while waited < len(pending) - window:  # bounded read-ahead: at most two windows in flight
+                pending[waited].future.result()
+                waited += 1
             t0 = time.perf_counter()
-            feats, sizes = self._encode(images[start:end])
-            t_img = (time.perf_counter() - t0) * 1e3
-            results += self._generate(feats, sizes, prompts[start:end], labels[start:end], gen_opts, parse_opts, t_img)
-        return results
+            prepared = self._prepare(images[start:start + window])
+            image_ms = (time.perf_counter() - t0) * 1e3 / max(len(prepared), 1)
+            for i, (pv, key, size) in enumerate(prepared, start):
+                request = Request(self._prompt_ids(prompts[i]), pixel_values=pv, pixel_key=key)
+                pending.append(self._submit(request, prompts[i], size, labels[i], opts, image_ms))
+        return [p.result() for p in pending]
 
     def predict_pixels(self, pixel_values: torch.Tensor, sizes: Sequence[tuple[int, int]], prompts: Sequence[str], *,
                        labels: Sequence[Sequence[str] | None] | None = None, **options) -> list[Any]:
         """Like `predict_batch` for images already preprocessed elsewhere (e.g. on CPU workers):
         pixel_values [B, 3, S, S] or [B, F, 3, S, S]; sizes = original (width, height) per example."""
+        from .engine.features import pixel_key
+
         if not (len(pixel_values) == len(sizes) == len(prompts)):
             raise ValueError("pixel_values, sizes and prompts must have the same length")
-        gen_opts, parse_opts = _split_options(options)
-        t0 = time.perf_counter()
-        w = self.model.vision_tower.embeddings.patch_embedding.weight
-        pv = pixel_values.to(w.device, w.dtype)
-        with torch.inference_mode():
-            feats = self.model.embed_images(pv if pv.ndim == 5 else pv[:, None])  # [B, F*N, H]
-        t_img = (time.perf_counter() - t0) * 1e3
+        opts = _split_options(options)
         labels = list(labels) if labels is not None else [None] * len(prompts)
-        return self._generate(list(feats), list(sizes), prompts, labels, gen_opts, parse_opts, t_img)
-
-    def _generate(self, feats, sizes, prompts, labels, gen_opts, parse_opts, image_ms) -> list[Any]:
-        requests = [Request(self._prompt_ids(p), f) for p, f in zip(prompts, feats)]
-        gens = self.engine.generate(requests, gen_opts)
-        return [self._result(p, size, gen, lab, parse_opts, image_ms / len(prompts))
-                for p, size, gen, lab in zip(prompts, sizes, gens, labels)]
+        pending = []
+        for pv, size, prompt, lab in zip(pixel_values, sizes, prompts, labels):
+            pv = pv if pv.ndim == 4 else pv[None]  # [F, 3, S, S]
+            request = Request(self._prompt_ids(prompt), pixel_values=pv, pixel_key=pixel_key(pv))
+            pending.append(self._submit(request, prompt, tuple(size), lab, opts, 0.0))
+        return [p.result() for p in pending]
 
     def stream(self, image, prompt: str, **options) -> Iterator[str]:
-        """Yield the answer's text piece by piece as tokens are generated."""
-        gen_opts, _ = _split_options(options)
-        feats, _ = self._encode([image])
-        emitted = []
-        for tokens, _ in self.engine.stream([Request(self._prompt_ids(prompt), feats[0])], gen_opts):
-            t = int(tokens[0])
-            if t in self.engine.eos_ids:
-                return
-            emitted.append(t)
-            yield self.tokenizer.token_texts(emitted, final=False)[-1]
+        """Yield the answer's text piece by piece as tokens are generated (batched with everything
+        else the engine runs; incremental detokenization)."""
+        import queue
+
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+        pending = self.submit(image, prompt, on_text=pieces.put, **options)
+        pending.future.add_done_callback(lambda _: pieces.put(done))
+        try:
+            while (piece := pieces.get()) is not done:
+                yield piece
+            pending.future.result()  # raise the engine's error, if any
+        finally:
+            pending.cancel()
+
+    def configure_scheduler(self, **settings) -> None:
+        """Replace the engine's scheduler (max_slots, max_len, max_queue, image_cache_bytes); call
+        when nothing is running."""
+        self.engine.configure(**settings)
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
@@ -248,6 +283,30 @@ class PaliGemma:
 
         labels = [labels] if isinstance(labels, str) else list(labels)
         return self.predict_batch([image], [prompts.segment(labels)], labels=[labels], **options)[0]
+
+
+class Pending:
+    """A submitted prompt: `result()` waits for it and builds its Result (parsing, masks) in the
+    calling thread; `t_submit`, `t_first_token`, `t_done` are perf_counter stamps from the engine."""
+
+    def __init__(self, pg: PaliGemma, ticket, prompt, size, labels, parse_opts, image_ms):
+        self._pg, self.ticket = pg, ticket
+        self._args = (prompt, size, ticket, labels, parse_opts, image_ms)
+
+    @property
+    def future(self):
+        return self.ticket.future
+
+    t_submit = property(lambda self: self.ticket.t_submit)
+    t_first_token = property(lambda self: self.ticket.t_first_token)
+    t_done = property(lambda self: self.ticket.t_done)
+
+    def cancel(self) -> None:
+        self.ticket.cancel()
+
+    def result(self, timeout: float | None = None):
+        prompt, size, ticket, labels, parse_opts, image_ms = self._args
+        return self._pg._result(prompt, size, ticket.result(timeout), labels, parse_opts, image_ms)
 
 
 def _split_options(options: dict) -> tuple[GenerationOptions, dict]:

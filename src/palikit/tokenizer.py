@@ -283,26 +283,14 @@ class Tokenizer:
         return self._decode_many([self._check_ids(ids)], skip_special_tokens)[0]
 
     def token_texts(self, ids: Iterable[int], skip_special_tokens: bool = True, final: bool = True) -> list[str]:
-        """The text each token adds, so that `"".join(token_texts(ids)) == decode(ids)` (found by diffing
-        the decodes of successive prefixes, which handles "▁" spaces and multi-token byte-fallback
-        characters: the bytes of an unfinished character give "" and the token completing it gets the
-        character). `final=False` is for streaming: an unfinished character at the end is held back too,
-        so the texts of a prefix never change when more tokens arrive."""
-        ids = self._check_ids(ids)
-        if not ids:
-            return []
-        prefixes = self._decode_many([ids[:k] for k in range(1, len(ids) + 1)], skip_special_tokens)
-        texts, emitted = [], ""
-        for k, text in enumerate(prefixes):
-            last = final and k == len(ids) - 1
-            if not last and text.endswith("\ufffd"):
-                texts.append("")  # unfinished UTF-8 sequence (byte fallback): wait for its remaining bytes
-                continue
-            if not text.startswith(emitted):
-                raise RuntimeError(f"This tokenizer's decoder is not incremental (decode of {ids[:k + 1]} does "
-                                   f"not extend {emitted!r}); per-token texts are not defined.")
-            texts.append(text[len(emitted):])
-            emitted = text
+        """The text each token adds, so that `"".join(token_texts(ids)) == decode(ids)`: the bytes of an
+        unfinished character (byte fallback) give "" and the token completing it gets the character.
+        `final=False` is for streaming: an unfinished character at the end is held back too, so the
+        texts of a prefix never change when more tokens arrive. Linear in len(ids) (`TextStream`)."""
+        stream = TextStream(self, skip_special_tokens)
+        texts = [stream.push(i) for i in self._check_ids(ids)]
+        if final and texts:
+            texts[-1] += stream.flush()
         return texts
 
     # ---------------------------------------------------------------------------------- prompt layout
@@ -399,3 +387,40 @@ def build_tokenizer(pieces: Sequence[str], path: str | Path, *, byte_fallback: b
     (p.parent / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (p.parent / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
     return Tokenizer.from_file(p)
+
+
+class TextStream:
+    """Incremental detokenizer: `push(id)` returns the text that token adds (cost independent of
+    the length so far). It decodes a small window, from the token before the last emitted one, with
+    and without the new token and emits the difference (TGI's and vLLM's method), so SentencePiece's
+    "▁" spaces and multi-token byte-fallback characters come out right; an unfinished character is
+    held back until its last byte arrives (`flush()` returns what is still held at the end)."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0  # window start
+        self._read = 0  # tokens whose text has been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer._decode_many([ids], self.skip_special_tokens)[0]
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        done = self._decode(self.ids[self._prefix:self._read])
+        text = self._decode(self.ids[self._prefix:])
+        if text.endswith("\ufffd") or len(text) <= len(done):
+            return ""  # unfinished character, or a token that adds no text (yet)
+        if not text.startswith(done):
+            raise RuntimeError(f"This tokenizer's decoder is not incremental (decode of {self.ids[self._prefix:]} "
+                               f"does not extend {done!r}); per-token texts are not defined.")
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(done):]
+
+    def flush(self) -> str:
+        """Text still held back (an unfinished character at the end), as the full decode has it."""
+        done = self._decode(self.ids[self._prefix:self._read])
+        text = self._decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return text[len(done):] if text.startswith(done) else ""

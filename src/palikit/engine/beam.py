@@ -12,18 +12,21 @@ import time
 
 import torch
 
-from .generate import Engine, Generation, GenerationOptions, Request
+from .features import encode_requests
+from .request import Generation, GenerationOptions, Request
 
 
 @torch.inference_mode()
-def beam_search(engine: Engine, requests: list[Request], options: GenerationOptions) -> list[Generation]:
+def beam_search(engine, requests: list[Request], options: GenerationOptions) -> list[Generation]:
+    """Runs on the engine thread (`Engine.generate` sends it through `Scheduler.call`)."""
     K, B = options.num_beams, len(requests)
     dev = engine.device
     t0 = time.perf_counter()
+    encode_requests(engine.model, requests, engine.scheduler.image_cache)
     rows = [r for r in requests for _ in range(K)]
     P = max(len(r.text_ids) + (0 if r.image_features is None else r.image_features.shape[0]) for r in rows)
-    cache = engine._cache_for(B * K, P + options.max_new_tokens)
-    logits, last_pos, P = engine._prefill(rows, cache)
+    batch = engine.new_batch(B * K, P + options.max_new_tokens)
+    logits = batch.prefill(list(range(B * K)), rows)
     t_first = time.perf_counter()
     scores = torch.full((B, K), float("-inf"), device=dev)
     scores[:, 0] = 0.0  # only one live beam at the start: no duplicate hypotheses
@@ -72,10 +75,9 @@ def beam_search(engine: Engine, requests: list[Request], options: GenerationOpti
         scores = torch.tensor(next_scores, device=dev).view(B, K)
         if all(done) or step + 1 == options.max_new_tokens:
             break
-        cache.select_rows(torch.tensor(next_rows, device=dev))
-        last_pos = last_pos.index_select(0, torch.tensor(next_rows, device=dev))
-        tokens = torch.tensor(next_tokens, device=dev)
-        logits = engine._decode(tokens, last_pos + 1 + step, torch.tensor([P + step], device=dev), cache)
+        batch.reorder(torch.tensor(next_rows, device=dev))
+        batch.set_tokens(list(range(B * K)), torch.tensor(next_tokens, device=dev))
+        logits = batch.decode_logits()
     t_end = time.perf_counter()
     out = []
     timings = {"prefill_ms": (t_first - t0) * 1e3, "decode_ms": (t_end - t_first) * 1e3,

@@ -15,6 +15,7 @@ kept here: in Gemma 1, `post_attention_layernorm` is the norm *before* the MLP.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -27,8 +28,8 @@ PAD_BLOCK = 2**30  # block number of padding / unwritten cache slots: never atte
 
 class KVCache(nn.Module):
     """Static cache allocated once: k/v [L, B, Hkv, T_max, D] and the block number of every slot.
-    Writes go to device-side slot indices (`cache_position`), so shapes never change and the decode
-    step can be captured in a CUDA graph."""
+    Each row is one sequence (a slot of the continuous-batching engine). Writes go to device-side
+    (row, slot) indices, so shapes never change and the decode step can be captured in a CUDA graph."""
 
     def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         super().__init__()
@@ -47,14 +48,30 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def reset(self) -> None:
-        self.block.fill_(PAD_BLOCK)
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        """Mark every slot (of `rows` only, when given) unwritten: never attended again."""
+        if rows is None:
+            self.block.fill_(PAD_BLOCK)
+        else:
+            self.block.index_fill_(0, rows, PAD_BLOCK)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Reorder / duplicate batch rows in place (beam search, prefix sharing)."""
         self.k.copy_(self.k.index_select(1, rows))
         self.v.copy_(self.v.index_select(1, rows))
         self.block.copy_(self.block.index_select(0, rows))
+
+
+class CacheWrite(NamedTuple):
+    """Where a call stores its keys/values: token t of batch row b goes to cache row `rows[b, t]`,
+    slot `slots[b, t]` (both [B, T] long). `read_len` None: attention runs over the call's own
+    tokens (prefill); an int: over cache slots [0, read_len) of the rows, after the write (decode;
+    then rows must be every cache row in order)."""
+
+    cache: KVCache
+    rows: torch.Tensor
+    slots: torch.Tensor
+    read_len: int | None = None
 
 
 def positions_and_blocks(valid: torch.Tensor, ar_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,12 +84,13 @@ def positions_and_blocks(valid: torch.Tensor, ar_mask: torch.Tensor | None) -> t
 
 
 def build_mask(q_block, k_block, q_index, k_index, window: int | None) -> torch.Tensor:
-    """bool [B, 1, T, S]: q_block [B, T], k_block [B, S], q_index [T], k_index [S]."""
+    """bool [B, 1, T, S]: q_block [B, T], k_block [B, S], q_index [T] or [B, T] (cache slot of each
+    query, per row when rows decode at different slots), k_index [S]."""
     allowed = k_block[:, None, :] <= q_block[:, :, None]  # [B, T, S]
     if window:
-        in_window = k_index[None, :] > q_index[:, None] - window  # [T, S]
-        allowed = allowed & (in_window[None] | (q_block == 0)[:, :, None])  # the prefix block ignores the window
-    allowed = allowed | (k_index[None, :] == q_index[:, None])[None]
+        in_window = k_index > q_index[..., None] - window  # [T, S] or [B, T, S]
+        allowed = allowed & (in_window | (q_block == 0)[:, :, None])  # the prefix block ignores the window
+    allowed = allowed | (k_index == q_index[..., None])  # every token may attend itself
     return allowed[:, None]
 
 
@@ -88,16 +106,20 @@ class GemmaAttention(nn.Module):
         self.scale = cfg.query_pre_attn_scalar**-0.5
         self.logit_cap = cfg.attn_logit_softcapping
 
-    def forward(self, x, cos, sin, mask, cache_k=None, cache_v=None, cache_position=None):
+    def forward(self, x, cos, sin, mask, layer_cache=None, write: CacheWrite | None = None):
+        """layer_cache: this layer's (k, v) cache tensors [B_cache, Hkv, T_max, D]."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache_k is not None:
-            cache_k.index_copy_(2, cache_position, k.to(cache_k.dtype))
-            cache_v.index_copy_(2, cache_position, v.to(cache_v.dtype))
-            k, v = cache_k, cache_v  # [B, Hkv, T_max, D]
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            # [B_cache, T_max, Hkv, D] views: (row, slot) index pairs select [B, T, Hkv, D]
+            cache_k.transpose(1, 2).index_put_((write.rows, write.slots), k.transpose(1, 2).to(cache_k.dtype))
+            cache_v.transpose(1, 2).index_put_((write.rows, write.slots), v.transpose(1, 2).to(cache_v.dtype))
+            if write.read_len is not None:
+                k, v = cache_k[:, :, : write.read_len], cache_v[:, :, : write.read_len]  # [B, Hkv, S, D]
         out = attention(q, k, v, mask, self.scale, self.logit_cap)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -116,8 +138,8 @@ class GemmaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(H, eps, **dd)
             self.post_feedforward_layernorm = RMSNorm(H, eps, **dd)
 
-    def forward(self, x, cos, sin, mask, cache_k=None, cache_v=None, cache_position=None):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, cache_position)
+    def forward(self, x, cos, sin, mask, layer_cache=None, write: CacheWrite | None = None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, write)
         if not self.post_norms:
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -149,25 +171,24 @@ class GemmaDecoder(nn.Module):
         x: torch.Tensor,  # [B, T, H] input embeddings
         positions: torch.Tensor,  # [B, T] RoPE positions
         block: torch.Tensor,  # [B, T] attention block numbers (see module docstring)
-        cache: KVCache | None = None,
-        cache_position: torch.Tensor | None = None,  # [T] cache slots written by this call
+        write: CacheWrite | None = None,  # where this call's k/v go, and what attention reads
     ) -> torch.Tensor:
         cfg = self.config
         T = x.shape[1]
-        if cache is None:
+        if write is None or write.read_len is None:
             q_index = k_index = torch.arange(T, device=x.device)
             k_block = block
         else:
-            cache.block.index_copy_(1, cache_position, block.to(torch.int32))
-            q_index, k_index = cache_position, torch.arange(cache.max_len, device=x.device)
-            k_block = cache.block
+            q_index, k_index = write.slots, torch.arange(write.read_len, device=x.device)  # [B, T], [S]
+        if write is not None:
+            write.cache.block.index_put_((write.rows, write.slots), block.to(torch.int32))
+            if write.read_len is not None:
+                k_block = write.cache.block[:, : write.read_len]  # [B, S]
         mask_full = build_mask(block, k_block, q_index, k_index, None)
         mask_sliding = build_mask(block, k_block, q_index, k_index, cfg.sliding_window) if cfg.sliding_window else None
         cos, sin = rope_tables(positions, self.inv_freq(x.device), x.dtype)
         for i, layer in enumerate(self.layers):
             mask = mask_sliding if mask_sliding is not None and cfg.is_sliding(i) else mask_full
-            if cache is None:
-                x = layer(x, cos, sin, mask)
-            else:
-                x = layer(x, cos, sin, mask, cache.k[i], cache.v[i], cache_position)
+            layer_cache = None if write is None else (write.cache.k[i], write.cache.v[i])
+            x = layer(x, cos, sin, mask, layer_cache, write)
         return self.norm(x)

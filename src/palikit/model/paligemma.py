@@ -73,8 +73,6 @@ class PaliGemmaModel(nn.Module):
         attention_mask: torch.Tensor | None = None,  # [B, T] 1 = real token, 0 = padding
         ar_mask: torch.Tensor | None = None,  # [B, T] 0 = prefix (bidirectional), 1 = suffix (causal)
         positions: torch.Tensor | None = None,  # [B, T]; default: 1-based over real tokens
-        cache: KVCache | None = None,
-        cache_position: torch.Tensor | None = None,  # [T] slots this call writes
         block: torch.Tensor | None = None,  # [B, T] overrides the blocks derived from the masks
         logits_to_keep: int = 0,  # 0 = all positions, n = only the last n
         return_hidden: bool = False,
@@ -92,9 +90,7 @@ class PaliGemmaModel(nn.Module):
         default_positions, default_block = positions_and_blocks(valid, ar_mask)
         positions = default_positions if positions is None else positions
         block = default_block if block is None else block
-        if cache is not None and cache_position is None:
-            cache_position = torch.arange(T, device=dev)
-        h = self.language_model(x, positions, block, cache, cache_position)
+        h = self.language_model(x, positions, block)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if return_hidden:

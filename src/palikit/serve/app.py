@@ -1,5 +1,5 @@
 """The FastAPI app: `create_app(pg, settings)` -> task endpoints, OpenAI-compatible chat, health,
-metrics and the browser playground, in front of one `PaliGemma` and one micro-batcher.
+metrics and the browser playground, in front of one `PaliGemma` and its continuous-batching engine.
 
 Images come only as bytes: a multipart upload, base64 or a data URL. The server never fetches a
 URL and never opens a path a client names. Every limit (body bytes, image bytes, image pixels read
@@ -30,7 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import openai_compat
-from .batcher import MicroBatcher, QueueFull, Stopped
+from .batcher import EngineFront, QueueFull, Stopped
 from .images import decode_image, image_bytes_from_string
 from .metrics import Metrics
 from .schemas import (TASK_REQUESTS, ApiError, ChatRequest, GenOptions, Options, ServerSettings, bad_request,
@@ -63,9 +63,8 @@ class State:
         self.settings = settings
         self.metrics = Metrics()
         self.ready = False
-        self.batcher = MicroBatcher(self._run_batch, max_batch_size=settings.max_batch_size,
-                                    max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-                                    on_batch=self.metrics.observe_batch, on_depth=self.metrics.queue_depth.set)
+        self.batcher = EngineFront(pg, max_slots=settings.max_batch_size, max_queue=settings.max_queue,
+                                   on_done=self._done)
         self.name = getattr(pg, "name", "paligemma")
         from ..api import MAX_PROMPT_TOKENS
 
@@ -76,12 +75,8 @@ class State:
     async def decode(self, data: bytes, param: str = "image"):
         return await anyio.to_thread.run_sync(decode_image, data, self.settings, param, limiter=self.decode_limiter)
 
-    def _run_batch(self, key: GenOptions, items: list[Item]) -> list[Any]:
-        labels = [it.labels for it in items]
-        results = self.pg.predict_batch([it.image for it in items], [it.prompt for it in items], labels=labels,
-                                        batch_size=len(items), **key.as_kwargs())
-        self.metrics.tokens.inc(sum(len(r.tokens) for r in results))
-        return results
+    def _done(self, result, seconds: float) -> None:
+        self.metrics.observe_generation(len(result.tokens), seconds)
 
     def prompt_tokens(self, prompt: str, param: str = "prompt") -> int:
         s = self.settings
@@ -96,9 +91,10 @@ class State:
             raise bad_request(f"prompt is {n} tokens; the limit is {self.max_prompt_tokens}.", param)
         return n
 
-    async def run(self, opts: GenOptions, item: Item) -> Any:
+    async def run(self, opts: GenOptions, item: Item, on_text=None, timeout_s: float | None = None) -> Any:
         try:
-            return await self.batcher.submit(opts, item, self.settings.request_timeout_s)
+            return await self.batcher.run(item.image, item.prompt, item.labels, opts.as_kwargs(),
+                                          timeout_s or self.settings.request_timeout_s, on_text)
         except QueueFull as e:
             raise ApiError(503, "overloaded", "the server is busy (request queue full); retry shortly.",
                            headers={"Retry-After": str(e.retry_after_s)}) from None
@@ -347,6 +343,9 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics.", response_class=PlainTextResponse)
     async def metrics():
         state.metrics.queue_depth.set(state.batcher.depth)
+        engine = getattr(pg, "engine", None)
+        if engine is not None:
+            state.metrics.observe_engine(engine.scheduler.stats())
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     @app.get("/", include_in_schema=False)
@@ -420,9 +419,10 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
             n = len(result.tokens)
             return openai_compat.completion(cid, state.name, result.text, "length" if n >= mnt else "stop",
                                             openai_compat.usage(n_prompt, n))
-        if state.batcher.depth >= settings.max_queue:
-            raise ApiError(503, "overloaded", "the server is busy (request queue full); retry shortly.",
-                           headers={"Retry-After": str(state.batcher.retry_after())})
+        try:
+            state.batcher.admit()
+        except (QueueFull, Stopped) as e:
+            raise openai_compat.stream_error(e, state) from None
         return StreamingResponse(openai_compat.stream(state, cid, image, call, opts, n_prompt), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -448,14 +448,14 @@ def _image_tokens(pg) -> int:
 
 
 async def _warmup(state: State) -> None:
-    """One tiny prediction through the batcher (compiles / allocates), then ready."""
+    """One tiny prediction through the engine (allocates the cache; compiles the step when asked), then ready."""
     if state.settings.warmup:
         from PIL import Image
 
         opts = gen_options(Options(max_new_tokens=2), state.settings)
         try:
-            await state.batcher.submit(opts, Item(Image.new("RGB", (32, 32), (128, 128, 128)), "caption en", None),
-                                       state.settings.request_timeout_s * 5)
+            await state.run(opts, Item(Image.new("RGB", (32, 32), (128, 128, 128)), "caption en", None),
+                            timeout_s=state.settings.request_timeout_s * 5)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -17,8 +17,8 @@ mapping, documented for users of OpenAI clients:
 - finish_reason is "length" when the token budget ran out, else "stop". usage counts image tokens
   as prompt tokens.
 - `stream: true` sends Server-Sent Events (`chat.completion.chunk`, then `data: [DONE]`), one chunk per
-  generated token, from `PaliGemma.stream` on the model thread; a client that disconnects stops the
-  generation. `stream_options.include_usage` adds the usage chunk. An error after the stream started
+  new piece of text, decoded on the continuous-batching engine with every other request; a client
+  that disconnects frees its slot at the next step. `stream_options.include_usage` adds the usage chunk. An error after the stream started
   arrives as one `data: {"error": ...}` event.
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -133,51 +132,48 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------ streaming
 async def stream(state, cid: str, image, call, opts, n_prompt: int):
-    """SSE chunks of an OpenAI streaming chat completion; generation runs on the model thread."""
+    """SSE chunks of an OpenAI streaming chat completion: the request decodes on the engine with
+    everything else, and each new piece of text (incremental detokenization) becomes a chunk."""
+    from .app import Item
+
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
-    cancel = threading.Event()
-    kwargs = {k: v for k, v in opts.as_kwargs().items() if k not in ("coord_denominator", "dedupe_iou", "num_beams")}
-
-    def work() -> int:
-        n = 0
-        for piece in state.pg.stream(image, call.prompt, **kwargs):
-            if cancel.is_set():
-                break
-            n += 1
-            loop.call_soon_threadsafe(pieces.put_nowait, piece)
-        return n
-
+    on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)  # noqa: E731 - engine thread
     created = int(time.time())
-    job = asyncio.ensure_future(state.batcher.submit(None, work, state.settings.request_timeout_s))
+    job = asyncio.ensure_future(state.run(opts, Item(image, call.prompt, None), on_text))
+    sent = []
     try:
         yield chunk(cid, state.name, created, {"role": "assistant", "content": ""})
         while True:
             get = asyncio.ensure_future(pieces.get())
             done, _ = await asyncio.wait({get, job}, return_when=asyncio.FIRST_COMPLETED)
             if get in done:
-                yield chunk(cid, state.name, created, {"content": get.result()})
+                sent.append(get.result())
+                yield chunk(cid, state.name, created, {"content": sent[-1]})
                 continue
             get.cancel()
             while not pieces.empty():
-                yield chunk(cid, state.name, created, {"content": pieces.get_nowait()})
+                sent.append(pieces.get_nowait())
+                yield chunk(cid, state.name, created, {"content": sent[-1]})
             break
         try:
-            n = job.result()
+            result = job.result()
         except Exception as e:  # noqa: BLE001
-            err = stream_error(e, state)
+            err = e if isinstance(e, ApiError) else stream_error(e, state)
             yield f"data: {json.dumps(err.body())}\n\n"
             return
-        state.metrics.tokens.inc(n)
+        streamed = "".join(sent)
+        if result.text != streamed and result.text.startswith(streamed):  # held-back tail (or beam search)
+            yield chunk(cid, state.name, created, {"content": result.text[len(streamed):]})
+        n = len(result.tokens)
         finish = "length" if n >= opts.max_new_tokens else "stop"
         yield chunk(cid, state.name, created, {}, finish)
         if call.include_usage:
             yield chunk(cid, state.name, created, {}, usage=usage(n_prompt, n), empty_choices=True)
         yield "data: [DONE]\n\n"
     finally:
-        cancel.set()
         if not job.done():
-            job.cancel()
+            job.cancel()  # the client went away: the engine frees its slot
 
 
 def stream_error(e: BaseException, state) -> ApiError:

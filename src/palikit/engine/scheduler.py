@@ -1,0 +1,319 @@
+"""Continuous batching: one scheduler thread owns the model and runs every generation.
+
+Requests wait in one bounded FIFO. Between decode steps the scheduler admits as many as there are
+free slots (and `max_prefill_tokens` allows): their images go through the vision tower as one batch
+(cached by content), their prompts through one batched prefill into the free cache rows, and their
+first tokens are sampled. Then one decode step advances every live slot; a sequence that produced
+a stop token or reached its `max_new_tokens` is finished and its slot freed at once, so a short
+request never waits for a long one. Each request has its own options (greedy or seeded sampling,
+token budget, stop ids) and its own random stream, so its tokens do not depend on its batch mates.
+
+Consumers: `Engine.generate` (a whole batch, then wait), `PaliGemma.submit` / `predict_batch` /
+`stream`, the HTTP server and eval/Ray through them. `on_token(token_id, logprob)` is called on
+the scheduler thread for each generated token (streaming). Anything else that must use the model
+(beam search) runs through `call(fn)`, between steps, on the same thread: the model is never
+entered by two threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .features import FeatureCache, encode_requests
+from .request import Generation
+from .sampling import row_sampling, sample_rows
+from .slots import SlotBatch
+
+log = logging.getLogger("palikit.engine")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"the generation queue is full; retry after {retry_after_s}s")
+        self.retry_after_s = retry_after_s
+
+
+class Closed(Exception):
+    """The scheduler was shut down."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One submitted request: its future (-> Generation), timestamps (perf_counter) and tokens so far."""
+
+    request: object
+    options: object
+    on_token: Callable[[int, float], None] | None
+    stop_ids: frozenset
+    seed: int
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_admitted: float | None = None
+    t_first_token: float | None = None
+    t_done: float | None = None
+    tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    steps: int = 0
+    stopped: bool = False  # ended by a stop token (not by its token budget)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Stop it: dropped from the queue, or its slot freed at the next step."""
+        self.cancelled = True
+
+    def result(self, timeout: float | None = None):
+        return self.future.result(timeout)
+
+
+class Scheduler:
+    def __init__(self, engine, *, max_slots: int = 16, max_len: int = 512, max_queue: int = 1024,
+                 max_prefill_tokens: int = 8192, image_cache_bytes: int = 256 * 2**20, compile: bool = False):
+        if max_slots < 1 or max_queue < 1:
+            raise ValueError("max_slots and max_queue must be >= 1")
+        self.engine = engine
+        self.max_slots = max_slots
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        self.image_cache = FeatureCache(image_cache_bytes)
+        self._batch_args = (max_slots, max_len, compile)
+        self.batch: SlotBatch | None = None  # allocated on the scheduler thread
+        self._queue: collections.deque[Ticket] = collections.deque()
+        self._calls: collections.deque = collections.deque()
+        self._live: dict[int, Ticket] = {}
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._service_s = 0.5  # moving average of one request's time in the engine, for Retry-After
+        self.tokens_generated = 0
+        self.requests_done = 0
+        self.decode_steps = 0
+        self.decode_slot_steps = 0  # live slots summed over decode steps (mean occupancy = this / steps)
+
+    # ------------------------------------------------------------------------------ public
+    def submit(self, request, options, on_token=None) -> Ticket:
+        """Queue one request (thread-safe, returns at once). Raises QueueFull when the queue is full."""
+        stop = frozenset(() if options.ignore_eos else (*self.engine.eos_ids, *options.stop_ids))
+        seed = options.sampling.seed if options.sampling.seed is not None else random.getrandbits(63)
+        ticket = Ticket(request, options, on_token, stop, seed)
+        with self._cv:
+            if self._closed:
+                raise Closed("the engine is shut down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(self.retry_after())
+            self._queue.append(ticket)
+            self._ensure_thread()
+            self._cv.notify()
+        return ticket
+
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run `fn()` on the scheduler thread between two steps (beam search, warm-up)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._closed:
+                raise Closed("the engine is shut down")
+            self._calls.append((fn, fut))
+            self._ensure_thread()
+            self._cv.notify()
+        return fut
+
+    def retry_after(self) -> int:
+        waves = len(self._queue) / self.max_slots + 1
+        return max(1, math.ceil(waves * self._service_s))
+
+    def stats(self) -> dict:
+        c = self.image_cache
+        lookups = c.hits + c.misses
+        return {"live_slots": len(self._live), "max_slots": self.max_slots, "queued": len(self._queue),
+                "tokens_generated": self.tokens_generated, "requests_done": self.requests_done,
+                "decode_steps": self.decode_steps, "decode_slot_steps": self.decode_slot_steps,
+                "image_cache_hits": c.hits, "image_cache_misses": c.misses,
+                "image_cache_hit_rate": c.hits / lookups if lookups else 0.0, "image_cache_bytes": c.bytes}
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------------------ loop
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="palikit-engine", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            if self.batch is None:
+                self.batch = SlotBatch(self.engine.model, *self._batch_args)
+            while True:
+                with self._cv:
+                    while not (self._queue or self._calls or self._live or self._closed):
+                        self._cv.wait()
+                    if self._closed:
+                        self._fail_all(Closed("the engine is shut down"))
+                        return
+                    calls = list(self._calls)
+                    self._calls.clear()
+                    admit = self._take()
+                for fn, fut in calls:
+                    _run_call(fn, fut)
+                if admit:
+                    self._admit(admit)
+                if self._live:
+                    self._decode()
+
+    def _take(self) -> list[Ticket]:
+        """Queued tickets for the free slots, oldest first, within the prefill token budget."""
+        free = self.max_slots - len(self._live)
+        out, tokens = [], 0
+        while self._queue and len(out) < free:
+            t = self._queue[0]
+            if t.cancelled:
+                self._queue.popleft()
+                t.future.cancel()
+                continue
+            n = self._prompt_len(t.request)
+            if out and tokens + n > self.max_prefill_tokens:
+                break
+            out.append(self._queue.popleft())
+            tokens += n
+        return out
+
+    def _prompt_len(self, request) -> int:
+        n_img = 0
+        if request.image_features is not None:
+            n_img = request.image_features.shape[0]
+        elif request.pixel_values is not None:
+            n_img = request.pixel_values.shape[0] * self.engine.model.config.vision.num_image_tokens
+        return n_img + len(request.text_ids)
+
+    def _admit(self, tickets: list[Ticket]) -> None:
+        try:
+            self._prefill(tickets)
+        except Exception as e:  # noqa: BLE001 - one bad request must not fail its batch mates
+            if len(tickets) == 1:
+                self._finish(tickets[0], error=e)
+                return
+            log.info("prefill of %d requests failed (%s); admitting them one by one", len(tickets), type(e).__name__)
+            for t in tickets:
+                self._admit([t])
+
+    def _prefill(self, tickets: list[Ticket]) -> None:
+        batch = self.batch
+        now = time.perf_counter()
+        for t in tickets:
+            t.t_admitted = now
+        encode_requests(self.engine.model, [t.request for t in tickets], self.image_cache)
+        rows = [r for r in range(self.max_slots) if r not in self._live][: len(tickets)]
+        try:
+            logits = batch.prefill(rows, [t.request for t in tickets])
+            sampling = row_sampling([t.options.sampling for t in tickets], [t.seed for t in tickets],
+                                    batch.vocab, batch.device)
+            tokens, logprobs = sample_rows(logits, sampling)
+            sampling.counter += 1
+            batch.set_tokens(rows, tokens)
+            batch.set_sampling(rows, sampling)
+        except Exception:
+            batch.release(rows)
+            raise
+        for row, t in zip(rows, tickets):
+            self._live[row] = t
+        self._deliver(dict(zip(rows, zip(tokens.tolist(), logprobs.tolist()))))
+
+    def _decode(self) -> None:
+        sample = any(not t.options.sampling.greedy for t in self._live.values())
+        tokens, logprobs = self.batch.step(sample)
+        self.decode_steps += 1
+        self.decode_slot_steps += len(self._live)
+        toks, lps = tokens.tolist(), logprobs.tolist()  # one host sync per step
+        self._deliver({row: (toks[row], lps[row]) for row in self._live})
+
+    def _deliver(self, outputs: dict[int, tuple[int, float]]) -> None:
+        now = time.perf_counter()
+        done = []
+        for row, (tok, lp) in outputs.items():
+            t = self._live[row]
+            if t.cancelled or t.future.done():  # cancelled by its consumer (or its future was)
+                done.append(row)
+                continue
+            t.steps += 1
+            self.tokens_generated += 1
+            if t.t_first_token is None:
+                t.t_first_token = now
+            stop = tok in t.stop_ids
+            if not stop:
+                t.tokens.append(tok)
+                t.logprobs.append(lp)
+                if t.on_token is not None:
+                    try:
+                        t.on_token(tok, lp)
+                    except Exception as e:  # noqa: BLE001 - a broken consumer ends its own request only
+                        t.cancelled = True
+                        settle_future(t.future, error=e)
+            if stop or t.steps >= t.options.max_new_tokens:
+                t.stopped = stop
+                done.append(row)
+        if done:
+            self.batch.release(done)
+            for row in done:
+                self._finish(self._live.pop(row))
+
+    def _finish(self, t: Ticket, error: BaseException | None = None) -> None:
+        t.t_done = time.perf_counter()
+        self.requests_done += 1
+        self._service_s = 0.9 * self._service_s + 0.1 * (t.t_done - (t.t_admitted or t.t_submit))
+        if error is not None:
+            settle_future(t.future, error=error)
+        elif t.cancelled:
+            t.future.cancel()
+        else:
+            settle_future(t.future, Generation(t.tokens, t.logprobs, t.stopped, _timings(t)))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for t in list(self._queue) + list(self._live.values()):
+            settle_future(t.future, error=error)
+        self._queue.clear()
+        self._live.clear()
+        for _, fut in self._calls:
+            settle_future(fut, error=error)
+        self._calls.clear()
+
+
+def settle_future(fut: concurrent.futures.Future, result=None, error: BaseException | None = None) -> None:
+    """Complete a future unless its consumer already cancelled it (from another thread)."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _run_call(fn, fut: concurrent.futures.Future) -> None:
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001
+        settle_future(fut, error=e)
+    else:
+        settle_future(fut, result)
+
+
+def _timings(t: Ticket) -> dict[str, float]:
+    first = t.t_first_token or t.t_done
+    n_decode = max(t.steps - 1, 1)
+    return {"queue_ms": ((t.t_admitted or t.t_submit) - t.t_submit) * 1e3,
+            "prefill_ms": (first - (t.t_admitted or t.t_submit)) * 1e3,
+            "decode_ms": (t.t_done - first) * 1e3,
+            "decode_step_ms": (t.t_done - first) * 1e3 / n_decode}

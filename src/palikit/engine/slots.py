@@ -1,0 +1,209 @@
+"""The decode batch of the continuous-batching engine: a static KV cache with a fixed number of rows
+("slots"), each holding one sequence with its own write position, RoPE position and sampling state.
+
+- `prefill(rows, requests)` runs new prompts (right-padded, one batched forward over their own
+  tokens) and stores their keys/values into the given rows; the rest of the batch is untouched.
+- `step()` decodes one token for every slot at once: each row writes at its own slot index and
+  attends to the first `read_len` cache slots, a power-of-two length bucket, so the step has static
+  shapes (slot count, bucket) and compiles once per bucket (CUDA graphs on GPU). Free rows compute
+  too (that is what keeps shapes static) but never advance and are never read.
+- `decode_logits()` / `reorder()` are the pieces beam search builds on.
+
+Positions count real tokens only and padding carries `PAD_BLOCK`, so a sequence gives the same
+tokens whatever shares the batch (tested against the same request alone).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import CacheWrite, PaliGemmaModel
+from ..model.gemma import positions_and_blocks
+from .sampling import RowSampling, sample_rows
+
+DECODE_BLOCK = 2**20  # decode tokens' block base: above any prompt block, below PAD_BLOCK
+MIN_BUCKET = 64
+
+
+def length_bucket(n: int) -> int:
+    """The smallest power-of-two multiple of MIN_BUCKET that holds n cache slots."""
+    b = MIN_BUCKET
+    while b < n:
+        b *= 2
+    return b
+
+
+class SlotBatch:
+    """`n_slots` sequences decoding together over one static cache of `max_len` slots per row."""
+
+    def __init__(self, model: PaliGemmaModel, n_slots: int, max_len: int, compile: bool = False):
+        self.model = model
+        self.n_slots = n_slots
+        w = model.language_model.embed_tokens.weight
+        self.device = w.device
+        self.vocab = model.config.output_vocab_size
+        self.cache = model.new_cache(n_slots, length_bucket(max_len))
+        z = lambda dtype=torch.int64: torch.zeros(n_slots, dtype=dtype, device=self.device)  # noqa: E731
+        self.tokens = z()  # next input token of each row
+        self.positions = z()  # its RoPE position
+        self.write = z()  # the cache slot it writes
+        self.live = z(torch.bool)
+        self.sampling = RowSampling(z(torch.float32), torch.full_like(z(), self.vocab), torch.ones_like(z(torch.float32)),
+                                    z(), z())
+        self.host_write = [0] * n_slots  # host mirrors of `write` and `live` (no device sync per step)
+        self.host_live = [False] * n_slots
+        self._rows = torch.arange(n_slots, device=self.device)[:, None]  # [S, 1]
+        self._graphs = compile and self.device.type == "cuda"
+        self._greedy_step, self._sample_step, self._decode = self._greedy_impl, self._sample_impl, self._decode_impl
+        if compile:
+            # CUDA graphs on GPU ("reduce-overhead"); fused C++ kernels on CPU
+            mode = "reduce-overhead" if self._graphs else None
+            opts = dict(mode=mode, fullgraph=True, dynamic=False)
+            self._greedy_step = torch.compile(self._greedy_impl, **opts)
+            self._sample_step = torch.compile(self._sample_impl, **opts)
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def grow(self, max_len: int) -> None:
+        """Reallocate the cache to hold `max_len` slots per row, keeping what is written."""
+        old = self.cache
+        self.cache = self.model.new_cache(self.n_slots, length_bucket(max_len))
+        n = old.max_len
+        self.cache.k[:, :, :, :n].copy_(old.k)
+        self.cache.v[:, :, :, :n].copy_(old.v)
+        self.cache.block[:, :n].copy_(old.block)
+
+    # ------------------------------------------------------------------------------ prefill
+    def _pack(self, requests):
+        """Right-padded [image][text] rows: ids, autoregressive flags, validity [k, P]; lengths [k]."""
+        img_id = self.model.config.image_token_index
+        rows = []
+        for r in requests:
+            n_img = 0 if r.image_features is None else r.image_features.shape[0]
+            ar = [0] * n_img + (list(r.ar_mask) if r.ar_mask is not None else [0] * len(r.text_ids))
+            rows.append(([img_id] * n_img + list(r.text_ids), ar))
+        P, k = max(len(ids) for ids, _ in rows), len(rows)
+        ids = torch.full((k, P), self.model.config.pad_token_id, dtype=torch.long)
+        ar = torch.zeros(k, P, dtype=torch.int32)
+        valid = torch.zeros(k, P, dtype=torch.bool)
+        for b, (row_ids, row_ar) in enumerate(rows):
+            ids[b, : len(row_ids)] = torch.tensor(row_ids)
+            ar[b, : len(row_ar)] = torch.tensor(row_ar, dtype=torch.int32)
+            valid[b, : len(row_ids)] = True
+        lengths = torch.tensor([len(r) for r, _ in rows])
+        dev = self.device
+        return ids.to(dev), ar.to(dev), valid.to(dev), lengths.to(dev)
+
+    def prefill(self, rows: list[int], requests) -> torch.Tensor:
+        """Run `requests` into cache `rows` (any previous content is dropped); logits [k, V] (fp32)
+        at each prompt's last token. The rows' next input token is set with `set_tokens`."""
+        ids, ar, valid, lengths = self._pack(requests)
+        k, P = ids.shape
+        if int(lengths.max()) > self.max_len:
+            self.grow(int(lengths.max()))
+        feats = [r.image_features.reshape(-1, r.image_features.shape[-1]) for r in requests if r.image_features is not None]
+        image_features = torch.cat(feats)[None].to(self.device, self.cache.k.dtype) if feats else None
+        row_t = torch.tensor(rows, device=self.device)
+        self.cache.reset(row_t)
+        positions, block = positions_and_blocks(valid, ar)
+        write = CacheWrite(self.cache, row_t[:, None].expand(k, P), torch.arange(P, device=self.device)[None].expand(k, P))
+        x = self.model.embed_inputs(ids, image_features)
+        h = self.model.language_model(x, positions, block, write)  # [k, P, H]
+        last = lengths - 1
+        logits = self.model.logits(h[torch.arange(k, device=self.device), last]).float()  # [k, V]
+        self.positions[row_t] = positions[torch.arange(k, device=self.device), last] + 1
+        self.write[row_t] = lengths
+        self.live[row_t] = True
+        for r, n in zip(rows, lengths.tolist()):
+            self.host_write[r], self.host_live[r] = n, True
+        return logits
+
+    def set_tokens(self, rows: list[int], tokens: torch.Tensor) -> None:
+        self.tokens[torch.tensor(rows, device=self.device)] = tokens.to(self.device)
+
+    def set_sampling(self, rows: list[int], s: RowSampling) -> None:
+        """Per-row sampling state for `rows` (counter = tokens already generated)."""
+        r = torch.tensor(rows, device=self.device)
+        for name in ("temperature", "top_k", "top_p", "seed", "counter"):
+            getattr(self.sampling, name)[r] = getattr(s, name).to(self.device)
+
+    def release(self, rows: list[int]) -> None:
+        """Free rows: they stop advancing and what they wrote is never attended again."""
+        r = torch.tensor(rows, device=self.device)
+        self.live[r] = False
+        self.write[r] = 0
+        self.cache.reset(r)
+        for row in rows:
+            self.host_write[row], self.host_live[row] = 0, False
+
+    # ------------------------------------------------------------------------------ decode
+    def _decode_impl(self, tokens, positions, write, cache, read_len: int):
+        """tokens/positions/write [S] -> logits [S, V] (fp32); writes each row's k/v at its slot."""
+        lm = self.model.language_model
+        x = lm.embed(tokens[:, None])  # [S, 1, H]
+        block = (write + DECODE_BLOCK).to(torch.int32)[:, None]  # [S, 1]: causal over decode tokens
+        h = lm(x, positions[:, None], block, CacheWrite(cache, self._rows, write[:, None], read_len))
+        return self.model.logits(h)[:, -1].float()
+
+    def _greedy_impl(self, tokens, positions, write, live, cache, read_len: int):
+        logits = self._decode_impl(tokens, positions, write, cache, read_len)
+        nxt = logits.argmax(dim=-1)
+        logprob = (logits.gather(-1, nxt[:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True))[:, 0]
+        step = live.long()
+        return nxt, logprob, positions + step, write + step
+
+    def _sample_impl(self, tokens, positions, write, live, cache, temperature, top_k, top_p, seed, counter,
+                     read_len: int):
+        logits = self._decode_impl(tokens, positions, write, cache, read_len)
+        nxt, logprob = sample_rows(logits, RowSampling(temperature, top_k, top_p, seed, counter))
+        step = live.long()
+        return nxt, logprob, positions + step, write + step, counter + step
+
+    def _read_len(self) -> int:
+        need = max((w for w, on in zip(self.host_write, self.host_live) if on), default=0) + 1
+        if need > self.max_len:
+            self.grow(need)
+        return min(length_bucket(need), self.max_len)
+
+    def step(self, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode one token for every slot (live rows advance). sample=False: all rows greedy.
+        Returns (tokens [S], logprobs [S]) on the device; free rows' values are meaningless."""
+        read_len = self._read_len()
+        if sample:
+            sm = self.sampling
+            nxt, lp, pos, wr, counter = self._sample_step(self.tokens, self.positions, self.write, self.live, self.cache,
+                                                          sm.temperature, sm.top_k, sm.top_p, sm.seed, sm.counter, read_len)
+            self.sampling.counter.copy_(counter)
+        else:
+            nxt, lp, pos, wr = self._greedy_step(self.tokens, self.positions, self.write, self.live, self.cache, read_len)
+        if self._graphs:  # CUDA-graph outputs are overwritten by the next replay
+            nxt, lp = nxt.clone(), lp.clone()
+        self.tokens.copy_(nxt)
+        self.positions.copy_(pos)
+        self.write.copy_(wr)
+        self._advance_host()
+        return nxt, lp
+
+    def _advance_host(self) -> None:
+        for r, on in enumerate(self.host_live):
+            self.host_write[r] += on
+
+    def decode_logits(self) -> torch.Tensor:
+        """Beam search's step: logits [S, V] for every row's next token; live rows advance."""
+        logits = self._decode(self.tokens, self.positions, self.write, self.cache, self._read_len())
+        step = self.live.long()
+        self.positions += step
+        self.write += step
+        self._advance_host()
+        return logits
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i takes the state of row rows[i] (beam search follows its best continuations)."""
+        self.cache.select_rows(rows)
+        for t in (self.tokens, self.positions, self.write, self.live):
+            t.copy_(t.index_select(0, rows))
+        order = rows.tolist()
+        self.host_write = [self.host_write[r] for r in order]
+        self.host_live = [self.host_live[r] for r in order]
