@@ -32,19 +32,21 @@ def bench(
     from ..runtime import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
+    console = Console(stderr=True)
     report = run_bench(
         get_config(model), batch_sizes=tuple(int(b) for b in batch_sizes.split(",")), new_tokens=new_tokens,
         prompt_len=prompt_len, repeats=repeats, device=dev, dtype=resolve_dtype(dtype, dev),
-        compare_transformers=transformers, compile=compile,
+        compare_transformers=transformers, compile=compile, log=lambda m: console.log(m),
     )
     table = Table("engine", "batch", "prefill ms", "ms / decode step", "images/s",
-                  title=f"{report['model']} on {report['device']} ({report['dtype']}, {new_tokens} new tokens)")
+                  title=f"{report['model']} on {report['device']} ({report['dtype']}, {report['torch_threads']} torch "
+                        f"threads, {new_tokens} new tokens; prefill and decode step per batch, images/s total)")
     for r in report["rows"]:
         table.add_row(r["engine"], str(r["batch_size"]), f"{r['prefill_ms']:.2f}", f"{r['decode_step_ms']:.3f}",
                       f"{r['images_per_s']:.1f}")
-    Console(stderr=True).print(table)
+    console.print(table)
     for b, ratio in report["speedup_vs_transformers"].items():
-        Console(stderr=True).print(f"batch {b}: decode step {ratio['decode_step_speedup']:.1f}x faster, "
+        console.print(f"batch {b}: decode step {ratio['decode_step_speedup']:.1f}x faster, "
                                    f"images/s {ratio['images_per_s_ratio']:.1f}x")
     del torch
     print(json.dumps(report))

@@ -63,21 +63,24 @@ def _prompt(config: PaliGemmaConfig, prompt_len: int) -> list[int]:
     return [config.bos_token_id] + [min(100 + i, config.output_vocab_size - 1) for i in range(prompt_len - 2)] + [config.bos_token_id + 1]
 
 
-def bench_palikit(model, batch_sizes, new_tokens, prompt_len, repeats, compile=False) -> list[BenchRow]:
+def bench_palikit(model, batch_sizes, new_tokens, prompt_len, repeats, compile=False, log=None) -> list[BenchRow]:
+    """B requests submitted together to an engine with max(batch_sizes) slots: B live slots decode
+    together (pixels in: the vision tower runs every time, no feature cache)."""
     cfg = model.config
     dev = model.language_model.embed_tokens.weight.device
-    engine = Engine(model, compile=compile)
+    engine = Engine(model, compile=compile, max_slots=max(batch_sizes), max_len=cfg.vision.num_image_tokens
+                    + prompt_len + new_tokens)
     text = _prompt(cfg, prompt_len)
     S = cfg.vision.image_size
     rows = []
     for B in batch_sizes:
-        pv = torch.rand(B, 3, S, S, device=dev) * 2 - 1
+        pv = torch.rand(B, 1, 3, S, S, device=dev) * 2 - 1
+        if log:
+            log(f"palikit, {B} live slots: warm-up{' (compiling the step)' if compile else ''}, then {repeats} timed runs")
 
         def run(n):
             def go():
-                with torch.inference_mode():
-                    feats = model.embed_images(pv.to(model.vision_tower.embeddings.patch_embedding.weight.dtype))
-                    engine.generate([Request(text, feats[b]) for b in range(B)], GenerationOptions(n, ignore_eos=True))
+                engine.generate([Request(text, pixel_values=pv[b]) for b in range(B)], GenerationOptions(n, ignore_eos=True))
             return go
 
         t1 = _timed(run(1), dev, repeats)
@@ -109,7 +112,7 @@ def hf_model_from(model: PaliGemmaModel):
     return hf.eval()
 
 
-def bench_transformers(model, batch_sizes, new_tokens, prompt_len, repeats) -> list[BenchRow]:
+def bench_transformers(model, batch_sizes, new_tokens, prompt_len, repeats, log=None) -> list[BenchRow]:
     hf = hf_model_from(model)
     cfg = model.config
     dev = model.language_model.embed_tokens.weight.device
@@ -119,6 +122,8 @@ def bench_transformers(model, batch_sizes, new_tokens, prompt_len, repeats) -> l
     for B in batch_sizes:
         ids = torch.tensor([[cfg.image_token_index] * N + text] * B, device=dev)
         pv = (torch.rand(B, 3, cfg.vision.image_size, cfg.vision.image_size, device=dev) * 2 - 1).to(model.language_model.embed_tokens.weight.dtype)
+        if log:
+            log(f"transformers generate, batch {B}: warm-up, then {repeats} timed runs")
 
         def run(n):
             def go():
@@ -135,15 +140,16 @@ def bench_transformers(model, batch_sizes, new_tokens, prompt_len, repeats) -> l
 
 
 def run_bench(config: PaliGemmaConfig, *, batch_sizes=(1, 4), new_tokens=32, prompt_len=16, repeats=3,
-              device="cpu", dtype=torch.float32, compare_transformers=True, compile=False) -> dict:
+              device="cpu", dtype=torch.float32, compare_transformers=True, compile=False, log=None) -> dict:
+    """`log(message)` is called before each phase (progress on a long run)."""
     torch.manual_seed(0)
     model = random_model(config, device, dtype)
-    rows = bench_palikit(model, batch_sizes, new_tokens, prompt_len, repeats, compile)
+    rows = bench_palikit(model, batch_sizes, new_tokens, prompt_len, repeats, compile, log)
     hf_rows: list[BenchRow] = []
     hf_error = None
     if compare_transformers:
         try:
-            hf_rows = bench_transformers(model, batch_sizes, new_tokens, prompt_len, repeats)
+            hf_rows = bench_transformers(model, batch_sizes, new_tokens, prompt_len, repeats, log)
         except ImportError:
             hf_error = "transformers not installed"
     ratios = {}
@@ -160,6 +166,7 @@ def run_bench(config: PaliGemmaConfig, *, batch_sizes=(1, 4), new_tokens=32, pro
         "new_tokens": new_tokens,
         "prompt_tokens": config.vision.num_image_tokens + prompt_len,
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "rows": [asdict(r) for r in rows + hf_rows],
         "speedup_vs_transformers": ratios,
         **({"transformers_error": hf_error} if hf_error else {}),

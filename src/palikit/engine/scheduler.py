@@ -17,6 +17,7 @@ entered by two threads.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import logging
@@ -24,6 +25,7 @@ import math
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +37,13 @@ from .sampling import row_sampling, sample_rows
 from .slots import SlotBatch
 
 log = logging.getLogger("palikit.engine")
+_RUNNING: weakref.WeakSet = weakref.WeakSet()  # schedulers with a live thread: stopped at exit
+
+
+@atexit.register
+def _close_all() -> None:
+    for s in list(_RUNNING):
+        s.close()
 
 
 class QueueFull(Exception):
@@ -98,6 +107,7 @@ class Scheduler:
         self.requests_done = 0
         self.decode_steps = 0
         self.decode_slot_steps = 0  # live slots summed over decode steps (mean occupancy = this / steps)
+        self.on_step: Callable[[int], None] | None = None  # called on the engine thread after each step
 
     # ------------------------------------------------------------------------------ public
     def submit(self, request, options, on_token=None) -> Ticket:
@@ -151,6 +161,7 @@ class Scheduler:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="palikit-engine", daemon=True)
             self._thread.start()
+            _RUNNING.add(self)
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -236,6 +247,8 @@ class Scheduler:
         tokens, logprobs = self.batch.step(sample)
         self.decode_steps += 1
         self.decode_slot_steps += len(self._live)
+        if self.on_step is not None:
+            self.on_step(self.decode_steps)
         toks, lps = tokens.tolist(), logprobs.tolist()  # one host sync per step
         self._deliver({row: (toks[row], lps[row]) for row in self._live})
 
