@@ -113,7 +113,7 @@ def config_from_npz(arrays: dict[str, np.ndarray], source: str = "npz") -> PaliG
         num_attention_heads=N, num_key_value_heads=K, head_dim=D, query_pre_attn_scalar=q_scalar,
         post_norms=gemma2,
         attn_logit_softcapping=50.0 if gemma2 else None,
-        final_logit_softcapping=30.0 if gemma2 else None,
+        final_logit_softcapping=30.0 if gemma2 else None,  # as stored; the load decides (conventions.py)
     )
     base = PRESETS["pg2-3b-224" if gemma2 else "pg1-3b-224"]
     return replace(base, vision=vision, text=text, name=Path(source).stem,
@@ -229,15 +229,35 @@ def state_dict_to_npz(sd: dict[str, torch.Tensor], config: PaliGemmaConfig) -> d
     return {f"params/{k}": x.contiguous().numpy() for k, x in out.items()}
 
 
-def load_npz_checkpoint(path: str | Path, config: PaliGemmaConfig | None = None, device="cpu", dtype=None):
-    """Load a big_vision `.npz` into a PaliGemmaModel (architecture inferred unless `config`)."""
+def npz_image_size(path: str | Path) -> int:
+    """The input resolution of a big_vision `.npz`, from two array shapes (nothing else is read)."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as z:
+            keys = {k.removeprefix("params/"): k for k in z.files}
+            if "img/embedding/kernel" not in keys or "img/pos_embedding" not in keys:
+                raise CheckpointError(f"{path}: no img/embedding/kernel or img/pos_embedding; is this a PaliGemma "
+                                      "big_vision checkpoint?")
+            patch = z[keys["img/embedding/kernel"]].shape[0]
+            n_img = z[keys["img/pos_embedding"]].shape[1]
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable .npz checkpoint ({e}).") from None
+    return int(round(n_img**0.5)) * patch
+
+
+def load_npz_checkpoint(path: str | Path, config: PaliGemmaConfig | None = None, device="cpu", dtype=None, *,
+                        final_logit_softcap="auto", sliding_window="auto"):
+    """Load a big_vision `.npz` into a PaliGemmaModel (architecture inferred unless `config`). The
+    final soft-cap follows the checkpoint's stage, told from its name ("auto"; an `.npz` of unknown
+    stage gets big_vision's no-cap, with one log line: see `weights/conventions.py`); full attention."""
     from ..model import build_model
+    from .conventions import apply_conventions
     from .hf import load_state_dict_into
 
     arrays = read_npz(path)
     inferred = config_from_npz(arrays, str(path))
     if config is None:
-        config = inferred
+        config = apply_conventions(inferred, path, fmt="npz", final_logit_softcap=final_logit_softcap,
+                                   sliding_window=sliding_window)
     sd = npz_to_state_dict(arrays, config, str(path), dtype)
     sd = {k: x.to(device) for k, x in sd.items()}
     model = build_model(config, device="meta")
