@@ -149,6 +149,24 @@ def test_npz_stage_from_name_else_documented_default_with_one_log_line(tmp_path,
     assert load_npz_checkpoint(tmp_path / "ckpt.npz", final_logit_softcap=3.0).config.text.final_logit_softcapping == 3.0
 
 
+def test_info_reads_an_npz_from_its_headers(tmp_path, capsys):
+    from palikit.cli import main
+    from palikit.config import get_config
+    from palikit.weights.big_vision import config_from_npz, read_npz
+
+    model = load_hf_checkpoint(write_hf("pg2", tmp_path / "hf"))
+    arrays = state_dict_to_npz(model.state_dict(), model.config)
+    bf16 = {k: torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view("V2") for k, a in arrays.items()}
+    np.savez(tmp_path / "paligemma2-tiny-mix-28.npz", **bf16)
+    cfg = get_config(tmp_path / "paligemma2-tiny-mix-28.npz")
+    full = config_from_npz(read_npz(tmp_path / "paligemma2-tiny-mix-28.npz"), "paligemma2-tiny-mix-28.npz")
+    assert cfg.vision == full.vision and replace(cfg.text, final_logit_softcapping=30.0) == full.text
+    assert cfg.text.final_logit_softcapping is None
+    assert main(["info", str(tmp_path / "paligemma2-tiny-mix-28.npz"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["conventions"][0].startswith("final logit soft-cap: off (transfer checkpoint")
+
+
 @pytest.mark.parametrize("names, stage", [
     (["paligemma2-3b-pt-224"], "pt"), (["paligemma2-10b-mix-448"], "transfer"),
     (["paligemma2-3b-ft-docci-448.b16"], "transfer"), (["paligemma2-3b-pt-224-finetuned"], "transfer"),

@@ -311,8 +311,8 @@ PRESETS["tiny-pg2"] = PaliGemmaConfig(
 
 
 def get_config(name_or_path: str | Path, **conventions: Any) -> PaliGemmaConfig:
-    """A preset name (`palikit info --list`) or a folder / config.json of a Hub-layout checkpoint
-    (`conventions`: final_logit_softcap= / sliding_window= overrides, see `from_json_file`)."""
+    """A preset name (`palikit info --list`), a folder / config.json of a Hub-layout checkpoint, or a
+    big_vision `.npz` (read from its array headers) (`conventions`: final_logit_softcap= / sliding_window= overrides, see `from_json_file`)."""
     key = str(name_or_path)
     if key in PRESETS:
         cfg = PRESETS[key]
@@ -322,6 +322,10 @@ def get_config(name_or_path: str | Path, **conventions: Any) -> PaliGemmaConfig:
             cfg = apply_conventions(cfg, key, fmt="preset", hf_dict=cfg.to_hf_dict(), **conventions)
         return cfg
     path = Path(key)
+    if path.suffix == ".npz" and path.is_file():
+        from .weights.big_vision import npz_config
+
+        return npz_config(path, **conventions)
     if path.exists():
         return PaliGemmaConfig.from_json_file(path, **conventions)
     raise ValueError(

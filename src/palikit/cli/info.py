@@ -12,7 +12,7 @@ from . import app
 
 @app.command()
 def info(
-    model: str = typer.Argument(None, help="Preset name (see --list), a checkpoint folder or a config.json."),
+    model: str = typer.Argument(None, help="Preset name (see --list), a checkpoint folder, a config.json or a big_vision .npz."),
     list_presets: bool = typer.Option(False, "--list", help="List the presets with their parameter counts."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     final_logit_softcap: str = typer.Option(
