@@ -117,3 +117,22 @@ def test_palikit_block_keeps_the_conventions_through_transformers(tmp_path):
     back = PaliGemmaConfig.from_json_file(tmp_path / "paligemma2-tiny-pt")
     assert (back.text.final_logit_softcapping, back.text.sliding_window) == (None, 8)
     assert "recorded by palikit's export" in back.conventions[0]
+
+
+def test_resolution_comes_from_the_config_never_a_default_224(tmp_path):
+    """A config.json without vision_config.image_size still gives its resolution (num_image_tokens)."""
+    d = PRESETS["pg2-3b-896"].to_hf_dict()
+    del d["vision_config"]["image_size"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    cfg = get_config(tmp_path)
+    assert (cfg.vision.image_size, cfg.vision.num_image_tokens) == (896, 4096)
+
+
+def test_info_on_a_preset_takes_the_overrides(capsys):
+    from palikit.cli import main
+
+    assert main(["info", "pg2-3b-896", "--json", "--final-logit-softcap", "off"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"]["final_logit_softcapping"] is None and out["parameters"] == 3_036_518_640
+    assert out["conventions"] == ["final logit soft-cap: off (set by the caller)",
+                                  "sliding window: off, full attention (the preset's value)"]

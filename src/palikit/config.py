@@ -151,9 +151,12 @@ class PaliGemmaConfig:
             sliding_window=sliding or None,
             layer_types=layer_types,
         )
+        patch = v.get("patch_size", 14)
+        # a config without image_size still says how many image tokens it has: side = sqrt(n) * patch
+        n_img = v.get("num_image_tokens") or t.get("num_image_tokens")
         vision = VisionConfig(
-            image_size=v.get("image_size", 224),
-            patch_size=v.get("patch_size", 14),
+            image_size=v.get("image_size") or (int(round(n_img**0.5)) * patch if n_img else 224),
+            patch_size=patch,
             hidden_size=v.get("hidden_size", 1152),
             intermediate_size=v.get("intermediate_size", 4304),
             num_hidden_layers=v.get("num_hidden_layers", 27),
@@ -319,7 +322,7 @@ def get_config(name_or_path: str | Path, **conventions: Any) -> PaliGemmaConfig:
         if conventions:
             from .weights.conventions import apply_conventions
 
-            cfg = apply_conventions(cfg, key, fmt="preset", hf_dict=cfg.to_hf_dict(), **conventions)
+            cfg = apply_conventions(cfg, key, fmt="preset", **conventions)
         return cfg
     path = Path(key)
     if path.suffix == ".npz" and path.is_file():

@@ -97,6 +97,8 @@ def _final_softcap(cfg: PaliGemmaConfig, fmt: str, names: list[str], hf_dict: di
         return choice, "set by the caller"
     if not cfg.text.post_norms:
         return None, "PaliGemma 1 has no final soft-cap"
+    if fmt == "preset":
+        return cfg.text.final_logit_softcapping, "the preset's value (an architecture, not a checkpoint)"
     meta = (hf_dict or {}).get(META_KEY) or {}
     if "final_logit_softcap" in meta:
         return meta["final_logit_softcap"] or None, "recorded by palikit's export (what it ran or trained with)"
@@ -117,12 +119,14 @@ def _final_softcap(cfg: PaliGemmaConfig, fmt: str, names: list[str], hf_dict: di
     return cfg.text.final_logit_softcapping, "stage unknown: config.json's value (what transformers applies)"
 
 
-def _sliding_window(cfg: PaliGemmaConfig, hf_dict: dict | None, override: Any) -> tuple[int | None, str]:
+def _sliding_window(cfg: PaliGemmaConfig, fmt: str, hf_dict: dict | None, override: Any) -> tuple[int | None, str]:
     choice = parse_override(override, "sliding_window")
     if choice != AUTO:
         return (int(choice) if choice else None), "set by the caller"
     if not cfg.text.post_norms:
         return None, "PaliGemma 1 has none"
+    if fmt == "preset":
+        return cfg.text.sliding_window, "the preset's value"
     meta = (hf_dict or {}).get(META_KEY) or {}
     if "sliding_window" in meta:
         return meta["sliding_window"] or None, "recorded by palikit's export"
@@ -134,11 +138,12 @@ def _sliding_window(cfg: PaliGemmaConfig, hf_dict: dict | None, override: Any) -
 
 def apply_conventions(cfg: PaliGemmaConfig, source: str | Path, *, fmt: str, hf_dict: dict | None = None,
                       final_logit_softcap: Any = AUTO, sliding_window: Any = AUTO) -> PaliGemmaConfig:
-    """`cfg` with the final soft-cap and sliding window in force for this checkpoint, and the reasons
-    recorded in `cfg.conventions` (shown by `palikit info` and the export's model card)."""
+    """`cfg` with the final soft-cap and sliding window in force for this checkpoint (`fmt` "hf", "npz"
+    or "preset"), and the reasons recorded in `cfg.conventions` (shown by `palikit info` and the
+    export's model card)."""
     names = checkpoint_names(source, hf_dict)
     cap, cap_why = _final_softcap(cfg, fmt, names, hf_dict, final_logit_softcap)
-    window, window_why = _sliding_window(cfg, hf_dict, sliding_window)
+    window, window_why = _sliding_window(cfg, fmt, hf_dict, sliding_window)
     text = replace(cfg.text, final_logit_softcapping=cap, sliding_window=window,
                    layer_types=cfg.text.layer_types if window else None)
     notes = (f"final logit soft-cap: {cap:g} ({cap_why})" if cap else f"final logit soft-cap: off ({cap_why})",
