@@ -22,7 +22,7 @@ test: system-packages $(VENV)/.installed
 	$(PY) -m pytest -q
 
 system-packages:
-	scripts/setup-system.sh
+	bash scripts/setup-system.sh
 
 # the bundled demo model from scratch: data, reading warm-up, task mix, anneal, scorecard (+ install if it meets every target)
 demo-model: $(VENV)/.installed
