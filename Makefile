@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench demo-model clean
+.PHONY: demo test system-packages bench demo-model clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,13 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/palikit demo
 
-test: $(VENV)/.installed
+# system packages first (chromium, tesseract-ocr, tesseract-ocr-eng): installed when root with apt,
+# else it stops at once with the command to run
+test: system-packages $(VENV)/.installed
 	$(PY) -m pytest -q
+
+system-packages:
+	bash scripts/setup-system.sh
 
 # the bundled demo model from scratch: data, reading warm-up, task mix, anneal, scorecard (+ install if it meets every target)
 demo-model: $(VENV)/.installed

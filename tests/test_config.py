@@ -83,3 +83,56 @@ def test_info_cli_prints_exact_count(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["parameters"] == 9_662_409_456
     assert main(["info", "nonexistent-model"]) == 2
+
+
+def test_info_says_which_final_softcap_and_window_are_in_force(tmp_path, capsys):
+    """A PaliGemma 2 transfer's config.json (as Google's say: cap 30, window 4096, no palikit block)."""
+    from palikit.cli import main
+
+    d = PRESETS["pg2-3b-448"].to_hf_dict()
+    d.pop("palikit")
+    d["text_config"]["sliding_window"] = 4096
+    folder = tmp_path / "paligemma2-3b-mix-448"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(d))
+    assert main(["info", str(folder), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"]["final_logit_softcapping"] is None and out["text"]["sliding_window"] is None
+    assert out["conventions"][0].startswith("final logit soft-cap: off (transfer checkpoint")
+    assert main(["info", str(folder), "--json", "--final-logit-softcap", "30", "--sliding-window", "4096"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["text"]["final_logit_softcapping"], out["text"]["sliding_window"]) == (30.0, 4096)
+    assert main(["info", str(folder)]) == 0
+    table = capsys.readouterr().out
+    assert "final off" in table and "transfer checkpoint" in table
+    assert main(["info", str(folder), "--final-logit-softcap", "big"]) == 2
+
+
+def test_palikit_block_keeps_the_conventions_through_transformers(tmp_path):
+    from transformers import PaliGemmaConfig as HFConfig
+
+    cfg = replace(PRESETS["tiny-pg2"], text=replace(PRESETS["tiny-pg2"].text, final_logit_softcapping=None,
+                                                    sliding_window=8))
+    HFConfig(**cfg.to_hf_dict()).save_pretrained(tmp_path / "paligemma2-tiny-pt")  # the name says pt
+    back = PaliGemmaConfig.from_json_file(tmp_path / "paligemma2-tiny-pt")
+    assert (back.text.final_logit_softcapping, back.text.sliding_window) == (None, 8)
+    assert "recorded by palikit's export" in back.conventions[0]
+
+
+def test_resolution_comes_from_the_config_never_a_default_224(tmp_path):
+    """A config.json without vision_config.image_size still gives its resolution (num_image_tokens)."""
+    d = PRESETS["pg2-3b-896"].to_hf_dict()
+    del d["vision_config"]["image_size"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    cfg = get_config(tmp_path)
+    assert (cfg.vision.image_size, cfg.vision.num_image_tokens) == (896, 4096)
+
+
+def test_info_on_a_preset_takes_the_overrides(capsys):
+    from palikit.cli import main
+
+    assert main(["info", "pg2-3b-896", "--json", "--final-logit-softcap", "off"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"]["final_logit_softcapping"] is None and out["parameters"] == 3_036_518_640
+    assert out["conventions"] == ["final logit soft-cap: off (set by the caller)",
+                                  "sliding window: off, full attention (the preset's value)"]

@@ -109,23 +109,75 @@ def test_to_supervision_without_package_names_the_install(monkeypatch):
         _result().to_supervision()
 
 
-def test_to_supervision_with_a_stub_module(monkeypatch):
-    import types
+def test_to_supervision_is_a_real_supervision_detections():
+    import supervision as sv
 
-    stub = types.ModuleType("supervision")
-
-    class Detections:  # the keyword interface of supervision.Detections
-        def __init__(self, xyxy, mask=None, confidence=None, class_id=None, data=None):
-            self.xyxy, self.mask, self.confidence, self.class_id, self.data = xyxy, mask, confidence, class_id, data
-
-    stub.Detections = Detections
-    monkeypatch.setitem(sys.modules, "supervision", stub)
     det = _result().to_supervision()
+    assert isinstance(det, sv.Detections) and len(det) == 2
     assert det.xyxy.shape == (2, 4) and det.mask.shape == (2, 48, 64) and not det.mask[1].any()
     assert det.confidence is None  # one box has no score
     assert det.class_id.tolist() == [0, 1] and det.data["class_name"].tolist() == ["dog", "cat"]
+    assert det[det.class_id == 0].xyxy.tolist() == [[12.5, 4.6875, 25.0, 14.0625]]  # supervision's own indexing
+    scene = np.zeros((48, 64, 3), np.uint8)
+    boxed = sv.BoxAnnotator(thickness=1).annotate(scene.copy(), det)
+    masked = sv.MaskAnnotator(opacity=1.0).annotate(scene.copy(), det)
+    assert boxed.any() and masked[5:20, 12:30].any() and not masked[30:, 40:].any()
     empty = Result(text="", image_size=(4, 3)).to_supervision()
-    assert empty.xyxy.shape == (0, 4) and empty.mask is None
+    assert isinstance(empty, sv.Detections) and len(empty) == 0 and empty.mask is None
+
+
+SEGS = "".join(f"<seg{i:03d}>" for i in range(16))
+BOX = "<loc0100><loc0200><loc0300><loc0400>"
+# (model output, image (w, h), how supervision's PaliGemma parser relates to palikit's)
+OUTPUTS = [
+    (f"{BOX} dog", (640, 480), "same"),
+    ("<loc0000><loc0000><loc1023><loc1023> cat ; <loc0512><loc0256><loc0768><loc0700> traffic light", (640, 480), "same"),
+    (f"{BOX} t-shirt ; {BOX} t-shirt", (333, 777), "same"),
+    (f"detect: {BOX} café", (1, 1), "same"),
+    ("<loc0000><loc1022><loc0001><loc1023> x", (1024, 1024), "same"),  # a sliver at the far edge
+    # supervision's pattern wants a space right after the 4th <loc>: segmentation output has none
+    (f"{BOX}{SEGS} dog", (640, 480), "supervision finds no box in segment output"),
+    # its label pattern is [\w\s-]+: it stops at the apostrophe
+    (f"{BOX} person's hat", (640, 480), "supervision cuts the label at punctuation"),
+    # palikit drops a box with y1 <= y0 (and says so in Result.errors); supervision keeps it
+    ("<loc0300><loc0200><loc0100><loc0400> dog", (640, 480), "palikit drops degenerate boxes"),
+]
+
+
+@pytest.mark.parametrize("text, size, relation", OUTPUTS)
+def test_boxes_equal_supervisions_own_paligemma_parser(text, size, relation):
+    import supervision as sv
+
+    ours = Result(text=text, image_size=size, detections=parse_detections(text, size).detections).to_supervision()
+    theirs = sv.Detections.from_vlm(sv.VLM.PALIGEMMA, text, resolution_wh=size)
+    if relation == "same":
+        assert len(ours) == len(theirs) > 0
+        np.testing.assert_allclose(ours.xyxy, theirs.xyxy, rtol=0, atol=1e-4)
+        assert ours.data["class_name"].tolist() == theirs.data["class_name"].tolist()
+        # big_vision's RefCOCO convention (v / 1023): the same boxes scaled by 1024/1023, clipped to the image
+        w, h = size
+        d1023 = parse_detections(text, size, coord_denominator=1023).detections
+        ours1023 = np.array([d.box for d in d1023])
+        expected = np.minimum(theirs.xyxy * 1024 / 1023, [w, h, w, h])
+        np.testing.assert_allclose(ours1023, expected, rtol=0, atol=1e-4)
+    elif relation.startswith("supervision finds no box"):
+        assert len(theirs) == 0 and len(ours) == 1 and ours.data["class_name"].tolist() == ["dog"]
+    elif relation.startswith("supervision cuts"):
+        np.testing.assert_allclose(ours.xyxy, theirs.xyxy, rtol=0, atol=1e-4)
+        assert ours.data["class_name"].tolist() == ["person's hat"] and theirs.data["class_name"].tolist() == ["person"]
+    else:
+        assert len(ours) == 0 and len(theirs) == 1
+
+
+def test_label_filter_matches_supervisions_classes_argument():
+    import supervision as sv
+
+    text, size = OUTPUTS[1][:2]
+    theirs = sv.Detections.from_vlm(sv.VLM.PALIGEMMA, text, resolution_wh=size, classes=["cat"])
+    parsed = parse_detections(text, size, requested_labels=["cat"]).detections
+    ours = [d for d in parsed if d.requested]  # palikit keeps unrequested boxes, flagged
+    assert [d.label for d in ours] == theirs.data["class_name"].tolist() == ["cat"]
+    np.testing.assert_allclose([d.box for d in ours], theirs.xyxy, rtol=0, atol=1e-4)
 
 
 def test_detection_dataclass_defaults():

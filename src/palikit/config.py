@@ -62,8 +62,9 @@ class TextConfig:
     query_pre_attn_scalar: float = 256.0  # q is scaled by query_pre_attn_scalar ** -0.5
     post_norms: bool = False  # Gemma 2: norms after attention and MLP too
     attn_logit_softcapping: float | None = None  # Gemma 2: 50
-    final_logit_softcapping: float | None = None  # Gemma 2: 30 (HF configs; big_vision transfers use 0)
-    sliding_window: int | None = None  # only where a checkpoint's config asks for it
+    # Gemma 2: 30 where a checkpoint was trained with it (pt), None for transfers: weights/conventions.py
+    final_logit_softcapping: float | None = None
+    sliding_window: int | None = None  # None = full attention (big_vision's training); see weights/conventions.py
     layer_types: tuple[str, ...] | None = None  # "sliding_attention" / "full_attention" per layer
 
     def __post_init__(self):
@@ -98,6 +99,8 @@ class PaliGemmaConfig:
     eos_token_id: int = 1
     bos_token_id: int = 2
     name: str = "custom"
+    # why the final soft-cap and sliding window in force were chosen (weights/conventions.py)
+    conventions: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def output_vocab_size(self) -> int:
@@ -148,9 +151,12 @@ class PaliGemmaConfig:
             sliding_window=sliding or None,
             layer_types=layer_types,
         )
+        patch = v.get("patch_size", 14)
+        # a config without image_size still says how many image tokens it has: side = sqrt(n) * patch
+        n_img = v.get("num_image_tokens") or t.get("num_image_tokens")
         vision = VisionConfig(
-            image_size=v.get("image_size", 224),
-            patch_size=v.get("patch_size", 14),
+            image_size=v.get("image_size") or (int(round(n_img**0.5)) * patch if n_img else 224),
+            patch_size=patch,
             hidden_size=v.get("hidden_size", 1152),
             intermediate_size=v.get("intermediate_size", 4304),
             num_hidden_layers=v.get("num_hidden_layers", 27),
@@ -173,7 +179,12 @@ class PaliGemmaConfig:
         )
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> PaliGemmaConfig:
+    def from_json_file(cls, path: str | Path, *, final_logit_softcap: Any = "auto",
+                       sliding_window: Any = "auto") -> PaliGemmaConfig:
+        """A checkpoint's config.json (or its folder), with the final soft-cap and sliding window in
+        force for that checkpoint ("auto": decided from what it says, see `weights/conventions.py`)."""
+        from .weights.conventions import apply_conventions
+
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -183,7 +194,9 @@ class PaliGemmaConfig:
             raise FileNotFoundError(f"No config.json at {path}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf_dict(d, name=path.parent.name)
+        cfg = cls.from_hf_dict(d, name=path.parent.name)
+        return apply_conventions(cfg, path.parent, fmt="hf", hf_dict=d, final_logit_softcap=final_logit_softcap,
+                                 sliding_window=sliding_window)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json that transformers' PaliGemmaForConditionalGeneration loads."""
@@ -241,6 +254,9 @@ class PaliGemmaConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "tie_word_embeddings": True,
+            # the conventions this model ran / was trained with, so a reload keeps them (conventions.py)
+            **({"palikit": {"final_logit_softcap": t.final_logit_softcapping, "sliding_window": t.sliding_window}}
+               if t.post_norms else {}),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -297,14 +313,24 @@ PRESETS["tiny-pg2"] = PaliGemmaConfig(
 )
 
 
-def get_config(name_or_path: str | Path) -> PaliGemmaConfig:
-    """A preset name (`palikit info --list`) or a folder / config.json of a Hub-layout checkpoint."""
+def get_config(name_or_path: str | Path, **conventions: Any) -> PaliGemmaConfig:
+    """A preset name (`palikit info --list`), a folder / config.json of a Hub-layout checkpoint, or a
+    big_vision `.npz` (read from its array headers) (`conventions`: final_logit_softcap= / sliding_window= overrides, see `from_json_file`)."""
     key = str(name_or_path)
     if key in PRESETS:
-        return PRESETS[key]
+        cfg = PRESETS[key]
+        if conventions:
+            from .weights.conventions import apply_conventions
+
+            cfg = apply_conventions(cfg, key, fmt="preset", **conventions)
+        return cfg
     path = Path(key)
+    if path.suffix == ".npz" and path.is_file():
+        from .weights.big_vision import npz_config
+
+        return npz_config(path, **conventions)
     if path.exists():
-        return PaliGemmaConfig.from_json_file(path)
+        return PaliGemmaConfig.from_json_file(path, **conventions)
     raise ValueError(
         f"Unknown model {key!r}: not a preset ({', '.join(sorted(PRESETS))}) and no such file or folder."
     )

@@ -1,4 +1,5 @@
-"""`palikit info`: architecture and exact parameter count of a preset or a checkpoint's config."""
+"""`palikit info`: architecture and exact parameter count of a preset or a checkpoint's config, and the
+final soft-cap and sliding window in force for that checkpoint (with the reason)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ from . import app
 
 @app.command()
 def info(
-    model: str = typer.Argument(None, help="Preset name (see --list), a checkpoint folder or a config.json."),
+    model: str = typer.Argument(None, help="Preset name (see --list), a checkpoint folder, a config.json or a big_vision .npz."),
     list_presets: bool = typer.Option(False, "--list", help="List the presets with their parameter counts."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    final_logit_softcap: str = typer.Option(
+        "auto", "--final-logit-softcap", help="PaliGemma 2's final soft-cap: auto (from the checkpoint: 30 for pt, "
+        "off for transfers), a number, or off."),
+    sliding_window: str = typer.Option(
+        "auto", "--sliding-window", help="Gemma 2 sliding window: auto (full attention, as big_vision trained it), "
+        "a number of tokens, or off."),
 ):
     """Print the architecture and exact parameter count (counted on the meta device)."""
     from rich.console import Console
@@ -30,7 +37,9 @@ def info(
                           f"{count_parameters(cfg):,}")
         console.print(table)
         return
-    cfg = get_config(model)
+    overrides = {k: v for k, v in (("final_logit_softcap", final_logit_softcap), ("sliding_window", sliding_window))
+                 if v != "auto"}
+    cfg = get_config(model, **overrides)
     n = count_parameters(cfg)
     if as_json:
         print(json.dumps({**cfg.describe(), "parameters": n}))
@@ -50,6 +59,7 @@ def info(
         ("post-norms", "yes" if t.post_norms else "no"),
         ("sliding window", str(t.sliding_window) if t.sliding_window else "off (full attention)"),
     ]
+    rows += [("why", line) for line in cfg.conventions]
     for k, val in rows:
         table.add_row(k, val)
     console.print(table)

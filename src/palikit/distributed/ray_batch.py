@@ -246,12 +246,10 @@ def run_batch(
     if fmt not in ("jsonl", "parquet"):
         raise ValueError("format must be jsonl or parquet")
     from ..api import PaliGemma  # noqa: F401 - fail fast on a broken install, before Ray starts
-    from ..weights.resolve import resolve
+    from ..weights.resolve import image_size_of, resolve
 
     files = resolve(model)
-    from ..config import PaliGemmaConfig
-
-    image_size = PaliGemmaConfig.from_json_file(files.weights).vision.image_size if files.format == "hf" else 224
+    image_size = image_size_of(files)  # from config.json or the .npz's shapes (224, 448, 896, ...)
     rows = read_inputs(input)
     ids = [r["id"] for r in rows]
     if len(set(ids)) != len(ids):

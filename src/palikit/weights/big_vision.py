@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import zipfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +80,13 @@ class _Params:
         return max(idx) + 1
 
     def shape(self, base: str, rest: str) -> tuple[int, ...]:
-        return tuple(self.layer(base, 0, rest).shape)
+        """One layer's shape (from the array's shape alone: works on `read_npz_headers` too)."""
+        stacked = f"{base}/{rest}"
+        if stacked in self.a:
+            return tuple(self.a[stacked].shape[1:])
+        if f"{base}_0/{rest}" not in self.a:
+            raise CheckpointError(f"{self.source}: missing tensor {base}_0/{rest!r}.")
+        return tuple(self.a[f"{base}_0/{rest}"].shape)
 
 
 def config_from_npz(arrays: dict[str, np.ndarray], source: str = "npz") -> PaliGemmaConfig:
@@ -113,7 +119,7 @@ def config_from_npz(arrays: dict[str, np.ndarray], source: str = "npz") -> PaliG
         num_attention_heads=N, num_key_value_heads=K, head_dim=D, query_pre_attn_scalar=q_scalar,
         post_norms=gemma2,
         attn_logit_softcapping=50.0 if gemma2 else None,
-        final_logit_softcapping=30.0 if gemma2 else None,
+        final_logit_softcapping=30.0 if gemma2 else None,  # as stored; the load decides (conventions.py)
     )
     base = PRESETS["pg2-3b-224" if gemma2 else "pg1-3b-224"]
     return replace(base, vision=vision, text=text, name=Path(source).stem,
@@ -229,15 +235,63 @@ def state_dict_to_npz(sd: dict[str, torch.Tensor], config: PaliGemmaConfig) -> d
     return {f"params/{k}": x.contiguous().numpy() for k, x in out.items()}
 
 
-def load_npz_checkpoint(path: str | Path, config: PaliGemmaConfig | None = None, device="cpu", dtype=None):
-    """Load a big_vision `.npz` into a PaliGemmaModel (architecture inferred unless `config`)."""
+@dataclass(frozen=True)
+class _Header:
+    shape: tuple[int, ...]
+
+
+def read_npz_headers(path: str | Path) -> dict[str, _Header]:
+    """Every array's shape, `params/` prefix stripped, from the `.npy` headers alone (no data read)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No such checkpoint: {path}")
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                with zf.open(name) as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shape, _, _ = read(f)
+                out[name.removesuffix(".npy").removeprefix("params/")] = _Header(tuple(shape))
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable .npz checkpoint ({e}).") from None
+    return out
+
+
+def npz_config(path: str | Path, *, final_logit_softcap="auto", sliding_window="auto") -> PaliGemmaConfig:
+    """The architecture of a big_vision `.npz` and the conventions in force for it, from array shapes
+    alone (cheap for a multi-GB file: `palikit info`, Ray's CPU stage)."""
+    from .conventions import apply_conventions
+
+    cfg = config_from_npz(read_npz_headers(path), str(path))
+    return apply_conventions(cfg, path, fmt="npz", final_logit_softcap=final_logit_softcap,
+                             sliding_window=sliding_window)
+
+
+def npz_image_size(path: str | Path) -> int:
+    """The input resolution of a big_vision `.npz`, from two array shapes (nothing else is read)."""
+    h = read_npz_headers(path)
+    if "img/embedding/kernel" not in h or "img/pos_embedding" not in h:
+        raise CheckpointError(f"{path}: no img/embedding/kernel or img/pos_embedding; is this a PaliGemma "
+                              "big_vision checkpoint?")
+    return int(round(h["img/pos_embedding"].shape[1] ** 0.5)) * h["img/embedding/kernel"].shape[0]
+
+
+def load_npz_checkpoint(path: str | Path, config: PaliGemmaConfig | None = None, device="cpu", dtype=None, *,
+                        final_logit_softcap="auto", sliding_window="auto"):
+    """Load a big_vision `.npz` into a PaliGemmaModel (architecture inferred unless `config`). The
+    final soft-cap follows the checkpoint's stage, told from its name ("auto"; an `.npz` of unknown
+    stage gets big_vision's no-cap, with one log line: see `weights/conventions.py`); full attention."""
     from ..model import build_model
+    from .conventions import apply_conventions
     from .hf import load_state_dict_into
 
     arrays = read_npz(path)
     inferred = config_from_npz(arrays, str(path))
     if config is None:
-        config = inferred
+        config = apply_conventions(inferred, path, fmt="npz", final_logit_softcap=final_logit_softcap,
+                                   sliding_window=sliding_window)
     sd = npz_to_state_dict(arrays, config, str(path), dtype)
     sd = {k: x.to(device) for k, x in sd.items()}
     model = build_model(config, device="meta")

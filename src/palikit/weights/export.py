@@ -1,6 +1,8 @@
 """Export a palikit model to the published Hugging Face Hub layout (`language_model.model.*`,
 `vision_tower.vision_model.*`, `multi_modal_projector.linear.*`, tied head omitted) with a
-config.json that transformers reads, so a checkpoint made here loads in transformers and vLLM.
+config.json that transformers reads, so a checkpoint made here loads in transformers and vLLM, and
+a model card (README.md) that states the final soft-cap and sliding window in force (config.json's
+`palikit` block records them, so a reload keeps them: `weights/conventions.py`).
 Every file is written atomically (temporary name, then rename): a crash never leaves half a file.
 """
 
@@ -75,4 +77,23 @@ def save_hub_checkpoint(
     used = dtype or next(iter(sd.values())).dtype
     cfg["torch_dtype"] = str(used).removeprefix("torch.")
     atomic_write_json(folder / "config.json", cfg)
+    atomic_write_bytes(folder / "README.md", model_card(model.config))
     return folder
+
+
+def model_card(config) -> str:
+    """A short Hub model card: architecture and the logit conventions this checkpoint carries."""
+    t = config.text
+    cap = f"{t.final_logit_softcapping:g}" if t.final_logit_softcapping else "off"
+    window = str(t.sliding_window) if t.sliding_window else "off (full attention)"
+    why = "".join(f"- {line}\n" for line in config.conventions) or "- as configured when the model was built\n"
+    return (
+        f"---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\ntags: [paligemma, palikit]\n---\n\n"
+        f"# {config.name}\n\n{config.family} ({config.vision.image_size}px, {config.vision.num_image_tokens} image "
+        f"tokens), exported by palikit in the Hugging Face Hub layout.\n\n"
+        f"## Conventions in force\n\n| | value |\n|---|---|\n"
+        f"| final logit soft-cap | {cap} |\n| attention logit soft-cap | {t.attn_logit_softcapping or 'off'} |\n"
+        f"| sliding window | {window} |\n\n{why}\n"
+        "config.json's `text_config` carries the same values, so transformers applies them too; its `palikit` "
+        "block tells palikit to keep them on reload.\n"
+    )

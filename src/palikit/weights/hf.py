@@ -12,12 +12,17 @@ Layouts accepted (prefixes before the shared HF module names):
 | transformers 5.x `save_pretrained` (hybrid) | `language_model.model.` | `vision_tower.` | `multi_modal_projector.` | none |
 
 The head is always tied to the embedding; a stored copy is checked to be identical and dropped.
+SigLIP's attention-pooling head (`vision_tower[.vision_model].head.*`, which transformers writes when a
+config lacks `vision_use_head: false`) is unused by PaliGemma: dropped with one log line, as
+transformers loads such files. Any other unexpected tensor is an error.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,6 +38,12 @@ _PREFIX_RULES = (
     ("model.multi_modal_projector.", "multi_modal_projector."),
 )
 _HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
+# SigLIP's pooling head (MAP), palikit names; PaliGemma uses the per-patch features, never this head
+_SIGLIP_POOL_HEAD = {f"vision_tower.head.{k}" for k in (
+    "probe", "attention.in_proj_weight", "attention.in_proj_bias", "attention.out_proj.weight",
+    "attention.out_proj.bias", "layernorm.weight", "layernorm.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+    "mlp.fc2.weight", "mlp.fc2.bias")}
+log = logging.getLogger("palikit.weights")
 
 
 class CheckpointError(ValueError):
@@ -85,6 +96,7 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu", dtype
 
     out: dict[str, torch.Tensor] = {}
     head = None
+    unused: list[str] = []
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for key in f.keys():
@@ -95,6 +107,9 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu", dtype
                     head = (key, t)
                     continue
                 name = internal_key(key)
+                if name in _SIGLIP_POOL_HEAD:
+                    unused.append(key)
+                    continue
                 if name in out:
                     raise CheckpointError(f"{file}: tensor {key!r} maps to {name!r}, which another key already gave.")
                 out[name] = t
@@ -106,6 +121,9 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu", dtype
                 f"{key} differs from the embedding: palikit supports the tied head every PaliGemma uses "
                 "(tie_word_embeddings=True)."
             )
+    if unused:
+        log.warning("%s: ignoring %d tensors of SigLIP's pooling head, which PaliGemma does not use: %s",
+                 path, len(unused), ", ".join(sorted(unused)))
     return out
 
 
@@ -139,11 +157,18 @@ def load_hf_checkpoint(
     config: PaliGemmaConfig | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    *,
+    final_logit_softcap: Any = "auto",
+    sliding_window: Any = "auto",
 ) -> PaliGemmaModel:
-    """Load a Hub-layout folder (config.json + safetensors) into a PaliGemmaModel."""
+    """Load a Hub-layout folder (config.json + safetensors) into a PaliGemmaModel. The final soft-cap
+    and sliding window follow the checkpoint ("auto", see `weights/conventions.py`) unless overridden
+    (a number, or None for off); an explicit `config` is used as given."""
     path = Path(path)
     if config is None:
-        config = PaliGemmaConfig.from_json_file(path if path.is_dir() else path.parent)
+        config = PaliGemmaConfig.from_json_file(path if path.is_dir() else path.parent,
+                                                final_logit_softcap=final_logit_softcap,
+                                                sliding_window=sliding_window)
     sd = read_safetensors(path, device=device, dtype=dtype)
     model = build_model(config, device="meta")
     return load_state_dict_into(model, sd, str(path)).eval()

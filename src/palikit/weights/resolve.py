@@ -62,6 +62,17 @@ def resolve(model: str | os.PathLike, tokenizer=None, mask_codec=None, revision:
     return ModelFiles(path, fmt, tok, pre, codec)
 
 
+def image_size_of(files: ModelFiles) -> int:
+    """The checkpoint's input resolution, from its config.json or its `.npz` array shapes (no weights read)."""
+    if files.format == "npz":
+        from .big_vision import npz_image_size
+
+        return npz_image_size(files.weights)
+    from ..config import PaliGemmaConfig
+
+    return PaliGemmaConfig.from_json_file(files.weights).vision.image_size
+
+
 def _looks_like_hub_id(s: str) -> bool:
     parts = s.split("/")
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# System packages the test suite drives, set up by `make test` before pytest runs:
+#   chromium                        the playground test (Playwright drives /usr/bin/chromium, headless)
+#   tesseract-ocr tesseract-ocr-eng the Tesseract OCR baseline (the real binary and its English data)
+# Present: nothing happens. Missing, as root with apt-get: installed (Debian/Ubuntu names). Missing
+# otherwise, or with --check: fails at once, printing the one command to run.
+set -euo pipefail
+
+CHROMIUM=${PALIKIT_CHROMIUM:-/usr/bin/chromium}  # the path tests/test_serve_playground.py launches
+
+present() {
+  case "$1" in
+    chromium) [ -x "$CHROMIUM" ] ;;
+    tesseract-ocr) command -v tesseract >/dev/null 2>&1 ;;
+    tesseract-ocr-eng) command -v tesseract >/dev/null 2>&1 && tesseract --list-langs 2>/dev/null | grep -qx eng ;;
+  esac
+}
+
+missing=()
+for pkg in chromium tesseract-ocr tesseract-ocr-eng; do
+  present "$pkg" || missing+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+cmd="apt-get update && apt-get install -y --no-install-recommends ${missing[*]}"
+if [ "${1:-}" != "--check" ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup-system: installing ${missing[*]} (the test suite drives them)" >&2
+  if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null; then
+    still=()
+    for pkg in "${missing[@]}"; do present "$pkg" || still+=("$pkg"); done
+    [ ${#still[@]} -eq 0 ] && exit 0
+    echo "setup-system: error: installed, but still not found: ${still[*]} (chromium is expected at $CHROMIUM)" >&2
+    exit 1
+  fi
+  echo "setup-system: error: apt-get could not install ${missing[*]}; fix the package source and run: $cmd" >&2
+  exit 1
+fi
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo "
+echo "setup-system: error: the test suite needs the system packages ${missing[*]}; run:" >&2
+echo "  ${sudo}sh -c '$cmd'" >&2
+exit 1
