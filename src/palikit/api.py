@@ -49,7 +49,9 @@ class PaliGemma:
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, device: str = "auto", dtype: str | torch.dtype = "auto",
                         tokenizer: str | os.PathLike | None = None, mask_codec: str | os.PathLike | None = None,
-                        revision: str | None = None, compile: bool = False) -> PaliGemma:
+                        revision: str | None = None, compile: bool = False,
+                        final_logit_softcap: str | float | None = "auto",
+                        sliding_window: str | int | None = "auto") -> PaliGemma:
         """`model`: a Hub-layout folder, a big_vision `.npz` (tokenizer next to it or `tokenizer=`), or a
         Hub id such as `google/paligemma2-3b-mix-224` (cache and HF_HUB_OFFLINE honoured)."""
         from .preprocess import ImageProcessor
@@ -63,11 +65,13 @@ class PaliGemma:
         if files.format == "npz":
             from .weights.big_vision import load_npz_checkpoint
 
-            net = load_npz_checkpoint(files.weights, device=dev, dtype=dt)
+            net = load_npz_checkpoint(files.weights, device=dev, dtype=dt, final_logit_softcap=final_logit_softcap,
+                                      sliding_window=sliding_window)
         else:
             from .weights.hf import load_hf_checkpoint
 
-            net = load_hf_checkpoint(files.weights, device=dev, dtype=dt)
+            net = load_hf_checkpoint(files.weights, device=dev, dtype=dt, final_logit_softcap=final_logit_softcap,
+                                     sliding_window=sliding_window)
         tok = Tokenizer.from_file(files.tokenizer)
         size = net.config.vision.image_size
         proc = ImageProcessor.from_pretrained(files.preprocessor, default_size=size) if files.preprocessor else ImageProcessor(size=size)
