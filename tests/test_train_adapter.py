@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-from palikit.train.adapter import all_linear_targets, load_lora_adapter
 from palikit.train.config import TrainConfig
 from palikit.train.data import load_jsonl
 from palikit.train.trainer import Trainer
@@ -34,6 +33,8 @@ def _inputs(model, seed=3):
 
 
 def test_all_linear_covers_every_decoder_linear_and_not_the_vision_tower():
+    from palikit.train.adapter import all_linear_targets
+
     model = tiny_model("pg2")
     names = all_linear_targets(model)
     layers = model.config.text.num_hidden_layers
@@ -65,6 +66,7 @@ def test_peft_format_adapter_loads_in_peft_transformers_and_palikit(tmp_path):
 
     from palikit.api import PaliGemma
     from palikit.testing import make_tiny_checkpoint
+    from palikit.train.adapter import load_lora_adapter
     from palikit.weights.hf import load_hf_checkpoint
 
     base_dir = make_tiny_checkpoint(tmp_path / "base", "pg2", image_size=28)
@@ -105,6 +107,7 @@ def test_peft_format_adapter_loads_in_peft_transformers_and_palikit(tmp_path):
 
 def test_adapter_errors_are_clear(tmp_path):
     from palikit.testing import make_tiny_checkpoint
+    from palikit.train.adapter import load_lora_adapter
     from palikit.weights.hf import load_hf_checkpoint
 
     base = make_tiny_checkpoint(tmp_path / "base", "pg1", image_size=28)

@@ -16,7 +16,6 @@ import time
 
 import pytest
 
-from palikit.train import TrainingInterrupted
 from test_train_helpers import one_thread, run_config, write_dataset  # noqa: F401
 
 
@@ -105,6 +104,7 @@ def test_sigint_then_sigterm_save_resumable_checkpoints_and_print_the_resume_com
 def test_interrupt_that_cannot_save_says_so(tmp_path, monkeypatch):
     """The checkpoint write fails (disk full): the message says nothing was written and what a rerun does."""
     from palikit.testing import make_tiny_checkpoint
+    from palikit.train import TrainingInterrupted
     from palikit.train import checkpoint as ck
     from palikit.train.trainer import train
 

@@ -10,9 +10,8 @@ import pytest
 
 from palikit.eval.metrics_text import cider_d
 from palikit.train.data import Example
-from palikit.train.monitor import CAPTION, DETECT, EXACT, score, task_kind
 from palikit.train.trainer import train
-from test_train_helpers import one_thread, run_config, run_kwargs, setup_run, write_images  # noqa: F401
+from test_train_helpers import one_thread, run_config, run_kwargs, setup_run, tiny_model, write_images  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,6 +21,8 @@ def _ex(tmp_path, prefix, suffix, task=""):
 
 
 def test_scores_by_task_through_the_eval_metrics(tmp_path):
+    from palikit.train.monitor import CAPTION, DETECT, EXACT, score, task_kind
+
     texts = [_ex(tmp_path, "answer en how many", s, "count") for s in ("1", "2", "3", "4")]
     assert {task_kind(e) for e in texts} == {EXACT}
     assert score(EXACT, texts, ["1", "2", "x", "y"]) == {"exact_match": 0.5}
@@ -68,3 +69,20 @@ def test_summary_without_val_data(tmp_path):
     logs = []
     train(run_config(tmp_path, max_steps=2, plot=False), **{**run_kwargs(), "log": logs.append})
     assert logs[-1].startswith("summary: 2 steps, last train loss ") and "no val_data" in logs[-1]
+
+
+def test_generation_failure_turns_the_metric_off_and_resume_keeps_the_history(tmp_path):
+    from palikit.train.monitor import LearningMonitor
+
+    mon = LearningMonitor([_ex(tmp_path, "ocr", "CAT")] * 4, 8, 0.5, 2)
+
+    class Broken:
+        tokenizer = None  # no encode_prompt: generation cannot start
+
+    metrics, warnings = mon.task_metrics(tiny_model("pg1"), Broken(), "cpu")
+    assert metrics == {} and len(warnings) == 1 and warnings[0].startswith("task metric turned off: generating")
+    assert mon.task_metrics(tiny_model("pg1"), Broken(), "cpu") == ({}, [])  # said once, then off
+    mon.restore([{"step": 1, "loss": 2.0}, {"step": 1, "val_loss": 1.5, "exact_match": 0.25},
+                 {"step": 2, "val_loss": 1.4, "exact_match": 0.5}])
+    assert mon.summary(2, 1.0) == ("summary: 2 steps, last train loss 1.0000, best val_loss 1.4000 (step 2), "
+                                   "exact_match 0.250 -> 0.500")

@@ -11,7 +11,7 @@ import pytest
 
 from palikit.cli import main
 from palikit.cli.predict import bundled_demo_model
-from palikit.train.config import TrainConfig, recipe_keys_markdown
+from palikit.train.config import TrainConfig
 from test_train_helpers import one_thread, write_dataset  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +41,8 @@ def test_keys_listing_and_help_come_from_train_config(capsys):
 
 
 def test_readme_and_notes_hold_the_generated_table():
+    from palikit.train.config import recipe_keys_markdown
+
     table = recipe_keys_markdown()
     readme = (ROOT / "README.md").read_text()
     start = readme.index("<!-- recipe-keys:start")

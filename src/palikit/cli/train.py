@@ -7,6 +7,7 @@ next step boundary, print the resume command and exit 130 / 143.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -44,9 +45,15 @@ def train(
     from ..train import train as run_train
 
     command = ["palikit", "train", str(config), *(overrides or [])]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: resume the same way
+        nproc = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+        command = ["torchrun", f"--nproc_per_node={nproc}", "-m", *command]
     try:
         final = run_train(config, list(overrides or []), command=command)
     except TrainingInterrupted as e:  # the message (what was saved, the resume command) is already printed
         # SystemExit, not typer.Exit: cli.main() drops the code click returns for Exit in standalone_mode=False
         raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C while loading the model or data, before the loop
+        typer.echo("interrupted before the first training step: nothing to save", err=True)
+        raise SystemExit(130) from None
     typer.echo(f"final checkpoint: {final}")

@@ -13,20 +13,22 @@
 - Distributed: under `torchrun` (`WORLD_SIZE > 1`) the process group is initialised (nccl on GPU,
   gloo on CPU), each rank takes every `world`-th example of the step's batch, gradients are
   all-reduced (averaged) in one flat buffer before clipping, only rank 0 writes files.
-- Eval every `eval_every` steps and at the end: val loss (same loss as training) and an optional
-  metric hook; the best checkpoint (by `best_metric`) is kept and recorded in `best.json`.
-- Checkpoints every `save_every` steps and at the end (atomic, see `checkpoint.py`); `resume=true`
-  continues from the latest complete one. The final model is exported in the Hub layout to
-  `output_dir/final` (LoRA merged; the adapter is also saved to `output_dir/adapter`).
+- Eval every `eval_every` steps and at the end: val loss (same loss as training), the task metric
+  on a validation sample with its "not learning" warnings (`monitor.py`) and an optional metric
+  hook; the best checkpoint (by `best_metric`) is kept and recorded in `best.json`. The run ends
+  with a one-line `summary:`.
+- Checkpoints every `save_every` steps, at the end, and on SIGINT / SIGTERM at the next step
+  boundary (`interrupt.py`: then `TrainingInterrupted` with the resume command); atomic, see
+  `checkpoint.py`; `resume=true` continues from the latest complete one. The final model is
+  exported in the Hub layout to `output_dir/final` (`export.py`: LoRA merged; the adapter is also
+  saved to `output_dir/adapter` in PEFT format).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -43,7 +45,7 @@ from .config import TrainConfig
 from .data import Dataset, Example, load_examples, select_tasks
 from .interrupt import StopSignals, TrainingInterrupted, interrupted_message, resume_command
 from .loading import import_metric, load_model, load_tokenizer, resolve_model
-from .modes import apply_mode, count_trainable, has_lora, merge_lora
+from .modes import apply_mode, count_trainable
 from .monitor import LearningMonitor
 
 
@@ -336,6 +338,7 @@ class Trainer:
         self.step = state["step"]
         self.history = state.get("history", [])
         self.best = state.get("best")
+        self.monitor.restore(self.history)
         self.log(f"resumed from {path} (step {self.step}/{self.total_steps})")
         return True
 
@@ -469,77 +472,10 @@ class Trainer:
         return p, task
 
     def export(self) -> Path:
-        """Hub-layout export of the final weights (LoRA merged) to `output_dir/final`."""
-        final = self.out / "final"
-        from ..weights.export import save_hub_checkpoint
+        """Hub-layout export of the final weights (LoRA merged; the adapter saved in PEFT format)."""
+        from .export import export_final
 
-        model = self.model
-        if self.fsdp:  # gather the full weights (collective), then export an unsharded copy on rank 0
-            from .fsdp import full_model_state
-
-            full = full_model_state(self.model)
-            if not self.is_main:
-                return final
-            cfg = self.cfg
-            model = load_model(cfg.model)
-            apply_mode(model, cfg.mode, freeze_vision=cfg.freeze_vision, freeze_decoder=cfg.freeze_decoder,
-                       lora_targets=cfg.lora_targets, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                       lora_dropout=cfg.lora_dropout)
-            model.load_state_dict(full, strict=True)
-        if not self.is_main:
-            return final
-        if has_lora(model):
-            cfg = self.cfg
-            from .adapter import save_lora_adapter
-
-            path = save_lora_adapter(model, self.out / "adapter", {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
-                                                                   "dropout": cfg.lora_dropout}, base_model=cfg.model)
-            self.log(f"adapter (PEFT format, loads with palikit --adapter and peft.PeftModel) {path}")
-            merge_lora(model)
-        dtype = None
-        if self.cfg.export_dtype:
-            from ..runtime import resolve_dtype
-
-            dtype = resolve_dtype(self.cfg.export_dtype, self.device)
-
-        def fill(tmp: Path):
-            save_hub_checkpoint(model, tmp, dtype=dtype)
-            self._copy_side_files(tmp)
-
-        ck.atomic_dir(final, fill)
-        self.log(f"exported {final}")
-        return final
-
-    def _copy_side_files(self, dst: Path) -> None:
-        """Tokenizer and preprocessor files next to the exported weights, so `final/` is a complete
-        palikit / transformers checkpoint."""
-        cfg = self.cfg
-        model_dir = Path(cfg.model) if cfg.model and Path(cfg.model).is_dir() else None
-        tok = getattr(self.collator.tokenizer, "path", None) or (Path(cfg.tokenizer) if cfg.tokenizer else None)
-        files = []
-        if tok is not None and Path(tok).is_file():
-            files.append(Path(tok))
-        for d in filter(None, (model_dir, Path(tok).parent if tok else None)):
-            files += [d / n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                                      "special_tokens_map.json", "preprocessor_config.json", "vae-oid.npz")]
-        for f in files:
-            if f.is_file() and not (dst / f.name).exists():
-                shutil.copy(f, dst / f.name)
-        if cfg.mask_codec and Path(cfg.mask_codec).is_file() and not (dst / "vae-oid.npz").exists():
-            shutil.copy(cfg.mask_codec, dst / "vae-oid.npz")  # so the exported model can decode <seg> tokens
-        self._fix_image_seq_length(dst / "preprocessor_config.json")
-
-    def _fix_image_seq_length(self, path: Path) -> None:
-        """transformers' PaliGemmaProcessor inserts `image_seq_length` <image> tokens: a copied file that
-        disagrees with the model (a stale base folder) would make transformers feed the wrong count."""
-        if not path.is_file():
-            return
-        d = json.loads(path.read_text())
-        n = self.model.config.vision.num_image_tokens
-        if d.get("image_seq_length") not in (None, n):
-            self.log(f"{path.name}: image_seq_length {d['image_seq_length']} -> {n} (the model's image tokens)")
-            d["image_seq_length"] = n
-            path.write_text(json.dumps(d, indent=2) + "\n")
+        return export_final(self)
 
     def plot(self) -> Path | None:
         if not (self.cfg.plot and self.is_main):
