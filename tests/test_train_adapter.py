@@ -75,6 +75,10 @@ def test_peft_format_adapter_loads_in_peft_transformers_and_palikit(tmp_path):
     tr = _trainer(tmp_path, model, logs, mode="lora", lora_rank=4, lora_alpha=8.0, lora_targets="all-linear")
     for s in range(3):
         tr.train_step(s)
+    line = [m for m in logs if m.startswith("lora_targets=all-linear: adapters on ")]
+    assert line == [f"lora_targets=all-linear: adapters on {7 * model.config.text.num_hidden_layers} Linear layers of "
+                    "the decoder (attention q/k/v/o and MLP gate/up/down of every layer); the vision tower and "
+                    "projector are not included"], logs
     ids, pv = _inputs(model)
     model.eval()
     with torch.no_grad():

@@ -162,6 +162,10 @@ class Trainer:
 
             shard_model(self.model, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.mode in ("lora", "qlora") and cfg.lora_targets == "all-linear":
+            n = sum(1 for name, _ in self.model.named_parameters() if ".lora_A." in name)
+            self.log(f"lora_targets=all-linear: adapters on {n} Linear layers of the decoder (attention q/k/v/o and "
+                     "MLP gate/up/down of every layer); the vision tower and projector are not included")
 
         def as_list(ds):
             return list(ds.examples) if isinstance(ds, Dataset) else list(ds)
