@@ -8,6 +8,7 @@ next step boundary, print the resume command and exit 130 / 143.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import typer
@@ -53,7 +54,8 @@ def train(
     except TrainingInterrupted as e:  # the message (what was saved, the resume command) is already printed
         # SystemExit, not typer.Exit: cli.main() drops the code click returns for Exit in standalone_mode=False
         raise SystemExit(e.exit_code) from None
-    except KeyboardInterrupt:  # Ctrl-C while loading the model or data, before the loop
-        typer.echo("interrupted before the first training step: nothing to save", err=True)
+    except KeyboardInterrupt:  # Ctrl-C outside the step loop (loading the model / data, or the final export)
+        typer.echo("interrupted outside the training steps (loading or exporting): nothing new saved; "
+                   f"checkpoints already in output_dir are kept; rerun to resume: {shlex.join(command)}", err=True)
         raise SystemExit(130) from None
     typer.echo(f"final checkpoint: {final}")
