@@ -32,6 +32,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # ---- what to train, on what
     model: str = "demo"  # Hub-layout folder (config.json + safetensors), big_vision .npz, or demo (the bundled demo model)
+    final_logit_softcap: str | float | None = None  # PaliGemma 2's final-logit soft-cap while training: None = off (the PaliGemma 2 report's transfer stage; the export records it), auto = the checkpoint's convention, or a number
     tokenizer: str | None = None  # tokenizer.json; default: <model folder>/tokenizer.json
     train_data: str = ""  # .jsonl (big_vision / Roboflow export) or COCO annotation .json
     val_data: str | None = None  # validation data (same formats): val_loss, the task metric and the best checkpoint come from it

@@ -28,7 +28,7 @@ def export_final(tr) -> Path:
         if not tr.is_main:
             return final
         cfg = tr.cfg
-        model = load_model(cfg.model)
+        model = load_model(cfg.model, final_logit_softcap=cfg.final_logit_softcap)
         apply_mode(model, cfg.mode, freeze_vision=cfg.freeze_vision, freeze_decoder=cfg.freeze_decoder,
                    lora_targets=cfg.lora_targets, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                    lora_dropout=cfg.lora_dropout)

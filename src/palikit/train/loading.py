@@ -31,16 +31,17 @@ def resolve_model(name: str, log: Callable[[str], None] = print) -> str:
     return str(demo)
 
 
-def load_model(path: str, device="cpu", dtype=torch.float32):
+def load_model(path: str, device="cpu", dtype=torch.float32, final_logit_softcap="auto"):
+    """The checkpoint to train; `final_logit_softcap` as in TrainConfig (None: trained uncapped)."""
     p = Path(path)
     if p.suffix == ".npz":
         from ..weights.big_vision import load_npz_checkpoint
 
-        model = load_npz_checkpoint(p)
+        model = load_npz_checkpoint(p, final_logit_softcap=final_logit_softcap)
     elif p.exists():
         from ..weights.hf import load_hf_checkpoint
 
-        model = load_hf_checkpoint(p, device="cpu")
+        model = load_hf_checkpoint(p, device="cpu", final_logit_softcap=final_logit_softcap)
     else:
         raise FileNotFoundError(f"model={path!r}: no such checkpoint folder or .npz file")
     return model.to(device=device, dtype=dtype)

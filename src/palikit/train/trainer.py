@@ -148,7 +148,7 @@ class Trainer:
             cfg.model = resolve_model(cfg.model, self.log)
 
         seed_everything(cfg.seed)
-        self.model = model if model is not None else load_model(cfg.model)
+        self.model = model if model is not None else load_model(cfg.model, final_logit_softcap=cfg.final_logit_softcap)
         self.model.to(self.device)
         self.model.train()
         self.trainable = apply_mode(
