@@ -80,10 +80,10 @@ def describe_device(model: Any) -> str:
 
 
 def hardware(model: Any) -> dict[str, Any]:
-    """Device, torch intra-op threads (when torch is loaded), CPU count and the 1-minute load average
+    """Device, threads (torch intra-op threads of a torch model, or the adapter's `threads`), CPU count and the 1-minute load average
     at the end of the run: the context every speed figure needs."""
-    threads = None
-    if "torch" in sys.modules:
+    threads = getattr(model, "threads", None)  # an adapter's own statement (Tesseract's OpenMP, remote)
+    if threads is None and "torch" in sys.modules and hasattr(model, "device"):
         threads = sys.modules["torch"].get_num_threads()
     try:
         load = round(os.getloadavg()[0], 2)

@@ -149,7 +149,7 @@ SPEED_LABELS = {"median_s": "median latency (s per sample)", "p90_s": "p90 laten
 
 def hardware_line(hw: Mapping[str, Any]) -> str:
     threads = hw.get("torch_threads")
-    return (f"device {hw.get('device', '?')}; torch threads {threads if threads is not None else '-'}; "
+    return (f"device {hw.get('device', '?')}; threads {threads if threads is not None else '-'}; "
             f"{hw.get('cpu_count', '?')} CPUs, load average {hw.get('load_avg_1m', '?')} at the end (shared machine "
             "if > 0)")
 

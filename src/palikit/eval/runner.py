@@ -89,6 +89,8 @@ def result_to_record(sample: Sample, result: Any, latency_s: float | None) -> di
            "errors": [str(e) for e in get(result, "errors", None) or []],
            "timings": {k: float(v) for k, v in timings.items()},
            "latency_s": None if latency_s is None else float(latency_s)}
+    if get(result, "failed", False):  # the adapter gave up on this sample (e.g. the API kept failing)
+        rec.update(failed=True, latency_s=None)
     usage = get(result, "usage", None)
     if usage:
         rec["usage"] = {k: int(v) for k, v in dict(usage).items() if isinstance(v, (int, float))}
@@ -327,12 +329,15 @@ def _image_problem(image: Any) -> str | None:
 
 
 def _predict(model: Any, batch: Sequence[Sample], opts: Mapping[str, Any], timed: bool) -> list[dict[str, Any]]:
-    """Records for one batch. Missing images become failed records without a call; when the batch
-    call raises, each sample is tried alone so one bad image fails only itself."""
+    """Records for one batch. Missing images become failed records without a call (unless the model
+    needs no images: a results file); when the batch call raises, each sample is tried alone so one
+    bad image fails only itself."""
     import time
 
-    ok = [s for s in batch if _image_problem(s.image) is None]
-    recs = {s.id: failed_record(s, _image_problem(s.image)) for s in batch if s not in ok}
+    check = getattr(model, "needs_images", True)
+    problems = {s.id: _image_problem(s.image) if check else None for s in batch}
+    ok = [s for s in batch if problems[s.id] is None]
+    recs = {s.id: failed_record(s, problems[s.id]) for s in batch if problems[s.id] is not None}
 
     def call(group: Sequence[Sample]) -> list[dict[str, Any]]:
         labels = [s.labels for s in group] if any(s.labels for s in group) else None
