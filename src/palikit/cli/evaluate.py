@@ -91,12 +91,12 @@ def evaluate(
               + (f" and the partial report is {Path(r.out_dir) / 'report.md'}" if r.n else " (none were made)")
               + ".\nResume: run the same command again (without --fresh); done samples are not predicted again.",
               file=sys.stderr)
-        raise typer.Exit(e.exit_code) from None
+        raise SystemExit(e.exit_code) from None  # not typer.Exit: cli.main drops its code (standalone_mode=False)
     except KeyboardInterrupt as e:  # before the first prediction (loading the model, reading the data)
         signum = getattr(e, "signum", 2)
         print(f"\n{'SIGTERM' if signum == 15 else 'Ctrl-C'}: stopped before any prediction; nothing to resume.",
               file=sys.stderr)
-        raise typer.Exit(128 + signum) from None
+        raise SystemExit(128 + signum) from None
     except (DataError, BaselineError, FileNotFoundError, ValueError) as e:
         print(f"palikit eval: {e}", file=sys.stderr)
-        raise typer.Exit(2) from None
+        raise SystemExit(2) from None
