@@ -4,9 +4,9 @@ and codes as a text detector would hand them to an OCR model, generated here wit
 Domains (the `domain` field): `serial` (serial numbers on metal labels), `plate` (licence plates),
 `sign` (street / shop signs), `receipt` (receipt lines on paper), `container` (shipping-container
 codes, ISO 6346 style). Each crop varies the font (DejaVu / STIX / Computer Modern faces that
-matplotlib bundles, plus any TrueType font under /usr/share/fonts), size, text and background
-colours (contrast kept readable), background texture (gradient, noise, stray lines), rotation
-(+-8 degrees), blur, JPEG re-compression and crop padding (a detector's box around the rotated
+matplotlib bundles, plus any TrueType font under /usr/share/fonts), size (12-44 px), text and
+background colours (a luminance gap of 80 or more, halved for one crop in five: faded paint),
+background texture (gradient, noise, stray lines), rotation (+-8 degrees), shear, blur, JPEG re-compression and crop padding (a detector's box around the rotated
 text). Deterministic for a seed and the same installed fonts.
 
     python -m palikit.demo.scenetext --out data/scenetext --n 200
@@ -118,12 +118,14 @@ def _background(size: tuple[int, int], colour: tuple[int, ...], rng: random.Rand
 
 def render(text: str, domain: str, font: Path, rng: random.Random) -> tuple[Image.Image, int]:
     """One cropped word / code image and the font size used."""
-    px = rng.randint(16, 44)
+    px = rng.randint(12, 44)
     f = ImageFont.truetype(str(font), px)
     x0, y0, x1, y1 = f.getbbox(text)
     tw, th = x1 - x0, y1 - y0
     margin = px
     bg, fg = _colours(domain, rng)
+    if rng.random() < 0.2:  # faded paint, glare: text colour pulled half-way to the background
+        fg = tuple((a + b) // 2 for a, b in zip(fg, bg))
     w, h = tw + 2 * margin, th + 2 * margin
     canvas = _background((w, h), bg, rng)
     ink = Image.new("L", (w, h), 0)  # where the text is, rotated with it, for the crop box
@@ -135,6 +137,10 @@ def render(text: str, domain: str, font: Path, rng: random.Random) -> tuple[Imag
     pad = lambda: rng.randint(2, max(3, px // 3))  # noqa: E731 - a detector's loose / tight box
     box = (max(0, bx0 - pad()), max(0, by0 - pad()), min(w, bx1 + pad()), min(h, by1 + pad()))
     img = canvas.crop(box)
+    if rng.random() < 0.4:  # seen from the side: a horizontal shear
+        k = rng.uniform(-0.3, 0.3)
+        img = img.transform(img.size, Image.AFFINE, (1, k, -k * img.height / 2, 0, 1, 0), Image.BICUBIC,
+                            fillcolor=bg)
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.3)))
     if rng.random() < 0.3:  # a low-resolution camera
