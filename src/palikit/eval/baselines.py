@@ -142,7 +142,11 @@ class OpenAIChat:
     def __init__(self, base_url: str, model: str, *, key_env: str = "OPENAI_API_KEY", prompts: str = "chat",
                  concurrency: int = 4, retries: int = 4, timeout: float = 60.0, max_tokens: int = 64,
                  price_in: float | None = None, price_out: float | None = None):
-        import openai
+        try:
+            import openai
+        except ImportError as e:
+            raise BaselineError("the openai baseline needs the official client: pip install 'palikit[eval]' "
+                                "(or pip install openai)") from e
 
         if not base_url.startswith(("http://", "https://")):
             raise BaselineError(f"openai baseline: BASE_URL must start with http:// or https://, got {base_url!r} "
