@@ -176,6 +176,25 @@ def test_chat_prompts_reach_the_endpoint(scenetext, demo_server, tmp_path, monke
     assert recs[0]["prompt"].startswith("Read the text in this image") and cmp.reports[1].failed == 0
 
 
+def test_caption_through_the_openai_adapter_matches_the_model(demo_server, tmp_path, monkeypatch):
+    """Caption (CIDEr) via the served demo model with PaliGemma prompts equals the in-process model."""
+    from palikit.api import PaliGemma
+    from palikit.demo.evaluate import ASSET_DIR, split_by_task
+    from palikit.demo.shapes import write_split
+
+    d = write_split(tmp_path / "shapes", "test", 4, 112, seg_fn=lambda s: [0] * 16)
+    caps = split_by_task(d / "test.jsonl", tmp_path / "splits")["caption"]
+    monkeypatch.setenv("EVAL_TEST_KEY", KEY)
+    served = parse_baseline(f"openai:{demo_server}/v1#demo?key_env=EVAL_TEST_KEY&prompts=paligemma")
+    pg = PaliGemma.from_pretrained(ASSET_DIR, device="cpu", dtype="float32")
+    cmp = evaluate_models([pg, served], caps, "caption", out_dir=tmp_path / "cap", progress=False, charts=False)
+    local, remote = cmp.reports
+    assert [p["text"] for p in remote.per_sample] == [p["text"] for p in local.per_sample]
+    assert remote.metrics["cider"] == pytest.approx(local.metrics["cider"]) and remote.prompt == local.prompt
+    with pytest.raises(BaselineError, match="no chat prompt for detect"):
+        parse_baseline(f"openai:{demo_server}/v1#demo?key_env=EVAL_TEST_KEY").prompt_template("detect")
+
+
 def _coco(tmp_path: Path) -> Path:
     for i in (1, 2):
         Image.new("RGB", (64, 48), "white").save(tmp_path / f"{i}.png")

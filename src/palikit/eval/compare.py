@@ -131,15 +131,16 @@ def evaluate_models(models: Sequence[Any], dataset: Any, task: str, *, out_dir: 
     for i, (model, name) in enumerate(zip(models, names)):
         if hasattr(model, "bind"):
             model.bind(ds)
-        if i == 0:
+        pt = getattr(model, "prompt_template", None)
+        own = pt(task) if callable(pt) else None  # an adapter's prompt (a chat instruction), checked for the task
+        if i == 0:  # the user's model: the user's prompt and prices
             prices = {"price_per_hour": price_per_hour, "price_per_call": price_per_call}
-            sub, tmpl = out, prompt
+            sub, tmpl = out, prompt or own
         else:
             rule = getattr(model, "price_rule", None)
             prices = rule(price_per_hour) if callable(rule) else {"price_per_hour": price_per_hour}
             sub = out / "baselines" / slug(name or getattr(model, "name", type(model).__name__))
-            pt = getattr(model, "prompt_template", None)
-            tmpl = (pt(task) if callable(pt) else None) or prompt
+            tmpl = own or prompt
         opts = dict(predict_options or {}) if i == 0 or not hasattr(model, "prompt_template") else {}
         reports.append(evaluate(model, ds, task, out_dir=sub, batch_size=getattr(model, "batch_size", batch_size)
                                 if i else batch_size, prompt=tmpl, predict_options=opts, limit=limit, resume=resume,
