@@ -10,7 +10,14 @@ Speed and cost definitions (stated in every report):
 - speed efficiency = score / median seconds per sample;
 - cost per sample = price_per_hour x MEAN seconds per sample / 3600 (= the bill for the run / samples),
   or price_per_call;
+- cost per sample for an API = (prompt tokens x input price + completion tokens x output price) / 1e6
+  from the usage the endpoint reports (`price_per_mtok`);
 - cost efficiency = score / cost per sample (score points per dollar).
+
+Units: `score` and every table / chart / CLI figure are x100 (percent for accuracies); `metrics` in
+report.json keep the raw fractions. A failed sample (missing image, a call that kept failing) is
+scored as an empty answer, counted in `failed`, left out of the speed figures and retried on resume.
+Ctrl-C / SIGTERM writes the report of the samples done and raises `EvalInterrupted`.
 """
 
 from __future__ import annotations
