@@ -121,6 +121,9 @@ def test_broken_jsonl_line_reported_with_its_real_line_number_like_train(tmp_pat
     assert str(tv.value.problems[0]).split(":", 1)[1] == str(ev.value.problems[0]).split(":", 1)[1]
     skipped = load_jsonl(data, "ocr", strict=False)
     assert len(skipped) == 11 and skipped.problems[0].where == "line 11"
+    run = subprocess.run([sys.executable, "-c", CLI, "eval", str(data), "--task", "ocr", "--device", "cpu",
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, env=_env(), timeout=300)
+    assert run.returncode == 2 and "line 11: invalid JSON" in run.stderr and "Traceback" not in run.stderr
 
 
 def _coco(d: Path, cat_id: int = 1) -> Path:
