@@ -35,6 +35,7 @@ def evaluate(
     dataset: Path = typer.Argument(..., help="JSONL (ocr/vqa/anls/caption/count/exact) or COCO json (detect/segment)."),
     task: str = typer.Option(..., help="ocr | vqa | anls | caption | count | exact | detect | segment"),
     model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder or Hub id (default: bundled demo)."),
+    adapter: str = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format) merged into --model."),
     baseline: list[str] = typer.Option(None, "--baseline", "-b", help=BASELINE_HELP),
     out: Path = typer.Option(Path("out/eval"), help="Output folder (predictions.jsonl, report.md, charts)."),
     images: Path = typer.Option(None, "--images", help="Folder the image paths are relative to (default: the data file's)."),
@@ -72,7 +73,7 @@ def evaluate(
         torch.set_num_threads(torch_threads)
     try:
         with sigterm_interrupts():
-            pg = load_model(model, device, dtype, None)
+            pg = load_model(model, device, dtype, None, adapter=adapter)
             if baseline:
                 others = [parse_baseline(s, device=device, dtype=dtype) for s in baseline]
                 cmp = evaluate_models([pg, *others], dataset, task, out_dir=out, resume=not fresh, prompt=prompt,
