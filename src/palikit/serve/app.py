@@ -2,10 +2,14 @@
 metrics and the browser playground, in front of one `PaliGemma` and one micro-batcher.
 
 Images come only as bytes: a multipart upload, base64 or a data URL. The server never fetches a
-URL and never opens a path a client names. Every limit (body bytes, image bytes, image pixels read
-from the header before decoding, prompt length, max_new_tokens) answers a 4xx JSON error
-`{"error": {"type", "message"}}`; unexpected failures answer 500 with a request id and no details
-(the traceback goes to the server log).
+URL and never opens a path a client names; images go through the bounded intake of `images.py`
+(format allowlist, header checks, decoded-pixel budget, model-size pixels while waiting). Every
+limit (body bytes per endpoint, counted while reading; JSON nesting; image bytes, pixels and aspect
+ratio; labels; prompt length; max_new_tokens) answers a 4xx JSON error `{"error": {"type",
+"message"}}`; unexpected failures answer 500 with a request id and no details (the traceback goes
+to the server log). A client that goes away mid-request is one info line and counts as status 499
+(`palikit_client_aborts_total`), not a server error. The Host header must be one of the allowed names
+(loopback names on a loopback bind: DNS rebinding), else 400.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,10 +33,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import openai_compat
 from .batcher import MicroBatcher, QueueFull, Stopped
-from .images import decode_image, image_bytes_from_string
+from .images import PixelBudget, decode_image, image_bytes_from_string
 from .metrics import Metrics
 from .schemas import (TASK_REQUESTS, ApiError, ChatRequest, GenOptions, Options, ServerSettings, bad_request,
                       clean_message, gen_options, parse_model)
@@ -42,9 +48,13 @@ TASKS = ("predict", "caption", "describe", "ocr", "answer", "detect", "segment")
 OPEN_PATHS = ("/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
               "/favicon.ico")
 ENDPOINTS = {f"/v1/{t}" for t in TASKS} | {"/v1/chat/completions", "/v1/models", "/healthz", "/readyz", "/metrics",
-                                           "/", "/docs", "/openapi.json"}
+                                           "/", "/docs", "/redoc", "/openapi.json"}
+CLIENT_GONE = 499  # nginx's "client closed request": counted apart from the 5xx
 CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'")
+# the docs pages: their own bundled scripts plus FastAPI's inline start-up script; nothing from elsewhere
+DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'")
 
 
 @dataclass
@@ -70,11 +80,21 @@ class State:
         from ..api import MAX_PROMPT_TOKENS
 
         self.max_prompt_tokens = MAX_PROMPT_TOKENS
-        # decoding a large image takes ~3 bytes per pixel: bound how many decode at once
+        # decoding runs in worker threads (never on the model thread): a few at once, within the pixel budget
         self.decode_limiter = anyio.CapacityLimiter(max(2, min(8, os.cpu_count() or 2)))
+        self.pixel_budget = PixelBudget(settings.decode_budget_pixels)
+        self.processor = getattr(pg, "processor", None)
+        from prometheus_client import Counter
+
+        self.client_aborts = Counter("palikit_client_aborts", "Requests the client abandoned before the answer "
+                                     "(counted as status 499, not as server errors).", registry=self.metrics.registry)
 
     async def decode(self, data: bytes, param: str = "image"):
-        return await anyio.to_thread.run_sync(decode_image, data, self.settings, param, limiter=self.decode_limiter)
+        """Bytes -> model-ready PIL image, in a worker thread (see images.py)."""
+        def work():
+            return decode_image(data, self.settings, param, processor=self.processor, budget=self.pixel_budget)
+
+        return await anyio.to_thread.run_sync(work, limiter=self.decode_limiter)
 
     def _run_batch(self, key: GenOptions, items: list[Item]) -> list[Any]:
         labels = [it.labels for it in items]
@@ -134,11 +154,13 @@ def error_response(e: ApiError) -> JSONResponse:
 
 
 class ServerMiddleware:
-    """Pure ASGI: request ids, API-key check, body-size cap, metrics, security headers."""
+    """Pure ASGI: request ids, Host allowlist, API-key check, per-endpoint body cap (counted while
+    reading), client aborts, metrics, security headers."""
 
     def __init__(self, app, state: State):
         self.app = app
         self.state = state
+        self.hosts = state.settings.host_allowlist()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -156,25 +178,19 @@ class ServerMiddleware:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 extra = [(b"x-request-id", rid.encode()), (b"x-content-type-options", b"nosniff")]
-                if path == "/" or path.startswith("/static/"):
-                    extra.append((b"content-security-policy", CSP.encode()))
+                if path == "/" or path.startswith(("/static/", "/docs", "/redoc")):
+                    extra.append((b"content-security-policy", (CSP if path == "/" or path.startswith("/static/")
+                                                               else DOCS_CSP).encode()))
                 message = {**message, "headers": list(message.get("headers", [])) + extra}
             await send(message)
 
         st.metrics.inflight.inc()
         try:
-            protected = not (path in OPEN_PATHS or path.startswith(("/static/", "/docs-assets/")))
-            if protected and not st.check_key(headers.get("authorization")):
-                msg = ("missing API key: send 'Authorization: Bearer <key>'." if not headers.get("authorization")
-                       else "invalid API key.")
-                await error_response(ApiError(401, "unauthorized", msg))(scope, receive, send_wrapped)
+            refusal = self._refusal(path, headers)
+            if refusal is not None:
+                await error_response(refusal)(scope, receive, send_wrapped)
                 return
-            limit = st.settings.max_body_bytes
-            cl = headers.get("content-length")
-            if cl is not None and cl.isdigit() and int(cl) > limit:
-                await error_response(ApiError(413, "payload_too_large", f"request body is {cl} bytes; this server "
-                                              f"accepts at most {limit}."))(scope, receive, send_wrapped)
-                return
+            limit = st.settings.body_limit(path)
             seen = {"n": 0}
 
             async def receive_limited():
@@ -182,13 +198,51 @@ class ServerMiddleware:
                 if message["type"] == "http.request":
                     seen["n"] += len(message.get("body", b""))
                     if seen["n"] > limit:
-                        raise ApiError(413, "payload_too_large", f"request body exceeds this server's limit of {limit} bytes.")
+                        raise ApiError(413, "payload_too_large",
+                                       f"request body exceeds this endpoint's limit of {limit} bytes.")
+                elif message["type"] == "http.disconnect":
+                    status["gone"] = True
                 return message
 
-            await self.app(scope, receive_limited, send_wrapped)
+            try:
+                await self.app(scope, receive_limited, send_wrapped)
+            except ClientDisconnect:
+                status["gone"] = True
+            if status.get("gone") and status["code"] in (500, CLIENT_GONE):
+                status["code"] = CLIENT_GONE
+                st.client_aborts.inc()
+                log.info("request %s to %s: the client disconnected before the answer", rid, path)
         finally:
             st.metrics.inflight.dec()
             st.metrics.observe_request(endpoint, status["code"], time.perf_counter() - t0)
+
+    def _refusal(self, path: str, headers: dict[str, str]) -> ApiError | None:
+        """The error to answer before reading anything, or None."""
+        st = self.state
+        if self.hosts is not None:
+            host = _host_name(headers.get("host", ""))
+            if host not in self.hosts:
+                return ApiError(400, "invalid_host", f"Host {host[:80]!r} is not served here (DNS rebinding guard); "
+                                f"use one of {', '.join(self.hosts)}, or start the server with --allowed-hosts.")
+        protected = not (path in OPEN_PATHS or path.startswith(("/static/", "/docs-assets/")))
+        if protected and not st.check_key(headers.get("authorization")):
+            msg = ("missing API key: send 'Authorization: Bearer <key>'." if not headers.get("authorization")
+                   else "invalid API key.")
+            return ApiError(401, "unauthorized", msg)
+        limit = st.settings.body_limit(path)
+        cl = headers.get("content-length")
+        if cl is not None and cl.isdigit() and int(cl) > limit:
+            return ApiError(413, "payload_too_large", f"request body is {cl} bytes; this endpoint accepts at most "
+                            f"{limit}.")
+        return None
+
+
+def _host_name(host: str) -> str:
+    """'Example.com:8000' -> 'example.com'; '[::1]:8000' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 # ------------------------------------------------------------------------------ request parsing
@@ -199,24 +253,36 @@ async def read_fields(request: Request, settings: ServerSettings) -> tuple[dict[
         body = await request.body()
         if not body.strip():
             raise bad_request("the request body is empty; send a JSON object (see /docs).", type="invalid_json")
+        depth = settings.max_json_depth
+        too_deep = bad_request(f"the JSON body is nested more than {depth} levels deep; send a flat object "
+                               "(see /docs).", type="invalid_json")
+        if _json_depth_exceeds(body, depth):
+            raise too_deep
         try:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
             raise bad_request(f"the request body is not valid JSON{where}.", type="invalid_json") from None
+        except RecursionError:
+            raise too_deep from None
+        _drop_body(request)
         if not isinstance(data, dict):
             raise bad_request("the request body must be a JSON object.", type="invalid_json")
         return data, None, True
     if ctype == "multipart/form-data":
         await request.body()  # read (under the size cap) before parsing
+        max_fields = settings.max_labels + 32  # labels may come one field each
         try:
             try:
-                form = await request.form(max_files=settings.max_images_per_request, max_fields=64,
+                form = await request.form(max_files=settings.max_images_per_request, max_fields=max_fields,
                                           max_part_size=settings.max_upload_bytes + 1)
             except TypeError:  # starlette < 0.40 has no max_part_size (the body is capped anyway)
-                form = await request.form(max_files=settings.max_images_per_request, max_fields=64)
-        except Exception:  # noqa: BLE001 - malformed multipart
-            raise bad_request("malformed multipart/form-data body.") from None
+                form = await request.form(max_files=settings.max_images_per_request, max_fields=max_fields)
+        except ClientDisconnect:
+            raise
+        except Exception as e:  # noqa: BLE001 - malformed multipart, or over starlette's part / field limits
+            detail = clean_message(str(getattr(e, "message", "") or ""))[:200]
+            raise bad_request("malformed multipart/form-data body" + (f": {detail}" if detail else ".")) from None
         fields: dict[str, Any] = {}
         upload: bytes | None = None
         for key in set(form.keys()):
@@ -232,12 +298,16 @@ async def read_fields(request: Request, settings: ServerSettings) -> tuple[dict[
                 continue
             if key == "labels":
                 fields[key] = values if len(values) > 1 else values[0]
+                if len(values) > settings.max_labels:
+                    raise bad_request(f"{len(values)} labels; at most {settings.max_labels} per request.", key)
             elif len(values) > 1:
                 raise bad_request(f"field {key!r} was given {len(values)} times.", key)
             else:
                 fields[key] = values[0]
         if upload is None and "image" not in fields:
             raise bad_request("no image: upload it as the multipart file field 'image'.", "image")
+        await form.close()
+        _drop_body(request)
         return fields, upload, False
     if not ctype:
         raise ApiError(415, "unsupported_media_type",
@@ -247,20 +317,74 @@ async def read_fields(request: Request, settings: ServerSettings) -> tuple[dict[
                    "multipart/form-data (image as a file upload).")
 
 
-def _labels(value) -> list[str]:
+_DEPTH_CHARS = re.compile(rb'[\[\]{}"\\]')
+
+
+def _json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """Whether brackets nest deeper than `limit` (strings skipped), without recursing; a regex finds
+    the few interesting bytes, so a 27 MB base64 string costs one C-level scan."""
+    depth, in_string, skip_at = 0, False, -1
+    for m in _DEPTH_CHARS.finditer(body):
+        i = m.start()
+        if i == skip_at:  # the character after a backslash inside a string
+            continue
+        c = body[i]
+        if in_string:
+            if c == 0x5C:  # backslash
+                skip_at = i + 1
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _drop_body(request: Request) -> None:
+    """Forget the raw body Starlette caches on the request, so a request waiting for the model holds
+    only its decoded, model-size image (not megabytes of base64)."""
+    for attr in ("_body", "_form", "_json"):
+        if hasattr(request, attr):
+            delattr(request, attr)
+
+
+def _labels(value, limit: int = 64) -> list[str]:
+    """Labels from a list, a JSON list in a string ('["cat","dog"]', what a form can carry), or one
+    string separated by ';' (or by ',' when it has no ';')."""
     if value is None:
         return []
     if isinstance(value, str):
-        return [p.strip() for p in value.split(";") if p.strip()] or [value]
-    return list(value)
+        s = value.strip()
+        if s.startswith("["):
+            try:
+                parsed = json.loads(s)
+            except (json.JSONDecodeError, RecursionError):
+                raise ValueError("labels look like a JSON list but are not valid JSON; send e.g. "
+                                 '["cat","dog"] or "cat ; dog"') from None
+            if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
+                raise ValueError('labels as JSON must be a list of strings, e.g. ["cat","dog"]')
+            out = [x.strip() for x in parsed]
+        else:
+            sep = ";" if ";" in s else ","
+            out = [p.strip() for p in s.split(sep) if p.strip()] or [value]
+    else:
+        out = list(value)
+    if len(out) > limit:
+        raise ValueError(f"{len(out)} labels; at most {limit} per request")
+    return out
 
 
-def build_prompt(task: str, req) -> tuple[str, list[str] | None]:
+def build_prompt(task: str, req, max_labels: int = 64) -> tuple[str, list[str] | None]:
     from ..tasks import prompts
 
     try:
         if task == "predict":
-            labels = _labels(req.labels) or None
+            labels = _labels(req.labels, max_labels) or None
             return req.prompt, labels
         if task in ("caption", "describe"):
             return getattr(prompts, task)(req.lang), None
@@ -270,9 +394,7 @@ def build_prompt(task: str, req) -> tuple[str, list[str] | None]:
             if len(req.question) > 2000:
                 raise ValueError("question is too long")
             return prompts.answer(req.question, req.lang), None
-        labels = _labels(req.labels)
-        if len(labels) > 64:
-            raise ValueError(f"{len(labels)} labels; at most 64 per request")
+        labels = _labels(req.labels, max_labels)
         return getattr(prompts, task)(labels), labels
     except ValueError as e:
         param = {"caption": "lang", "describe": "lang", "answer": "question"}.get(task, "labels")
@@ -306,7 +428,7 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
             warm.cancel()
             await state.batcher.stop()
 
-    app = FastAPI(title="palikit", version="0.1.0", lifespan=lifespan, docs_url=None,
+    app = FastAPI(title="palikit", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="PaliGemma server: task endpoints with structured results, OpenAI-compatible chat, "
                               "micro-batching. Images as multipart uploads, base64 or data URLs (never URLs).")
     app.state.palikit = state
@@ -322,6 +444,10 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
         msg = {404: f"no such endpoint: {request.url.path[:100]} (see /docs).",
                405: f"method {request.method} is not allowed here (see /docs)."}.get(e.status_code, str(e.detail))
         return error_response(ApiError(e.status_code, kind, msg, headers=dict(e.headers or {})))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, e: ClientDisconnect):
+        return Response(status_code=CLIENT_GONE)  # nobody reads it; the middleware logs and counts the abort
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
@@ -364,11 +490,13 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
             fields, upload, is_json = await read_fields(request, settings)
             req = parse_model(model, fields, strict=is_json)
             opts = gen_options(req, settings)
-            prompt, labels = build_prompt(task, req)
+            prompt, labels = build_prompt(task, req, settings.max_labels)
             state.prompt_tokens(prompt, "prompt" if task == "predict" else
                                 {"answer": "question", "detect": "labels", "segment": "labels"}.get(task, "prompt"))
             data = upload if upload is not None else image_bytes_from_string(req.image, settings)
+            del fields, upload, req
             image = await state.decode(data)
+            del data  # while it waits for the model, the request holds only the model-size image
             t0 = time.perf_counter()
             result = await state.run(opts, Item(image, prompt, labels))
             body = result.to_dict()
@@ -410,7 +538,10 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
         opts = gen_options(Options(**call.options), settings)
         n_prompt = state.prompt_tokens(call.prompt, "messages")
         datas = [image_bytes_from_string(u, settings, "messages") for u in call.images]
-        frames = [await state.decode(d, "messages") for d in datas]
+        call.images, fields = [], None
+        frames = []
+        while datas:
+            frames.append(await state.decode(datas.pop(0), "messages"))
         image = frames[0] if len(frames) == 1 else frames
         n_prompt += _image_tokens(pg) * len(frames)
         cid = openai_compat.new_id()
@@ -464,24 +595,47 @@ async def _warmup(state: State) -> None:
     state.ready = True
 
 
+CURL_HELP = """
+**Multipart from curl.** `curl -F` cuts a value at `;` (it reads `;type=...` there), so
+`-F labels="cat ; dog"` silently becomes `cat`. Send labels as a JSON list, or with `--form-string`:
+
+    curl -H "Authorization: Bearer $KEY" -F image=@cat.jpg -F 'labels=["cat","dog"]' http://127.0.0.1:8000/v1/detect
+    curl -H "Authorization: Bearer $KEY" -F image=@cat.jpg --form-string "labels=cat ; dog" http://127.0.0.1:8000/v1/detect
+
+Images: PNG, JPEG, WebP, GIF, BMP or TIFF (others: 415). `temperature` or `top_p` below 1e-5 is greedy.
+"""
+
+
 def _docs(app: FastAPI) -> None:
-    """/docs from the swagger-ui-bundle package when installed (works offline, where self-hosted
-    servers usually are); FastAPI's CDN page otherwise."""
-    from fastapi.openapi.docs import get_swagger_ui_html
+    """/docs (Swagger UI 5, reads OpenAPI 3.1) and /redoc from the files the fastapi-offline package
+    ships, served by this server: no CDN (self-hosted servers are often offline). Without that
+    package /docs says how to get it and /redoc is off."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 
-    urls = {}
     try:
-        from swagger_ui_bundle import swagger_ui_path
-
-        app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
-        urls = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js", "swagger_css_url": "/docs-assets/swagger-ui.css",
-                "swagger_favicon_url": "/docs-assets/favicon-32x32.png"}
+        import fastapi_offline
     except ImportError:
-        pass
+        @app.get("/docs", include_in_schema=False)
+        async def docs_missing():
+            return PlainTextResponse("The API docs need the fastapi-offline package (pip install fastapi-offline); "
+                                     "the OpenAPI schema is at /openapi.json.", status_code=404)
+        return
+    assets = Path(fastapi_offline.__file__).resolve().parent / "static"
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+    app.description = (app.description or "") + CURL_HELP
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="palikit API", **urls)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="palikit API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon.png",
+                                   swagger_ui_parameters={"validatorUrl": None})
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title="palikit API", redoc_js_url="/docs-assets/redoc."
+                              "standalone.js", redoc_favicon_url="/docs-assets/favicon.png", with_google_fonts=False)
 
 
 def is_loopback(host: str) -> bool:
