@@ -90,7 +90,8 @@ def load_image(x: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                          "array (HxWxC) or a torch tensor (CHW or HWC).")
     source = img
     try:
-        img = ImageOps.exif_transpose(img) or img
+        if img.getexif().get(0x0112, 1) != 1:  # only then (exif_transpose copies even an upright image)
+            img = ImageOps.exif_transpose(img) or img
     except Exception as e:  # noqa: BLE001 - a broken EXIF block should not make the pixels unusable
         warnings.warn(f"Ignoring unreadable EXIF orientation of {what}: {e}", stacklevel=2)
     out = _to_rgb(img, what)
@@ -150,7 +151,7 @@ def _open(x: Any, what: str, max_pixels: int | None, max_aspect: float | None) -
         raise ImageError(f"The {what} is too large to decode safely ({e}). Downscale it first, or raise "
                          "PIL.Image.MAX_IMAGE_PIXELS if you trust it.") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"The {what} is not a supported image format ({FORMAT_NAMES}), or it is corrupt; "
+        raise ImageError(f"The {what} is not an image format palikit opens ({FORMAT_NAMES}), or it is corrupt; "
                          "convert it to PNG or JPEG.") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         raise ImageError(f"The {what} could not be decoded ({type(e).__name__}: {e}); the file is probably "

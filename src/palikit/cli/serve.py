@@ -93,10 +93,25 @@ def serve(
           file=sys.stderr, flush=True)
     from ..serve.protocol import guarded_h11
 
+    _log_to_stderr(log_level)
     _return_freed_memory()
     uvicorn.run(application, host=host, port=port, log_level=log_level, access_log=False,
                 timeout_graceful_shutdown=5, http=guarded_h11(header_timeout), timeout_keep_alive=keep_alive,
                 h11_max_incomplete_event_size=16 * 1024)
+
+
+def _log_to_stderr(level: str) -> None:
+    """The server's own lines (palikit.serve: client aborts, closed slow connections, failures) next to
+    uvicorn's, at the same level."""
+    import logging
+
+    logger = logging.getLogger("palikit")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper() if level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO")
 
 
 def _return_freed_memory() -> None:

@@ -100,17 +100,6 @@ class PixelBudget:
                 self._cond.notify_all()
 
 
-def _source_size(probe) -> tuple[int, int]:
-    """(width, height) the user sees: the header size, swapped when EXIF rotates by 90 degrees."""
-    w, h = probe.size
-    try:
-        if probe.getexif().get(0x0112) in (5, 6, 7, 8):
-            return h, w
-    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored (load_image warns)
-        pass
-    return w, h
-
-
 def _probe(data: bytes, settings: ServerSettings, param: str):
     from PIL import Image
 
@@ -153,7 +142,7 @@ def decode_image(data: bytes, settings: ServerSettings, param: str = "image", *,
                        f"image is {len(data)} bytes; this server accepts at most {settings.max_upload_bytes}.",
                        param=param)
     with _probe(data, settings, param) as probe:
-        source = _source_size(probe)
+        header = probe.size
         if processor is not None and probe.format == "JPEG" and processor.do_resize:
             probe.draft("RGB", (processor.size, processor.size))  # decode at 1/2..1/8 scale, still >= S
         cost = probe.size[0] * probe.size[1]
@@ -167,5 +156,7 @@ def decode_image(data: bytes, settings: ServerSettings, param: str = "image", *,
                 return img.copy() if img is probe else img  # the probe is closed on leaving
             from ..preprocess import SOURCE_SIZE
 
-            img.info[SOURCE_SIZE] = source
+            # the size the user sees (boxes are scaled to it): the header's, turned when EXIF rotated it
+            turned = img.size != probe.size and img.size == probe.size[::-1]
+            img.info[SOURCE_SIZE] = header[::-1] if turned else header
             return processor.model_ready(img)
