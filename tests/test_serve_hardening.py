@@ -93,6 +93,25 @@ def test_16_concurrent_6000x6000_pngs_stay_within_the_memory_bound(server):
         assert _caption(c, GOOD).status_code == 200
 
 
+def test_chat_with_8_large_frames_decodes_them_one_budget_at_a_time(server):
+    from serve_helpers import data_url
+
+    frame = data_url(_png((5000, 5000)))
+    body = {"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "text", "text": "caption en"}] +
+                                           [{"type": "image_url", "image_url": {"url": frame}}] * 8}]}
+    pid = server.proc.pid
+    start = _status_kb(pid, "VmRSS") / 1024
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    with server.client() as c, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        replies = list(pool.map(lambda _: c.post("/v1/chat/completions", json=body), range(2)))
+    peak = _status_kb(pid, "VmHWM") / 1024
+    print(f"\n2 chat requests x 8 frames of 5000x5000: start RSS {start:.0f} MB, peak {peak:.0f} MB "
+          f"(+{peak - start:.0f}); {[r.status_code for r in replies]}")
+    assert all(r.status_code in (200, 429) for r in replies), [r.text for r in replies]
+    assert any(r.status_code == 200 for r in replies)
+    assert peak - start < 600
+
+
 def test_normal_request_is_fast_while_extreme_aspect_uploads_are_in_flight(server):
     extreme = _png((1, 39_999_999), "L")   # refused from the header: aspect ratio
     tall = _png((400, 40_000), "L")        # aspect 100:1, allowed: decoded and shrunk in a worker thread
