@@ -19,64 +19,9 @@ async def read_fields(request: Request, settings: ServerSettings) -> tuple[dict[
     """(fields, uploaded image bytes or None, is_json) from a JSON or multipart body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
-        body = await request.body()
-        if not body.strip():
-            raise bad_request("the request body is empty; send a JSON object (see /docs).", type="invalid_json")
-        depth = settings.max_json_depth
-        too_deep = bad_request(f"the JSON body is nested more than {depth} levels deep; send a flat object "
-                               "(see /docs).", type="invalid_json")
-        if _json_depth_exceeds(body, depth):
-            raise too_deep
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
-            raise bad_request(f"the request body is not valid JSON{where}.", type="invalid_json") from None
-        except RecursionError:
-            raise too_deep from None
-        _drop_body(request)
-        if not isinstance(data, dict):
-            raise bad_request("the request body must be a JSON object.", type="invalid_json")
-        return data, None, True
+        return await _read_json(request, settings), None, True
     if ctype == "multipart/form-data":
-        await request.body()  # read (under the size cap) before parsing
-        max_fields = settings.max_labels + 32  # labels may come one field each
-        try:
-            try:
-                form = await request.form(max_files=settings.max_images_per_request, max_fields=max_fields,
-                                          max_part_size=settings.max_upload_bytes + 1)
-            except TypeError:  # starlette < 0.40 has no max_part_size (the body is capped anyway)
-                form = await request.form(max_files=settings.max_images_per_request, max_fields=max_fields)
-        except ClientDisconnect:
-            raise
-        except Exception as e:  # noqa: BLE001 - malformed multipart, or over starlette's part / field limits
-            detail = clean_message(str(getattr(e, "message", "") or ""))[:200]
-            raise bad_request("malformed multipart/form-data body" + (f": {detail}" if detail else ".")) from None
-        fields: dict[str, Any] = {}
-        upload: bytes | None = None
-        for key in set(form.keys()):
-            values = form.getlist(key)
-            files = [v for v in values if hasattr(v, "read")]
-            if files:
-                if key not in ("image", "file"):
-                    raise bad_request(f"unexpected file field {key!r}; upload the image as 'image'.", key)
-                if len(files) > 1:
-                    raise bad_request("upload one image per request.", key)
-                upload = await files[0].read()
-                fields["image"] = "<upload>"
-                continue
-            if key == "labels":
-                fields[key] = values if len(values) > 1 else values[0]
-                if len(values) > settings.max_labels:
-                    raise bad_request(f"{len(values)} labels; at most {settings.max_labels} per request.", key)
-            elif len(values) > 1:
-                raise bad_request(f"field {key!r} was given {len(values)} times.", key)
-            else:
-                fields[key] = values[0]
-        if upload is None and "image" not in fields:
-            raise bad_request("no image: upload it as the multipart file field 'image'.", "image")
-        await form.close()
-        _drop_body(request)
+        fields, upload = await _read_form(request, settings)
         return fields, upload, False
     if not ctype:
         raise ApiError(415, "unsupported_media_type",
@@ -84,6 +29,69 @@ async def read_fields(request: Request, settings: ServerSettings) -> tuple[dict[
     raise ApiError(415, "unsupported_media_type",
                    f"Content-Type {ctype[:80]!r} is not accepted: send application/json (image as base64) or "
                    "multipart/form-data (image as a file upload).")
+
+
+async def _read_json(request: Request, settings: ServerSettings) -> dict[str, Any]:
+    body = await request.body()
+    if not body.strip():
+        raise bad_request("the request body is empty; send a JSON object (see /docs).", type="invalid_json")
+    depth = settings.max_json_depth
+    too_deep = bad_request(f"the JSON body is nested more than {depth} levels deep; send a flat object "
+                           "(see /docs).", type="invalid_json")
+    if _json_depth_exceeds(body, depth):
+        raise too_deep
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise bad_request(f"the request body is not valid JSON{where}.", type="invalid_json") from None
+    except RecursionError:
+        raise too_deep from None
+    _drop_body(request)
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object.", type="invalid_json")
+    return data
+
+
+async def _read_form(request: Request, settings: ServerSettings) -> tuple[dict[str, Any], bytes | None]:
+    await request.body()  # read (under the size cap) before parsing
+    max_fields = settings.max_labels + 32  # labels may come one field each
+    try:
+        try:
+            form = await request.form(max_files=settings.max_images_per_request, max_fields=max_fields,
+                                      max_part_size=settings.max_upload_bytes + 1)
+        except TypeError:  # starlette < 0.40 has no max_part_size (the body is capped anyway)
+            form = await request.form(max_files=settings.max_images_per_request, max_fields=max_fields)
+    except ClientDisconnect:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed multipart, or over starlette's part / field limits
+        detail = clean_message(str(getattr(e, "message", "") or ""))[:200]
+        raise bad_request("malformed multipart/form-data body" + (f": {detail}" if detail else ".")) from None
+    fields: dict[str, Any] = {}
+    upload: bytes | None = None
+    for key in set(form.keys()):
+        values = form.getlist(key)
+        files = [v for v in values if hasattr(v, "read")]
+        if files:
+            if key not in ("image", "file"):
+                raise bad_request(f"unexpected file field {key!r}; upload the image as 'image'.", key)
+            if len(files) > 1:
+                raise bad_request("upload one image per request.", key)
+            upload = await files[0].read()
+            fields["image"] = "<upload>"
+        elif key == "labels":
+            if len(values) > settings.max_labels:
+                raise bad_request(f"{len(values)} labels; at most {settings.max_labels} per request.", key)
+            fields[key] = values if len(values) > 1 else values[0]
+        elif len(values) > 1:
+            raise bad_request(f"field {key!r} was given {len(values)} times.", key)
+        else:
+            fields[key] = values[0]
+    if upload is None and "image" not in fields:
+        raise bad_request("no image: upload it as the multipart file field 'image'.", "image")
+    await form.close()
+    _drop_body(request)
+    return fields, upload
 
 
 _DEPTH_CHARS = re.compile(rb'[\[\]{}"\\]')
