@@ -70,7 +70,8 @@ def serve(
                               max_new_tokens_limit=max_new_tokens_limit, max_prompt_chars=max_prompt_chars,
                               warmup=warmup, max_aspect_ratio=max_aspect_ratio,
                               decode_budget_pixels=int(decode_budget_mpx * 1e6),
-                              allowed_hosts=tuple(allowed_hosts.split(",")) if allowed_hosts else None,
+                              allowed_hosts=(tuple(allowed_hosts.split(",")) if allowed_hosts
+                                             else ServerSettings.default_allowed_hosts(host)),
                               header_timeout_s=header_timeout, keep_alive_s=keep_alive)
     if replicas or min_replicas is not None or max_replicas is not None:
         from ..distributed.ray_serve import serve_replicas

@@ -35,7 +35,7 @@ class ServerSettings:
     decode_wait_s: float = 1.0               # wait for that budget at most this long, then 429 + Retry-After
     max_json_depth: int = 32                 # nesting of a JSON body (deeper: 400)
     max_labels: int = 64                     # labels per request, every endpoint
-    allowed_hosts: tuple[str, ...] | None = None  # Host header names served; None: loopback names on loopback
+    allowed_hosts: tuple[str, ...] | None = None  # Host header names served (None: any; see default_allowed_hosts)
     header_timeout_s: float = 10.0           # a connection must send complete request headers within this
     keep_alive_s: int = 5                    # idle keep-alive connections are closed after this
     max_images_per_request: int = 8          # frames of one example (chat messages with several images)
@@ -61,14 +61,18 @@ class ServerSettings:
 
     def host_allowlist(self) -> tuple[str, ...] | None:
         """Names the Host header may carry (lower case, no port); None = any."""
-        if self.allowed_hosts is not None:
-            names = tuple(h.strip().lower() for h in self.allowed_hosts if h.strip())
-            return None if "*" in names else names
+        if self.allowed_hosts is None:
+            return None
+        names = tuple(h.strip().lower() for h in self.allowed_hosts if h.strip())
+        return None if "*" in names else names
+
+    @staticmethod
+    def default_allowed_hosts(host: str) -> tuple[str, ...] | None:
+        """What `palikit serve` allows without --allowed-hosts: the loopback names on a loopback bind (a
+        web page's DNS-rebinding request carries its own name), any name otherwise (use API keys)."""
         from .app import is_loopback
 
-        if is_loopback(self.host):
-            return ("localhost", "127.0.0.1", "::1", "[::1]")
-        return None
+        return ("localhost", "127.0.0.1", "::1") if is_loopback(host) else None
 
     @staticmethod
     def keys_from_env(value: str | None = None) -> tuple[str, ...]:
