@@ -125,9 +125,11 @@ def _json_depth_exceeds(body: bytes, limit: int) -> bool:
 def _drop_body(request: Request) -> None:
     """Forget the raw body Starlette caches on the request, so a request waiting for the model holds
     only its decoded, model-size image (not megabytes of base64)."""
-    for attr in ("_body", "_form", "_json"):
+    for attr in ("_body", "_json"):
         if hasattr(request, attr):
             delattr(request, attr)
+    if getattr(request, "_form", None) is not None:
+        request._form = None  # already closed by _read_form; Starlette's close() checks for None
 
 
 def _labels(value, limit: int = 64) -> list[str]:
