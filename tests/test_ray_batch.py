@@ -203,4 +203,6 @@ def test_interrupted_batch_keeps_its_parts_and_exits_130(ckpt, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{24 - len(kept)} written" in done.stdout and f"{len(kept)} already done" in done.stdout
+    left = 24 - len(kept)
+    assert "batch ocr" in done.stdout and f"{left}/{left}" in done.stdout  # the progress bar, finished
     assert sorted(done_ids(out)) == sorted(f"img{i:03d}.png" for i in range(24))
