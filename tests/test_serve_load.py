@@ -23,7 +23,7 @@ MAX_RSS_GROWTH_MB = 48  # after warm-up; a leak of a few KB per request would ex
 
 @pytest.fixture(scope="module")
 def server():
-    srv = Server("--max-batch-size", "16", "--max-wait-ms", "5")
+    srv = Server("--max-batch-size", "16")
     yield srv
     srv.stop()
 
