@@ -67,5 +67,11 @@ def test_segmentation_errors_say_what_is_wrong():
         segmentation_to_mask({"size": [3, 2], "counts": [6]}, 2, 3)
     with pytest.raises(ValueError, match="counts sum to 5"):
         segmentation_to_mask({"size": [3, 2], "counts": [1, 4]}, 3, 2)
+    with pytest.raises(ValueError, match="end inside a number"):
+        rle_to_mask({"size": [3, 2], "counts": "abc"})  # every character says "more follows"
+    with pytest.raises(ValueError, match="not one of COCO's characters"):
+        rle_to_mask({"size": [3, 2], "counts": "6~"})
+    with pytest.raises(ValueError, match="non-negative"):
+        rle_to_mask({"size": [3, 2], "counts": [8, -2]})
     with pytest.raises(ValueError, match="list of polygons or an RLE dict"):
         segmentation_to_mask("not a mask", 3, 2)

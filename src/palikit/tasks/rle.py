@@ -48,13 +48,18 @@ def _compress(counts: list[int]) -> str:
 
 
 def _decompress(s: str) -> list[int]:
+    """Inverse of `_compress`; a ValueError for a string COCO could not have written."""
     counts: list[int] = []
     p = 0
     while p < len(s):
         x = k = 0
         more = True
         while more:
+            if p >= len(s):
+                raise ValueError(f"compressed RLE counts {s[:20]!r}... end inside a number (truncated?)")
             c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"compressed RLE counts hold {s[p]!r}, which is not one of COCO's characters '0'..'o'")
             x |= (c & 0x1F) << (5 * k)
             more = bool(c & 0x20)
             p += 1
@@ -85,6 +90,8 @@ def rle_to_mask(rle: Mapping[str, Any]) -> np.ndarray:
     if isinstance(counts, str):
         counts = _decompress(counts)
     counts = [int(c) for c in counts]
+    if any(c < 0 for c in counts):
+        raise ValueError(f"RLE counts must be non-negative, got {min(counts)}")
     if sum(counts) != h * w:
         raise ValueError(f"RLE counts sum to {sum(counts)}, expected h*w = {h * w}")
     values = np.zeros(len(counts), dtype=bool)
