@@ -45,7 +45,8 @@ def test_eval_cli_writes_report_and_resumes(ckpt, ocr_jsonl, tmp_path, capsys):
     args = ["eval", str(ocr_jsonl), "--task", "ocr", "--model", str(ckpt), "--out", str(out), "--device", "cpu",
             "--max-new-tokens", "4", "--price-per-hour", "2.0"]
     assert main(args) == 0
-    assert "score" in capsys.readouterr().out
+    headline = capsys.readouterr().out
+    assert "ocr accuracy" in headline and "% (3 images, 0 failed)" in headline  # percent, said once
     assert (out / "report.md").exists()
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 3

@@ -142,3 +142,29 @@ def test_compiled_step_equals_eager(models):
     compiled = Engine(model, max_slots=4, compile=True)
     tickets = [compiled.submit(r, o) for r, o in workload]
     assert [t.result(timeout=600).tokens for t in tickets] == eager
+
+
+def test_cache_grows_for_a_long_request_while_others_decode(models):
+    model = models["pg1"]
+    short, long = requests_for(model, n=2, seed=6)
+    opts_short, opts_long = GenerationOptions(max_new_tokens=40, ignore_eos=True), GenerationOptions(max_new_tokens=90, ignore_eos=True)
+    alone = [Engine(model, max_slots=1, max_len=256).generate([r], o)[0].tokens
+             for r, o in ((short, opts_short), (long, opts_long))]
+    engine = Engine(model, max_slots=2, max_len=64)  # 64 slots per row: the long request needs more
+    tickets = [engine.submit(short, opts_short), engine.submit(long, opts_long)]
+    assert [t.result(timeout=60).tokens for t in tickets] == alone
+    assert engine.scheduler.batch.max_len >= 90
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(models, monkeypatch):
+    model = models["pg1"]
+    req = requests_for(model, n=1)[0]
+    engine = Engine(model, max_slots=2)
+    expected = engine.generate([req], GenerationOptions(5))[0].tokens
+    batch = engine.scheduler.batch
+    real = batch.step
+    monkeypatch.setattr(batch, "step", lambda sample: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.submit(req, GenerationOptions(5)).result(timeout=30)
+    monkeypatch.setattr(batch, "step", real)
+    assert engine.submit(req, GenerationOptions(5)).result(timeout=30).tokens == expected

@@ -12,7 +12,7 @@ import torch
 
 from palikit.config import PRESETS
 from palikit.model import build_model
-from palikit.train.checkpoint import load_lora_adapter
+from palikit.train.adapter import load_lora_adapter
 from palikit.train.config import TrainConfig
 from palikit.train.data import load_jsonl
 from palikit.train.modes import apply_mode, count_trainable
@@ -91,7 +91,7 @@ def test_lora_trains_adapters_merges_and_exports(tmp_path):
     with torch.no_grad():
         ref = model(ids, pv)
     final = tr.export()  # saves the adapter, merges, writes the Hub layout atomically
-    assert (tmp_path / "out" / "adapter" / "adapter.safetensors").exists()
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()  # PEFT format
     assert not any("lora" in k for k in model.state_dict())
     again = load_hf_checkpoint(final)
     with torch.no_grad():

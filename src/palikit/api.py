@@ -51,9 +51,13 @@ class PaliGemma:
                         tokenizer: str | os.PathLike | None = None, mask_codec: str | os.PathLike | None = None,
                         revision: str | None = None, compile: bool = False,
                         final_logit_softcap: str | float | None = "auto",
-                        sliding_window: str | int | None = "auto") -> PaliGemma:
+                        sliding_window: str | int | None = "auto",
+                        adapter: str | os.PathLike | None = None) -> PaliGemma:
         """`model`: a Hub-layout folder, a big_vision `.npz` (tokenizer next to it or `tokenizer=`), or a
-        Hub id such as `google/paligemma2-3b-mix-224` (cache and HF_HUB_OFFLINE honoured)."""
+        Hub id such as `google/paligemma2-3b-mix-224` (cache and HF_HUB_OFFLINE honoured). `adapter`: a
+        LoRA adapter folder in PEFT format (`palikit train`'s `output_dir/adapter`), merged into the weights.
+        `final_logit_softcap` / `sliding_window`: "auto" (the checkpoint's convention, see README
+        "Conventions"), a number, or None/"off"."""
         from .preprocess import ImageProcessor
         from .runtime import resolve_device, resolve_dtype
         from .tokenizer import Tokenizer
@@ -72,6 +76,10 @@ class PaliGemma:
 
             net = load_hf_checkpoint(files.weights, device=dev, dtype=dt, final_logit_softcap=final_logit_softcap,
                                      sliding_window=sliding_window)
+        if adapter is not None:
+            from .train.adapter import load_lora_adapter
+
+            load_lora_adapter(net, adapter, merge=True)
         tok = Tokenizer.from_file(files.tokenizer)
         size = net.config.vision.image_size
         proc = ImageProcessor.from_pretrained(files.preprocessor, default_size=size) if files.preprocessor else ImageProcessor(size=size)

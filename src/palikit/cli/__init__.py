@@ -31,7 +31,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ImportError, OSEr
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)  # click returns (not raises) the exit code of Exit/Ctrl-C here
+        return rc if isinstance(rc, int) else 0
     except typer.Exit as e:
         return e.exit_code
     except typer.Abort:
@@ -50,4 +51,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0

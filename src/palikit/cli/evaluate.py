@@ -1,13 +1,33 @@
-"""`palikit eval`: accuracy, speed efficiency and cost efficiency of a model on a data set, with an
-optional prompt-sensitivity sweep; writes predictions JSONL, report.md/json and PNG charts."""
+"""`palikit eval`: accuracy, speed efficiency and cost efficiency of a model on a data set, beside
+baselines (Tesseract, any OpenAI-compatible endpoint, another checkpoint, a COCO results file) run on
+the same samples, with an optional prompt-sensitivity sweep; writes predictions JSONL, report.md/json
+and PNG charts. Ctrl-C / SIGTERM keeps the predictions, writes the partial report, prints how to
+resume and exits 130 / 143."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 
 from . import app
+
+BASELINE_HELP = ("Also run SPEC on the same samples (repeatable): tesseract[?psm=7&lang=eng] | "
+                 "openai:BASE_URL#MODEL[?key_env=OPENAI_API_KEY&prompts=chat|paligemma&concurrency=4&price_in=$/Mtok"
+                 "&price_out=$/Mtok] | palikit:CHECKPOINT | coco-results:FILE (detect).")
+
+
+def headline(r) -> str:
+    """One line per model: the primary metric in percent, latency per image with the device, efficiencies."""
+    med = r.speed.get("median_s")
+    parts = [f"{r.model}: {r.task} {r.primary} {r.score:.2f}% ({r.n} images, {r.failed} failed)"]
+    if med is not None:
+        parts.append(f"median {med:.4f} s/image on {r.hardware.get('device')}, "
+                     f"speed efficiency {r.speed_efficiency:.2f} %/s")
+    if r.cost_efficiency:
+        parts.append(f"cost efficiency {r.cost_efficiency:,.0f} %/$ ({r.cost.get('price')})")
+    return " | ".join(parts)
 
 
 @app.command("eval")
@@ -15,32 +35,75 @@ def evaluate(
     dataset: Path = typer.Argument(..., help="JSONL (ocr/vqa/anls/caption/count/exact) or COCO json (detect/segment)."),
     task: str = typer.Option(..., help="ocr | vqa | anls | caption | count | exact | detect | segment"),
     model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder or Hub id (default: bundled demo)."),
+    adapter: str = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format) merged into --model."),
+    baseline: list[str] = typer.Option(None, "--baseline", "-b", help=BASELINE_HELP),
     out: Path = typer.Option(Path("out/eval"), help="Output folder (predictions.jsonl, report.md, charts)."),
+    images: Path = typer.Option(None, "--images", help="Folder the image paths are relative to (default: the data file's)."),
+    skip_bad_rows: bool = typer.Option(False, help="Skip (and report) bad rows instead of stopping."),
     batch_size: int = typer.Option(8),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
-    price_per_hour: float = typer.Option(None, help="Hardware price per hour, for cost efficiency."),
-    price_per_call: float = typer.Option(None, help="Price per call (hosted models), for cost efficiency."),
-    compare_with: Path = typer.Option(None, help="Cached results of other models (JSON/CSV) shown side by side."),
+    price_per_hour: float = typer.Option(None, help="Hardware $ per hour (self-hosted models and Tesseract)."),
+    price_per_call: float = typer.Option(None, help="$ per call for --model (hosted), for cost efficiency."),
+    compare_with: Path = typer.Option(None, help="Cached results (JSON/CSV) or a palikit report.json, side by side."),
     prompt: str = typer.Option(None, help="Prompt template overriding the task's, e.g. 'answer en {question}'."),
     limit: int = typer.Option(None, help="Only the first N samples."),
     sensitivity: bool = typer.Option(False, help="Also run the prompt-variant sweep and report the spread."),
     fresh: bool = typer.Option(False, help="Ignore saved predictions instead of resuming."),
+    progress: bool = typer.Option(True, help="Progress on stderr (a bar on a terminal, lines otherwise)."),
     max_new_tokens: int = typer.Option(64),
+    torch_threads: int = typer.Option(0, help="torch intra-op threads for --model (0 = torch's default; recorded "
+                                              "in the report; 1 is fastest for tiny models on a busy machine)."),
 ):
-    """Evaluate; an interrupted run resumes from the saved predictions."""
+    """Evaluate; an interrupted run resumes from the saved predictions (rerun the same command)."""
     from ..eval import evaluate as run_eval
     from ..eval import evaluate_prompt_variants
+    from ..eval.baselines import BaselineError, parse_baseline
+    from ..eval.compare import evaluate_models
+    from ..eval.runner import EvalInterrupted, sigterm_interrupts
+    from ..train.data import DataError
     from .predict import load_model
 
-    pg = load_model(model, device, dtype, None)
     common = dict(batch_size=batch_size, price_per_hour=price_per_hour, price_per_call=price_per_call,
-                  predict_options={"max_new_tokens": max_new_tokens}, limit=limit, model_name=model or "demo")
-    report = run_eval(pg, dataset, task, out_dir=out, resume=not fresh, prompt=prompt, compare_with=compare_with,
-                      **common)
-    typer.echo(f"{report.task}: score {report.score:.2f}, speed efficiency {report.speed_efficiency:.2f}/s"
-               + (f", cost efficiency {report.cost_efficiency:.1f}/$" if report.cost_efficiency else "")
-               + f" -> {out / 'report.md'}")
-    if sensitivity:
-        sens = evaluate_prompt_variants(pg, dataset, task, out_dir=out / "sensitivity", **common)
-        typer.echo(sens.markdown())
+                  predict_options={"max_new_tokens": max_new_tokens}, limit=limit, image_root=images,
+                  strict=not skip_bad_rows, progress=progress)
+    if torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    try:
+        with sigterm_interrupts():
+            pg = load_model(model, device, dtype, None, adapter=adapter)
+            if baseline:
+                others = [parse_baseline(s, device=device, dtype=dtype) for s in baseline]
+                cmp = evaluate_models([pg, *others], dataset, task, out_dir=out, resume=not fresh, prompt=prompt,
+                                      compare_with=compare_with, names=[model or "demo", *[None] * len(others)],
+                                      **common)
+                for r in cmp.reports:
+                    typer.echo(headline(r))
+                typer.echo(f"-> {out / 'report.md'}")
+            else:
+                report = run_eval(pg, dataset, task, out_dir=out, resume=not fresh, prompt=prompt,
+                                  compare_with=compare_with, model_name=model or "demo", **common)
+                typer.echo(headline(report) + f" -> {out / 'report.md'}")
+            if sensitivity:
+                sens = evaluate_prompt_variants(pg, dataset, task, out_dir=out / "sensitivity", model_name=model or "demo",
+                                                **common)
+                typer.echo(sens.markdown())
+    except EvalInterrupted as e:
+        r = e.report
+        what = "SIGTERM" if e.signum == 15 else "Ctrl-C"
+        print(f"\n{what}: stopped {r.model} after {r.n} of {r.total} samples; the predictions made are kept in "
+              f"{r.files.get('predictions')}"
+              + (f" and the partial report is {Path(r.out_dir) / 'report.md'}" if r.n else " (none were made)")
+              + ".\nResume: run the same command again (without --fresh); done samples are not predicted again.",
+              file=sys.stderr)
+        raise SystemExit(e.exit_code) from None  # not typer.Exit: cli.main drops its code (standalone_mode=False)
+    except KeyboardInterrupt as e:  # before the first prediction (loading the model, reading the data)
+        signum = getattr(e, "signum", 2)
+        print(f"\n{'SIGTERM' if signum == 15 else 'Ctrl-C'}: stopped before any prediction; nothing to resume.",
+              file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+    except (DataError, BaselineError, FileNotFoundError, ValueError) as e:
+        print(f"palikit eval: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

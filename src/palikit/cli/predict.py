@@ -32,11 +32,14 @@ def default_model(model: str | None) -> str:
     return str(demo)
 
 
-def load_model(model: str | None, device: str, dtype: str, tokenizer: str | None, compile: bool = False):
+def load_model(model: str | None, device: str, dtype: str, tokenizer: str | None, compile: bool = False,
+               adapter: str | None = None, final_logit_softcap: str = "auto"):
     from ..api import PaliGemma
+    from ..weights.conventions import parse_override
 
     return PaliGemma.from_pretrained(default_model(model), device=device, dtype=dtype, tokenizer=tokenizer,
-                                     compile=compile)
+                                     compile=compile, adapter=adapter,
+                                     final_logit_softcap=parse_override(final_logit_softcap, "final_logit_softcap"))
 
 
 def _frames(images: list[str], frames: int):
@@ -48,10 +51,10 @@ def _frames(images: list[str], frames: int):
 
 
 def _run(images, prompt_fn, *, model, device, dtype, tokenizer, as_json, out, max_new_tokens, temperature,
-         top_k, top_p, seed, num_beams, frames, labels=None):
+         top_k, top_p, seed, num_beams, frames, labels=None, adapter=None, final_logit_softcap="auto"):
     from rich.console import Console
 
-    pg = load_model(model, device, dtype, tokenizer)
+    pg = load_model(model, device, dtype, tokenizer, adapter=adapter, final_logit_softcap=final_logit_softcap)
     example = _frames(images, frames)
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                 num_beams=num_beams)
@@ -88,6 +91,9 @@ MODEL = typer.Option(None, "--model", "-m", help="Checkpoint folder, big_vision 
 DEVICE = typer.Option("auto", help="cpu, cuda, cuda:1 or auto.")
 DTYPE = typer.Option("auto", help="float32, bfloat16, float16 or auto (bf16 on GPU).")
 TOKENIZER = typer.Option(None, help="Tokenizer file when it is not next to the weights.")
+ADAPTER = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format, e.g. palikit train's OUTPUT_DIR/adapter).")
+SOFTCAP = typer.Option("auto", "--final-logit-softcap",
+                       help="PaliGemma 2's final-logit soft-cap: auto (the checkpoint's convention), off, or a number.")
 JSON = typer.Option(False, "--json", help="Print the Result as JSON.")
 OUT = typer.Option(None, "--out", "-o", help="Write the image with boxes and masks drawn (PNG).")
 MAX_NEW = typer.Option(64, help="Maximum tokens to generate.")
@@ -105,19 +111,23 @@ def _register(name: str, help_text: str, build, extra_arg: str | None = None, la
         def command(images: list[str] = IMAGES, model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE,
                     tokenizer: str = TOKENIZER, as_json: bool = JSON, out: Path = OUT, max_new_tokens: int = MAX_NEW,
                     temperature: float = TEMP, top_k: int = TOPK, top_p: float = TOPP, seed: int = SEED,
-                    num_beams: int = BEAMS, frames: int = FRAMES, lang: str = typer.Option("en", help="Language code.")):
+                    num_beams: int = BEAMS, frames: int = FRAMES, lang: str = typer.Option("en", help="Language code."),
+                    adapter: str = ADAPTER, final_logit_softcap: str = SOFTCAP):
             _run(images, lambda pg, ex, o: build(pg, ex, o, lang, None), model=model, device=device, dtype=dtype,
                  tokenizer=tokenizer, as_json=as_json, out=out, max_new_tokens=max_new_tokens, temperature=temperature,
-                 top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams, frames=frames)
+                 top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams, frames=frames, adapter=adapter,
+                 final_logit_softcap=final_logit_softcap)
     else:
         def command(images: list[str] = IMAGES, text: str = typer.Argument(..., metavar=extra_arg.upper(), help=help_text),
                     model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE, tokenizer: str = TOKENIZER,
                     as_json: bool = JSON, out: Path = OUT, max_new_tokens: int = MAX_NEW, temperature: float = TEMP,
                     top_k: int = TOPK, top_p: float = TOPP, seed: int = SEED, num_beams: int = BEAMS,
-                    frames: int = FRAMES, lang: str = typer.Option("en", help="Language code.")):
+                    frames: int = FRAMES, lang: str = typer.Option("en", help="Language code."),
+                    adapter: str = ADAPTER, final_logit_softcap: str = SOFTCAP):
             _run(images, lambda pg, ex, o: build(pg, ex, o, lang, text), model=model, device=device, dtype=dtype,
                  tokenizer=tokenizer, as_json=as_json, out=out, max_new_tokens=max_new_tokens, temperature=temperature,
-                 top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams, frames=frames)
+                 top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams, frames=frames, adapter=adapter,
+                 final_logit_softcap=final_logit_softcap)
     command.__doc__ = help_text
     app.command(name)(command)
 

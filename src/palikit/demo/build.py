@@ -7,12 +7,17 @@ trains: `recipes/demo-ocr-warmup.yaml` (reading first), `recipes/demo.yaml` (the
 `recipes/demo-anneal.yaml` (more mix steps at a lower LR).
 
     python -m palikit.demo.build --out work/demo            # then the three recipes, or: make demo-model
+
+Progress (a rich bar per stage, on stderr; one line per finished stage, also in logs) keeps the ~7 min
+build from looking stuck; stdout stays the JSON summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,37 +54,101 @@ def build_tokenizer(out: Path):
     return build(demo_pieces(), out / "tokenizer.json")
 
 
-def shape_masks(n_images: int, size: int = IMAGE_SIZE) -> np.ndarray:
+STAGES = 5
+
+
+class _Progress:
+    """A rich progress bar on stderr plus one plain line per finished stage."""
+
+    def __init__(self, enabled: bool = True):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TimeRemainingColumn(), console=self.console, disable=not enabled)
+        self.enabled = enabled
+
+    @contextmanager
+    def stage(self, n: int, what: str, total: int | None = None, unit: str = ""):
+        """Yields `advance(k=1, **fields)`; prints "[n/5] what: <summary> (s)" at the end (the summary is what
+        the body stores in the returned dict's "done" key)."""
+        t0 = time.perf_counter()
+        task = self.bar.add_task(f"[{n}/{STAGES}] {what}{f' ({unit})' if unit else ''}", total=total)
+        info: dict = {"done": ""}
+
+        def advance(k: int = 1, description: str | None = None):
+            self.bar.update(task, advance=k, **({"description": description} if description else {}))
+
+        info["advance"] = advance
+        try:
+            yield info
+        finally:
+            self.bar.remove_task(task)
+        if self.enabled:
+            self.console.print(f"[{n}/{STAGES}] {what}: {info['done']} ({time.perf_counter() - t0:.1f} s)",
+                               markup=False, highlight=False)
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+
+def shape_masks(n_images: int, size: int = IMAGE_SIZE, advance=None) -> np.ndarray:
     """64x64 crops of every shape's visible mask inside its box (the codec's training data)."""
     from ..tasks.mask_codec import _resize64
 
     crops = []
     for sample in iter_split("train", n_images, size):
+        if advance is not None:
+            advance()
         for s in sample.shapes:
             x0, y0, x1, y1 = (int(round(v)) for v in s.box)
             crops.append(_resize64(s.mask[y0:y1, x0:x1].astype(np.float32)).clamp(0, 1).numpy())
     return np.stack(crops)
 
 
-def build_codec(out: Path, n_images: int = 2000, steps: int = 1500, seed: int = 0):
+def build_codec(out: Path, n_images: int = 2000, steps: int = 1500, seed: int = 0, progress: _Progress | None = None):
     import torch
 
     from ..tasks.mask_codec import train_mask_codec
 
-    masks = torch.from_numpy(shape_masks(n_images))
-    codec = train_mask_codec(masks, steps=steps, embed_dim=64, seed=seed)
+    progress = progress or _Progress(enabled=False)
+    with progress.stage(2, "mask crops for the codec", n_images, "images") as st:
+        masks = torch.from_numpy(shape_masks(n_images, advance=st["advance"]))
+        st["done"] = f"{len(masks):,} masks from {n_images:,} images"
+    with progress.stage(3, "mask codec training", steps, "steps") as st:
+        stats = {}
+
+        def on_step(step, s):
+            stats.update(s)
+            st["advance"](description=f"[3/{STAGES}] mask codec training (loss {s['loss']:.4f})")
+
+        codec = train_mask_codec(masks, steps=steps, embed_dim=64, seed=seed, progress=on_step)
+        st["done"] = f"{steps:,} steps, last loss {stats.get('loss', float('nan')):.4f}"
     codec.to_npz(out / "vae-oid.npz")
     return codec
 
 
-def build_data(out: Path, codec, n_train: int, n_val: int, n_test: int) -> None:
+def build_data(out: Path, codec, n_train: int, n_val: int, n_test: int, progress: _Progress | None = None) -> None:
     from ..tasks.mask_codec import tokens_from_mask
 
-    def seg_fn(shape):
-        return tokens_from_mask(codec, shape.mask, shape.box)
-
+    progress = progress or _Progress(enabled=False)
     for split, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
-        write_split(out / "data", split, n, IMAGE_SIZE, seg_fn=seg_fn)
+        # write_split has no per-image hook; the bar counts the shapes whose mask is encoded (the slow part)
+        with progress.stage(4, f"data: {split} split, {n:,} images", None, "masks encoded") as st:
+            count = [0]
+
+            def seg_fn(shape, advance=st["advance"]):
+                count[0] += 1
+                advance()
+                return tokens_from_mask(codec, shape.mask, shape.box)
+
+            write_split(out / "data", split, n, IMAGE_SIZE, seg_fn=seg_fn)
+            st["done"] = f"{n:,} images, {count[0]:,} masks encoded"
 
 
 def build_initial_checkpoint(out: Path, tokenizer, seed: int = 0) -> Path:
@@ -104,13 +173,18 @@ def build_initial_checkpoint(out: Path, tokenizer, seed: int = 0) -> Path:
 
 
 def build(out: str | Path, *, n_train: int = 20_000, n_val: int = 300, n_test: int = 500, codec_images: int = 2000,
-          codec_steps: int = 400, seed: int = 0) -> dict:
+          codec_steps: int = 400, seed: int = 0, progress: bool = True) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out)
-    codec = build_codec(out, codec_images, codec_steps, seed)
-    build_data(out, codec, n_train, n_val, n_test)
-    init = build_initial_checkpoint(out, tok, seed)
+    with _Progress(progress) as p:
+        with p.stage(1, "tokenizer") as st:
+            tok = build_tokenizer(out)
+            st["done"] = f"{tok.vocab_size:,} pieces"
+        codec = build_codec(out, codec_images, codec_steps, seed, progress=p)
+        build_data(out, codec, n_train, n_val, n_test, progress=p)
+        with p.stage(5, "initial checkpoint") as st:
+            init = build_initial_checkpoint(out, tok, seed)
+            st["done"] = str(init)
     summary = {"tokenizer_size": tok.vocab_size, "init_checkpoint": str(init), "data": str(out / "data"),
                "splits": {"train": n_train, "validation": n_val, "test": n_test}}
     (out / "build.json").write_text(json.dumps(summary, indent=2))
@@ -125,9 +199,10 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--codec-images", type=int, default=2000)
     ap.add_argument("--codec-steps", type=int, default=400)
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar or stage lines (stderr)")
     a = ap.parse_args()
     print(json.dumps(build(a.out, n_train=a.train, n_val=a.val, n_test=a.test, codec_images=a.codec_images,
-                           codec_steps=a.codec_steps), indent=2))
+                           codec_steps=a.codec_steps, progress=not a.no_progress), indent=2))
 
 
 if __name__ == "__main__":

@@ -182,7 +182,14 @@ class Scheduler:
                 if admit:
                     self._admit(admit)
                 if self._live:
-                    self._decode()
+                    try:
+                        self._decode()
+                    except Exception as e:  # noqa: BLE001 - e.g. out of memory: fail the live requests, keep serving
+                        log.exception("decode step failed; failing the %d live requests", len(self._live))
+                        self.batch.release(list(self._live))
+                        for t in self._live.values():
+                            self._finish(t, error=e)
+                        self._live.clear()
 
     def _take(self) -> list[Ticket]:
         """Queued tickets for the free slots, oldest first, within the prefill token budget."""

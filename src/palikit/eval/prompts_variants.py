@@ -101,7 +101,8 @@ def evaluate_prompt_variants(model: Any, dataset: Any, task: str, *, out_dir: st
     from .runner import canonical_task, evaluate, load_dataset
 
     task = canonical_task(task)
-    ds = load_dataset(dataset, task, image_root=evaluate_kwargs.pop("image_root", None))
+    ds = load_dataset(dataset, task, image_root=evaluate_kwargs.pop("image_root", None),
+                      strict=evaluate_kwargs.pop("strict", True))
     prompts = prompt_variants(task, variants=variants, langs=langs)
     out = Path(out_dir)
     scores, reports = {}, {}

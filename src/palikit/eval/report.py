@@ -22,8 +22,8 @@ from ..fileio import atomic_write_bytes
 
 COLUMNS = ["model", "metric", "accuracy", "median_latency_s", "cost_per_call", "speed_efficiency",
            "cost_efficiency", "source"]
-CHARTS = {"accuracy": "Accuracy (score x100)", "speed_efficiency": "Speed efficiency (score / s per sample)",
-          "cost_efficiency": "Cost efficiency (score / $ per sample)"}
+CHARTS = {"accuracy": "Accuracy (score, %)", "speed_efficiency": "Median speed efficiency (score % / median s per sample)",
+          "cost_efficiency": "Cost efficiency (score % / $ per sample)"}
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
@@ -49,21 +49,49 @@ def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
            "speed_efficiency": acc / lat if acc is not None and lat else None,
            "cost_efficiency": acc / cost if acc is not None and cost else None,
            "source": str(row.get("source") or "cached")}
-    for k in ("device", "n", "task"):
+    for k in ("device", "n", "task", "failed", "torch_threads", "mean_latency_s", "price", "domains"):
         if row.get(k) not in (None, ""):
             out[k] = row[k]
     return out
 
 
+def _rows_of(data: Any, path: Path) -> list[Mapping[str, Any]]:
+    """Rows of a parsed cached-results JSON: a list of rows, {"results": [...]}, or a palikit
+    report.json (its "comparison" rows; a report without them gives its own row). Rows a palikit
+    report made itself ("this run") are relabelled with the report's file name."""
+    if isinstance(data, list):
+        return data
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a list of rows, {{'results': [...]}} or a palikit report.json")
+    if "results" in data:
+        return data["results"]
+    if "comparison" in data or ("model" in data and "score" in data):
+        rows = data.get("comparison") or [{"model": data["model"], "metric": data.get("primary"),
+                                           "task": data.get("task"), "accuracy": data["score"],
+                                           "median_latency_s": (data.get("speed") or {}).get("median_s"),
+                                           "cost_per_call": (data.get("cost") or {}).get("cost_per_sample"),
+                                           "n": data.get("n"), "source": "this run"}]
+        return [{**r, "source": f"{path.name} ({r.get('source')})" if r.get("source") != "this run"
+                 else str(path)} for r in rows]
+    raise ValueError(f"{path}: no 'results' list, and not a palikit report.json (no 'comparison' or 'score')")
+
+
 def load_cached_results(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a cached-results file: JSON (a list of rows or {"results": [...]}) or CSV with a header."""
+    """Rows of a cached-results file: JSON (a list of rows, {"results": [...]}, or a report.json that
+    palikit eval wrote) or CSV with a header."""
     p = Path(path)
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--compare-with: no file {p}") from None
     if p.suffix.lower() == ".csv":
         rows = list(csv.DictReader(io.StringIO(text)))
     else:
-        data = json.loads(text)
-        rows = data["results"] if isinstance(data, Mapping) else data
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not JSON (line {e.lineno}: {e.msg})") from None
+        rows = _rows_of(data, p)
     return [normalize_row(r) for r in rows]
 
 
@@ -104,32 +132,51 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    head = ["model", "metric", "accuracy", "median s", "$ / call", "speed eff.", "cost eff.", "source"]
+    head = ["model", "metric", "accuracy (%)", "median s / sample", "$ / sample", "speed eff. (%/s)",
+            "cost eff. (%/$)", "source"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |")
     return "\n".join(lines)
 
 
+SPEED_LABELS = {"median_s": "median latency (s per sample)", "p90_s": "p90 latency (s per sample)",
+                "mean_s": "mean latency (s per sample)", "throughput_per_s": "throughput (samples / s)",
+                "image_ms": "image encode (ms per sample, mean)", "prefill_ms": "prefill (ms per batch, mean)",
+                "decode_ms": "decode (ms per batch, mean)", "decode_step_ms": "decode step (ms per batch step, median)",
+                "decode_share": "decode share of prefill+decode (fraction)"}
+
+
+def hardware_line(hw: Mapping[str, Any]) -> str:
+    threads = hw.get("torch_threads")
+    return (f"device {hw.get('device', '?')}; threads {threads if threads is not None else '-'}; "
+            f"{hw.get('cpu_count', '?')} CPUs, load average {hw.get('load_avg_1m', '?')} at the end (shared machine "
+            "if > 0)")
+
+
 def markdown_report(report: Any, rows: Sequence[Mapping[str, Any]] | None = None) -> str:
     rows = list(rows) if rows is not None else comparison_rows(report)
     sp, cost = report.speed, report.cost
-    out = [f"# Evaluation: {report.model} on {report.task}", "",
-           f"- dataset: `{report.dataset}` ({report.n} samples; {report.predicted_now} predicted in this call)",
-           f"- prompt: `{report.prompt}`", "", "## Accuracy", "", "| metric | value |", "|---|---|"]
-    out += [f"| {k}{' (primary)' if k == report.primary else ''} | {_fmt(v, 4)} |" for k, v in report.metrics.items()]
-    out += ["", "## Speed", "", "| | value |", "|---|---|"]
-    labels = {"median_s": "median latency (s / sample)", "p90_s": "p90 latency (s)", "mean_s": "mean latency (s)",
-              "throughput_per_s": "throughput (samples / s)", "image_ms": "image encode (ms, mean)",
-              "prefill_ms": "prefill (ms, mean)", "decode_ms": "decode (ms, mean)",
-              "decode_step_ms": "decode step (ms, median)", "decode_share": "decode share of prefill+decode"}
-    out += [f"| {labels.get(k, k)} | {_fmt(v, 4)} |" for k, v in sp.items()]
-    price = (f"${cost['price_per_hour']}/h x mean s / 3600" if cost.get("price_per_hour") is not None else
-             f"${cost['price_per_call']} per call" if cost.get("price_per_call") is not None else "no price given")
-    out += ["", f"- speed efficiency = score / median s = **{_fmt(report.speed_efficiency)}**",
-            f"- cost per sample ({price}) = {_fmt(cost.get('cost_per_sample'), 6)}; "
-            f"cost efficiency = score / $ = **{_fmt(report.cost_efficiency)}**",
-            "- score = primary metric x 100; latency is end to end per sample (batch wall time / batch size).",
+    head = f"# Evaluation: {report.model} on {report.task}" + (" (INTERRUPTED: partial)" if report.interrupted else "")
+    out = [head, "",
+           f"- dataset: `{report.dataset}` ({report.n} of {report.total or report.n} samples; "
+           f"{report.predicted_now} predicted in this call; {report.failed} failed)",
+           f"- prompt: `{report.prompt}`",
+           "- units: every score is x100 (percent for accuracies; CIDEr / mAP / mIoU on the same x100 scale); "
+           "latencies are seconds per sample unless a row says per batch", "",
+           "## Accuracy (x100)", "", "| metric | value |", "|---|---|"]
+    out += [f"| {k}{' (primary)' if k == report.primary else ''} | {_fmt(100 * v, 2)} |"
+            for k, v in report.metrics.items()]
+    if report.failed:
+        out += ["", f"{report.failed} failed sample(s) scored as empty answers, e.g. "
+                    f"`{report.failures[0]['id']}`: {report.failures[0]['error']}"]
+    out += ["", "## Speed", "", f"- {hardware_line(report.hardware)}", "", "| | value |", "|---|---|"]
+    out += [f"| {SPEED_LABELS.get(k, k)} | {_fmt(v, 4)} |" for k, v in sp.items()]
+    out += ["", f"- speed efficiency = score / median s per sample = {_fmt(report.score)} / "
+                f"{_fmt(sp.get('median_s'), 4)} = **{_fmt(report.speed_efficiency)}**",
+            f"- cost per sample ({cost.get('price', 'no price given')}) = {_fmt(cost.get('cost_per_sample'), 6)}; "
+            f"cost efficiency = score / $ per sample = **{_fmt(report.cost_efficiency)}**",
+            "- latency is end to end per sample (batch wall time / batch size); failed samples are not timed.",
             "", "## Comparison", "", markdown_table(rows), ""]
     return "\n".join(out)
 

@@ -10,7 +10,14 @@ Speed and cost definitions (stated in every report):
 - speed efficiency = score / median seconds per sample;
 - cost per sample = price_per_hour x MEAN seconds per sample / 3600 (= the bill for the run / samples),
   or price_per_call;
+- cost per sample for an API = (prompt tokens x input price + completion tokens x output price) / 1e6
+  from the usage the endpoint reports (`price_per_mtok`);
 - cost efficiency = score / cost per sample (score points per dollar).
+
+Units: `score` and every table / chart / CLI figure are x100 (percent for accuracies); `metrics` in
+report.json keep the raw fractions. A failed sample (missing image, a call that kept failing) is
+scored as an empty answer, counted in `failed`, left out of the speed figures and retried on resume.
+Ctrl-C / SIGTERM writes the report of the samples done and raises `EvalInterrupted`.
 """
 
 from __future__ import annotations
@@ -23,39 +30,7 @@ from typing import Any
 
 import numpy as np
 
-TASKS = ("ocr", "vqa", "anls", "caption", "count", "exact", "detect", "segment")
-_ALIASES = {"docvqa": "anls", "vqav2": "vqa", "captions": "caption", "cap": "caption", "counting": "count",
-            "detection": "detect", "segmentation": "segment", "refcoco": "segment", "tallyqa": "count"}
-
-
-def canonical_task(task: str) -> str:
-    t = _ALIASES.get(task.lower(), task.lower())
-    if t not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)} (aliases: {', '.join(_ALIASES)})")
-    return t
-
-
-@dataclass
-class Sample:
-    """One evaluation item. `refs`: reference texts (answers, captions, OCR text); `labels`: class names
-    asked for (detect / segment); `meta`: question, COCO image id, ground-truth mask / box, ..."""
-
-    id: str
-    image: str
-    prompt: str
-    refs: list[str] = field(default_factory=list)
-    labels: list[str] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class EvalDataset:
-    samples: list[Sample]
-    path: str = ""
-    coco: dict[str, Any] | None = None  # COCO ground truth (detect / segment from COCO json)
-
-    def __len__(self) -> int:
-        return len(self.samples)
+from .datasets import TASKS, EvalDataset, Sample, canonical_task, load_coco, load_dataset, load_jsonl  # noqa: F401
 
 
 def pluralize(word: str) -> str:
@@ -99,109 +74,11 @@ def default_prompt(task: str) -> str:
     return _DEFAULT_PROMPTS[canonical_task(task)]
 
 
-def _load_mask(value: Any, root: Path) -> np.ndarray:
-    if isinstance(value, Mapping):
-        from ..tasks.results import rle_to_mask
-
-        return rle_to_mask(value)
-    from PIL import Image
-
-    return np.asarray(Image.open(root / str(value)).convert("L")) > 0
-
-
-def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
-    ys, xs = np.nonzero(mask)
-    if not len(xs):
-        return (0.0, 0.0, 0.0, 0.0)
-    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-
-
-def load_jsonl(path: str | Path, task: str, *, image_root: str | Path | None = None) -> EvalDataset:
-    """Rows: {"image", "prefix", "suffix"} | {"image", "question", "answers": [...] | "answer"} |
-    {"image", "captions": [...]} | {"image", "text"} (OCR) | segment: {"image", "prefix" or "label",
-    "mask": RLE dict or png path, optional "box": [x0, y0, x1, y1]}. Optional "id" / "question_id".
-    Image and mask paths are relative to `image_root` (default: the file's folder)."""
-    task = canonical_task(task)
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            sid = str(row.get("id", row.get("question_id", i)))
-            if "answers" in row:
-                refs = [str(a) for a in row["answers"]]
-            elif "captions" in row:
-                refs = [str(c) for c in row["captions"]]
-            else:
-                ref = row.get("suffix", row.get("answer", row.get("text", row.get("caption"))))
-                refs = [] if ref is None else [str(ref)]
-            meta = {k: row[k] for k in ("question", "prefix", "answer_type", "domain") if k in row}
-            labels = None
-            if task == "segment":
-                mask = _load_mask(row["mask"], root)
-                meta.update(gt_mask=mask, gt_box=tuple(row["box"]) if "box" in row else _mask_box(mask))
-                labels = [row["label"]] if "label" in row else None
-            prompt = row["prefix"] if "prefix" in row else ""
-            img = row["image"]
-            samples.append(Sample(sid, str(root / img), prompt, refs, labels, meta))
-    if len({s.id for s in samples}) != len(samples):
-        raise ValueError(f"{path}: sample ids are not unique")
-    return EvalDataset(samples, str(path))
-
-
-def load_coco(path: str | Path, task: str = "detect", *, image_root: str | Path | None = None,
-              categories: str | Sequence[str] = "present") -> EvalDataset:
-    """COCO instances json -> one sample per image (`id` = str(image id)). `categories="present"`
-    asks each image only for the categories it contains (images without annotations are skipped): it
-    measures localisation, not hallucination of absent classes. `"all"` (or a list of names) asks every
-    image for every category: closer to standard COCO mAP, but long prompts (80 classes). Detections
-    are mapped back to categories by name (singular / plural spellings accepted)."""
-    task = canonical_task(task)
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
-    coco = json.loads(path.read_text(encoding="utf-8"))
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    per_image: dict[int, list[str]] = {}
-    for a in coco.get("annotations", []):
-        per_image.setdefault(a["image_id"], [])
-        name = names[a["category_id"]]
-        if name not in per_image[a["image_id"]]:
-            per_image[a["image_id"]].append(name)
-    samples = []
-    for img in coco["images"]:
-        if categories == "present":
-            labels = sorted(per_image.get(img["id"], []), key=lambda n: list(names.values()).index(n))
-            if not labels:
-                continue  # nothing to ask for: COCOeval ignores images without GT of a category anyway
-        elif categories == "all":
-            labels = list(names.values())
-        else:
-            labels = list(categories)
-        samples.append(Sample(str(img["id"]), str(root / img["file_name"]), "", [], labels,
-                              {"image_id": img["id"], "width": img.get("width"), "height": img.get("height")}))
-    return EvalDataset(samples, str(path), coco)
-
-
-def load_dataset(dataset: str | Path | EvalDataset | Sequence[Sample], task: str, *,
-                 image_root: str | Path | None = None) -> EvalDataset:
-    """A path (.jsonl -> `load_jsonl`, .json -> `load_coco`), an `EvalDataset` or a list of `Sample`s."""
-    if isinstance(dataset, EvalDataset):
-        return dataset
-    if isinstance(dataset, (str, Path)):
-        p = Path(dataset)
-        if p.suffix == ".json":
-            return load_coco(p, task, image_root=image_root)
-        return load_jsonl(p, task, image_root=image_root)
-    return EvalDataset(list(dataset))
-
-
 # ------------------------------------------------------------------------------ prediction records
-def result_to_record(sample: Sample, result: Any, latency_s: float) -> dict[str, Any]:
+def result_to_record(sample: Sample, result: Any, latency_s: float | None) -> dict[str, Any]:
     """JSON-able record of one prediction (masks as COCO RLE). Accepts `palikit.tasks.Result` or any
-    object / dict with text, detections (label, box, score, mask), errors, timings."""
+    object / dict with text, detections (label, box, score, mask), errors, timings, usage (token
+    counts reported by an API). `latency_s=None`: not timed (failed, or a results file)."""
     from ..tasks.results import mask_to_rle
 
     def get(obj, name, default=None):
@@ -215,9 +92,23 @@ def result_to_record(sample: Sample, result: Any, latency_s: float) -> dict[str,
                      "score": None if score is None else float(score),
                      "mask": None if mask is None else mask_to_rle(np.asarray(mask, dtype=bool))})
     timings = get(result, "timings", None) or {}
-    return {"id": sample.id, "prompt": sample.prompt, "text": str(get(result, "text", "") or ""), "detections": dets,
-            "errors": [str(e) for e in get(result, "errors", None) or []],
-            "timings": {k: float(v) for k, v in timings.items()}, "latency_s": float(latency_s)}
+    rec = {"id": sample.id, "prompt": sample.prompt, "text": str(get(result, "text", "") or ""), "detections": dets,
+           "errors": [str(e) for e in get(result, "errors", None) or []],
+           "timings": {k: float(v) for k, v in timings.items()},
+           "latency_s": None if latency_s is None else float(latency_s)}
+    if get(result, "failed", False):  # the adapter gave up on this sample (e.g. the API kept failing)
+        rec.update(failed=True, latency_s=None)
+    usage = get(result, "usage", None)
+    if usage:
+        rec["usage"] = {k: int(v) for k, v in dict(usage).items() if isinstance(v, (int, float))}
+    return rec
+
+
+def failed_record(sample: Sample, error: str) -> dict[str, Any]:
+    """A sample the model could not answer (missing / unreadable image, a call that kept failing):
+    scored as an empty answer, left out of the speed figures, retried on resume."""
+    return {"id": sample.id, "prompt": sample.prompt, "text": "", "detections": [], "errors": [error],
+            "timings": {}, "latency_s": None, "failed": True}
 
 
 def _decode_record(rec: dict[str, Any]) -> dict[str, Any]:
@@ -258,10 +149,18 @@ def _drop_torn_tail(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ report object
+UNITS = {"score": "percent: primary metric x 100 (CIDEr / mAP / mIoU on the same x100 scale)",
+         "metrics": "fractions (raw metric values; CIDEr on the pycocoevalcap scale)",
+         "latency": "seconds per sample (batch wall time / batch size)",
+         "speed_efficiency": "score points per second (score / median s per sample)",
+         "cost": "US$ per sample", "cost_efficiency": "score points per US$ (score / $ per sample)"}
+
+
 @dataclass
 class EvalReport:
     """Outcome of `evaluate`. `metrics` holds the raw metric values (fractions; CIDEr on the
-    pycocoevalcap scale); `score` = primary metric x 100; `speed` / `cost` per the module docstring."""
+    pycocoevalcap scale); `score` = primary metric x 100 (percent); `speed` / `cost` per the module
+    docstring; `failed` samples are in `n` (scored as empty answers) and listed in `failures`."""
 
     model: str
     task: str
@@ -270,12 +169,18 @@ class EvalReport:
     metrics: dict[str, float]
     primary: str
     speed: dict[str, float]
-    cost: dict[str, float | None]
+    cost: dict[str, Any]
     per_sample: list[dict[str, Any]] = field(default_factory=list)
     prompt: str = ""
     out_dir: str = ""
     files: dict[str, str] = field(default_factory=dict)
     predicted_now: int = 0
+    total: int = 0  # samples asked for (n < total when interrupted)
+    failed: int = 0
+    failures: list[dict[str, str]] = field(default_factory=list)
+    hardware: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # the model / adapter's choices (psm, endpoint...)
+    interrupted: bool = False
 
     @property
     def score(self) -> float:
@@ -294,28 +199,35 @@ class EvalReport:
     def to_row(self) -> dict[str, Any]:
         """One row of the comparison table (same columns as the cached-results file)."""
         return {"model": self.model, "task": self.task, "metric": self.primary, "accuracy": self.score,
-                "median_latency_s": self.speed.get("median_s"), "cost_per_call": self.cost.get("cost_per_sample"),
+                "median_latency_s": self.speed.get("median_s"), "mean_latency_s": self.speed.get("mean_s"),
+                "cost_per_call": self.cost.get("cost_per_sample"), "price": self.cost.get("price"),
                 "speed_efficiency": self.speed_efficiency, "cost_efficiency": self.cost_efficiency,
-                "n": self.n, "source": "this run"}
+                "n": self.n, "failed": self.failed, "device": self.hardware.get("device"),
+                "torch_threads": self.hardware.get("torch_threads"), "source": "this run",
+                "domains": {k.rsplit("/", 1)[1]: 100 * v for k, v in self.metrics.items() if "/domain/" in k}}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "task": self.task, "dataset": self.dataset, "n": self.n, "prompt": self.prompt,
-                "primary": self.primary, "score": self.score, "metrics": self.metrics, "speed": self.speed,
-                "cost": self.cost, "speed_efficiency": self.speed_efficiency,
-                "cost_efficiency": self.cost_efficiency, "predicted_now": self.predicted_now,
-                "files": self.files, "per_sample": self.per_sample}
+        return {"model": self.model, "task": self.task, "dataset": self.dataset, "n": self.n, "total": self.total,
+                "failed": self.failed, "interrupted": self.interrupted, "prompt": self.prompt,
+                "primary": self.primary, "score": self.score, "units": UNITS, "metrics": self.metrics,
+                "speed": self.speed, "hardware": self.hardware, "cost": self.cost,
+                "speed_efficiency": self.speed_efficiency, "cost_efficiency": self.cost_efficiency,
+                "settings": self.settings, "predicted_now": self.predicted_now, "files": self.files,
+                "failures": self.failures, "per_sample": self.per_sample}
 
 
 def speed_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Latency median / p90 / mean (s), throughput (samples/s) and the mean per-sample model timings
-    (image_ms, prefill_ms, decode_ms; median decode_step_ms) reported by the Results."""
-    lat = np.array([float(r.get("latency_s", 0.0)) for r in records], dtype=float)
+    """Latency median / p90 / mean (s per sample), throughput (samples/s) and the model timings the
+    Results report: image_ms per sample (mean), prefill_ms / decode_ms per BATCH (mean), decode_step_ms
+    (median). Untimed records (failed samples, results files) are left out."""
+    timed = [r for r in records if r.get("latency_s") is not None]
+    lat = np.array([float(r["latency_s"]) for r in timed], dtype=float)
     out: dict[str, float] = {}
     if lat.size:
         out.update(median_s=float(np.median(lat)), p90_s=float(np.percentile(lat, 90)), mean_s=float(lat.mean()),
                    throughput_per_s=float(lat.size / lat.sum()) if lat.sum() > 0 else float("nan"))
     for key in ("image_ms", "prefill_ms", "decode_ms", "decode_step_ms"):
-        vals = [float(r["timings"][key]) for r in records if key in r.get("timings", {})]
+        vals = [float(r["timings"][key]) for r in timed if key in r.get("timings", {})]
         if vals:
             out[key] = float(np.median(vals)) if key == "decode_step_ms" else float(np.mean(vals))
     if "prefill_ms" in out and "decode_ms" in out and out["prefill_ms"] + out["decode_ms"] > 0:
@@ -323,31 +235,82 @@ def speed_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-def cost_stats(speed: Mapping[str, float], price_per_hour: float | None, price_per_call: float | None
-               ) -> dict[str, float | None]:
-    if price_per_hour is not None and price_per_call is not None:
-        raise ValueError("give price_per_hour (self-hosted) or price_per_call (API), not both")
-    per = None
+def cost_stats(speed: Mapping[str, float], price_per_hour: float | None, price_per_call: float | None,
+               records: Sequence[Mapping[str, Any]] = (), price_per_mtok: Sequence[float] | None = None
+               ) -> dict[str, Any]:
+    """$ per sample by one rule, named in `price`: hardware time (price_per_hour x MEAN s / 3600), a
+    price per call, or tokens ((prompt_tokens x in + completion_tokens x out) / 1e6 with the
+    endpoint's reported usage, mean over samples; `price_per_mtok` = (in, out) $ per million)."""
+    given = [p is not None for p in (price_per_hour, price_per_call, price_per_mtok)]
+    if sum(given) > 1:
+        raise ValueError("give one price rule: price_per_hour (self-hosted), price_per_call or price_per_mtok (API)")
+    per, price = None, "no price given"
+    out: dict[str, Any] = {"price_per_hour": price_per_hour, "price_per_call": price_per_call}
     if price_per_call is not None:
-        per = float(price_per_call)
+        per, price = float(price_per_call), f"${price_per_call} per call"
     elif price_per_hour is not None and "mean_s" in speed:
         per = float(price_per_hour) * speed["mean_s"] / 3600.0
-    return {"price_per_hour": price_per_hour, "price_per_call": price_per_call, "cost_per_sample": per}
+        price = f"${price_per_hour}/h x mean s per sample / 3600"
+    elif price_per_mtok is not None:
+        pin, pout = (float(v) for v in price_per_mtok)
+        used = [r["usage"] for r in records if r.get("usage")]
+        out["price_per_mtok"] = {"input": pin, "output": pout}
+        price = f"(prompt tokens x ${pin} + completion tokens x ${pout}) / 1e6"
+        if used:
+            pt = float(np.mean([u.get("prompt_tokens", 0) for u in used]))
+            ct = float(np.mean([u.get("completion_tokens", 0) for u in used]))
+            per = (pt * pin + ct * pout) / 1e6
+            out.update(prompt_tokens_mean=pt, completion_tokens_mean=ct, samples_with_usage=len(used))
+        else:
+            price += " (the endpoint reported no token usage: no cost)"
+    return {**out, "price": price, "cost_per_sample": per}
+
+
+# ------------------------------------------------------------------------------ interrupts
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt (see `sigterm_interrupts`)."""
+
+    signum = 15
+
+
+class EvalInterrupted(KeyboardInterrupt):
+    """The run stopped on Ctrl-C / SIGTERM. Predictions made so far are on disk, `report` covers them
+    (written as report.json / report.md, marked interrupted); rerunning resumes. `exit_code`: 130
+    for SIGINT, 143 for SIGTERM (128 + signal number)."""
+
+    def __init__(self, report: EvalReport, signum: int = 2):
+        super().__init__(f"interrupted after {report.n} of {report.total} samples")
+        self.report, self.signum = report, signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class sigterm_interrupts:
+    """Within the block, SIGTERM raises `Terminated` in the main thread (so `evaluate` flushes and
+    reports as on Ctrl-C); the previous handler comes back afterwards."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._prev = None
+        if threading.current_thread() is threading.main_thread():
+            def raise_terminated(signum, frame):
+                raise Terminated()
+
+            self._prev = signal.signal(signal.SIGTERM, raise_terminated)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._prev is not None:
+            signal.signal(signal.SIGTERM, self._prev)
 
 
 # ------------------------------------------------------------------------------ evaluate
-def _progress(enabled: bool, total: int, done: int):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[metric]}"), TimeRemainingColumn(), transient=False)
-    prog.start()
-    prog.add_task("eval", total=total, completed=done, metric="")
-    return prog
-
-
 def _check_same_model(out: Path, model: Any, name: str, resuming: bool) -> None:
     """Record which model writes `out/predictions.jsonl`; refuse to resume another model's file."""
     fp = getattr(model, "fingerprint", None)
@@ -361,28 +324,97 @@ def _check_same_model(out: Path, model: Any, name: str, resuming: bool) -> None:
             raise ValueError(f"{out / 'predictions.jsonl'} holds predictions of another model "
                              f"({before.get('name')}, weights {before.get('fingerprint')}; this one: {name}, {fp}); "
                              "use another out_dir or resume=False")
-    tmp = marker.with_name(".model.json.tmp")
-    tmp.write_text(json.dumps({"name": name, "fingerprint": fp}))
-    tmp.replace(marker)
+    from ..fileio import atomic_write_bytes
+
+    atomic_write_bytes(marker, json.dumps({"name": name, "fingerprint": fp}))
+
+
+def _image_problem(image: Any) -> str | None:
+    if isinstance(image, (str, Path)) and not Path(image).is_file():
+        return f"image file not found: {image}"
+    return None
+
+
+def _predict(model: Any, batch: Sequence[Sample], opts: Mapping[str, Any], timed: bool) -> list[dict[str, Any]]:
+    """Records for one batch. Missing images become failed records without a call (unless the model
+    needs no images: a results file); when the batch call raises, each sample is tried alone so one
+    bad image fails only itself."""
+    import time
+
+    check = getattr(model, "needs_images", True)
+    problems = {s.id: _image_problem(s.image) if check else None for s in batch}
+    ok = [s for s in batch if problems[s.id] is None]
+    recs = {s.id: failed_record(s, problems[s.id]) for s in batch if problems[s.id] is not None}
+
+    def call(group: Sequence[Sample]) -> list[dict[str, Any]]:
+        labels = [s.labels for s in group] if any(s.labels for s in group) else None
+        t0 = time.perf_counter()
+        results = model.predict_batch([s.image for s in group], [s.prompt for s in group], labels=labels, **opts)
+        dt = time.perf_counter() - t0
+        if len(results) != len(group):
+            raise RuntimeError(f"model returned {len(results)} results for {len(group)} prompts")
+        return [result_to_record(s, r, dt / len(group) if timed else None) for s, r in zip(group, results)]
+
+    if ok:
+        try:
+            recs.update({r["id"]: r for r in call(ok)})
+        except Exception as e:  # noqa: BLE001 - isolate the failing sample(s), keep the run going
+            if len(ok) == 1:
+                recs[ok[0].id] = failed_record(ok[0], f"{type(e).__name__}: {e}")
+            else:
+                for s in ok:
+                    recs.update({r["id"]: r for r in _predict(model, [s], opts, timed)})
+    return [recs[s.id] for s in batch]
+
+
+def _build_report(model, name, task, ds, samples, recs, template, out, pred_path, prices, predicted_now,
+                  interrupted=False) -> EvalReport:
+    from . import metrics_tasks as MT
+    from .progress import hardware
+
+    done = [s for s in samples if s.id in recs]
+    metrics = MT.corpus_metrics(task, recs, done, ds.coco) if done else {}
+    records = [recs[s.id] for s in done]
+    speed = speed_stats(records)
+    failures = [{"id": s.id, "error": "; ".join(recs[s.id]["errors"])} for s in done if recs[s.id].get("failed")]
+    per_sample = [{"id": s.id, "score": MT.sample_score(task, recs[s.id], s), "text": recs[s.id]["text"],
+                   "refs": s.refs, **({"domain": s.meta["domain"]} if "domain" in s.meta else {}),
+                   **({"failed": True} if recs[s.id].get("failed") else {})} for s in done]
+    settings = getattr(model, "settings", None)
+    settings = settings() if callable(settings) else dict(settings or {})
+    return EvalReport(model=name, task=task, dataset=str(ds.path), n=len(done), metrics=metrics,
+                      primary=MT.PRIMARY[task], speed=speed, cost=cost_stats(speed, prices[0], prices[1], records, prices[2]),
+                      per_sample=per_sample,
+                      prompt=template if isinstance(template, str) else getattr(template, "__name__", "callable"),
+                      out_dir=str(out), files={"predictions": str(pred_path)}, predicted_now=predicted_now,
+                      total=len(samples), failed=len(failures), failures=failures, hardware=hardware(model),
+                      settings=settings, interrupted=interrupted)
 
 
 def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], task: str, *, batch_size: int = 8,
              out_dir: str | Path, price_per_hour: float | None = None, price_per_call: float | None = None,
+             price_per_mtok: Sequence[float] | None = None,
              resume: bool = True, progress: bool = True, prompt: str | Callable[[Sample], str] | None = None,
              lang: str = "en", model_name: str | None = None, predict_options: Mapping[str, Any] | None = None,
-             image_root: str | Path | None = None, limit: int | None = None,
+             image_root: str | Path | None = None, limit: int | None = None, strict: bool = True,
              compare_with: str | Path | None = None, charts: bool = True) -> EvalReport:
-    """Evaluate `model` (anything with `predict_batch(images, prompts, labels=None, **opts)`) on
+    """Evaluate `model` (anything with `predict_batch(images, prompts, labels=None, **opts)`; see
+    `palikit.eval.baselines` for Tesseract, OpenAI-compatible endpoints and COCO results files) on
     `dataset` for `task` (see `TASKS`). Predictions are appended to `out_dir/predictions.jsonl` as they
-    come; with `resume=True` samples already there are skipped (resume=False starts afresh). `prompt`
-    overrides the task's template (fields: {question} {prefix} {lang} {labels} {labels_singular}
-    {labels_plural} {labels_natural}) or is a callable(sample) -> str; rows with a "prefix" keep it
-    unless `prompt` is given. Writes report.json, report.md and (charts=True, matplotlib) PNG charts,
-    with the rows of the cached-results file `compare_with` side by side."""
+    come; with `resume=True` samples already there are skipped (failed ones are retried; resume=False
+    starts afresh). `prompt` overrides the task's template (fields: {question} {prefix} {lang} {labels}
+    {labels_singular} {labels_plural} {labels_natural}) or is a callable(sample) -> str; rows with a
+    "prefix" keep it unless `prompt` is given. A missing image or a failing call fails only its sample
+    (scored as an empty answer, counted in `failed`). Ctrl-C / SIGTERM (`sigterm_interrupts`) writes
+    the report of the samples done and raises `EvalInterrupted`. Writes report.json, report.md and
+    (charts=True, matplotlib) PNG charts, with the rows of `compare_with` (a cached-results file or
+    another palikit report.json) side by side."""
     from . import metrics_tasks as MT
+    from . import report as R
+    from .progress import progress as make_progress
 
     task = canonical_task(task)
-    ds = load_dataset(dataset, task, image_root=image_root)
+    ds = load_dataset(dataset, task, image_root=image_root, strict=strict)
     samples = ds.samples[:limit] if limit is not None else list(ds.samples)
     template = prompt if prompt is not None else default_prompt(task)
     samples = [s if (prompt is None and s.prompt) else replace(s, prompt=render_prompt(template, s, lang))
@@ -401,26 +433,19 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
                          "use another out_dir or resume=False")
     name = model_name or getattr(model, "name", None) or type(model).__name__
     _check_same_model(out, model, name, bool(recs))
+    recs = {i: r for i, r in recs.items() if not r.get("failed")}  # failed samples are tried again
     todo = [s for s in samples if s.id not in recs]
     opts = dict(predict_options or {})
-    prog = _progress(progress, len(samples), len(samples) - len(todo))
+    timed = getattr(model, "timed", True)
+    prices = (price_per_hour, price_per_call, price_per_mtok)
+    prog = make_progress(progress, name, len(samples), len(samples) - len(todo))
     scores = [v for s in samples if s.id in recs and (v := MT.sample_score(task, recs[s.id], s)) is not None]
     predicted_now = 0
-    import time
-
     try:
         with open(pred_path, "a", encoding="utf-8") as f:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                labels = [s.labels for s in batch] if any(s.labels for s in batch) else None
-                t0 = time.perf_counter()
-                results = model.predict_batch([s.image for s in batch], [s.prompt for s in batch], labels=labels,
-                                              **opts)
-                dt = time.perf_counter() - t0
-                if len(results) != len(batch):
-                    raise RuntimeError(f"model returned {len(results)} results for {len(batch)} prompts")
-                for s, r in zip(batch, results):
-                    rec = result_to_record(s, r, dt / len(batch))
+                for s, rec in zip(batch, _predict(model, batch, opts, timed)):
                     f.write(json.dumps(rec) + "\n")
                     f.flush()
                     recs[s.id] = _decode_record(rec)
@@ -429,24 +454,22 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
                     if v is not None:
                         scores.append(v)
                 if prog is not None:
-                    metric = f"{MT.PRIMARY[task]} {100 * sum(scores) / len(scores):.1f}" if scores else ""
-                    prog.update(prog.task_ids[0], advance=len(batch), metric=metric)
+                    prog.update(len(batch), f"{MT.PRIMARY[task]} {100 * sum(scores) / len(scores):.1f}%"
+                                if scores else "")
+    except KeyboardInterrupt as e:
+        if prog is not None:
+            prog.stop()
+            prog = None
+        report = _build_report(model, name, task, ds, samples, recs, template, out, pred_path, prices,
+                               predicted_now, interrupted=True)
+        if report.n:
+            R.write_report(report, out, charts=False)
+        raise EvalInterrupted(report, getattr(e, "signum", 2)) from e
     finally:
         if prog is not None:
             prog.stop()
 
-    done = [s for s in samples if s.id in recs]
-    metrics = MT.corpus_metrics(task, recs, done, ds.coco)
-    speed = speed_stats([recs[s.id] for s in done])
-    per_sample = [{"id": s.id, "score": MT.sample_score(task, recs[s.id], s), "text": recs[s.id]["text"],
-                   "refs": s.refs} for s in done]
-    report = EvalReport(model=name, task=task, dataset=str(ds.path), n=len(done), metrics=metrics,
-                        primary=MT.PRIMARY[task], speed=speed,
-                        cost=cost_stats(speed, price_per_hour, price_per_call), per_sample=per_sample,
-                        prompt=template if isinstance(template, str) else getattr(template, "__name__", "callable"),
-                        out_dir=str(out), files={"predictions": str(pred_path)}, predicted_now=predicted_now)
-    from . import report as R
-
+    report = _build_report(model, name, task, ds, samples, recs, template, out, pred_path, prices, predicted_now)
     cached = R.load_cached_results(compare_with) if compare_with else []
     R.write_report(report, out, cached=cached, charts=charts)
     return report

@@ -195,39 +195,5 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int, keep: set[str] = f
             shutil.rmtree(trash, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------------ LoRA adapters
-def save_lora_adapter(model: nn.Module, folder: str | Path, lora_config: dict) -> Path:
-    """The adapter tensors (palikit module names) + `adapter_config.json`, written atomically."""
-    from safetensors.torch import save as st_save
-
-    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if ".lora_" in n}
-
-    def fill(tmp: Path):
-        _write(tmp / "adapter.safetensors", st_save(tensors, metadata={"format": "pt"}))
-        _write(tmp / "adapter_config.json", (json.dumps(lora_config, indent=1) + "\n").encode())
-
-    return atomic_dir(Path(folder), fill)
-
-
-def load_lora_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Inject LoRA layers as described by `adapter_config.json` and load the saved adapter weights."""
-    from safetensors.torch import load_file
-
-    from .modes import inject_lora
-
-    folder = Path(folder)
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    inject_lora(model, cfg["targets"], rank=cfg["rank"], alpha=cfg["alpha"], dropout=cfg.get("dropout", 0.0))
-    tensors = load_file(folder / "adapter.safetensors")
-    own = dict(model.named_parameters())
-    missing = [n for n in own if ".lora_" in n and n not in tensors]
-    if missing or any(n not in own for n in tensors):
-        raise ValueError(f"{folder}: adapter does not match the injected modules (missing {missing[:5]})")
-    with torch.no_grad():
-        for n, t in tensors.items():
-            own[n].copy_(t)
-    return model
-
-
 def write_json(path: Path, obj) -> None:
     atomic_write_json(path, obj)

@@ -20,6 +20,10 @@ COCO -> PaliGemma targets (one example per image):
 Problems are never dropped silently: every bad line / annotation becomes a `Problem` (file, line or
 annotation id, message). `strict=True` raises a `DataError` listing the first few and the count;
 `strict=False` skips those examples and returns the problems on `Dataset.problems`.
+
+The reading half (`read_jsonl_rows`, `read_coco`, `check_annotations`) is shared with
+`palikit.eval`: a broken line or an unknown category reads the same in `palikit train` and
+`palikit eval` (same line numbers, same messages, same strict / skip rule).
 """
 
 from __future__ import annotations
@@ -57,13 +61,14 @@ class Problem:
 class DataError(ValueError):
     """Bad training data. `.problems` holds every problem found (not only the listed ones)."""
 
-    def __init__(self, problems: Sequence[Problem], what: str = "training data"):
+    def __init__(self, problems: Sequence[Problem], what: str = "training data",
+                 hint: str = "pass strict_data=false to skip these examples (they are still reported)"):
         self.problems = list(problems)
         lines = [f"{len(self.problems)} problem(s) in {what}:"]
         lines += [f"  {p}" for p in self.problems[:MAX_LISTED]]
         if len(self.problems) > MAX_LISTED:
             lines.append(f"  ... and {len(self.problems) - MAX_LISTED} more")
-        lines.append("Fix them, or pass strict_data=false to skip these examples (they are still reported).")
+        lines.append(f"Fix them, or {hint}.")
         super().__init__("\n".join(lines))
 
 
@@ -90,32 +95,45 @@ def _finish(examples: list[Example], problems: list[Problem], strict: bool, what
 
 
 # ------------------------------------------------------------------------------------ JSONL
+def read_jsonl_rows(path: str | Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
+    """Every non-blank line of a JSONL file as (1-based line number, JSON object). Lines that are not
+    a JSON object become `Problem`s with their real line number. A missing file raises `DataError`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError([Problem(str(path), "-", "file not found")], str(path)) from None
+    except UnicodeDecodeError as e:
+        raise DataError([Problem(str(path), f"byte {e.start}", "not UTF-8 text")], str(path)) from None
+    rows: list[tuple[int, dict]] = []
+    problems: list[Problem] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(Problem(str(path), f"line {n}", f"invalid JSON ({e.msg} at column {e.colno})"))
+            continue
+        if not isinstance(row, dict):
+            problems.append(Problem(str(path), f"line {n}", f"expected a JSON object, got {type(row).__name__}"))
+            continue
+        rows.append((n, row))
+    return rows, problems
+
+
 def load_jsonl(path: str | Path, *, strict: bool = True, image_root: str | Path | None = None) -> Dataset:
     """Read a big_vision / Roboflow PaliGemma JSONL file."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     examples: list[Example] = []
-    problems: list[Problem] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError([Problem(str(path), "-", "file not found")], str(path)) from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    rows, problems = read_jsonl_rows(path)
+    for n, row in rows:
         where = f"line {n}"
 
         def bad(msg):
             problems.append(Problem(str(path), where, msg))
 
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad(f"invalid JSON ({e.msg} at column {e.colno})")
-            continue
-        if not isinstance(row, dict):
-            bad(f"expected a JSON object, got {type(row).__name__}")
-            continue
         missing = [k for k in ("image", "prefix", "suffix") if k not in row]
         if missing:
             bad(f"missing key(s) {', '.join(missing)} (need image, prefix, suffix)")
@@ -134,7 +152,12 @@ def load_jsonl(path: str | Path, *, strict: bool = True, image_root: str | Path 
             bad("key task must be a string")
             continue
         examples.append(Example(str(image), row["prefix"], row["suffix"], f"{path}:{n}", task))
+    problems.sort(key=_line_of)
     return _finish(examples, problems, strict, str(path))
+
+
+def _line_of(p: Problem) -> int:
+    return int(p.where[5:]) if p.where.startswith("line ") and p.where[5:].isdigit() else 0
 
 
 # ------------------------------------------------------------------------------------ COCO
@@ -195,6 +218,68 @@ def decode_segmentation(seg, height: int, width: int):
     raise ImportError("compressed COCO RLE segmentation needs pycocotools: pip install pycocotools")
 
 
+def read_coco(path: str | Path) -> dict:
+    """A COCO json file as a dict with `images`, `annotations` and `categories`; a missing file, bad
+    JSON (with its line) or a missing section raises `DataError`."""
+    path = Path(path)
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError([Problem(str(path), "-", "file not found")], str(path)) from None
+    except json.JSONDecodeError as e:
+        raise DataError([Problem(str(path), f"line {e.lineno}", f"invalid JSON ({e.msg})")], str(path)) from None
+    missing = [k for k in ("images", "annotations", "categories") if k not in coco] if isinstance(coco, dict) \
+        else ["images", "annotations", "categories"]
+    if missing:
+        raise DataError([Problem(str(path), "-", f"not a COCO file: missing {', '.join(missing)}")], str(path))
+    return coco
+
+
+def check_annotations(coco: dict, path: str | Path, *, box_tolerance: float = 1.0, need_segmentation: bool = False
+                      ) -> tuple[dict, dict[int, list[dict]], list[Problem]]:
+    """Validate a COCO dict: images need id, file_name, width, height; annotations a known image_id,
+    a known category_id, a positive [x, y, w, h] box inside the image (+- `box_tolerance` px) and,
+    with `need_segmentation`, a segmentation. Returns ({image_id: (file_name, W, H)},
+    {image_id: [valid annotations]}, problems)."""
+    path = str(path)
+    cats = {c["id"] for c in coco["categories"]}
+    problems: list[Problem] = []
+    images = {}
+    for im in coco["images"]:
+        try:
+            images[im["id"]] = (im["file_name"], float(im["width"]), float(im["height"]))
+        except (KeyError, TypeError, ValueError):
+            problems.append(Problem(path, f"image id={im.get('id')}", "image entry needs id, file_name, width, height"))
+    by_image: dict[int, list[dict]] = {i: [] for i in images}
+    for k, ann in enumerate(coco["annotations"]):
+        where = f"annotation id={ann.get('id', f'#{k}')}"
+        img = images.get(ann.get("image_id"))
+        if img is None:
+            problems.append(Problem(path, where, f"unknown image_id {ann.get('image_id')!r}"))
+            continue
+        if ann.get("category_id") not in cats:
+            problems.append(Problem(path, where, f"unknown category_id {ann.get('category_id')!r} "
+                                                 f"(categories: {', '.join(map(str, sorted(cats, key=str)))})"))
+            continue
+        try:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+        except (KeyError, TypeError, ValueError):
+            problems.append(Problem(path, where, "bbox must be [x, y, width, height]"))
+            continue
+        _, W, H = img
+        if w <= 0 or h <= 0:
+            problems.append(Problem(path, where, f"zero-area box {ann['bbox']}"))
+            continue
+        if x < -box_tolerance or y < -box_tolerance or x + w > W + box_tolerance or y + h > H + box_tolerance:
+            problems.append(Problem(path, where, f"box {ann['bbox']} lies outside the {W:g}x{H:g} image"))
+            continue
+        if need_segmentation and not ann.get("segmentation"):
+            problems.append(Problem(path, where, "no segmentation for a segment target"))
+            continue
+        by_image[ann["image_id"]].append(ann)
+    return images, by_image, problems
+
+
 def load_coco(
     path: str | Path,
     *,
@@ -212,15 +297,7 @@ def load_coco(
         raise ValueError(f"task must be 'detect' or 'segment', got {task!r}")
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    try:
-        coco = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError([Problem(str(path), "-", "file not found")], str(path)) from None
-    except json.JSONDecodeError as e:
-        raise DataError([Problem(str(path), f"line {e.lineno}", f"invalid JSON ({e.msg})")], str(path)) from None
-    missing = [k for k in ("images", "annotations", "categories") if k not in coco]
-    if missing:
-        raise DataError([Problem(str(path), "-", f"not a COCO file: missing {', '.join(missing)}")], str(path))
+    coco = read_coco(path)
     if task == "segment" and mask_tokenizer is None:
         if mask_codec is None:
             raise ValueError("COCO segmentation targets need the mask codec: set mask_codec (vae-oid.npz)")
@@ -228,40 +305,8 @@ def load_coco(
 
     cats = {c["id"]: str(c["name"]) for c in coco["categories"]}
     cat_order = sorted(cats)
-    problems: list[Problem] = []
-    images = {}
-    for im in coco["images"]:
-        try:
-            images[im["id"]] = (im["file_name"], float(im["width"]), float(im["height"]))
-        except (KeyError, TypeError, ValueError):
-            problems.append(Problem(str(path), f"image id={im.get('id')}", "image entry needs id, file_name, width, height"))
-    by_image: dict[int, list[dict]] = {i: [] for i in images}
-    for k, ann in enumerate(coco["annotations"]):
-        where = f"annotation id={ann.get('id', f'#{k}')}"
-        img = images.get(ann.get("image_id"))
-        if img is None:
-            problems.append(Problem(str(path), where, f"unknown image_id {ann.get('image_id')!r}"))
-            continue
-        if ann.get("category_id") not in cats:
-            problems.append(Problem(str(path), where, f"unknown category_id {ann.get('category_id')!r}"))
-            continue
-        try:
-            x, y, w, h = (float(v) for v in ann["bbox"])
-        except (KeyError, TypeError, ValueError):
-            problems.append(Problem(str(path), where, "bbox must be [x, y, width, height]"))
-            continue
-        _, W, H = img
-        if w <= 0 or h <= 0:
-            problems.append(Problem(str(path), where, f"zero-area box {ann['bbox']}"))
-            continue
-        if x < -box_tolerance or y < -box_tolerance or x + w > W + box_tolerance or y + h > H + box_tolerance:
-            problems.append(Problem(str(path), where, f"box {ann['bbox']} lies outside the {W:g}x{H:g} image"))
-            continue
-        if task == "segment" and not ann.get("segmentation"):
-            problems.append(Problem(str(path), where, "no segmentation for a segment target"))
-            continue
-        by_image[ann["image_id"]].append(ann)
-
+    images, by_image, problems = check_annotations(coco, path, box_tolerance=box_tolerance,
+                                                   need_segmentation=task == "segment")
     bad_images = set()
     examples: list[Example] = []
     for image_id, anns in by_image.items():

@@ -3,6 +3,7 @@ attention q/k/v/o projections, trained with plain SGD), `lora` (peft adapters on
 plus the `freeze_vision` (SigLIP + projector, big_vision's `img/*`) and `freeze_decoder`
 (Gemma incl. embeddings, `llm/*`) switches.
 
+`lora_targets=all-linear` adapts every Linear of the decoder (not the vision tower); see `adapter.py`.
 LoRA uses `peft.inject_adapter_in_model`, so the model stays a plain `PaliGemmaModel` (same forward,
 same state-dict names plus `lora_A`/`lora_B`); `merge_lora` folds the adapters into the base
 weights and restores the original module tree, ready for `save_hub_checkpoint`.
@@ -15,6 +16,7 @@ import re
 import torch
 from torch import nn
 
+from .adapter import ALL_LINEAR, all_linear_targets
 from .config import ATTENTION_REGEX
 
 ATTENTION_PARAM_RE = re.compile(ATTENTION_REGEX + r"\.weight$")
@@ -40,6 +42,8 @@ def apply_mode(
     """Set `requires_grad` for the mode (in place; LoRA injects adapters) and return the trainable
     parameter names. The freeze switches apply on top of `full` (and restrict `attention` / LoRA
     targets to the unfrozen part)."""
+    if mode in ("lora", "qlora") and lora_targets == ALL_LINEAR:  # before quantizing turns them into Linear4bit
+        lora_targets = all_linear_targets(model)
     if mode == "qlora":  # 4-bit NF4 frozen decoder linears + LoRA adapters
         from .qlora import quantize_base
 

@@ -13,21 +13,23 @@
 - Distributed: under `torchrun` (`WORLD_SIZE > 1`) the process group is initialised (nccl on GPU,
   gloo on CPU), each rank takes every `world`-th example of the step's batch, gradients are
   all-reduced (averaged) in one flat buffer before clipping, only rank 0 writes files.
-- Eval every `eval_every` steps and at the end: val loss (same loss as training) and an optional
-  metric hook; the best checkpoint (by `best_metric`) is kept and recorded in `best.json`.
-- Checkpoints every `save_every` steps and at the end (atomic, see `checkpoint.py`); `resume=true`
-  continues from the latest complete one. The final model is exported in the Hub layout to
-  `output_dir/final` (LoRA merged; the adapter is also saved to `output_dir/adapter`).
+- Eval every `eval_every` steps and at the end: val loss (same loss as training), the task metric
+  on a validation sample with its "not learning" warnings (`monitor.py`) and an optional metric
+  hook; the best checkpoint (by `best_metric`) is kept and recorded in `best.json`. The run ends
+  with a one-line `summary:`.
+- Checkpoints every `save_every` steps, at the end, and on SIGINT / SIGTERM at the next step
+  boundary (`interrupt.py`: then `TrainingInterrupted` with the resume command); atomic, see
+  `checkpoint.py`; `resume=true` continues from the latest complete one. The final model is
+  exported in the Hub layout to `output_dir/final` (`export.py`: LoRA merged; the adapter is also
+  saved to `output_dir/adapter` in PEFT format).
 """
 
 from __future__ import annotations
 
-import json
-import importlib
 import math
 import os
 import random
-import shutil
+import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -41,7 +43,10 @@ from . import checkpoint as ck
 from .collate import Collator, default_image_processor, loss_denominator, loss_terms, to_device, token_nll
 from .config import TrainConfig
 from .data import Dataset, Example, load_examples, select_tasks
-from .modes import apply_mode, count_trainable, has_lora, merge_lora
+from .interrupt import StopSignals, TrainingInterrupted, interrupted_message, resume_command
+from .loading import import_metric, load_model, load_tokenizer, resolve_model
+from .modes import apply_mode, count_trainable
+from .monitor import LearningMonitor
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -84,40 +89,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     return perm[k * batch_size:(k + 1) * batch_size].tolist()
 
 
-def load_model(path: str, device="cpu", dtype=torch.float32):
-    p = Path(path)
-    if p.suffix == ".npz":
-        from ..weights.big_vision import load_npz_checkpoint
-
-        model = load_npz_checkpoint(p)
-    elif p.exists():
-        from ..weights.hf import load_hf_checkpoint
-
-        model = load_hf_checkpoint(p, device="cpu")
-    else:
-        raise FileNotFoundError(f"model={path!r}: no such checkpoint folder or .npz file")
-    return model.to(device=device, dtype=dtype)
-
-
-def load_tokenizer(cfg: TrainConfig):
-    from ..tokenizer import Tokenizer
-
-    if cfg.tokenizer:
-        return Tokenizer.from_file(cfg.tokenizer)
-    folder = Path(cfg.model) if Path(cfg.model).is_dir() else Path(cfg.model).parent
-    try:
-        return Tokenizer.from_file(folder)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"No tokenizer next to model={cfg.model}; set tokenizer=PATH/tokenizer.json") from None
-
-
-def _import_metric(spec: str) -> Callable:
-    mod, _, fn = spec.partition(":")
-    if not fn:
-        raise ValueError(f"metric={spec!r}: use 'package.module:function'")
-    return getattr(importlib.import_module(mod), fn)
-
-
 class _Dist:
     def __init__(self):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -157,8 +128,10 @@ class Trainer:
         val_set: Dataset | list[Example] | None = None,
         metric_fn: Callable | None = None,
         log: Callable[[str], None] | None = None,
+        command: list[str] | None = None,
     ):
         cfg = self.cfg = config
+        self.command = command  # the launching command line (for the resume hint after an interrupt)
         self.dist = _Dist()
         if cfg.device == "auto":
             dev = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -171,9 +144,11 @@ class Trainer:
         self.is_main = self.dist.rank == 0
         self._log = log or print
         self.out = Path(cfg.output_dir)
+        if model is None:
+            cfg.model = resolve_model(cfg.model, self.log)
 
         seed_everything(cfg.seed)
-        self.model = model if model is not None else load_model(cfg.model)
+        self.model = model if model is not None else load_model(cfg.model, final_logit_softcap=cfg.final_logit_softcap)
         self.model.to(self.device)
         self.model.train()
         self.trainable = apply_mode(
@@ -187,6 +162,10 @@ class Trainer:
 
             shard_model(self.model, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.mode in ("lora", "qlora") and cfg.lora_targets == "all-linear":
+            n = sum(1 for name, _ in self.model.named_parameters() if ".lora_A." in name)
+            self.log(f"lora_targets=all-linear: adapters on {n} Linear layers of the decoder (attention q/k/v/o and "
+                     "MLP gate/up/down of every layer); the vision tower and projector are not included")
 
         def as_list(ds):
             return list(ds.examples) if isinstance(ds, Dataset) else list(ds)
@@ -208,7 +187,9 @@ class Trainer:
                 self.model.config, cfg.model if cfg.model and Path(cfg.model).is_dir() else None),
             self.model.config, cfg.max_len, cfg.pad_to_max_len, cfg.cache_images,
         )
-        self.metric_fn = metric_fn or (_import_metric(cfg.metric) if cfg.metric else None)
+        self.metric_fn = metric_fn or (import_metric(cfg.metric) if cfg.metric else None)
+        self.monitor = LearningMonitor(self.val_set if cfg.task_metric and not self.fsdp else [],
+                                       cfg.task_metric_samples, cfg.collapse_warn, cfg.plateau_patience)
         if self.fsdp and self.metric_fn is not None:
             raise ValueError("metric hooks run on rank 0 alone, which a sharded (fsdp) model cannot do; "
                              "use val_loss as best_metric with fsdp=true, or evaluate the exported checkpoint.")
@@ -238,6 +219,8 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.best: dict | None = None
+        self.warnings: list[str] = []  # the last evaluation's "not learning" warnings
+        self._saved_step: int | None = None
 
     # -------------------------------------------------------------------------------- utils
     def log(self, msg: str) -> None:
@@ -316,6 +299,12 @@ class Trainer:
             num += loss_terms(nll.float(), w, self.cfg.loss).double().cpu()
             den += loss_denominator(b, self.cfg.loss)
         out = {"val_loss": float(self.dist.all_sum(num) / self.dist.all_sum(den).clamp(min=1))}
+        if self.is_main:
+            task, warnings = self.monitor.task_metrics(self.model, self.collator, self.device)
+            out.update(task)
+            if (w := self.monitor.plateau_warning(self.step, out["val_loss"])) is not None:
+                warnings.append(w)
+            self.warnings = warnings
         if self.metric_fn is not None and self.is_main:
             res = self.metric_fn(self.model, self.val_set, self)
             out.update(res if isinstance(res, dict) else {"metric": float(res)})
@@ -336,6 +325,7 @@ class Trainer:
             full = {"params": full_trainable_state(self.model), "optimizer_state": full_optimizer_state(self.model, self.optimizer)}
         if self.is_main:
             path = ck.save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler, self._info(), **full)
+            self._saved_step = self.step
             keep = {f"{ck.PREFIX}{self.best['step']:08d}"} if self.best else set()
             ck.prune_checkpoints(self.out, self.cfg.keep_last, keep)
         self.dist.barrier()
@@ -352,6 +342,7 @@ class Trainer:
         self.step = state["step"]
         self.history = state.get("history", [])
         self.best = state.get("best")
+        self.monitor.restore(self.history)
         self.log(f"resumed from {path} (step {self.step}/{self.total_steps})")
         return True
 
@@ -396,39 +387,82 @@ class Trainer:
         self.log(f"training {count_trainable(self.model):,} parameters ({cfg.mode}"
                  f"{', vision frozen' if cfg.freeze_vision else ''}{', decoder frozen' if cfg.freeze_decoder else ''}), "
                  f"{len(self.train_set)} examples, {self.total_steps} steps of {cfg.batch_size}, "
-                 f"optimizer {cfg.optimizer_name}, world {self.dist.world}")
+                 f"world {self.dist.world}")
+        self.log(cfg.optimizer_reason)
+        stop = StopSignals()
         progress = self._progress()
-        t0 = time.time()
+        hard = False
         try:
-            while self.step < self.total_steps:
-                rec = self.train_step(self.step)
-                self.step += 1
-                self.history.append(rec)
-                if progress:
-                    progress[0].update(progress[1], completed=self.step, description=f"loss {rec['loss']:.4f}")
-                if self.step % max(cfg.log_every, 1) == 0 or self.step == self.total_steps:
-                    self.log(f"step {self.step}/{self.total_steps} loss {rec['loss']:.5f} lr {rec['lr']:.3g} "
-                             f"grad_norm {rec['grad_norm']:.3g} ({time.time() - t0:.1f}s)")
-                last = self.step == self.total_steps
-                evaluated = False
-                if self.val_set and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
-                    metrics = self.evaluate()
-                    self.history.append({"step": self.step, **metrics})
-                    evaluated = self._update_best(metrics)
-                    self.log(f"eval step {self.step}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()))
-                if (cfg.save_every and self.step % cfg.save_every == 0) or last or evaluated:
-                    path = self.save()
-                    if path is not None:
-                        self.log(f"saved {path}")
-                    if evaluated and self.is_main:
-                        ck.write_json(self.out / "best.json", {**self.best, "checkpoint": f"{ck.CKPT_DIR}/{ck.PREFIX}{self.step:08d}"})
+            with stop:
+                try:
+                    self._loop(progress, stop)
+                except KeyboardInterrupt:  # a second Ctrl-C while stopping: no checkpoint
+                    stop.signum, hard = signal.SIGINT, True
         finally:
             if progress:
                 progress[0].stop()
+        if stop.signum is not None:
+            if self.step < self.total_steps or hard:
+                self._interrupted(stop.signum, hard)
+            self.log(f"{signal.Signals(stop.signum).name} after the last step: finishing the export")
         final = self.export()
         self.plot()
+        losses = [h["loss"] for h in self.history if "loss" in h]
+        self.log(self.monitor.summary(self.step, losses[-1] if losses else None))
         self.dist.barrier()
         return final
+
+    def _loop(self, progress, stop: StopSignals) -> None:
+        cfg = self.cfg
+        t0 = time.time()
+        while self.step < self.total_steps and not self._should_stop(stop):
+            rec = self.train_step(self.step)
+            self.step += 1
+            self.history.append(rec)
+            if progress:
+                progress[0].update(progress[1], completed=self.step, description=f"loss {rec['loss']:.4f}")
+            if self.step % max(cfg.log_every, 1) == 0 or self.step == self.total_steps:
+                self.log(f"step {self.step}/{self.total_steps} loss {rec['loss']:.5f} lr {rec['lr']:.3g} "
+                         f"grad_norm {rec['grad_norm']:.3g} ({time.time() - t0:.1f}s)")
+            last = self.step == self.total_steps
+            evaluated = False
+            if self.val_set and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
+                metrics = self.evaluate()
+                self.history.append({"step": self.step, **metrics})
+                evaluated = self._update_best(metrics)
+                self.log(f"eval step {self.step}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()))
+                for w in self.warnings:
+                    self.log(f"warning: {w}")
+            if (cfg.save_every and self.step % cfg.save_every == 0) or last or evaluated:
+                path = self.save()
+                if path is not None:
+                    self.log(f"saved {path}")
+                if evaluated and self.is_main:
+                    ck.write_json(self.out / "best.json", {**self.best, "checkpoint": f"{ck.CKPT_DIR}/{ck.PREFIX}{self.step:08d}"})
+
+    def _should_stop(self, stop: StopSignals) -> bool:
+        """At a step boundary: did a signal arrive (on any rank: all ranks stop at the same step)?"""
+        if self.dist.world > 1:
+            flag = torch.tensor([float(stop.signum or 0)], device=self.device)
+            got = int(self.dist.all_sum(flag).item())
+            if got and stop.signum is None:
+                stop.signum = signal.SIGTERM if got % int(signal.SIGINT) else signal.SIGINT
+        return stop.signum is not None
+
+    def _interrupted(self, signum: int, hard: bool) -> None:
+        """Save a resumable checkpoint (unless one exists for this step or `hard`), say what was saved
+        and how to resume, raise TrainingInterrupted (exit status 128 + signum in `palikit train`)."""
+        saved, error = None, None
+        if not hard and self.step > 0:
+            try:
+                saved = ck.latest_checkpoint(self.out) if self._saved_step == self.step else self.save()
+            except Exception as e:  # noqa: BLE001 - reported to the user with what survives
+                error = e
+        last = None if saved is not None else ck.latest_checkpoint(self.out)
+        msg = interrupted_message(signum, self.step, self.total_steps, saved, error, last,
+                                  resume_command(self.command, self.cfg.resume), self.out, hard=hard)
+        self.log(msg)
+        raise TrainingInterrupted(signum, msg, saved)
 
     def _progress(self):
         if not (self.cfg.progress and self.is_main):
@@ -442,74 +476,10 @@ class Trainer:
         return p, task
 
     def export(self) -> Path:
-        """Hub-layout export of the final weights (LoRA merged) to `output_dir/final`."""
-        final = self.out / "final"
-        from ..weights.export import save_hub_checkpoint
+        """Hub-layout export of the final weights (LoRA merged; the adapter saved in PEFT format)."""
+        from .export import export_final
 
-        model = self.model
-        if self.fsdp:  # gather the full weights (collective), then export an unsharded copy on rank 0
-            from .fsdp import full_model_state
-
-            full = full_model_state(self.model)
-            if not self.is_main:
-                return final
-            cfg = self.cfg
-            model = load_model(cfg.model)
-            apply_mode(model, cfg.mode, freeze_vision=cfg.freeze_vision, freeze_decoder=cfg.freeze_decoder,
-                       lora_targets=cfg.lora_targets, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                       lora_dropout=cfg.lora_dropout)
-            model.load_state_dict(full, strict=True)
-        if not self.is_main:
-            return final
-        if has_lora(model):
-            cfg = self.cfg
-            ck.save_lora_adapter(model, self.out / "adapter", {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
-                                                                "dropout": cfg.lora_dropout, "targets": cfg.lora_targets})
-            merge_lora(model)
-        dtype = None
-        if self.cfg.export_dtype:
-            from ..runtime import resolve_dtype
-
-            dtype = resolve_dtype(self.cfg.export_dtype, self.device)
-
-        def fill(tmp: Path):
-            save_hub_checkpoint(model, tmp, dtype=dtype)
-            self._copy_side_files(tmp)
-
-        ck.atomic_dir(final, fill)
-        self.log(f"exported {final}")
-        return final
-
-    def _copy_side_files(self, dst: Path) -> None:
-        """Tokenizer and preprocessor files next to the exported weights, so `final/` is a complete
-        palikit / transformers checkpoint."""
-        cfg = self.cfg
-        model_dir = Path(cfg.model) if cfg.model and Path(cfg.model).is_dir() else None
-        tok = getattr(self.collator.tokenizer, "path", None) or (Path(cfg.tokenizer) if cfg.tokenizer else None)
-        files = []
-        if tok is not None and Path(tok).is_file():
-            files.append(Path(tok))
-        for d in filter(None, (model_dir, Path(tok).parent if tok else None)):
-            files += [d / n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                                      "special_tokens_map.json", "preprocessor_config.json", "vae-oid.npz")]
-        for f in files:
-            if f.is_file() and not (dst / f.name).exists():
-                shutil.copy(f, dst / f.name)
-        if cfg.mask_codec and Path(cfg.mask_codec).is_file() and not (dst / "vae-oid.npz").exists():
-            shutil.copy(cfg.mask_codec, dst / "vae-oid.npz")  # so the exported model can decode <seg> tokens
-        self._fix_image_seq_length(dst / "preprocessor_config.json")
-
-    def _fix_image_seq_length(self, path: Path) -> None:
-        """transformers' PaliGemmaProcessor inserts `image_seq_length` <image> tokens: a copied file that
-        disagrees with the model (a stale base folder) would make transformers feed the wrong count."""
-        if not path.is_file():
-            return
-        d = json.loads(path.read_text())
-        n = self.model.config.vision.num_image_tokens
-        if d.get("image_seq_length") not in (None, n):
-            self.log(f"{path.name}: image_seq_length {d['image_seq_length']} -> {n} (the model's image tokens)")
-            d["image_seq_length"] = n
-            path.write_text(json.dumps(d, indent=2) + "\n")
+        return export_final(self)
 
     def plot(self) -> Path | None:
         if not (self.cfg.plot and self.is_main):

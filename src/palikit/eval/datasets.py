@@ -1,0 +1,185 @@
+"""Evaluation data: `Sample` / `EvalDataset` and the readers for JSONL and COCO json.
+
+The file-level reading is the training reader's (`palikit.train.data.read_jsonl_rows`, `read_coco`,
+`check_annotations`), so a broken line, an unknown category or a bad box reads the same in
+`palikit train` and `palikit eval`: the real line number / annotation id, the same message. A bad row
+raises `DataError` listing every problem (`strict=True`, the default) or is skipped and reported
+(`strict=False`, `palikit eval --skip-bad-rows`). Image files are NOT checked here: a missing image
+is a failed sample of the run (recorded and counted), it does not stop the evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..train.data import DataError, Problem, check_annotations, read_coco, read_jsonl_rows
+
+log = logging.getLogger(__name__)
+
+TASKS = ("ocr", "vqa", "anls", "caption", "count", "exact", "detect", "segment")
+_ALIASES = {"docvqa": "anls", "vqav2": "vqa", "captions": "caption", "cap": "caption", "counting": "count",
+            "detection": "detect", "segmentation": "segment", "refcoco": "segment", "tallyqa": "count"}
+SKIP_HINT = "pass --skip-bad-rows (strict=False) to evaluate the other rows (the skipped ones are still reported)"
+
+
+def canonical_task(task: str) -> str:
+    t = _ALIASES.get(task.lower(), task.lower())
+    if t not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)} (aliases: {', '.join(_ALIASES)})")
+    return t
+
+
+@dataclass
+class Sample:
+    """One evaluation item. `refs`: reference texts (answers, captions, OCR text); `labels`: class names
+    asked for (detect / segment); `meta`: question, COCO image id, ground-truth mask / box, domain..."""
+
+    id: str
+    image: str
+    prompt: str
+    refs: list[str] = field(default_factory=list)
+    labels: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalDataset:
+    samples: list[Sample]
+    path: str = ""
+    coco: dict[str, Any] | None = None  # COCO ground truth (detect / segment from COCO json)
+    problems: list[Problem] = field(default_factory=list)  # rows skipped with strict=False
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _finish(samples: list[Sample], problems: list[Problem], strict: bool, path: Path, coco=None) -> EvalDataset:
+    if problems and strict:
+        raise DataError(problems, f"evaluation data {path}", hint=SKIP_HINT)
+    if problems:
+        log.warning("skipped %d bad row(s) of %s (kept %d samples); first: %s", len(problems), path, len(samples),
+                    problems[0])
+    return EvalDataset(samples, str(path), coco, list(problems))
+
+
+def _load_mask(value: Any, root: Path) -> np.ndarray:
+    if isinstance(value, Mapping):
+        from ..tasks.results import rle_to_mask
+
+        return rle_to_mask(value)
+    from PIL import Image
+
+    return np.asarray(Image.open(root / str(value)).convert("L")) > 0
+
+
+def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return (0.0, 0.0, 0.0, 0.0)
+    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+
+
+def _refs(row: Mapping[str, Any]) -> list[str]:
+    if "answers" in row:
+        return [str(a) for a in row["answers"]]
+    if "captions" in row:
+        return [str(c) for c in row["captions"]]
+    ref = row.get("suffix", row.get("answer", row.get("text", row.get("caption"))))
+    return [] if ref is None else [str(ref)]
+
+
+def load_jsonl(path: str | Path, task: str, *, image_root: str | Path | None = None,
+               strict: bool = True) -> EvalDataset:
+    """Rows: {"image", "prefix", "suffix"} | {"image", "question", "answers": [...] | "answer"} |
+    {"image", "captions": [...]} | {"image", "text"} (OCR) | segment: {"image", "prefix" or "label",
+    "mask": RLE dict or png path, optional "box": [x0, y0, x1, y1]}. Optional "id" / "question_id"
+    (default: the 0-based line index) and "domain" (per-domain scores). Image and mask paths are
+    relative to `image_root` (default: the file's folder)."""
+    task = canonical_task(task)
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    rows, problems = read_jsonl_rows(path)
+    samples: list[Sample] = []
+    seen: dict[str, int] = {}
+    for n, row in rows:
+        where = f"line {n}"
+        if not isinstance(row.get("image"), str) or not row["image"]:
+            problems.append(Problem(str(path), where, 'needs an "image" (a path string)'))
+            continue
+        refs = _refs(row)
+        if task not in ("detect", "segment") and not refs:
+            problems.append(Problem(str(path), where, "no reference: give suffix, text, answer, answers or captions"))
+            continue
+        sid = str(row.get("id", row.get("question_id", n - 1)))
+        if sid in seen:
+            problems.append(Problem(str(path), where, f"id {sid!r} already used on line {seen[sid]}"))
+            continue
+        meta = {k: row[k] for k in ("question", "prefix", "answer_type", "domain") if k in row}
+        labels = None
+        if task == "segment":
+            try:
+                mask = _load_mask(row["mask"], root)
+            except (KeyError, OSError, ValueError, TypeError) as e:
+                problems.append(Problem(str(path), where, f"cannot read the mask: {e!r}"))
+                continue
+            meta.update(gt_mask=mask, gt_box=tuple(row["box"]) if "box" in row else _mask_box(mask))
+            labels = [row["label"]] if "label" in row else None
+        seen[sid] = n
+        samples.append(Sample(sid, str(root / row["image"]), str(row.get("prefix", "")), refs, labels, meta))
+    problems.sort(key=lambda p: int(p.where[5:]) if p.where[5:].isdigit() else 0)
+    return _finish(samples, problems, strict, path)
+
+
+def load_coco(path: str | Path, task: str = "detect", *, image_root: str | Path | None = None,
+              categories: str | Sequence[str] = "present", strict: bool = True) -> EvalDataset:
+    """COCO instances json -> one sample per image (`id` = str(image id)). `categories="present"`
+    asks each image only for the categories it contains (images without annotations are skipped): it
+    measures localisation, not hallucination of absent classes. `"all"` (or a list of names) asks every
+    image for every category: closer to standard COCO mAP, but long prompts (80 classes). Detections
+    are mapped back to categories by name (singular / plural spellings accepted). Image paths are
+    relative to `image_root` (default: the json's folder; `palikit eval --images DIR`)."""
+    task = canonical_task(task)
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    coco = read_coco(path)
+    images, by_image, problems = check_annotations(coco, path, need_segmentation=task == "segment")
+    if problems and strict:
+        raise DataError(problems, f"evaluation data {path}", hint=SKIP_HINT)
+    # the ground truth the metrics see: only the annotations that passed the checks
+    coco = {**coco, "images": [im for im in coco["images"] if im.get("id") in images],
+            "annotations": [a for anns in by_image.values() for a in anns]}
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    order = list(names)
+    samples = []
+    for img in coco["images"]:
+        present = {a["category_id"] for a in by_image[img["id"]]}
+        if categories == "present":
+            labels = [names[c] for c in sorted(present, key=order.index)]
+            if not labels:
+                continue  # nothing to ask for: COCOeval ignores images without GT of a category anyway
+        elif categories == "all":
+            labels = list(names.values())
+        else:
+            labels = list(categories)
+        samples.append(Sample(str(img["id"]), str(root / img["file_name"]), "", [], labels,
+                              {"image_id": img["id"], "width": img.get("width"), "height": img.get("height")}))
+    return _finish(samples, problems, False, path, coco)
+
+
+def load_dataset(dataset: str | Path | EvalDataset | Sequence[Sample], task: str, *,
+                 image_root: str | Path | None = None, strict: bool = True) -> EvalDataset:
+    """A path (.json -> `load_coco`, else `load_jsonl`), an `EvalDataset` or a list of `Sample`s."""
+    if isinstance(dataset, EvalDataset):
+        return dataset
+    if isinstance(dataset, (str, Path)):
+        p = Path(dataset)
+        if p.suffix == ".json":
+            return load_coco(p, task, image_root=image_root, strict=strict)
+        return load_jsonl(p, task, image_root=image_root, strict=strict)
+    return EvalDataset(list(dataset))

@@ -1,0 +1,150 @@
+"""LoRA adapters on disk in PEFT's format, and the `all-linear` target shortcut.
+
+A saved adapter is a folder with
+- `adapter_config.json`: peft's own `LoraConfig.save_pretrained` output (peft_type LORA, r, lora_alpha,
+  lora_dropout, target_modules = the exact transformers module names that carry an adapter, ...),
+- `adapter_model.safetensors`: `base_model.model.<transformers module>.lora_A.weight` / `lora_B.weight`,
+  the keys `PeftModel.save_pretrained` writes for `PaliGemmaForConditionalGeneration` (transformers 5:
+  `model.language_model.*`, `model.vision_tower.*`, `model.multi_modal_projector.*`).
+
+So `PeftModel.from_pretrained(PaliGemmaForConditionalGeneration.from_pretrained(base), folder)` loads it,
+and palikit loads it back (`load_lora_adapter`, `PaliGemma.from_pretrained(adapter=...)`, `--adapter`),
+mapping every published key layout onto palikit's module names (`weights.hf.internal_key`).
+palikit's earlier format (`adapter.safetensors` with palikit names) still loads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+ALL_LINEAR = "all-linear"
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+def all_linear_targets(model: nn.Module) -> list[str]:
+    """`lora_targets=all-linear`: every `nn.Linear` of the Gemma decoder (attention q/k/v/o and MLP
+    gate/up/down of every layer). The vision tower and the projector are NOT included (name them or
+    give a regex to adapt them too); the output head is tied to the embedding and is no Linear."""
+    return [n for n, m in model.named_modules() if n.startswith("language_model.") and isinstance(m, nn.Linear)]
+
+
+def hf_module_name(name: str) -> str:
+    """palikit module name -> the module's name inside transformers 5's PaliGemmaForConditionalGeneration."""
+    return "model." + name
+
+
+def palikit_module_name(name: str) -> str:
+    """A module name of any published layout (transformers 4.x / 5.x, with or without PEFT's prefix)
+    -> palikit's."""
+    from ..weights.hf import internal_key
+
+    name = name.removeprefix(PEFT_PREFIX)
+    return internal_key(name)
+
+
+def _lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def save_lora_adapter(model: nn.Module, folder: str | Path, lora_config: dict, base_model: str | None = None) -> Path:
+    """Write the adapters of `model` (LoRA injected by `apply_mode`) in PEFT's format, atomically.
+    `lora_config`: rank, alpha, dropout (as in TrainConfig)."""
+    from peft import LoraConfig
+    from safetensors.torch import save as st_save
+
+    from .checkpoint import _write, atomic_dir
+
+    layers = _lora_modules(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to save (mode=lora or qlora injects them)")
+    tensors = {}
+    for name, layer in layers.items():
+        for kind in ("lora_A", "lora_B"):
+            w = getattr(layer, kind)["default"].weight
+            tensors[f"{PEFT_PREFIX}{hf_module_name(name)}.{kind}.weight"] = w.detach().float().contiguous().cpu()
+    cfg = LoraConfig(r=int(lora_config["rank"]), lora_alpha=float(lora_config["alpha"]),
+                     lora_dropout=float(lora_config.get("dropout", 0.0)), bias="none",
+                     target_modules=sorted(hf_module_name(n) for n in layers),
+                     base_model_name_or_path=base_model)
+
+    def fill(tmp: Path):
+        cfg.save_pretrained(tmp)  # peft's own adapter_config.json
+        _write(tmp / WEIGHTS_FILE, st_save(tensors, metadata={"format": "pt"}))
+
+    return atomic_dir(Path(folder), fill)
+
+
+def read_adapter(folder: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(config dict, {palikit module name: {"lora_A": A, "lora_B": B}}) of a PEFT-format folder (or
+    palikit's earlier `adapter.safetensors` format). Clear errors for what palikit cannot load."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"adapter={folder}: no {CONFIG_FILE} there (expected a PEFT LoRA adapter folder "
+                                f"with {CONFIG_FILE} and {WEIGHTS_FILE}, e.g. OUTPUT_DIR/adapter)")
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    legacy = folder / "adapter.safetensors"
+    if "targets" in cfg and legacy.is_file():  # palikit's earlier format: palikit names, rank / alpha keys
+        cfg = {"peft_type": "LORA", "r": cfg["rank"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg.get("dropout", 0.0)}
+        raw = load_file(legacy)
+    else:
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"{folder}: peft_type {cfg.get('peft_type')!r}; palikit loads LoRA adapters only")
+        for key in ("use_dora", "use_rslora"):
+            if cfg.get(key):
+                raise ValueError(f"{folder}: {key}=true adapters are not supported by palikit; merge it with peft first")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if cfg.get(key):
+                raise ValueError(f"{folder}: per-module {key} is not supported by palikit; merge it with peft first")
+        if cfg.get("modules_to_save"):
+            raise ValueError(f"{folder}: modules_to_save {cfg['modules_to_save']} (fully trained modules) are not "
+                             "supported; palikit loads LoRA A/B weights only")
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{folder}: {WEIGHTS_FILE} is missing")
+        raw = load_file(folder / WEIGHTS_FILE)
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in raw.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            raise ValueError(f"{folder}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
+        layers.setdefault(palikit_module_name(m["module"]), {})[m["kind"]] = t
+    bad = [n for n, d in layers.items() if set(d) != {"lora_A", "lora_B"}]
+    if bad:
+        raise ValueError(f"{folder}: modules with only one of lora_A / lora_B: {bad[:3]}")
+    return cfg, layers
+
+
+def load_lora_adapter(model: nn.Module, folder: str | Path, *, merge: bool = False) -> nn.Module:
+    """Inject LoRA layers where the adapter has weights, load them (the rank is checked), and with
+    `merge=True` fold them into the base weights (plain modules again: what inference wants)."""
+    from .modes import inject_lora, merge_lora
+
+    cfg, layers = read_adapter(folder)
+    own = dict(model.named_modules())
+    unknown = [n for n in layers if n not in own or not isinstance(own[n], nn.Linear)]
+    if unknown:
+        raise ValueError(f"{folder}: the adapter targets modules this model does not have as Linear layers: "
+                         f"{unknown[:3]} (an adapter for another base model?)")
+    inject_lora(model, sorted(layers), rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
+                dropout=float(cfg.get("lora_dropout", 0.0)))
+    injected = _lora_modules(model)
+    with torch.no_grad():
+        for name, d in layers.items():
+            for kind, t in d.items():
+                w = getattr(injected[name], kind)["default"].weight
+                if tuple(w.shape) != tuple(t.shape):
+                    raise ValueError(f"{folder}: {name}.{kind} has shape {tuple(t.shape)}, the model expects "
+                                     f"{tuple(w.shape)} (an adapter for another base model, or another rank?)")
+                w.copy_(t)
+    return merge_lora(model) if merge else model
