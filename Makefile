@@ -21,8 +21,8 @@ demo: $(VENV)/.installed
 test: system-packages $(VENV)/.installed
 	$(PY) -m pytest -q
 
-# the fast lane: core, parity and API tests, no test marked slow (server processes, Ray, multi-process
-# training, torch.compile, codec/demo training, the system-package check); under 2 min on 2 cores
+# the fast lane: core, parity and API tests, no test marked slow (server, CLI and training processes,
+# Ray, torch.compile, codec/demo training, the system-package check); under 2 min on 2 cores
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
