@@ -1,5 +1,7 @@
 """Ray Data batch inference on a local CPU Ray: equal to `pg.predict`, resumable after a kill,
-corrupt inputs recorded, 1 vs 2 workers."""
+corrupt inputs recorded, 1 vs 2 workers; resume keyed by input AND task/options, --retry-failed,
+detections as structured columns, Ctrl-C keeps what was written and exits 130, the local Ray node
+on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from PIL import Image
 import ray
 
 from palikit.api import PaliGemma
-from palikit.distributed.ray_batch import done_ids, read_results, run_batch
+from palikit.distributed.ray_batch import detection_columns, done_ids, init_ray, read_results, run_batch
 from palikit.testing import make_tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # a real Ray cluster
@@ -31,7 +33,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    init_ray(num_cpus=2)
     yield
     ray.shutdown()
 
@@ -60,7 +62,7 @@ def test_results_equal_predict_one_by_one_and_corrupt_inputs_recorded(ckpt, ray_
         assert rows[f"img{i:03d}.png"]["error"] == ""
     for i in range(2):
         assert "ImageError" in rows[f"bad{i}.png"]["error"]
-    again = run_batch(src, tmp_path / "out", "caption", str(ckpt), device="cpu", progress=False)
+    again = run_batch(src, tmp_path / "out", "caption", str(ckpt), device="cpu", max_new_tokens=6, progress=False)
     assert (again.skipped, again.written) == (8, 0)
 
 
@@ -107,3 +109,102 @@ def test_bad_arguments_are_clear(ckpt, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"image": "x.png"}\n{oops\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         run_batch(tmp_path / "bad.jsonl", tmp_path / "o", "ocr", str(ckpt))
+
+
+def test_local_ray_listens_on_loopback_only(ray_local):
+    import psutil
+
+    assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {"127.0.0.1"}
+    ours = {p.pid: p.name() for p in psutil.Process().children(recursive=True)}
+    listening = {(ours[c.pid], c.laddr.ip) for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in ours}
+    assert any(name == "gcs_server" for name, _ in listening), listening
+    assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for _, ip in listening), listening
+
+
+def test_another_task_into_the_same_folder_runs_and_results_are_kept_per_task(ckpt, ray_local, tmp_path):
+    src = _images(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    first = run_batch(src, out, "ocr", str(ckpt), device="cpu", max_new_tokens=4, progress=False)
+    second = run_batch(src, out, "caption", str(ckpt), device="cpu", max_new_tokens=4, progress=False)
+    assert (first.written, second.written, second.skipped) == (3, 3, 0)
+    again = run_batch(src, out, "caption", str(ckpt), device="cpu", max_new_tokens=4, progress=False)
+    assert (again.written, again.skipped) == (0, 3)
+    longer = run_batch(src, out, "caption", str(ckpt), device="cpu", max_new_tokens=6, progress=False)
+    assert longer.written == 3, "other options are another job"
+    assert {r["prompt"] for r in read_results(out, task="ocr")} == {"ocr"}
+    assert len(read_results(out, task="caption")) == 6 and len(read_results(out)) == 9
+    assert {r["task"] for r in read_results(out)} == {"ocr", "caption"}
+
+
+def test_retry_failed_reruns_fixed_inputs(ckpt, ray_local, tmp_path):
+    src = _images(tmp_path / "in", 2, corrupt=1)
+    out = tmp_path / "out"
+    run_batch(src, out, "caption", str(ckpt), device="cpu", max_new_tokens=4, progress=False)
+    Image.fromarray(np.full((24, 30, 3), 120, dtype=np.uint8)).save(src / "bad0.png")  # fixed
+    plain = run_batch(src, out, "caption", str(ckpt), device="cpu", max_new_tokens=4, progress=False)
+    assert plain.written == 0
+    retry = run_batch(src, out, "caption", str(ckpt), device="cpu", max_new_tokens=4, progress=False,
+                      retry_failed=True)
+    assert (retry.written, retry.failed, retry.skipped) == (1, 0, 2)
+    rows = {r["id"]: r for r in read_results(out)}
+    pg = PaliGemma.from_pretrained(ckpt, device="cpu")
+    assert rows["bad0.png"]["error"] == ""
+    assert rows["bad0.png"]["text"] == pg.predict(src / "bad0.png", "caption en", max_new_tokens=4).text
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_detections_are_structured_columns(ray_local, tmp_path, fmt):
+    from palikit.cli.predict import default_model
+    from palikit.demo.shapes import make_sample
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        make_sample(i, seed=7).image.save(folder / f"s{i}.png")
+    model = default_model(None)
+    run_batch(folder, tmp_path / "out", "detect", model, labels=["circle", "square", "triangle"], fmt=fmt,
+              device="cpu", max_new_tokens=32, progress=False)
+    rows = {r["id"]: r for r in read_results(tmp_path / "out")}
+    pg = PaliGemma.from_pretrained(model, device="cpu")
+    found = 0
+    for i in range(3):
+        dets = rows[f"s{i}.png"]["detections"]
+        assert isinstance(dets, list)
+        expected = detection_columns(pg.detect(folder / f"s{i}.png", ["circle", "square", "triangle"],
+                                               max_new_tokens=32))
+        assert [d["label"] for d in dets] == [d["label"] for d in expected]
+        for got, want in zip(dets, expected):
+            assert got["box"] == pytest.approx(want["box"], abs=1e-3) and len(got["box"]) == 4
+        found += len(dets)
+    assert found >= 3, "the demo model finds the shapes"
+
+
+def test_interrupted_batch_keeps_its_parts_and_exits_130(ckpt, tmp_path):
+    src = _images(tmp_path / "in", 24)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "palikit.cli", "batch", "--input", str(src), "--output", str(out), "--task", "ocr",
+           "--model", str(ckpt), "--batch-size", "2", "--device", "cpu", "--max-new-tokens", "24"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(done_ids(out)) < 4:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C to the driver
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    kept = done_ids(out)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted (SIGINT)" in err and "rerun the same command" in err
+    assert "Traceback" not in err
+    assert 0 < len(kept) < 24
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{24 - len(kept)} written" in done.stdout and f"{len(kept)} already done" in done.stdout
+    left = 24 - len(kept)
+    assert "batch ocr" in done.stdout and f"{left}/{left}" in done.stdout  # the progress bar, finished
+    assert sorted(done_ids(out)) == sorted(f"img{i:03d}.png" for i in range(24))

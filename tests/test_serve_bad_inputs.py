@@ -1,6 +1,8 @@
 """Bad inputs against a real server process: every one answers a 4xx with a clear JSON error
 `{"error": {"type", "message"}}` that echoes no internals, and the server keeps answering correctly
-afterwards. Also: the loud warning for a non-loopback bind without API key."""
+afterwards (formats outside the allowlist, extreme aspect ratios, deep JSON, label floods, legacy
+OpenAI fields, foreign Host headers...). Also: the loud warning for a non-loopback bind without API
+key, bodies refused early by Content-Length, tiny temperature / top_p answered greedily."""
 
 from __future__ import annotations
 
@@ -32,6 +34,27 @@ def _j(**kw):
     return {"json": {"image": b64(GOOD), **kw}}
 
 
+def _encoded(fmt: str, size=(20, 20), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 90).save(buf, fmt)
+    return buf.getvalue()
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+
+
+def _chat(**kw):
+    from serve_helpers import data_url
+
+    return {"json": {"messages": [{"role": "user", "content": [{"type": "text", "text": "caption en"},
+                                                                {"type": "image_url", "image_url": {"url": data_url(GOOD)}}]}],
+                     **kw}}
+
+
+def _upload(name: str, data: bytes, **fields):
+    return {"files": {"image": (name, data, "application/octet-stream")}, "data": fields}
+
+
 # (id, path, request kwargs, headers, expected status, expected error type, substring of the message)
 MATRIX = [
     ("corrupt-bytes", "/v1/caption", {"files": {"image": ("x.png", b"\x89PNG not really", "image/png")}}, AUTH, 400,
@@ -40,8 +63,54 @@ MATRIX = [
      "invalid_image", "truncated or corrupt"),
     ("corrupt-jpeg-base64", "/v1/caption", {"json": {"image": b64(_corrupt_jpeg())}}, AUTH, 400, "invalid_image", "image"),
     ("empty-upload", "/v1/ocr", {"files": {"image": ("x.png", b"", "image/png")}}, AUTH, 400, "invalid_request", "empty"),
-    ("text-file-upload", "/v1/ocr", {"files": {"image": ("x.txt", b"hello world", "text/plain")}}, AUTH, 400,
-     "invalid_image", "image format"),
+    # behaviour change (issue 15): a file of no allowed format is a 415 naming the allowed formats
+    ("text-file-upload", "/v1/ocr", {"files": {"image": ("x.txt", b"hello world", "text/plain")}}, AUTH, 415,
+     "unsupported_image_format", "PNG, JPEG, WebP, GIF, BMP, TIFF"),
+    ("eps-never-opened", "/v1/caption", _upload("x.eps", EPS), AUTH, 415, "unsupported_image_format", "PNG, JPEG"),
+    ("ico-refused", "/v1/caption", _upload("x.ico", _encoded("ICO")), AUTH, 415, "unsupported_image_format", "WebP"),
+    ("pcx-refused", "/v1/caption", _upload("x.pcx", _encoded("PCX")), AUTH, 415, "unsupported_image_format", "TIFF"),
+    ("tga-refused", "/v1/caption", _upload("x.tga", _encoded("TGA")), AUTH, 415, "unsupported_image_format", "GIF"),
+    ("ppm-refused-base64", "/v1/caption", {"json": {"image": b64(_encoded("PPM"))}}, AUTH, 415,
+     "unsupported_image_format", "BMP"),
+    ("extreme-aspect-tall", "/v1/caption", _upload("t.png", _encoded("PNG", (1, 5000), "L")), AUTH, 400,
+     "invalid_image", "aspect ratio 5000:1"),
+    ("extreme-aspect-wide", "/v1/ocr", _upload("w.png", _encoded("PNG", (30000, 2), "L")), AUTH, 400,
+     "invalid_image", "crop it or pad it"),
+    ("deep-json", "/v1/predict", {"content": b"[" * 100000, "headers": {"content-type": "application/json"}}, AUTH,
+     400, "invalid_json", "nested more than 32 levels"),
+    ("deep-json-in-field", "/v1/predict", {"content": b'{"image": ' + b"[" * 40 + b"]" * 40 + b"}",
+                                            "headers": {"content-type": "application/json"}}, AUTH, 400, "invalid_json",
+     "nested"),
+    ("deep-json-chat", "/v1/chat/completions", {"content": b'{"messages": ' + b"{\"a\":" * 5000 + b"1" + b"}" * 5000 + b"}",
+                                                 "headers": {"content-type": "application/json"}}, AUTH, 400,
+     "invalid_json", "nested"),
+    ("predict-label-flood", "/v1/predict", _j(prompt="detect a", labels=["a"] * 200_000), AUTH, 400,
+     "invalid_request", "at most 64"),
+    ("detect-label-flood", "/v1/detect", _j(labels=[f"l{i}" for i in range(65)]), AUTH, 400, "invalid_request",
+     "at most 64"),
+    ("segment-label-string-flood", "/v1/segment", _j(labels=" ; ".join(["x"] * 65)), AUTH, 400, "invalid_request",
+     "at most 64"),
+    ("form-label-flood", "/v1/detect", {"files": {"image": ("x.png", GOOD, "image/png")},
+                                        "data": {"labels": ["x"] * 65}}, AUTH, 400, "invalid_request", "at most 64"),
+    ("form-labels-bad-json", "/v1/detect", {"files": {"image": ("x.png", GOOD, "image/png")},
+                                            "data": {"labels": '["star", '}}, AUTH, 400, "invalid_request", "JSON"),
+    ("chat-legacy-functions", "/v1/chat/completions", _chat(functions=[{"name": "f", "parameters": {}}]), AUTH, 400,
+     "invalid_request", "functions"),
+    ("chat-legacy-function-call", "/v1/chat/completions", _chat(function_call="auto"), AUTH, 400, "invalid_request",
+     "function_call"),
+    ("chat-tools", "/v1/chat/completions", _chat(tools=[{"type": "function", "function": {"name": "f"}}]), AUTH, 400,
+     "invalid_request", "tools"),
+    ("chat-tool-choice", "/v1/chat/completions", _chat(tool_choice="required"), AUTH, 400, "invalid_request",
+     "tool_choice"),
+    ("chat-logprobs", "/v1/chat/completions", _chat(logprobs=True), AUTH, 400, "invalid_request", "logprobs"),
+    ("chat-json-mode", "/v1/chat/completions", _chat(response_format={"type": "json_object"}), AUTH, 400,
+     "invalid_request", "response_format"),
+    ("chat-unknown-field", "/v1/chat/completions", _chat(temprature=0.5), AUTH, 400, "invalid_request",
+     "unknown field"),
+    ("foreign-host", "/v1/caption", _j(), {**AUTH, "Host": "rebind.attacker.example"}, 400, "invalid_host",
+     "--allowed-hosts"),
+    ("foreign-host-open-path", "/healthz", {"method": "GET"}, {"Host": "rebind.attacker.example:8000"}, 400,
+     "invalid_host", "DNS rebinding"),
     ("bomb-pillow-limit", "/v1/caption", {"files": {"image": ("b.png", bomb_png(20000), "image/png")}}, AUTH, 413,
      "image_too_large", "too many pixels"),
     ("bomb-server-limit", "/v1/caption", {"files": {"image": ("b.png", bomb_png(8000), "image/png")}}, AUTH, 413,
@@ -92,6 +161,9 @@ MATRIX = [
      AUTH, 413, "payload_too_large", "at most"),
     ("oversized-body", "/v1/caption", {"content": b"0" * (12 * 1024 * 1024), "headers": {"content-type": "application/json"}},
      AUTH, 413, "payload_too_large", "at most"),
+    ("oversized-body-single-image-endpoint", "/v1/ocr", {"content": b"0" * (3 * 1024 * 1024),
+                                                         "headers": {"content-type": "application/json"}},
+     AUTH, 413, "payload_too_large", "this endpoint accepts at most"),
     ("chat-no-image", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "caption en"}]}}, AUTH, 400,
      "invalid_request", "no image"),
     ("chat-no-user", "/v1/chat/completions", {"json": {"messages": [{"role": "system", "content": "hi"}]}}, AUTH, 400,
@@ -204,3 +276,66 @@ def test_streaming_client_that_disconnects_does_not_break_the_server(server):
         ok = c.post("/v1/caption", files={"image": ("x.png", GOOD, "image/png")}, data={"max_new_tokens": "4"})
         assert ok.status_code == 200
         assert c.get("/readyz").json()["status"] == "ready"
+
+
+def test_huge_body_is_refused_from_its_content_length_before_reading(server):
+    """112 MB announced on a single-image endpoint: 413 at once, with almost nothing sent."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        t0 = time.perf_counter()
+        sock.sendall(f"POST /v1/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {112 * 1024 * 1024}\r\n\r\n".encode()
+                     + b'{"image": "' + b"A" * 1000)
+        reply = b""
+        while b"}}" not in reply:  # the headers and the JSON error may come in separate reads
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        elapsed = time.perf_counter() - t0
+        reply = reply.decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 413"), reply[:200]
+    assert "this endpoint accepts at most" in reply and elapsed < 2.0, (elapsed, reply[-300:])
+
+
+def test_tiny_temperature_and_top_p_are_greedy_not_empty(server):
+    with one_thread():
+        expected = reference_model().caption(Image.open(io.BytesIO(GOOD)), max_new_tokens=8).text
+    assert expected
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+        for opts in ({"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}, {"temperature": 9e-6}):
+            r = c.post("/v1/caption", json={"image": b64(GOOD), "max_new_tokens": 8, **opts})
+            assert r.status_code == 200, r.text
+            assert r.json()["text"] == expected, opts
+        chat = c.post("/v1/chat/completions", json={**_chat(max_tokens=8, temperature=1e-300)["json"]})
+        assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] == expected
+        schema = c.get("/openapi.json").json()
+    assert "1e-5" in json.dumps(schema), "the greedy threshold is documented in the schema"
+
+
+def test_multipart_labels_as_json_list_equal_the_json_request(server):
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+        ref = c.post("/v1/detect", json={"image": b64(GOOD), "labels": ["star", "cross"], "max_new_tokens": 6})
+        form = c.post("/v1/detect", files={"image": ("x.png", GOOD, "image/png")},
+                      data={"labels": '["star","cross"]', "max_new_tokens": "6"})
+        semi = c.post("/v1/detect", files={"image": ("x.png", GOOD, "image/png")},
+                      data={"labels": "star ; cross", "max_new_tokens": "6"})
+        comma = c.post("/v1/detect", files={"image": ("x.png", GOOD, "image/png")},
+                       data={"labels": "star, cross", "max_new_tokens": "6"})
+    assert ref.status_code == 200, ref.text
+    for r in (form, semi, comma):
+        assert r.status_code == 200, r.text
+        assert r.json()["prompt"] == ref.json()["prompt"] == "detect star ; cross"
+        assert r.json()["text"] == ref.json()["text"]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_every_allowed_format_is_answered(server, fmt):
+    data = png_bytes(48, 32, seed=11, fmt=fmt)
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+        r = c.post("/v1/caption", files={"image": (f"x.{fmt.lower()}", data, "application/octet-stream")},
+                   data={"max_new_tokens": "4"})
+    assert r.status_code == 200, r.text
+    assert r.json()["image_size"] == [48, 32]

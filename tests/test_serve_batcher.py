@@ -123,7 +123,7 @@ async def _with_app(settings: ServerSettings, model, body):
 
 
 def test_app_answers_503_with_retry_after_and_504_on_timeout():
-    settings = ServerSettings(max_batch_size=1, max_wait_ms=0, max_queue=1, request_timeout_s=0.5, warmup=False)
+    settings = ServerSettings(max_batch_size=1, max_queue=1, request_timeout_s=0.5, warmup=False)
     req = {"image": b64(png_bytes(8, 8)), "prompt": "caption en"}
 
     async def body(client):

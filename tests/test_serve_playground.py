@@ -118,7 +118,8 @@ def test_playground_draws_boxes_and_masks(page):
 
 def test_playground_shows_server_errors(page, tmp_path):
     status = _run(page, tmp_path, "caption", data=b"not an image at all")
-    assert status.startswith("Error 400") and "image" in status
+    # issue 15: a file of no allowed format is a 415 that names the allowed formats
+    assert status.startswith("Error 415") and "PNG, JPEG" in status
     status = _run(page, tmp_path, "caption", key="wrong-key")
     assert status.startswith("Error 401") and "API key" in status
     status = _run(page, tmp_path, "detect", text="", key=API_KEY)

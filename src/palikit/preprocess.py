@@ -21,6 +21,16 @@ from PIL import Image, ImageOps
 # 2**27 = 134M pixels (~400 MB once decoded to RGB): above any camera or scan a VLM is fed (PaliGemma sees at
 # most 896x896), low enough that a hostile PNG/JPEG header can't make a server allocate gigabytes.
 DEFAULT_MAX_PIXELS = 2**27
+# Longer side / shorter side: beyond it the image is refused before decoding (a 1 x 40,000,000 PNG takes
+# seconds to resize and PaliGemma squashes it to a square anyway). Receipts and panoramas stay well below.
+DEFAULT_MAX_ASPECT = 100.0
+# The formats palikit opens (Pillow is told to try only these: EPS would call Ghostscript, and ICO, PCX,
+# TGA, PPM... are attack surface no VLM input needs).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+FORMAT_NAMES = "PNG, JPEG, WebP, GIF, BMP, TIFF"
+# `Image.info` key: the (width, height) of the original image when the pixels were already shrunk to the
+# model's size (`ImageProcessor.model_ready`); boxes are scaled back to this size.
+SOURCE_SIZE = "palikit.source_size"
 
 # transformers' PILImageResampling values (preprocessor_config.json "resample")
 _RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -45,7 +55,8 @@ def _describe(x: Any) -> str:
     return f"{type(x).__name__} input"
 
 
-def load_image(x: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(x: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               max_aspect: float | None = DEFAULT_MAX_ASPECT) -> Image.Image:
     """Any supported input as an RGB `PIL.Image.Image`.
 
     Accepts a path (str/Path), encoded bytes (or a binary file object), a PIL image, a numpy array
@@ -54,20 +65,22 @@ def load_image(x: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     applied; alpha (RGBA/LA/PA, P or L with a transparency key) is composited over white exactly as
     transformers 5.24's `image_transforms.convert_to_rgb` does (`Image.alpha_composite` on a white RGBA
     canvas), so parity with `SiglipImageProcessor` holds for transparent images too; 16-bit images are
-    scaled (x/257), not clipped. `max_pixels` (None: no check of ours) refuses images with more pixels
-    than that before decoding; Pillow's own bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, x2) still applies.
-    Every failure raises `ImageError`."""
+    scaled (x/257), not clipped. Encoded inputs are opened only as one of `IMAGE_FORMATS`. `max_pixels`
+    (None: no check of ours) refuses images with more pixels than that, and `max_aspect` images whose
+    longer side is more than that many times the shorter one, both from the header BEFORE decoding;
+    Pillow's own bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, x2) still applies. Every failure raises
+    `ImageError` (training and eval report it with the dataset line)."""
     what = _describe(x)
     if isinstance(x, Image.Image):
         img = x
-        _check_pixels(img, max_pixels, what)
+        _check_pixels(img, max_pixels, what, max_aspect)
         try:
             img.load()  # a lazily opened image may still hold undecoded (corrupt/truncated) data
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageError(f"The {what} could not be decoded ({type(e).__name__}: {e}); the file it came from "
                              "is probably truncated or corrupt.") from None
     elif isinstance(x, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(x, "read"):
-        img = _open(x, what, max_pixels)
+        img = _open(x, what, max_pixels, max_aspect)
     elif isinstance(x, np.ndarray):
         img = _from_array(x, what)
     elif type(x).__module__.startswith("torch") and hasattr(x, "detach"):
@@ -77,7 +90,8 @@ def load_image(x: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
                          "array (HxWxC) or a torch tensor (CHW or HWC).")
     source = img
     try:
-        img = ImageOps.exif_transpose(img) or img
+        if img.getexif().get(0x0112, 1) != 1:  # only then (exif_transpose copies even an upright image)
+            img = ImageOps.exif_transpose(img) or img
     except Exception as e:  # noqa: BLE001 - a broken EXIF block should not make the pixels unusable
         warnings.warn(f"Ignoring unreadable EXIF orientation of {what}: {e}", stacklevel=2)
     out = _to_rgb(img, what)
@@ -86,16 +100,20 @@ def load_image(x: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     return out
 
 
-def _check_pixels(img: Image.Image, max_pixels: int | None, what: str) -> None:
+def _check_pixels(img: Image.Image, max_pixels: int | None, what: str, max_aspect: float | None = None) -> None:
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageError(f"The {what} is empty ({w}x{h} pixels); give a real image.")
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(f"The {what} is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels} (guard "
                          "against decompression bombs). Downscale it first, or pass a larger max_pixels.")
+    if max_aspect is not None and max(w, h) > max_aspect * min(w, h):
+        raise ImageError(f"The {what} is {w}x{h}: its aspect ratio {max(w, h) / min(w, h):.0f}:1 is more than "
+                         f"{max_aspect:g}:1 (the model squashes every image to a square). Crop or pad it first, "
+                         "or pass a larger max_aspect.")
 
 
-def _open(x: Any, what: str, max_pixels: int | None) -> Image.Image:
+def _open(x: Any, what: str, max_pixels: int | None, max_aspect: float | None) -> Image.Image:
     if isinstance(x, (str, os.PathLike)):
         path = Path(x).expanduser()
         if str(x).startswith(("http://", "https://")):
@@ -119,9 +137,9 @@ def _open(x: Any, what: str, max_pixels: int | None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
-            img = Image.open(src)
+            img = Image.open(src, formats=IMAGE_FORMATS)
             try:
-                _check_pixels(img, max_pixels, what)
+                _check_pixels(img, max_pixels, what, max_aspect)
                 img.load()  # decode now, so truncated/corrupt data fails here and not later
             except BaseException:
                 if isinstance(x, (str, os.PathLike)):
@@ -133,8 +151,8 @@ def _open(x: Any, what: str, max_pixels: int | None) -> Image.Image:
         raise ImageError(f"The {what} is too large to decode safely ({e}). Downscale it first, or raise "
                          "PIL.Image.MAX_IMAGE_PIXELS if you trust it.") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"The {what} is not an image format Pillow can read (corrupt, or not an image at all); "
-                         "pass a PNG, JPEG, WebP, GIF, BMP or TIFF file.") from None
+        raise ImageError(f"The {what} is not an image format palikit opens ({FORMAT_NAMES}), or it is corrupt; "
+                         "convert it to PNG or JPEG.") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         raise ImageError(f"The {what} could not be decoded ({type(e).__name__}: {e}); the file is probably "
                          "truncated or corrupt. Re-export or re-download it.") from None
@@ -360,9 +378,29 @@ class ImageProcessor:
         arrays, sizes = [], []
         for x in items:
             img = load_image(x, max_pixels=self.max_pixels)
-            sizes.append(img.size)
+            sizes.append(tuple(img.info.get(SOURCE_SIZE, img.size)))
             arrays.append(self._process(img))
         return torch.from_numpy(np.stack(arrays)), sizes
+
+    def model_ready(self, img: Image.Image) -> Image.Image:
+        """A small RGB image that this processor turns into the same pixels as `img` (the server keeps
+        only this while a request waits; `info[SOURCE_SIZE]` keeps the original size for the boxes).
+        Style "hf": `img` resized to S x S exactly as `_process` would (bit-exact). Style "big_vision"
+        (torch resize, not PIL): `img` itself when no side exceeds 2S, else box-reduced by an integer
+        factor per axis to sides >= 2S (close to, not bit-exact with, resizing the full image)."""
+        size = tuple(img.info.get(SOURCE_SIZE, img.size))
+        S = self.size
+        if not self.do_resize or img.size == (S, S):
+            out = img
+        elif self.style == "hf":
+            out = img.resize((S, S), resample=_RESAMPLE[str(self.resample)])
+        else:
+            fx, fy = max(1, img.size[0] // (2 * S)), max(1, img.size[1] // (2 * S))
+            out = img.reduce((fx, fy)) if fx > 1 or fy > 1 else img
+        if out is img:
+            out = img.copy()
+        out.info = {SOURCE_SIZE: size}
+        return out
 
     def _process(self, img: Image.Image) -> np.ndarray:
         S = self.size
@@ -409,4 +447,5 @@ def _triple(v: Any, name: str) -> tuple[float, float, float]:
     return t  # type: ignore[return-value]
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageError", "ImageProcessor", "load_image"]
+__all__ = ["DEFAULT_MAX_ASPECT", "DEFAULT_MAX_PIXELS", "FORMAT_NAMES", "IMAGE_FORMATS", "ImageError", "ImageProcessor",
+           "SOURCE_SIZE", "load_image"]

@@ -1,4 +1,8 @@
-"""`palikit batch`: resumable batch inference on Ray Data (local Ray by default, or a cluster)."""
+"""`palikit batch`: resumable batch inference on Ray Data (local Ray by default, or a cluster).
+
+A rerun into the same folder skips what was written for the same task, prompt, options and model
+(another task runs in full); `--retry-failed` reruns inputs recorded with an error. Ctrl-C / SIGTERM
+keeps the parts written so far and exits 130 / 143 with the command to resume."""
 
 from __future__ import annotations
 
@@ -25,8 +29,11 @@ def batch(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     address: str = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
     max_new_tokens: int = typer.Option(64, help="Maximum tokens per answer."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again the inputs an earlier run recorded "
+                                      "with an error (e.g. after fixing the files)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
-    """Run one task over many images; a rerun skips what is already written."""
+    """Run one task over many images; a rerun skips what is already written for this task and options."""
     from ..distributed.ray_batch import run_batch
     from .predict import default_model
 
@@ -34,7 +41,15 @@ def batch(
         input, output, task, default_model(model),
         labels=[x.strip() for x in labels.split(";")] if labels else None, question=question, prompt=prompt,
         lang=lang, fmt=format, batch_size=batch_size, num_workers=workers, device=device, address=address,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens, retry_failed=retry_failed, progress=progress,
     )
-    typer.echo(f"{summary.written} written ({summary.failed} failed inputs recorded with their error), "
-               f"{summary.skipped} already done, {summary.images_per_s:.1f} images/s -> {summary.output}")
+    line = (f"{task}: {summary.written} written ({summary.failed} failed inputs recorded with their error), "
+            f"{summary.skipped} already done, {summary.images_per_s:.1f} images/s -> {summary.output}")
+    if summary.interrupted:
+        typer.echo(f"interrupted ({summary.interrupted}): {line}\nThe results written so far are kept; rerun the "
+                   "same command to do the rest.", err=True)
+        # SystemExit, not typer.Exit: palikit.cli.main drops the code click returns for typer.Exit
+        raise SystemExit(130 if summary.interrupted == "SIGINT" else 143)
+    typer.echo(line)
+    if summary.failed and not retry_failed:
+        typer.echo("Fix the failed inputs and rerun with --retry-failed to run them again.", err=True)

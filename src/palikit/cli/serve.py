@@ -1,4 +1,9 @@
-"""`palikit serve`: the HTTP server (FastAPI + uvicorn) for one model; docs at /docs, playground at /."""
+"""`palikit serve`: the HTTP server (FastAPI + uvicorn) for one model; docs at /docs, playground at /.
+
+Safe defaults: on a loopback bind only loopback Host names are served (DNS rebinding); a connection
+must send its request headers within --header-timeout seconds (slowloris); idle keep-alive
+connections close after --keep-alive seconds; glibc is told to return large freed blocks to the
+system, so memory goes back down after a burst of big images."""
 
 from __future__ import annotations
 
@@ -17,14 +22,22 @@ def serve(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (bf16 on GPU)."),
     tokenizer: str = typer.Option(None, help="Tokenizer file when it is not next to the weights."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (CUDA graphs on GPU)."),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step: CUDA graphs "
+                                 "on GPU (default there), fused C++ kernels on CPU (off by default: see README, Speed)."),
+    adapter: str = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format) merged into --model."),
     api_key: list[str] = typer.Option(None, "--api-key", help="Accepted Bearer key (repeatable); also env PALIKIT_API_KEYS (comma-separated)."),
-    max_batch_size: int = typer.Option(16, help="Requests fused into one model call."),
-    max_wait_ms: float = typer.Option(5.0, help="How long a request waits for others to batch with."),
+    max_batch_size: int = typer.Option(16, help="Engine slots: requests decoding together (continuous batching)."),
     max_queue: int = typer.Option(256, help="Waiting requests beyond which new ones get 503 + Retry-After."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request (queue + generation) before 504."),
     max_upload_mb: float = typer.Option(20.0, help="Largest image file accepted (MB)."),
     max_image_pixels: int = typer.Option(40_000_000, help="Largest image accepted, width x height (decompression bombs)."),
+    max_aspect_ratio: float = typer.Option(100.0, help="Most elongated image accepted (longer side / shorter side)."),
+    decode_budget_mpx: float = typer.Option(64.0, help="Decoded image pixels in flight, all requests together "
+                                            "(millions; beyond: 429 + Retry-After)."),
+    allowed_hosts: str = typer.Option(None, help="Comma-separated Host names served ('*' = any). Default: loopback "
+                                      "names when bound to loopback, any otherwise."),
+    header_timeout: float = typer.Option(10.0, help="Seconds a connection has to send complete request headers."),
+    keep_alive: int = typer.Option(5, help="Seconds an idle keep-alive connection stays open."),
     max_new_tokens_limit: int = typer.Option(512, help="Largest max_new_tokens a client may ask for."),
     max_prompt_chars: int = typer.Option(2000, help="Longest prompt accepted (characters)."),
     warmup: bool = typer.Option(True, help="Run one tiny prediction before /readyz reports ready."),
@@ -53,10 +66,14 @@ def serve(
         print(f"{bar}\nWARNING: binding to {host} with NO API key: anyone who can reach this address can use the "
               f"model.\nSet --api-key or PALIKIT_API_KEYS, or bind to 127.0.0.1.\n{bar}", file=sys.stderr)
     settings = ServerSettings(host=host, port=port, api_keys=keys, max_batch_size=max_batch_size,
-                              max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout_s=timeout,
+                              max_queue=max_queue, request_timeout_s=timeout,
                               max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
                               max_new_tokens_limit=max_new_tokens_limit, max_prompt_chars=max_prompt_chars,
-                              warmup=warmup)
+                              warmup=warmup, max_aspect_ratio=max_aspect_ratio,
+                              decode_budget_pixels=int(decode_budget_mpx * 1e6),
+                              allowed_hosts=(tuple(allowed_hosts.split(",")) if allowed_hosts
+                                             else ServerSettings.default_allowed_hosts(host)),
+                              header_timeout_s=header_timeout, keep_alive_s=keep_alive)
     if replicas or min_replicas is not None or max_replicas is not None:
         from ..distributed.ray_serve import serve_replicas
         from .predict import default_model
@@ -71,10 +88,55 @@ def serve(
         import torch
 
         torch.set_num_threads(torch_threads)
-    pg = load_model(model, device, dtype, tokenizer, compile=compile)
+    if compile is None:
+        from ..runtime import resolve_device
+
+        compile = resolve_device(device).type == "cuda"
+    if compile and warmup:
+        print("palikit: compiling the decode step during warm-up (once per cache-length bucket; CUDA graphs on GPU, "
+              "the reason it is faster there); /readyz says ready when done. --no-compile skips it.",
+              file=sys.stderr, flush=True)
+    pg = load_model(model, device, dtype, tokenizer, compile=compile, adapter=adapter)
     application = create_app(pg, settings)
     auth = f"{len(keys)} API key(s)" if keys else "no API key"
     print(f"palikit: serving {pg.name} on http://{host}:{port} ({auth}); docs at /docs, playground at /",
           file=sys.stderr, flush=True)
+    from ..serve.protocol import guarded_h11
+
+    _log_to_stderr(log_level)
+    _return_freed_memory()
     uvicorn.run(application, host=host, port=port, log_level=log_level, access_log=False,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, http=guarded_h11(header_timeout), timeout_keep_alive=keep_alive,
+                h11_max_incomplete_event_size=16 * 1024)
+
+
+def _log_to_stderr(level: str) -> None:
+    """The server's own lines (palikit.serve: client aborts, closed slow connections, failures) next to
+    uvicorn's, at the same level."""
+    import logging
+
+    logger = logging.getLogger("palikit")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper() if level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO")
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed heap memory for reuse and raises its mmap threshold as big blocks come and
+    go, so a server that decoded a few large images would keep their RSS for good. A fixed 1 MB
+    threshold makes image-sized blocks mmap'd, returned to the system when freed."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it also stops the dynamic increase)
+        libc.mallopt(-1, 8 << 20)  # M_TRIM_THRESHOLD: give back free heap tops over 8 MB
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        pass

@@ -1,17 +1,24 @@
 """Batch inference past one machine on Ray Data: inputs are read and decoded + preprocessed by CPU
 tasks, the model runs in an actor pool (one replica per GPU, or CPU workers), and every actor
-writes its results itself, atomically, one part file per batch (`part-*.jsonl` or `.parquet`,
-each row keyed by the input id). A rerun reads the part files already there and skips their ids,
-so a killed job resumes and every input ends up written exactly once. An image that fails to
-decode is written with its error instead of stopping the job.
+writes its results itself, atomically, one part file per batch (`part-*.jsonl` or `.parquet`).
+Each row carries the input id, the task and a `key`: a hash of the task, the row's prompt, the
+generation options and the model. A rerun skips the (id, key) pairs already written, so a killed
+job resumes and writes every input exactly once, while another task or other options into the same
+folder run in full. An image that fails to decode is written with its error instead of stopping the
+job; `retry_failed` runs those inputs again (after the file was fixed). Detections are structured
+columns (a list of {label, box, score, mask_score, mask}), not JSON text. Ctrl-C / SIGTERM: the
+parts written so far stay, the summary says how to resume, the CLI exits 130 / 143.
 
-Runs on a local Ray (started on demand, no set-up) or on a cluster given its address.
+Runs on a local Ray (started on demand, no set-up, its node on 127.0.0.1) or on a cluster given its
+address.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +37,7 @@ class BatchSummary:
     failed: int
     seconds: float
     output: str
+    interrupted: str | None = None  # "SIGINT" / "SIGTERM" when the run was stopped early
 
     @property
     def images_per_s(self) -> float:
@@ -74,45 +82,61 @@ def read_inputs(source: str | Path) -> list[dict[str, Any]]:
     raise ValueError(f"--input must be a folder of images, a .jsonl or a .parquet file; got {source}")
 
 
-def done_ids(output: str | Path) -> set[str]:
-    """Ids already written by complete part files (temporary files of a killed run are ignored)."""
+def row_key(task: str, prompt: str, options: dict[str, Any], model: str) -> str:
+    """What makes a result reusable: the same task, prompt, options and model."""
+    blob = json.dumps([task, prompt, sorted(options.items()), model], default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _all_rows(output: str | Path, columns: list[str] | None = None, newer_than: float | None = None
+              ) -> list[dict[str, Any]]:
+    """Rows of every complete part file (or of those written after `newer_than`, a time.time()), oldest
+    part first; temporary files of a killed run are ignored."""
     output = Path(output)
-    ids: set[str] = set()
     if not output.exists():
-        return ids
-    for part in output.glob("part-*.jsonl"):
-        for line in part.read_text().splitlines():
-            if line.strip():
-                ids.add(json.loads(line)["id"])
-    parquet = list(output.glob("part-*.parquet"))
-    if parquet:
-        import pyarrow.parquet as pq
-
-        for part in parquet:
-            ids.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
-    return ids
-
-
-def read_results(output: str | Path) -> list[dict[str, Any]]:
-    """All result rows, one per input id (a batch Ray retried after a worker died mid-way can be in
-    two parts; the first copy wins)."""
-    output = Path(output)
+        return []
+    parts = sorted(list(output.glob("part-*.jsonl")) + list(output.glob("part-*.parquet")), key=_mtime)
+    if newer_than is not None:
+        parts = [p for p in parts if p.stat().st_mtime >= newer_than]
     rows: list[dict[str, Any]] = []
-    for part in sorted(output.glob("part-*.jsonl")):
-        rows += [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
-    parquet = sorted(output.glob("part-*.parquet"))
-    if parquet:
-        import pyarrow.parquet as pq
+    for part in parts:
+        if part.suffix == ".jsonl":
+            rows += [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
+        else:
+            import pyarrow.parquet as pq
 
-        for part in parquet:
-            rows += pq.read_table(part).to_pylist()
-    seen: set[str] = set()
-    unique = []
-    for r in rows:
-        if r["id"] not in seen:
-            seen.add(r["id"])
-            unique.append(r)
-    return unique
+            names = pq.read_schema(part).names
+            rows += pq.read_table(part, columns=[c for c in columns if c in names] if columns else None).to_pylist()
+    return rows
+
+
+def _mtime(p: Path) -> tuple[float, str]:
+    return (p.stat().st_mtime, p.name)
+
+
+def done_ids(output: str | Path) -> set[str]:
+    """Ids written by complete part files, for any task."""
+    return {r["id"] for r in _all_rows(output, ["id"])}
+
+
+def done_keys(output: str | Path, *, retry_failed: bool = False) -> set[tuple[str, str]]:
+    """(id, key) pairs already written; with `retry_failed`, only those written without an error."""
+    return {(r["id"], r.get("key")) for r in _all_rows(output, ["id", "key", "error"])
+            if not (retry_failed and r.get("error"))}
+
+
+def read_results(output: str | Path, task: str | None = None) -> list[dict[str, Any]]:
+    """One row per (input id, key), optionally only `task`'s. A successful row wins over an error row
+    of the same pair (a --retry-failed rerun), else the first copy (a batch Ray retried after a worker
+    died mid-way can be in two parts)."""
+    best: dict[tuple[str, Any], dict[str, Any]] = {}
+    for r in _all_rows(output):
+        if task is not None and r.get("task") != task:
+            continue
+        k = (r["id"], r.get("key"))
+        if k not in best or (best[k].get("error") and not r.get("error")):
+            best[k] = r
+    return list(best.values())
 
 
 def prompt_for(task: str, row: dict[str, Any], *, labels: list[str] | None, question: str | None, prompt: str | None,
@@ -164,7 +188,7 @@ def _preprocess_fn(image_size: int, preprocessor_dir: str | None):
                 widths.append(0)
                 heights.append(0)
                 errors.append(f"{type(e).__name__}: {e}")
-        return {"id": batch["id"], "prompt": batch["prompt"], "pixels": np.stack(pixels),
+        return {"id": batch["id"], "key": batch["key"], "prompt": batch["prompt"], "pixels": np.stack(pixels),
                 "width": np.array(widths), "height": np.array(heights), "error": np.array(errors, dtype=object)}
 
     return preprocess
@@ -173,11 +197,11 @@ def _preprocess_fn(image_size: int, preprocessor_dir: str | None):
 class _Predictor:
     """Actor: loads the model once, predicts a batch, writes its part file atomically."""
 
-    def __init__(self, model: str, device: str, dtype: str, output: str, fmt: str, options: dict):
+    def __init__(self, model: str, device: str, dtype: str, output: str, fmt: str, options: dict, task: str):
         from ..api import PaliGemma
 
         self.pg = PaliGemma.from_pretrained(model, device=device, dtype=dtype)
-        self.output, self.fmt, self.options = Path(output), fmt, options
+        self.output, self.fmt, self.options, self.task = Path(output), fmt, options, task
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -189,15 +213,27 @@ class _Predictor:
             sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in ok]
             results = self.pg.predict_pixels(pv, sizes, [batch["prompt"][i] for i in ok], **self.options)
             for i, r in zip(ok, results):
-                d = r.to_dict()
-                rows[i] = {"id": batch["id"][i], "prompt": r.prompt, "text": r.text,
-                           "detections": json.dumps(d.get("detections", [])), "error": ""}
+                rows[i] = self._row(batch, i, r.text, detection_columns(r), "")
         for i, e in enumerate(batch["error"]):
             if e:
-                rows[i] = {"id": batch["id"][i], "prompt": batch["prompt"][i], "text": "", "detections": "[]", "error": e}
+                rows[i] = self._row(batch, i, "", [], e)
         ordered = [rows[i] for i in range(len(batch["id"]))]
         _write_part(self.output, ordered, self.fmt)
         return {"id": batch["id"], "failed": [bool(e) for e in batch["error"]]}
+
+    def _row(self, batch, i: int, text: str, detections: list, error: str) -> dict[str, Any]:
+        return {"id": str(batch["id"][i]), "task": self.task, "key": str(batch["key"][i]),
+                "prompt": str(batch["prompt"][i]), "text": text, "detections": detections, "error": error}
+
+
+def detection_columns(result) -> list[dict[str, Any]]:
+    """A result's detections as structured values (Parquet: a list of structs): label, box [x0, y0, x1,
+    y1] in pixels of the original image, score, mask_score, mask (COCO RLE {size, counts} or None)."""
+    out = []
+    for d in result.to_dict().get("detections", []):
+        out.append({"label": d["label"], "box": [float(v) for v in d["box"]], "score": d.get("score"),
+                    "mask_score": d.get("mask_score"), "mask": d.get("mask")})
+    return out
 
 
 def _write_part(output: Path, rows: list[dict[str, Any]], fmt: str) -> None:
@@ -236,10 +272,11 @@ def run_batch(
     address: str | None = None,
     max_new_tokens: int = 64,
     progress: bool = True,
+    retry_failed: bool = False,
 ) -> BatchSummary:
+    """Run `task` over every input not yet written for this task, prompt, options and model (see the
+    module docstring); `retry_failed` also reruns inputs whose earlier row is an error."""
     import time
-
-    import ray
 
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -254,29 +291,110 @@ def run_batch(
     ids = [r["id"] for r in rows]
     if len(set(ids)) != len(ids):
         raise ValueError("input ids are not unique; give each row an 'id'")
-    done = done_ids(output)
-    todo = [r for r in rows if r["id"] not in done]
-    for r in todo:
-        r["prompt"] = prompt_for(task, r, labels=list(labels) if labels else None, question=question, prompt=prompt, lang=lang)
+    options = {"max_new_tokens": max_new_tokens}
+    model_id = str(files.weights if files.format == "hf" else model)
+    for r in rows:
+        r["prompt"] = prompt_for(task, r, labels=list(labels) if labels else None, question=question, prompt=prompt,
+                                 lang=lang)
+        r["key"] = row_key(task, r["prompt"], options, model_id)
         if isinstance(r["image"], Path):
             r["image"] = str(r["image"])
-    t0 = time.perf_counter()
-    failed = 0
+    done = done_keys(output, retry_failed=retry_failed)
+    todo = [r for r in rows if (r["id"], r["key"]) not in done]
+    t0, started = time.perf_counter(), time.time()
+    written, failed, stopped = 0, 0, None
     if todo:
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        use_gpu = device in ("cuda", "auto") and ray.cluster_resources().get("GPU", 0) > 0
-        ds = ray.data.from_items([{"id": r["id"], "image": r["image"], "prompt": r["prompt"]} for r in todo])
-        ds = ds.map_batches(_preprocess_fn(image_size, str(files.preprocessor) if files.preprocessor else None),
-                            batch_size=batch_size, batch_format="numpy")
-        ds = ds.map_batches(
-            _Predictor,
-            fn_constructor_args=(str(files.weights if files.format == "hf" else model), "cuda" if use_gpu else "cpu", dtype,
-                                 str(output), fmt, {"max_new_tokens": max_new_tokens}),
-            batch_size=batch_size, concurrency=num_workers, num_gpus=1 if use_gpu else 0, batch_format="numpy",
-        )
+        predictor_args = (model_id, dtype, str(output), fmt, options, task)
+        preprocess = _preprocess_fn(image_size, str(files.preprocessor) if files.preprocessor else None)
+        with _stop_on_signals() as stop:
+            try:
+                for n, n_failed in _run_pipeline(todo, preprocess, predictor_args, batch_size, num_workers, device,
+                                                 address, progress):
+                    written += n
+                    failed += n_failed
+            except KeyboardInterrupt:
+                stopped = stop.get("signal", "SIGINT")
+                # batches the workers finished (and wrote) before the driver saw them count too
+                new = [r for r in _all_rows(output, ["id", "error"], newer_than=started)]
+                written, failed = max(written, len(new)), max(failed, sum(1 for r in new if r.get("error")))
+    return BatchSummary(total=len(rows), skipped=len(rows) - len(todo), written=written, failed=failed,
+                        seconds=time.perf_counter() - t0, output=str(output), interrupted=stopped)
+
+
+def init_ray(address: str | None = None, **kwargs: Any) -> None:
+    """Join `address`, or start a local single-machine Ray that listens on loopback only (GCS, raylet,
+    workers, agents all on 127.0.0.1; no dashboard). Ray turns a 127.0.0.1 node address into the
+    machine's public IP unless its "no cluster" mode is on (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`,
+    Ray's switch for laptops); palikit turns it on for the local Ray it starts."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if not address:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the processes Ray starts read it at import
+        try:
+            import ray._private.ray_constants as ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False  # this process imported ray before the variable was set
+        except (ImportError, AttributeError):
+            pass
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True, **kwargs)
+
+
+def _run_pipeline(todo, preprocess, predictor_args, batch_size, num_workers, device, address, progress):
+    """Yield (rows written, of which failed) per finished batch, with one rich progress bar."""
+    import ray
+
+    init_ray(address)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar of ours instead of Ray's
+    use_gpu = device in ("cuda", "auto") and ray.cluster_resources().get("GPU", 0) > 0
+    model_id, dtype, output, fmt, options, task = predictor_args
+    ds = ray.data.from_items([{"id": r["id"], "key": r["key"], "image": r["image"], "prompt": r["prompt"]}
+                              for r in todo])
+    ds = ds.map_batches(preprocess, batch_size=batch_size, batch_format="numpy")
+    ds = ds.map_batches(
+        _Predictor, fn_constructor_args=(model_id, "cuda" if use_gpu else "cpu", dtype, output, fmt, options, task),
+        batch_size=batch_size, concurrency=num_workers, num_gpus=1 if use_gpu else 0, batch_format="numpy",
+    )
+    bar = _progress(f"batch {task}", len(todo)) if progress else None
+    try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            failed += int(sum(batch["failed"]))
-    return BatchSummary(total=len(rows), skipped=len(rows) - len(todo), written=len(todo), failed=failed,
-                        seconds=time.perf_counter() - t0, output=str(output))
+            n = len(batch["id"])
+            if bar is not None:
+                bar.advance(bar.task_ids[0], n)
+            yield n, int(sum(batch["failed"]))
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+def _progress(description: str, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    bar.start()
+    bar.add_task(description, total=total)
+    return bar
+
+
+class _stop_on_signals:
+    """SIGTERM raises KeyboardInterrupt like Ctrl-C does, so either stops the run between batches; the
+    dict it yields names the signal."""
+
+    def __enter__(self) -> dict[str, str]:
+        self.info: dict[str, str] = {}
+        self.previous = None
+
+        def on_term(signum, frame):
+            self.info["signal"] = "SIGTERM"
+            raise KeyboardInterrupt
+
+        try:
+            self.previous = signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread: leave SIGTERM alone
+            pass
+        return self.info
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)

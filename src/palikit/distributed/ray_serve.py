@@ -78,7 +78,9 @@ def serve_replicas(model: str, *, host: str = "127.0.0.1", port: int = 8000, set
 
     settings = replace(settings or ServerSettings(), host=host, port=port)
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+        from .ray_batch import init_ray
+
+        init_ray(address)  # a local Ray listens on loopback only
     serve.start(http_options={"host": host, "port": port})
     app = build_application(model, settings=settings, replicas=replicas, min_replicas=min_replicas,
                             max_replicas=max_replicas, device=device, dtype=dtype)

@@ -2,10 +2,14 @@
 metrics and the browser playground, in front of one `PaliGemma` and its continuous-batching engine.
 
 Images come only as bytes: a multipart upload, base64 or a data URL. The server never fetches a
-URL and never opens a path a client names. Every limit (body bytes, image bytes, image pixels read
-from the header before decoding, prompt length, max_new_tokens) answers a 4xx JSON error
-`{"error": {"type", "message"}}`; unexpected failures answer 500 with a request id and no details
-(the traceback goes to the server log).
+URL and never opens a path a client names; images go through the bounded intake of `images.py`
+(format allowlist, header checks, decoded-pixel budget, model-size pixels while waiting). Every
+limit (body bytes per endpoint, counted while reading; JSON nesting; image bytes, pixels and aspect
+ratio; labels; prompt length; max_new_tokens) answers a 4xx JSON error `{"error": {"type",
+"message"}}`; unexpected failures answer 500 with a request id and no details (the traceback goes
+to the server log). A client that goes away mid-request is one info line and counts as status 499
+(`palikit_client_aborts_total`), not a server error. The Host header must be one of the allowed names
+(loopback names on a loopback bind: DNS rebinding), else 400.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 import time
@@ -28,11 +31,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import openai_compat
 from .batcher import EngineFront, QueueFull, Stopped
-from .images import decode_image, image_bytes_from_string
+from .docs import mount_docs
+from .images import PixelBudget, decode_image, image_bytes_from_string
 from .metrics import Metrics
+from .parsing import _openapi_body, build_prompt, read_fields
 from .schemas import (TASK_REQUESTS, ApiError, ChatRequest, GenOptions, Options, ServerSettings, bad_request,
                       clean_message, gen_options, parse_model)
 
@@ -42,9 +48,13 @@ TASKS = ("predict", "caption", "describe", "ocr", "answer", "detect", "segment")
 OPEN_PATHS = ("/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
               "/favicon.ico")
 ENDPOINTS = {f"/v1/{t}" for t in TASKS} | {"/v1/chat/completions", "/v1/models", "/healthz", "/readyz", "/metrics",
-                                           "/", "/docs", "/openapi.json"}
+                                           "/", "/docs", "/redoc", "/openapi.json"}
+CLIENT_GONE = 499  # nginx's "client closed request": counted apart from the 5xx
 CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'")
+# the docs pages: their own bundled scripts plus FastAPI's inline start-up script; nothing from elsewhere
+DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'")
 
 
 @dataclass
@@ -69,11 +79,21 @@ class State:
         from ..api import MAX_PROMPT_TOKENS
 
         self.max_prompt_tokens = MAX_PROMPT_TOKENS
-        # decoding a large image takes ~3 bytes per pixel: bound how many decode at once
+        # decoding runs in worker threads (never on the model thread): a few at once, within the pixel budget
         self.decode_limiter = anyio.CapacityLimiter(max(2, min(8, os.cpu_count() or 2)))
+        self.pixel_budget = PixelBudget(settings.decode_budget_pixels)
+        self.processor = getattr(pg, "processor", None)
+        from prometheus_client import Counter
+
+        self.client_aborts = Counter("palikit_client_aborts", "Requests the client abandoned before the answer "
+                                     "(counted as status 499, not as server errors).", registry=self.metrics.registry)
 
     async def decode(self, data: bytes, param: str = "image"):
-        return await anyio.to_thread.run_sync(decode_image, data, self.settings, param, limiter=self.decode_limiter)
+        """Bytes -> model-ready PIL image, in a worker thread (see images.py)."""
+        def work():
+            return decode_image(data, self.settings, param, processor=self.processor, budget=self.pixel_budget)
+
+        return await anyio.to_thread.run_sync(work, limiter=self.decode_limiter)
 
     def _done(self, result, seconds: float) -> None:
         self.metrics.observe_generation(len(result.tokens), seconds)
@@ -130,11 +150,13 @@ def error_response(e: ApiError) -> JSONResponse:
 
 
 class ServerMiddleware:
-    """Pure ASGI: request ids, API-key check, body-size cap, metrics, security headers."""
+    """Pure ASGI: request ids, Host allowlist, API-key check, per-endpoint body cap (counted while
+    reading), client aborts, metrics, security headers."""
 
     def __init__(self, app, state: State):
         self.app = app
         self.state = state
+        self.hosts = state.settings.host_allowlist()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -152,25 +174,19 @@ class ServerMiddleware:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 extra = [(b"x-request-id", rid.encode()), (b"x-content-type-options", b"nosniff")]
-                if path == "/" or path.startswith("/static/"):
-                    extra.append((b"content-security-policy", CSP.encode()))
+                if path == "/" or path.startswith(("/static/", "/docs", "/redoc")):
+                    extra.append((b"content-security-policy", (CSP if path == "/" or path.startswith("/static/")
+                                                               else DOCS_CSP).encode()))
                 message = {**message, "headers": list(message.get("headers", [])) + extra}
             await send(message)
 
         st.metrics.inflight.inc()
         try:
-            protected = not (path in OPEN_PATHS or path.startswith(("/static/", "/docs-assets/")))
-            if protected and not st.check_key(headers.get("authorization")):
-                msg = ("missing API key: send 'Authorization: Bearer <key>'." if not headers.get("authorization")
-                       else "invalid API key.")
-                await error_response(ApiError(401, "unauthorized", msg))(scope, receive, send_wrapped)
+            refusal = self._refusal(path, headers)
+            if refusal is not None:
+                await error_response(refusal)(scope, receive, send_wrapped)
                 return
-            limit = st.settings.max_body_bytes
-            cl = headers.get("content-length")
-            if cl is not None and cl.isdigit() and int(cl) > limit:
-                await error_response(ApiError(413, "payload_too_large", f"request body is {cl} bytes; this server "
-                                              f"accepts at most {limit}."))(scope, receive, send_wrapped)
-                return
+            limit = st.settings.body_limit(path)
             seen = {"n": 0}
 
             async def receive_limited():
@@ -178,112 +194,51 @@ class ServerMiddleware:
                 if message["type"] == "http.request":
                     seen["n"] += len(message.get("body", b""))
                     if seen["n"] > limit:
-                        raise ApiError(413, "payload_too_large", f"request body exceeds this server's limit of {limit} bytes.")
+                        raise ApiError(413, "payload_too_large",
+                                       f"request body exceeds this endpoint's limit of {limit} bytes.")
+                elif message["type"] == "http.disconnect":
+                    status["gone"] = True
                 return message
 
-            await self.app(scope, receive_limited, send_wrapped)
+            try:
+                await self.app(scope, receive_limited, send_wrapped)
+            except ClientDisconnect:
+                status["gone"] = True
+            if status.get("gone") and status["code"] in (500, CLIENT_GONE):
+                status["code"] = CLIENT_GONE
+                st.client_aborts.inc()
+                log.info("request %s to %s: the client disconnected before the answer", rid, path)
         finally:
             st.metrics.inflight.dec()
             st.metrics.observe_request(endpoint, status["code"], time.perf_counter() - t0)
 
-
-# ------------------------------------------------------------------------------ request parsing
-async def read_fields(request: Request, settings: ServerSettings) -> tuple[dict[str, Any], bytes | None, bool]:
-    """(fields, uploaded image bytes or None, is_json) from a JSON or multipart body."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "application/json":
-        body = await request.body()
-        if not body.strip():
-            raise bad_request("the request body is empty; send a JSON object (see /docs).", type="invalid_json")
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
-            raise bad_request(f"the request body is not valid JSON{where}.", type="invalid_json") from None
-        if not isinstance(data, dict):
-            raise bad_request("the request body must be a JSON object.", type="invalid_json")
-        return data, None, True
-    if ctype == "multipart/form-data":
-        await request.body()  # read (under the size cap) before parsing
-        try:
-            try:
-                form = await request.form(max_files=settings.max_images_per_request, max_fields=64,
-                                          max_part_size=settings.max_upload_bytes + 1)
-            except TypeError:  # starlette < 0.40 has no max_part_size (the body is capped anyway)
-                form = await request.form(max_files=settings.max_images_per_request, max_fields=64)
-        except Exception:  # noqa: BLE001 - malformed multipart
-            raise bad_request("malformed multipart/form-data body.") from None
-        fields: dict[str, Any] = {}
-        upload: bytes | None = None
-        for key in set(form.keys()):
-            values = form.getlist(key)
-            files = [v for v in values if hasattr(v, "read")]
-            if files:
-                if key not in ("image", "file"):
-                    raise bad_request(f"unexpected file field {key!r}; upload the image as 'image'.", key)
-                if len(files) > 1:
-                    raise bad_request("upload one image per request.", key)
-                upload = await files[0].read()
-                fields["image"] = "<upload>"
-                continue
-            if key == "labels":
-                fields[key] = values if len(values) > 1 else values[0]
-            elif len(values) > 1:
-                raise bad_request(f"field {key!r} was given {len(values)} times.", key)
-            else:
-                fields[key] = values[0]
-        if upload is None and "image" not in fields:
-            raise bad_request("no image: upload it as the multipart file field 'image'.", "image")
-        return fields, upload, False
-    if not ctype:
-        raise ApiError(415, "unsupported_media_type",
-                       "missing Content-Type: send application/json or multipart/form-data.")
-    raise ApiError(415, "unsupported_media_type",
-                   f"Content-Type {ctype[:80]!r} is not accepted: send application/json (image as base64) or "
-                   "multipart/form-data (image as a file upload).")
+    def _refusal(self, path: str, headers: dict[str, str]) -> ApiError | None:
+        """The error to answer before reading anything, or None."""
+        st = self.state
+        if self.hosts is not None:
+            host = _host_name(headers.get("host", ""))
+            if host not in self.hosts:
+                return ApiError(400, "invalid_host", f"Host {host[:80]!r} is not served here (DNS rebinding guard); "
+                                f"use one of {', '.join(self.hosts)}, or start the server with --allowed-hosts.")
+        protected = not (path in OPEN_PATHS or path.startswith(("/static/", "/docs-assets/")))
+        if protected and not st.check_key(headers.get("authorization")):
+            msg = ("missing API key: send 'Authorization: Bearer <key>'." if not headers.get("authorization")
+                   else "invalid API key.")
+            return ApiError(401, "unauthorized", msg)
+        limit = st.settings.body_limit(path)
+        cl = headers.get("content-length")
+        if cl is not None and cl.isdigit() and int(cl) > limit:
+            return ApiError(413, "payload_too_large", f"request body is {cl} bytes; this endpoint accepts at most "
+                            f"{limit}.")
+        return None
 
 
-def _labels(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [p.strip() for p in value.split(";") if p.strip()] or [value]
-    return list(value)
-
-
-def build_prompt(task: str, req) -> tuple[str, list[str] | None]:
-    from ..tasks import prompts
-
-    try:
-        if task == "predict":
-            labels = _labels(req.labels) or None
-            return req.prompt, labels
-        if task in ("caption", "describe"):
-            return getattr(prompts, task)(req.lang), None
-        if task == "ocr":
-            return prompts.ocr(), None
-        if task == "answer":
-            if len(req.question) > 2000:
-                raise ValueError("question is too long")
-            return prompts.answer(req.question, req.lang), None
-        labels = _labels(req.labels)
-        if len(labels) > 64:
-            raise ValueError(f"{len(labels)} labels; at most 64 per request")
-        return getattr(prompts, task)(labels), labels
-    except ValueError as e:
-        param = {"caption": "lang", "describe": "lang", "answer": "question"}.get(task, "labels")
-        if task == "answer" and "language" in str(e):
-            param = "lang"
-        raise bad_request(clean_message(str(e)), param) from None
-
-
-def _openapi_body(model) -> dict:
-    schema = model.model_json_schema()
-    form = {"type": "object", "required": ["image"], "properties": {
-        **{k: v for k, v in schema["properties"].items() if k != "image"},
-        "image": {"type": "string", "format": "binary", "description": "The image file."}}}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
-                                                           "multipart/form-data": {"schema": form}}}}
+def _host_name(host: str) -> str:
+    """'Example.com:8000' -> 'example.com'; '[::1]:8000' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
@@ -302,7 +257,7 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
             warm.cancel()
             await state.batcher.stop()
 
-    app = FastAPI(title="palikit", version="0.1.0", lifespan=lifespan, docs_url=None,
+    app = FastAPI(title="palikit", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="PaliGemma server: task endpoints with structured results, OpenAI-compatible chat, "
                               "micro-batching. Images as multipart uploads, base64 or data URLs (never URLs).")
     app.state.palikit = state
@@ -318,6 +273,10 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
         msg = {404: f"no such endpoint: {request.url.path[:100]} (see /docs).",
                405: f"method {request.method} is not allowed here (see /docs)."}.get(e.status_code, str(e.detail))
         return error_response(ApiError(e.status_code, kind, msg, headers=dict(e.headers or {})))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, e: ClientDisconnect):
+        return Response(status_code=CLIENT_GONE)  # nobody reads it; the middleware logs and counts the abort
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
@@ -353,7 +312,7 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    _docs(app)
+    mount_docs(app)
 
     # ---------------------------------------------------------------- task endpoints
     def task_route(task: str):
@@ -363,11 +322,13 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
             fields, upload, is_json = await read_fields(request, settings)
             req = parse_model(model, fields, strict=is_json)
             opts = gen_options(req, settings)
-            prompt, labels = build_prompt(task, req)
+            prompt, labels = build_prompt(task, req, settings.max_labels)
             state.prompt_tokens(prompt, "prompt" if task == "predict" else
                                 {"answer": "question", "detect": "labels", "segment": "labels"}.get(task, "prompt"))
             data = upload if upload is not None else image_bytes_from_string(req.image, settings)
+            del fields, upload, req
             image = await state.decode(data)
+            del data  # while it waits for the model, the request holds only the model-size image
             t0 = time.perf_counter()
             result = await state.run(opts, Item(image, prompt, labels))
             body = result.to_dict()
@@ -409,7 +370,10 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
         opts = gen_options(Options(**call.options), settings)
         n_prompt = state.prompt_tokens(call.prompt, "messages")
         datas = [image_bytes_from_string(u, settings, "messages") for u in call.images]
-        frames = [await state.decode(d, "messages") for d in datas]
+        call.images, fields = [], None
+        frames = []
+        while datas:
+            frames.append(await state.decode(datas.pop(0), "messages"))
         image = frames[0] if len(frames) == 1 else frames
         n_prompt += _image_tokens(pg) * len(frames)
         cid = openai_compat.new_id()
@@ -462,26 +426,6 @@ async def _warmup(state: State) -> None:
             log.exception("warm-up prediction failed")
             return
     state.ready = True
-
-
-def _docs(app: FastAPI) -> None:
-    """/docs from the swagger-ui-bundle package when installed (works offline, where self-hosted
-    servers usually are); FastAPI's CDN page otherwise."""
-    from fastapi.openapi.docs import get_swagger_ui_html
-
-    urls = {}
-    try:
-        from swagger_ui_bundle import swagger_ui_path
-
-        app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
-        urls = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js", "swagger_css_url": "/docs-assets/swagger-ui.css",
-                "swagger_favicon_url": "/docs-assets/favicon-32x32.png"}
-    except ImportError:
-        pass
-
-    @app.get("/docs", include_in_schema=False)
-    async def docs():
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="palikit API", **urls)
 
 
 def is_loopback(host: str) -> bool:

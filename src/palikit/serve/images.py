@@ -1,6 +1,17 @@
 """Client images for the server: `image_bytes_from_string` (base64 / data URL; paths and URLs are
-refused, the server never opens what a client names) and `decode_image` (size and pixel limits checked
-from the header BEFORE decoding, corrupt files answered as 400)."""
+refused, the server never opens what a client names) and `decode_image`, the bounded intake:
+
+- only `IMAGE_FORMATS` are opened (PNG, JPEG, WebP, GIF, BMP, TIFF; Pillow is told to try no other
+  plugin, so EPS/Ghostscript, ICO, PCX, TGA, PPM... are never parsed): anything else is a 415 naming them;
+- file size, pixel count and aspect ratio are checked from the header BEFORE decoding (413 / 400);
+- JPEGs decode at a reduced scale (Pillow's draft mode: DCT scaling to 1/2..1/8, never below the
+  model's size); other formats are decoded whole, within the global `PixelBudget`;
+- the decoded image is converted to what the model needs (`ImageProcessor.model_ready`: S x S for
+  the "hf" style) right there, in the request's worker thread, so the model thread never resizes and
+  a waiting request holds only model-size pixels (the original size rides along for the boxes);
+- `PixelBudget`: decoded pixels in flight across all requests; beyond it a request waits up to
+  `decode_wait_s`, then gets 429 with Retry-After.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +19,8 @@ import base64
 import binascii
 import io
 import re
+import threading
+from contextlib import contextmanager, nullcontext
 
 from .schemas import ApiError, ServerSettings, bad_request
 
@@ -53,10 +66,74 @@ def image_bytes_from_string(value: str, settings: ServerSettings, param: str = "
     return data
 
 
-def decode_image(data: bytes, settings: ServerSettings, param: str = "image"):
-    """Bytes -> RGB PIL image, refusing oversized files and decompression bombs BEFORE decoding
-    (the pixel count comes from the header)."""
+_SIGNATURES = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _looks_supported(data: bytes) -> bool:
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+class PixelBudget:
+    """Decoded pixels in flight across the server. A request is admitted when the budget has room
+    for it, or when nothing else is decoding (so one image at the pixel limit always gets through)."""
+
+    def __init__(self, total: int):
+        self.total = int(total)
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, n: int, wait_s: float):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.total, timeout=wait_s):
+                raise ApiError(429, "busy", f"the server is decoding other large images ({self.used} pixels in "
+                               f"flight, budget {self.total}); retry shortly, or send a smaller image.",
+                               headers={"Retry-After": "1"})
+            self.used += n
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+def _probe(data: bytes, settings: ServerSettings, param: str):
     from PIL import Image
+
+    from ..preprocess import FORMAT_NAMES, IMAGE_FORMATS
+
+    try:
+        probe = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        raise ApiError(413, "image_too_large", f"image has too many pixels; this server accepts at most "
+                       f"{settings.max_image_pixels} (width x height).", param=param) from None
+    except Exception:  # noqa: BLE001 - anything PIL cannot identify among the allowed formats
+        if _looks_supported(data):
+            raise ApiError(400, "invalid_image", "could not read the image: the file is corrupt or not a supported "
+                           f"image format ({FORMAT_NAMES}).", param=param) from None
+        raise ApiError(415, "unsupported_image_format", f"not a supported image format: send {FORMAT_NAMES} "
+                       "(convert other formats first).", param=param) from None
+    w, h = probe.size
+    if w < 1 or h < 1:
+        raise ApiError(400, "invalid_image", f"image has no pixels ({w}x{h}).", param=param)
+    if w * h > settings.max_image_pixels:
+        raise ApiError(413, "image_too_large", f"image is {w}x{h} = {w * h} pixels; this server accepts at most "
+                       f"{settings.max_image_pixels} pixels (width x height): downscale it.", param=param)
+    ratio = max(w, h) / min(w, h)
+    if ratio > settings.max_aspect_ratio:
+        raise ApiError(400, "invalid_image", f"image is {w}x{h}: aspect ratio {ratio:.0f}:1 is more than this "
+                       f"server's {settings.max_aspect_ratio:g}:1; crop it or pad it towards a square.", param=param)
+    return probe
+
+
+def decode_image(data: bytes, settings: ServerSettings, param: str = "image", *, processor=None,
+                 budget: PixelBudget | None = None):
+    """Bytes -> RGB PIL image ready for the model (see the module docstring); every refusal an ApiError.
+    Without a processor the full-size RGB image is returned."""
+    from ..preprocess import load_image
 
     if not data:
         raise bad_request("image is empty (0 bytes).", param)
@@ -64,24 +141,22 @@ def decode_image(data: bytes, settings: ServerSettings, param: str = "image"):
         raise ApiError(413, "payload_too_large",
                        f"image is {len(data)} bytes; this server accepts at most {settings.max_upload_bytes}.",
                        param=param)
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            w, h = probe.size
-    except Image.DecompressionBombError:
-        raise ApiError(413, "image_too_large", f"image has too many pixels; this server accepts at most "
-                       f"{settings.max_image_pixels} (width x height).", param=param) from None
-    except Exception:  # noqa: BLE001 - anything PIL cannot identify
-        raise ApiError(400, "invalid_image", "could not read the image: not a supported image format "
-                       "(PNG, JPEG, WebP, GIF, BMP, TIFF) or the file is corrupt.", param=param) from None
-    if w * h > settings.max_image_pixels:
-        raise ApiError(413, "image_too_large", f"image is {w}x{h} = {w * h} pixels; this server accepts at most "
-                       f"{settings.max_image_pixels} pixels (width x height).", param=param)
-    if w < 1 or h < 1:
-        raise ApiError(400, "invalid_image", f"image has no pixels ({w}x{h}).", param=param)
-    from ..preprocess import load_image
+    with _probe(data, settings, param) as probe:
+        header = probe.size
+        if processor is not None and probe.format == "JPEG" and processor.do_resize:
+            probe.draft("RGB", (processor.size, processor.size))  # decode at 1/2..1/8 scale, still >= S
+        cost = probe.size[0] * probe.size[1]
+        with budget.hold(cost, settings.decode_wait_s) if budget is not None else nullcontext():
+            try:
+                img = load_image(probe, max_pixels=settings.max_image_pixels, max_aspect=None)
+            except Exception:  # noqa: BLE001 - ImageError (truncated / corrupt data) or anything Pillow raises
+                raise ApiError(400, "invalid_image", "could not decode the image: the file is truncated or corrupt.",
+                               param=param) from None
+            if processor is None:
+                return img.copy() if img is probe else img  # the probe is closed on leaving
+            from ..preprocess import SOURCE_SIZE
 
-    try:
-        return load_image(data, max_pixels=settings.max_image_pixels)
-    except Exception:  # noqa: BLE001 - ImageError (truncated / corrupt data) or anything Pillow raises
-        raise ApiError(400, "invalid_image", "could not decode the image: the file is truncated or corrupt.",
-                       param=param) from None
+            # the size the user sees (boxes are scaled to it): the header's, turned when EXIF rotated it
+            turned = img.size != probe.size and img.size == probe.size[::-1]
+            img.info[SOURCE_SIZE] = header[::-1] if turned else header
+            return processor.model_ready(img)

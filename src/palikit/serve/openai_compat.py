@@ -12,8 +12,13 @@ mapping, documented for users of OpenAI clients:
   fetches URLs and never reads files.
 - system / developer / assistant / tool messages are ignored; earlier turns are not context.
 - `max_completion_tokens` (or `max_tokens`) -> max_new_tokens; `temperature` defaults to 0 (greedy,
-  PaliGemma's recommended decoding), not OpenAI's 1; `top_p` and `seed` are honoured; `n` must be 1;
-  `stop` and `tools` are refused; other OpenAI fields are accepted and ignored.
+  PaliGemma's recommended decoding), not OpenAI's 1 (below 1e-5 is greedy too); `top_p` and `seed` are
+  honoured; `n` must be 1. Refused with a 400 when set to anything but their neutral value: `stop`,
+  `tools` / `tool_choice` and the legacy `functions` / `function_call`, `response_format` (other than
+  text), `logprobs` / `top_logprobs`, `logit_bias`, `frequency_penalty` / `presence_penalty`, `audio`,
+  `modalities` (other than ["text"]), `prediction`. Accepted and ignored: `user`, `metadata`, `store`,
+  `service_tier`, `parallel_tool_calls`, `reasoning_effort`, `safety_identifier`, `prompt_cache_key`.
+  Any other field is a 400 (unknown field).
 - finish_reason is "length" when the token budget ran out, else "stop". usage counts image tokens
   as prompt tokens.
 - `stream: true` sends Server-Sent Events (`chat.completion.chunk`, then `data: [DONE]`), one chunk per
@@ -65,11 +70,31 @@ def _text_and_images(content) -> tuple[str, list[str]]:
     return " ".join(texts), images
 
 
+_NO_TOOLS = "PaliGemma does not call functions; remove it"
+_REFUSED = {  # field -> (is it set to something this server would have to honour?, why not)
+    "tools": (bool, f"tools are not supported: {_NO_TOOLS}."),
+    "functions": (bool, f"functions (legacy tools) are not supported: {_NO_TOOLS}."),
+    "tool_choice": (lambda v: v not in (None, "none"), f"tool_choice is not supported: {_NO_TOOLS}."),
+    "function_call": (lambda v: v not in (None, "none"), f"function_call is not supported: {_NO_TOOLS}."),
+    "response_format": (lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
+                        "response_format is not supported: PaliGemma answers plain text; remove it."),
+    "logprobs": (bool, "logprobs are not returned by this endpoint; use /v1/predict (token_logprobs)."),
+    "top_logprobs": (lambda v: v is not None, "top_logprobs are not supported; use /v1/predict (token_logprobs)."),
+    "logit_bias": (bool, "logit_bias is not supported; remove it."),
+    "frequency_penalty": (bool, "frequency_penalty is not supported (only 0); remove it."),
+    "presence_penalty": (bool, "presence_penalty is not supported (only 0); remove it."),
+    "audio": (lambda v: v is not None, "audio output is not supported: PaliGemma answers text."),
+    "modalities": (lambda v: v is not None and list(v) != ["text"], "only the text modality is supported."),
+    "prediction": (lambda v: v is not None, "prediction (predicted outputs) is not supported; remove it."),
+}
+
+
 def parse_chat(req: ChatRequest) -> ChatCall:
     if req.n != 1:
         raise bad_request("n must be 1: this server returns one completion per request.", "n")
-    if req.tools:
-        raise bad_request("tools are not supported: PaliGemma does not call functions.", "tools")
+    for name, (is_set, why) in _REFUSED.items():
+        if is_set(getattr(req, name)):
+            raise bad_request(why, name)
     if req.stop:
         raise bad_request("stop sequences are not supported: PaliGemma stops at its end-of-sequence token; "
                           "limit the length with max_tokens.", "stop")

@@ -24,12 +24,19 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()           # Bearer keys; empty = no auth (fine on loopback only)
-    max_batch_size: int = 16                 # requests fused into one predict_batch call
-    max_wait_ms: float = 5.0                 # how long the first request of a batch waits for company
-    max_queue: int = 256                     # pending requests beyond which new ones get 503
+    max_batch_size: int = 16                 # engine slots: requests decoding together (continuous batching)
+    max_queue: int = 256                     # requests waiting for a slot beyond which new ones get 503
     request_timeout_s: float = 60.0          # queue wait + generation; past it: 504
     max_upload_bytes: int = 20 * 1024 * 1024  # per image, after base64 decoding
     max_image_pixels: int = 40_000_000       # width * height read from the header, before decoding
+    max_aspect_ratio: float = 100.0          # longer side / shorter side, from the header
+    decode_budget_pixels: int = 64_000_000   # decoded pixels in flight, all requests together (~190 MB RGB)
+    decode_wait_s: float = 1.0               # wait for that budget at most this long, then 429 + Retry-After
+    max_json_depth: int = 32                 # nesting of a JSON body (deeper: 400)
+    max_labels: int = 64                     # labels per request, every endpoint
+    allowed_hosts: tuple[str, ...] | None = None  # Host header names served (None: any; see default_allowed_hosts)
+    header_timeout_s: float = 10.0           # a connection must send complete request headers within this
+    keep_alive_s: int = 5                    # idle keep-alive connections are closed after this
     max_images_per_request: int = 8          # frames of one example (chat messages with several images)
     max_prompt_chars: int = 2000
     max_new_tokens_limit: int = 512
@@ -42,6 +49,29 @@ class ServerSettings:
     def max_body_bytes(self) -> int:
         # base64 is 4/3 larger; room for several frames in one chat request and the JSON around them
         return (self.max_upload_bytes * 4 // 3 + 64 * 1024) * max(1, min(self.max_images_per_request, 4))
+
+    def body_limit(self, path: str) -> int:
+        """Bytes a request body to `path` may have (applied while reading)."""
+        if path == "/v1/chat/completions":
+            return self.max_body_bytes
+        if path.startswith("/v1/"):
+            return self.max_upload_bytes * 4 // 3 + 64 * 1024  # one image as base64 plus the fields
+        return 64 * 1024
+
+    def host_allowlist(self) -> tuple[str, ...] | None:
+        """Names the Host header may carry (lower case, no port); None = any."""
+        if self.allowed_hosts is None:
+            return None
+        names = tuple(h.strip().lower() for h in self.allowed_hosts if h.strip())
+        return None if "*" in names else names
+
+    @staticmethod
+    def default_allowed_hosts(host: str) -> tuple[str, ...] | None:
+        """What `palikit serve` allows without --allowed-hosts: the loopback names on a loopback bind (a
+        web page's DNS-rebinding request carries its own name), any name otherwise (use API keys)."""
+        from .app import is_loopback
+
+        return ("localhost", "127.0.0.1", "::1") if is_loopback(host) else None
 
     @staticmethod
     def keys_from_env(value: str | None = None) -> tuple[str, ...]:
@@ -98,9 +128,11 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (server default 64).")
-    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (deterministic); > 0 samples.")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (deterministic); > 0 samples. Values "
+                               "below 1e-5 are treated as 0 (greedy), as in vLLM.")
     top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling (with temperature > 0). Values "
+                                "below 1e-5 keep only the most likely token: greedy.")
     seed: int | None = Field(None, ge=0, lt=2**63)
     num_beams: int = Field(1, ge=1, description="Beam search width (greedy only).")
     coord_denominator: int = Field(1024, description="Box decoding: 1024 (official demo) or 1023 (big_vision RefCOCO).")
@@ -114,7 +146,8 @@ class ImageField(BaseModel):
 
 class PredictRequest(Options, ImageField):
     prompt: str = Field(..., description="Any PaliGemma prompt, e.g. 'caption en' or 'detect cat ; dog'.")
-    labels: list[str] | str | None = Field(None, description="Labels asked for (marks detections as requested).")
+    labels: list[str] | str | None = Field(None, description="Labels asked for (marks detections as requested): a "
+                                           "list, or one string 'cat ; dog' (in a form also a JSON list).")
 
 
 class CaptionRequest(Options, ImageField):
@@ -135,7 +168,10 @@ class AnswerRequest(Options, ImageField):
 
 
 class DetectRequest(Options, ImageField):
-    labels: list[str] | str = Field(..., description="Object names: a list, or one string 'cat ; dog'.")
+    labels: list[str] | str = Field(..., description="Object names: a JSON list ['cat', 'dog'], or one string "
+                                    "'cat ; dog' (commas also separate when there is no ';'). In a multipart form "
+                                    "send a JSON list, labels='[\"cat\",\"dog\"]', or use curl's --form-string "
+                                    "(curl -F cuts a value at ';').")
 
 
 class SegmentRequest(DetectRequest):
@@ -148,6 +184,7 @@ TASK_REQUESTS: dict[str, type[BaseModel]] = {
 }
 
 OPTION_FIELDS = tuple(Options.model_fields)
+GREEDY_BELOW = 1e-5  # temperature or top_p below this: greedy decoding
 
 
 @dataclass(frozen=True)
@@ -179,8 +216,13 @@ def gen_options(opts: Options, settings: ServerSettings) -> GenOptions:
                           "coord_denominator")
     if opts.num_beams > 1 and opts.temperature > 0:
         raise bad_request("beam search is deterministic: use temperature=0 with num_beams > 1.", "num_beams")
-    kw: dict[str, Any] = {"max_new_tokens": mnt, "temperature": float(opts.temperature),
-                          "top_k": opts.top_k, "top_p": opts.top_p, "seed": opts.seed, "num_beams": opts.num_beams,
+    temperature, top_k, top_p = float(opts.temperature), opts.top_k, opts.top_p
+    if temperature < GREEDY_BELOW:  # vLLM's convention: a vanishing temperature is greedy
+        temperature = 0.0
+    elif top_p is not None and top_p < GREEDY_BELOW:  # keeps only the most likely token: greedy too
+        temperature, top_k, top_p = 0.0, None, None
+    kw: dict[str, Any] = {"max_new_tokens": mnt, "temperature": temperature,
+                          "top_k": top_k, "top_p": top_p, "seed": opts.seed, "num_beams": opts.num_beams,
                           "coord_denominator": opts.coord_denominator, "dedupe_iou": opts.dedupe_iou}
     return GenOptions(tuple(sorted(kw.items())))
 
@@ -211,23 +253,48 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """The subset of OpenAI's chat.completions body that maps onto PaliGemma; other fields that
-    OpenAI clients send by default are accepted and ignored."""
+    """The subset of OpenAI's chat.completions body that maps onto PaliGemma. Every OpenAI field is
+    named here: the ones PaliGemma cannot honour (tools, functions, logprobs, response_format, ...)
+    are refused with a 400 saying so when set to anything but their neutral value; bookkeeping fields
+    (user, metadata, store, service_tier, ...) are accepted and ignored; unknown fields are a 400."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=64)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default 0 (greedy), unlike OpenAI's 1.")
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default 0 (greedy), unlike OpenAI's 1; "
+                                      "below 1e-5 is greedy.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="With temperature > 0; below 1e-5 is greedy.")
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # refused unless neutral (see openai_compat.parse_chat)
     stop: str | list[str] | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, Any] | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    # accepted and ignored
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    parallel_tool_calls: Any = None
+    reasoning_effort: Any = None
+    safety_identifier: Any = None
+    prompt_cache_key: Any = None
 
 
 def parse_model(model: type[BaseModel], data: Any, *, strict: bool) -> Any:

@@ -1,0 +1,191 @@
+"""Request parsing for the HTTP server: `read_fields` (a JSON body, its nesting checked before parsing
+and the cached body dropped afterwards; or a multipart form with the image upload), `build_prompt`
+(task + fields -> PaliGemma prompt and labels; labels as a list, a JSON list in a string, or
+'a ; b' / 'a, b', capped per request) and the OpenAPI request bodies of the task endpoints."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fastapi import Request
+from starlette.requests import ClientDisconnect
+
+from .schemas import ApiError, ServerSettings, bad_request, clean_message
+
+
+async def read_fields(request: Request, settings: ServerSettings) -> tuple[dict[str, Any], bytes | None, bool]:
+    """(fields, uploaded image bytes or None, is_json) from a JSON or multipart body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        return await _read_json(request, settings), None, True
+    if ctype == "multipart/form-data":
+        fields, upload = await _read_form(request, settings)
+        return fields, upload, False
+    if not ctype:
+        raise ApiError(415, "unsupported_media_type",
+                       "missing Content-Type: send application/json or multipart/form-data.")
+    raise ApiError(415, "unsupported_media_type",
+                   f"Content-Type {ctype[:80]!r} is not accepted: send application/json (image as base64) or "
+                   "multipart/form-data (image as a file upload).")
+
+
+async def _read_json(request: Request, settings: ServerSettings) -> dict[str, Any]:
+    body = await request.body()
+    if not body.strip():
+        raise bad_request("the request body is empty; send a JSON object (see /docs).", type="invalid_json")
+    depth = settings.max_json_depth
+    too_deep = bad_request(f"the JSON body is nested more than {depth} levels deep; send a flat object "
+                           "(see /docs).", type="invalid_json")
+    if _json_depth_exceeds(body, depth):
+        raise too_deep
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise bad_request(f"the request body is not valid JSON{where}.", type="invalid_json") from None
+    except RecursionError:
+        raise too_deep from None
+    _drop_body(request)
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object.", type="invalid_json")
+    return data
+
+
+async def _read_form(request: Request, settings: ServerSettings) -> tuple[dict[str, Any], bytes | None]:
+    await request.body()  # read (under the size cap) before parsing
+    max_fields = settings.max_labels + 32  # labels may come one field each
+    try:
+        try:
+            form = await request.form(max_files=settings.max_images_per_request, max_fields=max_fields,
+                                      max_part_size=settings.max_upload_bytes + 1)
+        except TypeError:  # starlette < 0.40 has no max_part_size (the body is capped anyway)
+            form = await request.form(max_files=settings.max_images_per_request, max_fields=max_fields)
+    except ClientDisconnect:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed multipart, or over starlette's part / field limits
+        detail = clean_message(str(getattr(e, "message", "") or ""))[:200]
+        raise bad_request("malformed multipart/form-data body" + (f": {detail}" if detail else ".")) from None
+    fields: dict[str, Any] = {}
+    upload: bytes | None = None
+    for key in set(form.keys()):
+        values = form.getlist(key)
+        files = [v for v in values if hasattr(v, "read")]
+        if files:
+            if key not in ("image", "file"):
+                raise bad_request(f"unexpected file field {key!r}; upload the image as 'image'.", key)
+            if len(files) > 1:
+                raise bad_request("upload one image per request.", key)
+            upload = await files[0].read()
+            fields["image"] = "<upload>"
+        elif key == "labels":
+            if len(values) > settings.max_labels:
+                raise bad_request(f"{len(values)} labels; at most {settings.max_labels} per request.", key)
+            fields[key] = values if len(values) > 1 else values[0]
+        elif len(values) > 1:
+            raise bad_request(f"field {key!r} was given {len(values)} times.", key)
+        else:
+            fields[key] = values[0]
+    if upload is None and "image" not in fields:
+        raise bad_request("no image: upload it as the multipart file field 'image'.", "image")
+    await form.close()
+    _drop_body(request)
+    return fields, upload
+
+
+_DEPTH_CHARS = re.compile(rb'[\[\]{}"\\]')
+
+
+def _json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """Whether brackets nest deeper than `limit` (strings skipped), without recursing; a regex finds
+    the few interesting bytes, so a 27 MB base64 string costs one C-level scan."""
+    depth, in_string, skip_at = 0, False, -1
+    for m in _DEPTH_CHARS.finditer(body):
+        i = m.start()
+        if i == skip_at:  # the character after a backslash inside a string
+            continue
+        c = body[i]
+        if in_string:
+            if c == 0x5C:  # backslash
+                skip_at = i + 1
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _drop_body(request: Request) -> None:
+    """Forget the raw body Starlette caches on the request, so a request waiting for the model holds
+    only its decoded, model-size image (not megabytes of base64)."""
+    for attr in ("_body", "_json"):
+        if hasattr(request, attr):
+            delattr(request, attr)
+    if getattr(request, "_form", None) is not None:
+        request._form = None  # already closed by _read_form; Starlette's close() checks for None
+
+
+def _labels(value, limit: int = 64) -> list[str]:
+    """Labels from a list, a JSON list in a string ('["cat","dog"]', what a form can carry), or one
+    string separated by ';' (or by ',' when it has no ';')."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        s = value.strip()
+        if s.startswith("["):
+            try:
+                parsed = json.loads(s)
+            except (json.JSONDecodeError, RecursionError):
+                raise ValueError("labels look like a JSON list but are not valid JSON; send e.g. "
+                                 '["cat","dog"] or "cat ; dog"') from None
+            if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
+                raise ValueError('labels as JSON must be a list of strings, e.g. ["cat","dog"]')
+            out = [x.strip() for x in parsed]
+        else:
+            sep = ";" if ";" in s else ","
+            out = [p.strip() for p in s.split(sep) if p.strip()] or [value]
+    else:
+        out = list(value)
+    if len(out) > limit:
+        raise ValueError(f"{len(out)} labels; at most {limit} per request")
+    return out
+
+
+def build_prompt(task: str, req, max_labels: int = 64) -> tuple[str, list[str] | None]:
+    from ..tasks import prompts
+
+    try:
+        if task == "predict":
+            labels = _labels(req.labels, max_labels) or None
+            return req.prompt, labels
+        if task in ("caption", "describe"):
+            return getattr(prompts, task)(req.lang), None
+        if task == "ocr":
+            return prompts.ocr(), None
+        if task == "answer":
+            if len(req.question) > 2000:
+                raise ValueError("question is too long")
+            return prompts.answer(req.question, req.lang), None
+        labels = _labels(req.labels, max_labels)
+        return getattr(prompts, task)(labels), labels
+    except ValueError as e:
+        param = {"caption": "lang", "describe": "lang", "answer": "question"}.get(task, "labels")
+        if task == "answer" and "language" in str(e):
+            param = "lang"
+        raise bad_request(clean_message(str(e)), param) from None
+
+
+def _openapi_body(model) -> dict:
+    schema = model.model_json_schema()
+    form = {"type": "object", "required": ["image"], "properties": {
+        **{k: v for k, v in schema["properties"].items() if k != "image"},
+        "image": {"type": "string", "format": "binary", "description": "The image file."}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
+                                                           "multipart/form-data": {"schema": form}}}}
