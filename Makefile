@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test system-packages bench demo-model clean
+.PHONY: demo test test-fast system-packages bench demo-model clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(VENV)/.installed
 # else it stops at once with the command to run
 test: system-packages $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# the fast lane: core, parity and API tests, no test marked slow (server, CLI and training processes,
+# Ray, torch.compile, codec/demo training, the system-package check); under 2 min on 2 cores
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
 
 system-packages:
 	bash scripts/setup-system.sh

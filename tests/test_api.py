@@ -130,8 +130,38 @@ def test_cli_predict_json_and_annotated_png(ckpt, image, tmp_path, capsys):
     assert "missing.png" in capsys.readouterr().err
 
 
-def test_multi_frame_example(pg, image):
-    r = pg.predict([image, image], "answer en what changed", max_new_tokens=4)
-    assert r.image_size == (90, 60)
-    cfg = pg.model.config
-    assert torch.is_tensor(pg.model.embed_images(torch.zeros(1, 2, 3, cfg.vision.image_size, cfg.vision.image_size)))
+def test_multi_frame_example(pg, image, tmp_path):
+    """Two different frames through `predict` == the engine-free reference: each frame encoded on its
+    own, the tokens concatenated (big_vision's layout), greedy decoding by full recompute, and the
+    same per-token log-probs; the frames' order is part of the input."""
+    from palikit.engine import generate_naive
+
+    other = tmp_path / "other.png"
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((70, 50)).save(other)
+    prompt = "answer en what changed"
+    text_ids = pg.tokenizer.encode_prompt(prompt).ids
+    pv = pg.processor([str(image), str(other)])  # [2, 3, S, S]
+    with torch.no_grad():
+        frames = torch.cat([pg.model.embed_images(pv[i:i + 1])[0] for i in range(2)])  # [2N, H]
+        together = pg.model.embed_images(pv[None])[0]  # [1, 2, 3, S, S] -> [2N, H]
+    torch.testing.assert_close(together, frames, rtol=0, atol=1e-5)
+
+    def reference(feats):
+        tokens = generate_naive(pg.model, Request(text_ids, feats), 6, eos_ids=(pg.tokenizer.eos_id,))
+        ids = [pg.model.config.image_token_index] * feats.shape[0] + text_ids + tokens
+        ar = [0] * (len(ids) - len(tokens)) + [1] * len(tokens)
+        with torch.no_grad():
+            logits = pg.model(torch.tensor([ids]), image_features=feats[None], ar_mask=torch.tensor([ar]))[0]
+        logp = logits.log_softmax(-1)  # [T, V]
+        n = len(ids) - len(tokens)
+        return tokens, [float(logp[n - 1 + k, t]) for k, t in enumerate(tokens)]
+
+    n = frames.shape[0] // 2
+    r = pg.predict([image, other], prompt, max_new_tokens=6)
+    swapped = pg.predict([other, image], prompt, max_new_tokens=6)
+    assert (r.image_size, swapped.image_size) == ((90, 60), (70, 50))  # the first frame's size
+    for result, feats in ((r, frames), (swapped, torch.cat([frames[n:], frames[:n]]))):
+        tokens, logprobs = reference(feats)
+        assert result.tokens == tokens and len(tokens) == 6
+        assert result.token_logprobs == pytest.approx(logprobs, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(r.token_logprobs, swapped.token_logprobs)) > 1e-4

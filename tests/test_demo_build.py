@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from palikit.api import PaliGemma
 from palikit.cli import main
 from palikit.demo.build import build
 from palikit.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow  # builds and trains the whole demo pipeline
 
 
 def test_build_train_and_load_the_demo_pipeline(tmp_path):

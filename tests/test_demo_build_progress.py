@@ -9,6 +9,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a `palikit.demo.build` subprocess
+
 
 def test_demo_build_shows_progress(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FORCE_COLOR": "1", "COLUMNS": "150"}  # FORCE_COLOR: render the bar

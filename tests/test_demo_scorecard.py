@@ -15,6 +15,8 @@ from palikit.demo.evaluate import ASSET_DIR, REQUIRED_FILES, TARGETS, missed_tar
 from palikit.demo.shapes import write_split
 from palikit.tasks.mask_codec import tokens_from_mask
 
+pytestmark = pytest.mark.slow  # scores the demo model on 100 test images per task
+
 SAMPLE = 100
 MARGIN = 0.1
 

@@ -26,6 +26,8 @@ from palikit.eval.metrics import ocr_accuracy
 
 from serve_helpers import LAUNCH, free_port
 
+pytestmark = pytest.mark.slow  # the real Tesseract binary and a real server process
+
 KEY = "sk-eval-baseline-test-0123"
 CLI = "import sys; from palikit.cli import main; from palikit.cli import evaluate; sys.exit(main(sys.argv[1:]))"
 

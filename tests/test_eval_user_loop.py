@@ -27,6 +27,8 @@ from palikit.eval import evaluate, load_coco, load_jsonl
 from palikit.train.data import DataError
 from palikit.train.data import load_jsonl as train_load_jsonl
 
+pytestmark = pytest.mark.slow  # real `palikit eval` processes and signals
+
 CLI = "import sys; from palikit.cli import main; from palikit.cli import evaluate; sys.exit(main(sys.argv[1:]))"
 
 

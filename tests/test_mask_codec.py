@@ -149,6 +149,7 @@ def test_train_rejects_bad_masks():
         train_mask_codec(torch.zeros(0, 64, 64), steps=1)
 
 
+@pytest.mark.slow  # trains a codec (the `trained` fixture)
 def test_trained_codec_reconstructs_held_out_shapes(trained):
     held_out = shapes(200, 123)
     rec = trained.decode(trained.encode(held_out)) > 0.0
@@ -157,6 +158,7 @@ def test_trained_codec_reconstructs_held_out_shapes(trained):
     assert len(torch.unique(trained.encode(held_out))) > 32  # the codebook is actually used
 
 
+@pytest.mark.slow  # trains a codec (the `trained` fixture)
 def test_mask_from_tokens_pastes_inside_the_box(trained):
     full = torch.ones(1, 64, 64)
     ids = trained.encode(full)[0].tolist()
@@ -169,6 +171,7 @@ def test_mask_from_tokens_pastes_inside_the_box(trained):
     assert np.array_equal(trained.mask_from_tokens(ids, box, (200, 120)), m)
 
 
+@pytest.mark.slow  # trains a codec (the `trained` fixture)
 def test_tokens_from_mask_round_trip_full_resolution(trained):
     h, w = 240, 320
     yy, xx = np.mgrid[0:h, 0:w] + 0.5

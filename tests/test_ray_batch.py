@@ -23,6 +23,8 @@ from palikit.api import PaliGemma
 from palikit.distributed.ray_batch import detection_columns, done_ids, init_ray, read_results, run_batch
 from palikit.testing import make_tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # a real Ray cluster
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):

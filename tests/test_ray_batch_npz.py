@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pytest
 import ray
 from PIL import Image
 
@@ -15,6 +16,8 @@ from palikit.testing import make_tiny_checkpoint
 from palikit.weights.big_vision import state_dict_to_npz
 from palikit.weights.hf import load_hf_checkpoint
 from palikit.weights.resolve import image_size_of, resolve
+
+pytestmark = pytest.mark.slow  # a real Ray cluster
 
 
 def test_npz_at_56px_runs_at_its_own_resolution(tmp_path):

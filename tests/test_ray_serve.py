@@ -21,6 +21,8 @@ from palikit.distributed.ray_serve import REPLICA_HEADER, build_application
 from palikit.serve.schemas import ServerSettings
 from palikit.testing import make_tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # a real Ray cluster
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -134,6 +134,7 @@ def test_on_token_sees_every_token_in_order(models):
     assert seen == gen.tokens and gen.tokens
 
 
+@pytest.mark.slow  # torch.compile of the step
 def test_compiled_step_equals_eager(models):
     model = models["pg2-sliding"]
     workload, _ = _workload(model, n=6, seed=4)

@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 from serve_helpers import assert_same_result, b64, metric_samples, one_thread, png_bytes, reference_model, shared_server
 
+pytestmark = pytest.mark.slow  # a real server process
+
 MNT = 10
 
 

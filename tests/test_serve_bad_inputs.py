@@ -14,6 +14,8 @@ import pytest
 from PIL import Image
 from serve_helpers import API_KEY, b64, bomb_png, one_thread, png_bytes, reference_model, shared_server
 
+pytestmark = pytest.mark.slow  # a real server process
+
 GOOD = png_bytes(48, 32, seed=11)
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

@@ -9,6 +9,8 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 from serve_helpers import shared_server
 
+pytestmark = pytest.mark.slow  # a real server process and chromium
+
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run"]

@@ -17,6 +17,8 @@ import pytest
 from PIL import Image
 from serve_helpers import API_KEY, Server, metric_samples, png_bytes
 
+pytestmark = pytest.mark.slow  # real server processes under hostile load
+
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 GOOD = png_bytes(48, 32, seed=5)
 

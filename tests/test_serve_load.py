@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 from serve_helpers import Server, b64, data_url, metric_samples, one_thread, png_bytes, reference_model
 
+pytestmark = pytest.mark.slow  # real server processes under load
+
 N_REQUESTS = 2000
 CLIENTS = 32
 WARMUP = 200           # requests before the first RSS reading

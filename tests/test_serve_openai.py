@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 from serve_helpers import data_url, one_thread, png_bytes, reference_model, shared_server
 
+pytestmark = pytest.mark.slow  # a real server process
+
 
 @pytest.fixture(scope="module")
 def server():

@@ -13,6 +13,8 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 from serve_helpers import API_KEY, one_thread, png_bytes, reference_model, shared_server
 
+pytestmark = pytest.mark.slow  # a real server process and chromium
+
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run"]

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from palikit.train.trainer import train
 from test_train_helpers import distributed_worker, free_port, one_thread, run_config, run_kwargs, setup_run  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: two training processes
 
 
 def _max_diff(a_dir, b_dir) -> float:

@@ -18,6 +18,8 @@ import pytest
 
 from test_train_helpers import one_thread, run_config, write_dataset  # noqa: F401
 
+pytestmark = pytest.mark.slow  # real `palikit train` processes and signals
+
 
 def _setup(tmp_path):
     from palikit.testing import make_tiny_checkpoint

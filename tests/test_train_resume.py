@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from palikit.train.trainer import train
 from test_train_helpers import one_thread, run_config, run_kwargs, setup_run  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: training subprocesses, one SIGKILLed
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"

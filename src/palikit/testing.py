@@ -1,12 +1,24 @@
-"""Tiny random checkpoints in the real on-disk format (Hub-layout config.json + safetensors +
-tokenizer.json + preprocessor_config.json), for tests, examples and smoke runs of the server and
+"""Test and benchmark helpers: random-weight models (`random_model`), the same weights in
+transformers (`hf_model_from`, the parity and benchmark reference), and tiny random checkpoints in
+the real on-disk format (`make_tiny_checkpoint`: Hub-layout config.json + safetensors +
+tokenizer.json + preprocessor_config.json) for tests, examples and smoke runs of the server and
 batch jobs without downloading anything. Their outputs are random text: they exercise the
-machinery, not the model's skill (the bundled demo model is the trained one)."""
+machinery, not the model's skill (the bundled demo model is the trained one). torch and
+transformers are imported inside the functions, so importing this module stays light."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import PaliGemmaConfig
+    from .model import PaliGemmaModel
+
+__all__ = ["hf_model_from", "make_tiny_checkpoint", "random_model"]
 
 WORDS = ["a", "the", "red", "blue", "green", "circle", "square", "triangle", "cat", "dog", "car", "on", "in",
          "caption", "describe", "detect", "segment", "answer", "question", "ocr", "en", "how", "many", "what",
@@ -14,12 +26,55 @@ WORDS = ["a", "the", "red", "blue", "green", "circle", "square", "triangle", "ca
 CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'\"-()/")
 
 
+def random_model(config: PaliGemmaConfig, device: Any = "cpu", dtype: torch.dtype | None = None,
+                 seed: int = 0) -> PaliGemmaModel:
+    """Random weights of a given shape (full-size checks without downloading anything); dtype
+    float32 unless given. Norm scales are N(0, 0.02) around 1 where the module adds no 1 itself."""
+    import torch
+
+    from .model import build_model
+
+    model = build_model(config, "meta").to_empty(device=device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name or "layer_norm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if "layer_norm" in name or name.startswith("vision") else 0.0))
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.to(torch.float32 if dtype is None else dtype).eval()
+
+
+def hf_model_from(model: PaliGemmaModel):
+    """transformers' PaliGemmaForConditionalGeneration holding exactly our weights (eager attention),
+    keyed in whichever in-memory layout the installed transformers uses (`weights/layouts.py`)."""
+    import torch
+    from transformers import PaliGemmaConfig as HFConfig
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from .weights.layouts import LAYOUTS, detect_layout, to_layout
+
+    w = model.language_model.embed_tokens.weight
+    hcfg = HFConfig(**model.config.to_hf_dict())
+    with torch.device(w.device):
+        hf = PaliGemmaForConditionalGeneration._from_config(hcfg, attn_implementation="eager", torch_dtype=w.dtype)
+    layout = detect_layout(hf.state_dict())
+    sd = {to_layout(k, layout): t for k, t in model.state_dict().items()}
+    if LAYOUTS[layout].head:
+        sd[LAYOUTS[layout].head] = w  # tied
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    if [m for m in missing if m != "lm_head.weight"] or unexpected:
+        raise RuntimeError(f"weight transfer to transformers failed: missing {missing} unexpected {unexpected}")
+    return hf.eval()
+
+
 def make_tiny_checkpoint(folder: str | Path, family: str = "pg1", seed: int = 0, image_size: int = 28) -> Path:
     """Write a random tiny PaliGemma (family "pg1" or "pg2") with a PaliGemma-style tokenizer."""
     import torch
 
     from .config import PRESETS
-    from .engine.bench import random_model
     from .preprocess import ImageProcessor
     from .tokenizer import build_tokenizer
     from .weights.export import save_hub_checkpoint

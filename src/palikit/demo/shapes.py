@@ -12,8 +12,8 @@ and half hold one short rendered word. Every mix-checkpoint task has targets:
     answer en what color is the square    -> "blue"   (asked only when there is exactly one)
 
 Captions and instance orders are canonical (class order, then colour order; instances top-to-bottom
-then left-to-right), so exact match is a fair metric. Boxes are encoded as round(v / side * 1024)
-clipped to 1023, the inverse of the parser's v / 1024 decode.
+then left-to-right), so exact match is a fair metric. Boxes are encoded by `tasks.boxes.encode_box`
+(round(v / side * 1024) clipped to 1023, the inverse of the parser's v / 1024 decode).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ..tasks.boxes import encode_box
 
 CLASSES = ("circle", "square", "triangle")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
@@ -154,15 +156,6 @@ def _area(box) -> float:
     return max(box[2] - box[0], 0) * max(box[3] - box[1], 0)
 
 
-def loc_tokens(box, width: int, height: int) -> str:
-    x0, y0, x1, y1 = box
-
-    def q(v, side):
-        return min(max(int(round(v / side * 1024)), 0), 1023)
-
-    return "".join(f"<loc{q(v, s):04d}>" for v, s in ((y0, height), (x0, width), (y1, height), (x1, width)))
-
-
 def _reading_order(shapes: list[Shape]) -> list[Shape]:
     return sorted(shapes, key=lambda s: (round(s.box[1] / 8), s.box[0]))
 
@@ -180,7 +173,7 @@ def detect_suffix(shapes: list[Shape], classes: list[str], size: tuple[int, int]
     items = []
     for s in _reading_order([s for s in shapes if s.cls in classes]):
         seg = "" if seg_fn is None else "".join(f"<seg{t:03d}>" for t in seg_fn(s))
-        items.append(f"{loc_tokens(s.box, *size)}{seg} {s.cls}")
+        items.append(f"{encode_box(s.box, size)}{seg} {s.cls}")
     return " ; ".join(items)
 
 

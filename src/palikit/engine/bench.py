@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..config import PaliGemmaConfig
-from ..model import PaliGemmaModel, build_model
+from ..testing import hf_model_from, random_model  # re-exported: they lived here before palikit.testing
 from .generate import Engine, GenerationOptions, Request
+
+__all__ = ["BenchRow", "bench_palikit", "bench_transformers", "hf_model_from", "random_model", "run_bench"]
 
 
 @dataclass
@@ -24,21 +26,6 @@ class BenchRow:
     prefill_ms: float
     decode_step_ms: float
     images_per_s: float
-
-
-def random_model(config: PaliGemmaConfig, device="cpu", dtype=torch.float32, seed: int = 0) -> PaliGemmaModel:
-    """Random weights of a given shape (full-size checks without downloading anything)."""
-    model = build_model(config, "meta").to_empty(device=device)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name or "layer_norm" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if "layer_norm" in name or name.startswith("vision") else 0.0))
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.to(dtype).eval()
 
 
 def _sync(device):
@@ -87,29 +74,6 @@ def bench_palikit(model, batch_sizes, new_tokens, prompt_len, repeats, compile=F
         tn = _timed(run(new_tokens), dev, repeats)
         rows.append(BenchRow("palikit", B, t1 * 1e3, (tn - t1) * 1e3 / max(new_tokens - 1, 1), B / tn))
     return rows
-
-
-def hf_model_from(model: PaliGemmaModel):
-    """transformers PaliGemmaForConditionalGeneration holding exactly our weights (eager attention)."""
-    from transformers import PaliGemmaConfig as HFConfig
-    from transformers import PaliGemmaForConditionalGeneration
-
-    w = model.language_model.embed_tokens.weight
-    hcfg = HFConfig(**model.config.to_hf_dict())
-    prefix = {"language_model.": "model.language_model.", "vision_tower.": "model.vision_tower.",
-              "multi_modal_projector.": "model.multi_modal_projector."}
-    sd = {}
-    for k, t in model.state_dict().items():
-        for old, new in prefix.items():
-            if k.startswith(old):
-                sd[new + k[len(old):]] = t
-    sd["lm_head.weight"] = model.language_model.embed_tokens.weight
-    with torch.device(w.device):
-        hf = PaliGemmaForConditionalGeneration._from_config(hcfg, attn_implementation="eager", torch_dtype=w.dtype)
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    if [m for m in missing if m != "lm_head.weight"] or unexpected:
-        raise RuntimeError(f"weight transfer to transformers failed: missing {missing} unexpected {unexpected}")
-    return hf.eval()
 
 
 def bench_transformers(model, batch_sizes, new_tokens, prompt_len, repeats, log=None) -> list[BenchRow]:

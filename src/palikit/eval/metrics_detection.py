@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ..tasks.boxes import box_iou
+
 
 def _cocoeval_classes():
     try:
@@ -109,15 +111,6 @@ def coco_map(coco_gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], *
 
 
 # ------------------------------------------------------------------------------ segmentation
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two (x0, y0, x1, y1) boxes; 0.0 when the union is empty."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def mask_iou(pred: np.ndarray | None, gt: np.ndarray) -> float:
     """IoU of two bool masks of the same shape; None, a shape mismatch or an empty union score 0.0
     (big_vision divides by gt_area + pred_area - inter, which is > 0 for a non-empty gt)."""

@@ -1,4 +1,5 @@
-"""Task layer: prompt builders, output parsing, typed results, the mask codec and drawing.
+"""Task layer: prompt builders, box <-> `<loc>` geometry, output parsing, typed results, COCO RLE, the
+mask codec and drawing.
 
 Re-exports the public names. The `mask_codec` names (torch) are imported lazily so that parsing and
 prompts stay cheap to import. Drawing lives in the submodule: `from palikit.tasks.draw import draw,
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .parse import Detection, ParseResult, box_iou, dedupe, parse_detections
+from .boxes import box_iou, decode_loc, encode_box
+from .parse import Detection, ParseResult, dedupe, parse_detections
 from .prompts import LANGUAGES, answer, caption, describe, detect, ocr, question, segment, suggest_prompt
 from .results import Result, mask_to_rle, rle_to_mask
 
@@ -19,8 +21,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "Detection", "ParseResult", "parse_detections", "dedupe", "box_iou", "LANGUAGES", "caption", "describe", "ocr",
-    "answer", "question", "detect", "segment", "suggest_prompt", "Result", "mask_to_rle", "rle_to_mask", *_LAZY,
+    "Detection", "ParseResult", "parse_detections", "dedupe", "box_iou", "encode_box", "decode_loc", "LANGUAGES",
+    "caption", "describe", "ocr", "answer", "question", "detect", "segment", "suggest_prompt", "Result", "mask_to_rle", "rle_to_mask", *_LAZY,
 ]
 
 

@@ -5,10 +5,11 @@ Output format (detect / segment), instances separated by " ; ":
     <locY0><locX0><locY1><locX1> label                      detection
     <locY0><locX0><locY1><locX1><seg000>…<seg127>×16 label  segmentation (label may be absent)
 
-Coordinates. Each `<locNNNN>` is a bin v in 0..1023 in the order (y_min, x_min, y_max, x_max). By
-default (official demo, HF blog, supervision) y = v / 1024 * H and x = v / 1024 * W, where (W, H)
-is the ORIGINAL image size. `coord_denominator=1023` gives big_vision's RefCOCO convention (v / 1023,
-so bin 1023 is the far edge). Boxes come back as float pixel (x0, y0, x1, y1), clipped to the image.
+Coordinates (defined in `boxes.py`). Each `<locNNNN>` is a bin v in 0..1023 in the order (y_min,
+x_min, y_max, x_max). By default (official demo, HF blog, supervision) y = v / 1024 * H and
+x = v / 1024 * W, where (W, H) is the ORIGINAL image size. `coord_denominator=1023` gives big_vision's
+RefCOCO convention (v / 1023, so bin 1023 is the far edge). Boxes come back as float pixel
+(x0, y0, x1, y1), clipped to the image.
 
 Malformed output is skipped and described in `ParseResult.errors`: fewer than 4 locs (truncated or
 interrupted), boxes with y1 <= y0 or x1 <= x0 (degenerate: dropped), seg runs shorter than 16 (box
@@ -35,6 +36,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from .boxes import box_iou, check_denominator, decode_loc
+
+__all__ = ["Detection", "ParseResult", "box_iou", "dedupe", "detection_to_dict", "parse_detections"]
 
 _LEX = re.compile(
     r"<loc(?P<loc>\d{4})>|<seg(?P<seg>\d{3})>|(?P<bad><(?:loc|seg)[^<>;]{0,8}>?)|(?P<special><[^<>;\s]{1,16}>)"
@@ -163,8 +168,7 @@ def parse_detections(
         raise ValueError(f"image_size must be (width, height), got {image_size!r}") from None
     if w <= 0 or h <= 0:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
-    if coord_denominator not in (1023, 1024):
-        raise ValueError("coord_denominator must be 1024 (official demo) or 1023 (big_vision RefCOCO)")
+    check_denominator(coord_denominator)
     if not isinstance(text, str):
         return ParseResult([], [f"expected text, got {type(text).__name__}"], "")
 
@@ -244,9 +248,7 @@ def parse_detections(
             errors.append(f"instance {n}: {inst.extra_segs} <seg> token(s) beyond 16; ignored")
         if not label and requested and len(requested) == 1:
             label = requested[0]
-        d = coord_denominator
-        box = (min(max(x0 / d * w, 0.0), w), min(max(y0 / d * h, 0.0), h),
-               min(max(x1 / d * w, 0.0), w), min(max(y1 / d * h, 0.0), h))
+        box = decode_loc((y0, x0, y1, x1), (w, h), coord_denominator)
         spans = [(s, e) for _, s, e in inst.locs]
         if raw_label.strip():
             start = inst.label[0][1] + (len(raw_label) - len(raw_label.lstrip()))
@@ -257,15 +259,6 @@ def parse_detections(
             mask_score=scorer.score([(s, e) for _, s, e in inst.segs]) if seg is not None else None,
         ))
     return ParseResult(detections, errors, re.sub(r"[ \t]{2,}", " ", _TOKEN.sub("", text)).strip())
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two (x0, y0, x1, y1) boxes."""
-    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
-    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def dedupe(detections: Sequence[Detection], iou_threshold: float = 0.7) -> list[Detection]:

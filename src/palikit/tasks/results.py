@@ -1,9 +1,8 @@
 """The typed `Result` of one prediction, and its JSON / COCO / supervision conversions.
 
 Owns: `Result` (text, prompt, image size, detections, parse errors, timings, tokens, log-probs,
-prompt hint), COCO run-length encoding of masks (`mask_to_rle` / `rle_to_mask`, uncompressed
-`{"size": [h, w], "counts": [...]}` in column-major order, plus COCO's compressed string form that
-pycocotools' `loadRes` needs), and the optional `supervision` export (imported lazily).
+prompt hint) and the optional `supervision` export (imported lazily). Masks travel as COCO RLE
+(`rle.py`; `mask_to_rle` / `rle_to_mask` are re-exported here for existing imports).
 """
 
 from __future__ import annotations
@@ -16,82 +15,9 @@ from typing import Any
 import numpy as np
 
 from .parse import Detection, detection_to_dict
+from .rle import mask_to_rle, rle_to_mask
 
-
-# ------------------------------------------------------------------------------ RLE
-def _runs(mask: np.ndarray) -> list[int]:
-    flat = np.asarray(mask, dtype=bool).ravel(order="F")  # COCO counts run down columns
-    if flat.size == 0:
-        return []
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat[0]:
-        counts = [0] + counts  # counts always start with a run of zeros
-    return [int(c) for c in counts]
-
-
-def _compress(counts: list[int]) -> str:
-    """COCO's string form of counts (maskApi.c rleToString): deltas to the count two back, in 5-bit
-    little-endian groups with a continuation bit, offset by 48 into printable ASCII."""
-    out = []
-    for i, c in enumerate(counts):
-        x = c - counts[i - 2] if i > 2 else c
-        more = True
-        while more:
-            b = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (b & 0x10) else (x != 0)
-            if more:
-                b |= 0x20
-            out.append(chr(b + 48))
-    return "".join(out)
-
-
-def _decompress(s: str) -> list[int]:
-    counts: list[int] = []
-    p = 0
-    while p < len(s):
-        x = k = 0
-        more = True
-        while more:
-            c = ord(s[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
-def mask_to_rle(mask: np.ndarray, compressed: bool = False) -> dict[str, Any]:
-    """COCO RLE of a 2-D mask: {"size": [h, w], "counts": [...]} (or a COCO string when compressed)."""
-    m = np.asarray(mask)
-    if m.ndim != 2:
-        raise ValueError(f"mask must be 2-D [H, W], got shape {m.shape}")
-    counts = _runs(m)
-    return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": _compress(counts) if compressed else counts}
-
-
-def rle_to_mask(rle: Mapping[str, Any]) -> np.ndarray:
-    """Decode a COCO RLE (list counts or compressed string/bytes counts) to a bool [H, W] array."""
-    h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    if isinstance(counts, str):
-        counts = _decompress(counts)
-    counts = [int(c) for c in counts]
-    if sum(counts) != h * w:
-        raise ValueError(f"RLE counts sum to {sum(counts)}, expected h*w = {h * w}")
-    values = np.zeros(len(counts), dtype=bool)
-    values[1::2] = True
-    flat = np.repeat(values, counts)
-    return flat.reshape((h, w), order="F")
+__all__ = ["Result", "mask_to_rle", "rle_to_mask"]
 
 
 # ------------------------------------------------------------------------------ Result

@@ -14,20 +14,14 @@ import torch
 
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..model import PaliGemmaModel
+from .layouts import to_layout
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "hub_key", "hub_state_dict", "save_hub_checkpoint"]
 
-_HUB_PREFIXES = (
-    ("language_model.", "language_model.model."),
-    ("vision_tower.", "vision_tower.vision_model."),
-)
-
 
 def hub_key(name: str) -> str:
-    for old, new in _HUB_PREFIXES:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
+    """palikit's parameter name -> its key in the published Hub layout (`weights/layouts.py`)."""
+    return to_layout(name, "hub")
 
 
 def hub_state_dict(model: PaliGemmaModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -3,13 +3,8 @@ weights in every PaliGemma key layout in use, map them onto palikit's module nam
 strictly into a model built on the meta device (`assign=True`: each tensor is read from the
 memory-mapped file once, straight onto the target device, with no second copy).
 
-Layouts accepted (prefixes before the shared HF module names):
-
-| layout | language model | vision tower | projector | head |
-|---|---|---|---|---|
-| published Hub files (transformers <= 4.51 writer) | `language_model.model.` | `vision_tower.vision_model.` | `multi_modal_projector.` | optional `language_model.lm_head.weight` |
-| transformers 5.x in memory (`state_dict()`) | `model.language_model.` | `model.vision_tower.` (4.52-5.5: `...vision_model.`) | `model.multi_modal_projector.` | `lm_head.weight` |
-| transformers 5.x `save_pretrained` (hybrid) | `language_model.model.` | `vision_tower.` | `multi_modal_projector.` | none |
+Layouts accepted: every one in the table of `weights/layouts.py` (published Hub files, transformers
+5.x in memory and its 4.52-5.5 variant, 5.x `save_pretrained`'s hybrid), told apart per key.
 
 The head is always tied to the embedding; a stored copy is checked to be identical and dropped.
 SigLIP's attention-pooling head (`vision_tower[.vision_model].head.*`, which transformers writes when a
@@ -28,16 +23,12 @@ import torch
 
 from ..config import PaliGemmaConfig
 from ..model import PaliGemmaModel, build_model
+from .layouts import HEAD_KEYS as _HEAD_KEYS
+from .layouts import internal_key
 
-_PREFIX_RULES = (
-    ("model.language_model.", "language_model."),
-    ("language_model.model.", "language_model."),
-    ("model.vision_tower.vision_model.", "vision_tower."),
-    ("model.vision_tower.", "vision_tower."),
-    ("vision_tower.vision_model.", "vision_tower."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-)
-_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
+__all__ = ["CheckpointError", "check_state_dict", "internal_key", "load_hf_checkpoint", "load_state_dict_into",
+           "read_safetensors", "safetensors_files"]
+
 # SigLIP's pooling head (MAP), palikit names; PaliGemma uses the per-patch features, never this head
 _SIGLIP_POOL_HEAD = {f"vision_tower.head.{k}" for k in (
     "probe", "attention.in_proj_weight", "attention.in_proj_bias", "attention.out_proj.weight",
@@ -48,13 +39,6 @@ log = logging.getLogger("palikit.weights")
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: names the key, the expected and found shapes."""
-
-
-def internal_key(key: str) -> str:
-    for old, new in _PREFIX_RULES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
 
 
 def safetensors_files(path: str | Path) -> list[Path]:
