@@ -323,9 +323,10 @@ class Pending:
 
 def _split_options(options: dict) -> tuple[GenerationOptions, dict]:
     opts = dict(options)
-    parse = {"coord_denominator": opts.pop("coord_denominator", 1024), "dedupe_iou": opts.pop("dedupe_iou", None)}
-    if parse["coord_denominator"] not in (1023, 1024):
-        raise ValueError("coord_denominator must be 1024 (official demo) or 1023 (big_vision RefCOCO)")
+    from .tasks.boxes import DEFAULT_DENOMINATOR, check_denominator
+
+    parse = {"coord_denominator": check_denominator(opts.pop("coord_denominator", DEFAULT_DENOMINATOR)),
+             "dedupe_iou": opts.pop("dedupe_iou", None)}
     sampling = SamplingOptions(
         temperature=opts.pop("temperature", 0.0), top_k=opts.pop("top_k", None),
         top_p=opts.pop("top_p", None), seed=opts.pop("seed", None),

@@ -211,7 +211,9 @@ def gen_options(opts: Options, settings: ServerSettings) -> GenOptions:
     if opts.num_beams > settings.max_num_beams:
         raise bad_request(f"num_beams is {opts.num_beams}; this server allows at most {settings.max_num_beams}.",
                           "num_beams")
-    if opts.coord_denominator not in (1023, 1024):
+    from ..tasks.boxes import DENOMINATORS
+
+    if opts.coord_denominator not in DENOMINATORS:
         raise bad_request("coord_denominator must be 1024 (official demo) or 1023 (big_vision RefCOCO).",
                           "coord_denominator")
     if opts.num_beams > 1 and opts.temperature > 0:

@@ -38,13 +38,15 @@ def all_linear_targets(model: nn.Module) -> list[str]:
 
 def hf_module_name(name: str) -> str:
     """palikit module name -> the module's name inside transformers 5's PaliGemmaForConditionalGeneration."""
-    return "model." + name
+    from ..weights.layouts import to_layout
+
+    return to_layout(name, "transformers")
 
 
 def palikit_module_name(name: str) -> str:
     """A module name of any published layout (transformers 4.x / 5.x, with or without PEFT's prefix)
     -> palikit's."""
-    from ..weights.hf import internal_key
+    from ..weights.layouts import internal_key
 
     name = name.removeprefix(PEFT_PREFIX)
     return internal_key(name)

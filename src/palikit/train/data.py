@@ -9,13 +9,13 @@ COCO -> PaliGemma targets (one example per image):
   `include_absent=True` every category, so absent ones teach an empty answer), suffix
   `<locY0><locX0><locY1><locX1> a ; <loc...> b` (instances grouped by class in prefix order, then
   in annotation order). A coordinate v on an image side of `size` pixels becomes
-  `round(v / size * 1024)` clipped to 0..1023 -- the inverse of the `v / 1024 * size` decode the
-  official demo and palikit's parser use (big_vision's RefCOCO code uses 1023; the two differ by
-  < 0.1% of the side).
+  `round(v / size * 1024)` clipped to 0..1023 (`palikit.tasks.boxes.encode_box`) -- the inverse of
+  the `v / 1024 * size` decode the official demo and palikit's parser use (big_vision's RefCOCO code
+  uses 1023; the two differ by < 0.1% of the side).
 - segment: prefix `segment a ; b`, suffix per instance `<loc>x4 <seg>x16 a`, the 16 `<seg>` codes
-  from the VQ-VAE mask codec (`palikit.tasks.mask_codec.tokens_from_mask`). Polygons and RLE are
-  decoded with pycocotools when installed; without it, polygons and uncompressed RLE are rasterised
-  here and compressed RLE raises a clear error.
+  from the VQ-VAE mask codec (`palikit.tasks.mask_codec.tokens_from_mask`). Segmentations are decoded
+  by `palikit.tasks.rle.segmentation_to_mask` (RLE in NumPy, polygons by pycocotools when installed,
+  else PIL).
 
 Problems are never dropped silently: every bad line / annotation becomes a `Problem` (file, line or
 annotation id, message). `strict=True` raises a `DataError` listing the first few and the count;
@@ -33,6 +33,9 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..tasks.boxes import encode_box
+from ..tasks.rle import segmentation_to_mask as decode_segmentation  # COCO polygons / RLE -> bool mask
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +164,10 @@ def _line_of(p: Problem) -> int:
 
 
 # ------------------------------------------------------------------------------------ COCO
-def loc_token(v: float, size: float) -> str:
-    """One coordinate as a `<locNNNN>` token: round(v / size * 1024) clipped to 0..1023."""
-    return f"<loc{min(max(round(v / size * 1024), 0), 1023):04d}>"
-
-
 def box_tokens(box_xyxy: Sequence[float], width: float, height: float) -> str:
-    x0, y0, x1, y1 = box_xyxy
-    return loc_token(y0, height) + loc_token(x0, width) + loc_token(y1, height) + loc_token(x1, width)
+    """`<locY0><locX0><locY1><locX1>` of a pixel box (`tasks.boxes.encode_box`: round(v / side * 1024)
+    clipped to 0..1023)."""
+    return encode_box(box_xyxy, (width, height))
 
 
 MaskTokenizer = Callable[["object", tuple[float, float, float, float]], list[int]]
@@ -180,42 +179,6 @@ def codec_mask_tokenizer(codec_path: str | Path) -> MaskTokenizer:
 
     codec = MaskCodec.from_npz(codec_path)
     return lambda mask, box: list(tokens_from_mask(codec, mask, box))
-
-
-def decode_segmentation(seg, height: int, width: int):
-    """COCO polygon list / RLE dict -> bool numpy mask [H, W]."""
-    import numpy as np
-
-    try:
-        from pycocotools import mask as mask_utils
-    except ImportError:
-        mask_utils = None
-    if mask_utils is not None:
-        if isinstance(seg, list):
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-        elif isinstance(seg.get("counts"), list):
-            rle = mask_utils.frPyObjects(seg, height, width)
-        else:
-            rle = seg
-        return mask_utils.decode(rle).astype(bool)
-    if isinstance(seg, list):
-        from PIL import Image, ImageDraw
-
-        img = Image.new("L", (width, height), 0)
-        draw = ImageDraw.Draw(img)
-        for poly in seg:
-            if len(poly) >= 6:
-                draw.polygon([(poly[i], poly[i + 1]) for i in range(0, len(poly) - 1, 2)], fill=1)
-        return np.asarray(img, dtype=bool)
-    if isinstance(seg, dict) and isinstance(seg.get("counts"), list):  # uncompressed RLE, column-major
-        flat = np.zeros(height * width, dtype=bool)
-        pos, val = 0, False
-        for c in seg["counts"]:
-            flat[pos:pos + c] = val
-            pos += c
-            val = not val
-        return flat.reshape(width, height).T
-    raise ImportError("compressed COCO RLE segmentation needs pycocotools: pip install pycocotools")
 
 
 def read_coco(path: str | Path) -> dict:

@@ -16,12 +16,13 @@ import re
 import torch
 from torch import nn
 
+from ..weights.layouts import LANGUAGE, PROJECTOR, VISION
 from .adapter import ALL_LINEAR, all_linear_targets
 from .config import ATTENTION_REGEX
 
 ATTENTION_PARAM_RE = re.compile(ATTENTION_REGEX + r"\.weight$")
-VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
-DECODER_PREFIXES = ("language_model.",)
+VISION_PREFIXES = (VISION, PROJECTOR)  # palikit's module prefixes: weights/layouts.py
+DECODER_PREFIXES = (LANGUAGE,)
 
 
 def _is_lora_name(name: str) -> bool:
