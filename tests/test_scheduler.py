@@ -168,3 +168,20 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(models, 
         engine.submit(req, GenerationOptions(5)).result(timeout=30)
     monkeypatch.setattr(batch, "step", real)
     assert engine.submit(req, GenerationOptions(5)).result(timeout=30).tokens == expected
+
+
+@pytest.mark.slow
+def test_bench_reports_both_engines_and_consistent_figures():
+    from palikit.config import get_config
+    from palikit.engine.bench import run_bench
+
+    report = run_bench(get_config("tiny-pg1"), batch_sizes=(1, 3), new_tokens=6, repeats=1, compile=True)
+    engines = {(r["engine"], r["batch_size"]) for r in report["rows"]}
+    assert engines == {(e, b) for e in ("palikit (compiled)", "palikit", "transformers") for b in (1, 3)}
+    for r in report["rows"]:
+        assert r["prefill_ms"] > 0 and r["decode_step_ms"] > 0 and r["images_per_s"] > 0
+    eager = {r["batch_size"]: r for r in report["rows"] if r["engine"] == "palikit"}
+    compiled = {r["batch_size"]: r for r in report["rows"] if r["engine"] == "palikit (compiled)"}
+    for b, ratio in report["compile_speedup"].items():
+        assert ratio == pytest.approx(eager[int(b)]["decode_step_ms"] / compiled[int(b)]["decode_step_ms"])
+    assert report["torch_threads"] >= 1

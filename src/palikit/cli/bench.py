@@ -45,6 +45,8 @@ def bench(
         table.add_row(r["engine"], str(r["batch_size"]), f"{r['prefill_ms']:.2f}", f"{r['decode_step_ms']:.3f}",
                       f"{r['images_per_s']:.1f}")
     console.print(table)
+    for b, ratio in report.get("compile_speedup", {}).items():
+        console.print(f"batch {b}: the compiled step is {ratio:.2f}x the eager one's speed")
     for b, ratio in report["speedup_vs_transformers"].items():
         console.print(f"batch {b}: decode step {ratio['decode_step_speedup']:.1f}x faster, "
                                    f"images/s {ratio['images_per_s_ratio']:.1f}x")
