@@ -72,7 +72,9 @@ def bench_palikit(model, batch_sizes, new_tokens, prompt_len, repeats, compile=F
 
         t1 = _timed(run(1), dev, repeats)
         tn = _timed(run(new_tokens), dev, repeats)
-        rows.append(BenchRow("palikit", B, t1 * 1e3, (tn - t1) * 1e3 / max(new_tokens - 1, 1), B / tn))
+        rows.append(BenchRow("palikit (compiled)" if compile else "palikit", B, t1 * 1e3,
+                             (tn - t1) * 1e3 / max(new_tokens - 1, 1), B / tn))
+    engine.close()
     return rows
 
 

@@ -4,9 +4,11 @@
 - `prefill(rows, requests)` runs new prompts (right-padded, one batched forward over their own
   tokens) and stores their keys/values into the given rows; the rest of the batch is untouched.
 - `step()` decodes one token for every slot at once: each row writes at its own slot index and
-  attends to the first `read_len` cache slots, a power-of-two length bucket, so the step has static
-  shapes (slot count, bucket) and compiles once per bucket (CUDA graphs on GPU). Free rows compute
-  too (that is what keeps shapes static) but never advance and are never read.
+  attends to the first `read_len` cache slots, a power-of-two length bucket, over the first `rows`
+  slots, a power-of-two slot-count bucket that holds every live row (new sequences take the lowest
+  free row, so few live requests decode few rows). Shapes are static per (rows, read_len) bucket
+  pair, so the step compiles once per pair (CUDA graphs on GPU). Free rows inside the bucket
+  compute too but never advance and are never read.
 - `decode_logits()` / `reorder()` are the pieces beam search builds on.
 
 Positions count real tokens only and padding carries `PAD_BLOCK`, so a sequence gives the same
@@ -25,9 +27,9 @@ DECODE_BLOCK = 2**20  # decode tokens' block base: above any prompt block, below
 MIN_BUCKET = 64
 
 
-def length_bucket(n: int) -> int:
-    """The smallest power-of-two multiple of MIN_BUCKET that holds n cache slots."""
-    b = MIN_BUCKET
+def length_bucket(n: int, smallest: int = MIN_BUCKET) -> int:
+    """The smallest power-of-two multiple of `smallest` that is >= n."""
+    b = smallest
     while b < n:
         b *= 2
     return b
@@ -56,7 +58,12 @@ class SlotBatch:
         self._graphs = compile and self.device.type == "cuda"
         self._greedy_step, self._sample_step, self._decode = self._greedy_impl, self._sample_impl, self._decode_impl
         if compile:
-            # CUDA graphs on GPU ("reduce-overhead"); fused C++ kernels on CPU
+            # CUDA graphs on GPU ("reduce-overhead"); fused C++ kernels on CPU. One graph per
+            # (slot bucket, length bucket) pair: allow that many recompiles of these two functions.
+            import torch._dynamo.config as dynamo_config
+
+            pairs = (n_slots.bit_length() + 1) * 10
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, pairs)
             mode = "reduce-overhead" if self._graphs else None
             opts = dict(mode=mode, fullgraph=True, dynamic=False)
             self._greedy_step = torch.compile(self._greedy_impl, **opts)
@@ -144,7 +151,8 @@ class SlotBatch:
         lm = self.model.language_model
         x = lm.embed(tokens[:, None])  # [S, 1, H]
         block = (write + DECODE_BLOCK).to(torch.int32)[:, None]  # [S, 1]: causal over decode tokens
-        h = lm(x, positions[:, None], block, CacheWrite(cache, self._rows, write[:, None], read_len))
+        rows = self._rows[: tokens.shape[0]]  # [n, 1]
+        h = lm(x, positions[:, None], block, CacheWrite(cache, rows, write[:, None], read_len))
         return self.model.logits(h)[:, -1].float()
 
     def _greedy_impl(self, tokens, positions, write, live, cache, read_len: int):
@@ -167,22 +175,30 @@ class SlotBatch:
             self.grow(need)
         return min(length_bucket(need), self.max_len)
 
+    def _rows_bucket(self) -> int:
+        """Power-of-two slot count holding every live row."""
+        top = max((r for r, on in enumerate(self.host_live) if on), default=0) + 1
+        return min(length_bucket(top, 1), self.n_slots)
+
     def step(self, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode one token for every slot (live rows advance). sample=False: all rows greedy.
-        Returns (tokens [S], logprobs [S]) on the device; free rows' values are meaningless."""
-        read_len = self._read_len()
+        """Decode one token for the slots of the current bucket (live rows advance). sample=False:
+        all rows greedy. Returns (tokens [n], logprobs [n]) on the device, n = the slot bucket (>
+        every live row); free rows' values are meaningless."""
+        read_len, n = self._read_len(), self._rows_bucket()
+        cache = self.cache.first_rows(n)
+        state = (self.tokens[:n], self.positions[:n], self.write[:n], self.live[:n], cache)
         if sample:
             sm = self.sampling
-            nxt, lp, pos, wr, counter = self._sample_step(self.tokens, self.positions, self.write, self.live, self.cache,
-                                                          sm.temperature, sm.top_k, sm.top_p, sm.seed, sm.counter, read_len)
-            self.sampling.counter.copy_(counter)
+            nxt, lp, pos, wr, counter = self._sample_step(*state, sm.temperature[:n], sm.top_k[:n], sm.top_p[:n],
+                                                          sm.seed[:n], sm.counter[:n], read_len)
+            self.sampling.counter[:n].copy_(counter)
         else:
-            nxt, lp, pos, wr = self._greedy_step(self.tokens, self.positions, self.write, self.live, self.cache, read_len)
+            nxt, lp, pos, wr = self._greedy_step(*state, read_len)
         if self._graphs:  # CUDA-graph outputs are overwritten by the next replay
             nxt, lp = nxt.clone(), lp.clone()
-        self.tokens.copy_(nxt)
-        self.positions.copy_(pos)
-        self.write.copy_(wr)
+        self.tokens[:n].copy_(nxt)
+        self.positions[:n].copy_(pos)
+        self.write[:n].copy_(wr)
         self._advance_host()
         return nxt, lp
 

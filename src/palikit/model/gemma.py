@@ -55,11 +55,23 @@ class KVCache(nn.Module):
         else:
             self.block.index_fill_(0, rows, PAD_BLOCK)
 
+    def first_rows(self, n: int) -> CacheRows:
+        """Views of rows [0, n): a decode step over the first n slots only (a slot-count bucket)."""
+        return CacheRows(self.k[:, :n], self.v[:, :n], self.block[:n])
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Reorder / duplicate batch rows in place (beam search, prefix sharing)."""
         self.k.copy_(self.k.index_select(1, rows))
         self.v.copy_(self.v.index_select(1, rows))
         self.block.copy_(self.block.index_select(0, rows))
+
+
+class CacheRows(NamedTuple):
+    """The first rows of a KVCache, as views (writes go through to the cache)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    block: torch.Tensor
 
 
 class CacheWrite(NamedTuple):
@@ -68,7 +80,7 @@ class CacheWrite(NamedTuple):
     tokens (prefill); an int: over cache slots [0, read_len) of the rows, after the write (decode;
     then rows must be every cache row in order)."""
 
-    cache: KVCache
+    cache: KVCache | CacheRows
     rows: torch.Tensor
     slots: torch.Tensor
     read_len: int | None = None
