@@ -60,6 +60,11 @@ def _run(page, tmp_path, task: str, text: str = "", data: bytes | None = None, k
     return page.text_content("#status")
 
 
+def _canvas_size(page) -> dict:
+    return page.evaluate("""() => { const c = document.getElementById('canvas');
+        return {canvas: [c.width, c.height], shown: [c.clientWidth, c.clientHeight], scale: window.palikit.view().scale}; }""")
+
+
 def test_playground_runs_tasks_and_shows_the_models_text(page, tmp_path):
     data = png_bytes(120, 80, seed=5)
     im = Image.open(io.BytesIO(data))
@@ -76,8 +81,9 @@ def test_playground_runs_tasks_and_shows_the_models_text(page, tmp_path):
         assert page.text_content("#raw-text") == expected.text
         assert page.text_content("#det-count") == f"({len(expected.detections)})"
         assert page.evaluate("window.palikit.lastResult.prompt") == expected.prompt
-        size = page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]")
-        assert size == [120, 80]  # the uploaded image is drawn at its own size
+        # a small upload is shown a whole number of times larger: shorter side 80 -> 6x = 480 >= 448 px,
+        # on screen (CSS pixels) and in the canvas's own pixels (one per CSS pixel at devicePixelRatio 1)
+        assert _canvas_size(page) == {"canvas": [720, 480], "shown": [720, 480], "scale": 6}
     assert page.outside == []  # no CDN, no outside requests
     assert page.console_errors == []
 
@@ -100,12 +106,13 @@ def test_playground_draws_boxes_and_masks(page):
                               "mask": mask_to_rle(mask, compressed=True)}],
               "errors": [], "timings": {}}
     page.evaluate("r => window.palikit.render(r)", result)
+    k = page.evaluate("window.palikit.view().scale")  # image pixels -> canvas pixels (1 when no upload yet)
     pixel = """([x, y]) => Array.from(document.getElementById('canvas').getContext('2d').getImageData(x, y, 1, 1).data)"""
-    assert page.evaluate(pixel, [10, 55])[:3] == [230, 25, 75]  # left edge of box 1: first palette colour
-    masked = page.evaluate(pixel, [80, 20])  # inside box 2 and its mask
+    assert page.evaluate(pixel, [10 * k, 55 * k])[:3] == [230, 25, 75]  # left edge of box 1: first palette colour
+    masked = page.evaluate(pixel, [80 * k, 20 * k])  # inside box 2 and its mask
     assert page.text_content("#detections").count("(mask)") == 2
     page.evaluate("r => window.palikit.render(r)", {**result, "detections": [{**d, "mask": None} for d in result["detections"]]})
-    plain = page.evaluate(pixel, [80, 20])
+    plain = page.evaluate(pixel, [80 * k, 20 * k])
     green = (60, 180, 75)  # second palette colour, blended at alpha 120/255
     expected = [round(p + (g - p) * 120 / 255) for p, g in zip(plain[:3], green)]
     assert masked[:3] == pytest.approx(expected, abs=3)
@@ -114,6 +121,41 @@ def test_playground_draws_boxes_and_masks(page):
     decoded = page.evaluate("r => Array.from(window.palikit.decodeRle(r))", mask_to_rle(mask, compressed=True))
     assert np.array_equal(np.array(decoded, dtype=bool).reshape(80, 120), mask)
     assert page.text_content("#det-count") == "(2)"
+
+
+def test_a_small_image_is_shown_enlarged_with_legible_labels(page, tmp_path):
+    """A 112 px demo image is shown at 448 px (4x, crisp pixels), on screen and in canvas pixels; its
+    boxes land at 4x their coordinates and each label is a filled patch of the box colour holding
+    text pixels at least 14 px tall. The screenshot is kept next to the test's files."""
+    import numpy as np
+
+    from palikit.demo.shapes import make_sample
+    from palikit.tasks.results import mask_to_rle
+
+    sample = make_sample(0, seed=2_000_003, size=112)
+    path = tmp_path / "shapes.png"
+    sample.image.save(path)
+    page.set_input_files("#file", str(path))
+    expect(page.locator("#status")).to_have_text(re.compile(r"^Image loaded: 112x112"))
+    assert _canvas_size(page) == {"canvas": [448, 448], "shown": [448, 448], "scale": 4}
+    dets = [{"label": s.cls, "box": list(s.box), "score": 0.9, "mask": mask_to_rle(s.mask)} for s in sample.shapes]
+    page.evaluate("r => window.palikit.render(r)", {"text": "", "prompt": "segment", "image_size": [112, 112],
+                                                    "detections": dets, "errors": [], "timings": {}})
+    shot = Image.open(io.BytesIO(page.locator("#canvas").screenshot(path=str(tmp_path / "playground-canvas.png"))))
+    assert min(shot.size) >= 448  # what the user sees: the canvas and its 1 px border
+    pixels = np.array(page.evaluate("""() => Array.from(document.getElementById('canvas').getContext('2d')
+        .getImageData(0, 0, 448, 448).data)"""), dtype=np.uint8).reshape(448, 448, 4)[..., :3]
+    palette = [(230, 25, 75), (60, 180, 75)]  # the playground's first two colours (#e6194b, #3cb44b)
+    for shape, color in zip(sample.shapes, palette):
+        x0, y0, x1, y1 = (int(v * 4) for v in shape.box)
+        assert (pixels[y1 - 1, x0 + 8: x1 - 8] == color).all()  # bottom edge at 4x the box
+        band = pixels[max(y0 - 30, 0): y0 + 30, x0: x0 + 100]  # the label: above the box or just inside
+        patch = (band == color).all(axis=-1)
+        rows = np.nonzero(patch.sum(axis=1) > 40)[0]
+        assert rows.size and rows.max() - rows.min() + 1 >= 14, f"label patch of {shape.cls} too small"
+        text = band[rows.min(): rows.max() + 1]
+        ink = (text.min(axis=-1) > 200) | (text.max(axis=-1) < 60)  # white or black letters
+        assert ink.sum() > 30, f"no label text for {shape.cls}"
 
 
 def test_playground_shows_server_errors(page, tmp_path):

@@ -1,15 +1,20 @@
 """Draw detections (boxes, labels, scores, semi-transparent masks) on an image, and save PNGs atomically.
 
 Colours: one distinct colour per label, assigned in order of first appearance from a fixed palette
-(so the same call always gives the same colours). Line width and font size scale with the image's
-shorter side so labels stay readable on thumbnails and on large photos.
+(so the same call always gives the same colours). Small images (shorter side under `min_side`, 448 px
+by default) are first upscaled by a whole factor with nearest-neighbour pixels, boxes and masks with
+them, so a 112 px demo image comes out at 448 px with every source pixel a crisp 4x4 block and the
+masks on the same pixel grid; the long side stays under `MAX_SIDE`. Line width and font size then
+scale with the output's shorter side so labels stay readable on thumbnails and on large photos.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +39,33 @@ def label_colors(detections: Sequence[Detection]) -> dict[str, tuple[int, int, i
     return out
 
 
+MIN_SIDE = 448  # shorter side of an annotated small image
+MAX_SIDE = 4096  # the upscaled long side stays at or under this (a 1000x20 strip is not blown up 23x)
+
+
+def upscale_factor(size: tuple[int, int], min_side: int = MIN_SIDE) -> int:
+    """The whole factor k >= 1 that brings the shorter side of a (width, height) image to at least
+    `min_side` (0 = never upscale), limited so the long side stays <= MAX_SIDE."""
+    w, h = size
+    if min_side <= 0 or min(w, h) >= min_side:
+        return 1
+    return max(1, min(math.ceil(min_side / min(w, h)), MAX_SIDE // max(w, h)))
+
+
+def _upscaled(image: Image.Image, detections: Sequence[Detection], k: int):
+    """`image` and `detections` k times larger: nearest-neighbour pixels, boxes times k, masks repeated."""
+    if k == 1:
+        return image, list(detections)
+    big = image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
+    out = []
+    for d in detections:
+        mask = d.mask
+        if mask is not None:
+            mask = np.repeat(np.repeat(np.asarray(mask, dtype=bool), k, axis=0), k, axis=1)  # [H*k, W*k]
+        out.append(replace(d, box=tuple(v * k for v in d.box), mask=mask))
+    return big, out
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
@@ -42,9 +74,11 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def draw(image: Image.Image, detections: Sequence[Detection], *, show_scores: bool = True,
-         mask_alpha: float = 0.45) -> Image.Image:
-    """A copy of `image` (RGB, same size) with masks tinted, boxes outlined and labels written."""
-    out = image.convert("RGB")
+         mask_alpha: float = 0.45, min_side: int = MIN_SIDE) -> Image.Image:
+    """A copy of `image` (RGB) with masks tinted, boxes outlined and labels written. Detections are in
+    `image`'s pixels; an image whose shorter side is under `min_side` is drawn `upscale_factor` times
+    larger (nearest neighbour), so the result is `image.size` times that factor (`min_side=0`: same size)."""
+    out, detections = _upscaled(image.convert("RGB"), detections, upscale_factor(image.size, min_side))
     w, h = out.size
     colors = label_colors(detections)
     arr = np.asarray(out, dtype=np.float32).copy()  # [H, W, 3]
@@ -57,8 +91,8 @@ def draw(image: Image.Image, detections: Sequence[Detection], *, show_scores: bo
     out = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
     canvas = ImageDraw.Draw(out)
     short = min(w, h)
-    line = max(1, round(short / 250))
-    font = _font(max(10, round(short / 32)))
+    line = max(1, round(short / 224))
+    font = _font(max(12, round(short / 28)))  # 16 px at 448, 43 px at 1200
     for d in detections:
         color = colors[d.label]
         x0, y0, x1, y1 = d.box

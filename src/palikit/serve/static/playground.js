@@ -24,12 +24,28 @@
     $("lang-row").hidden = !["caption", "describe", "answer"].includes(task);
   }
 
+  // The picture's on-screen size: a small image (shorter side under MIN_SIDE) is shown a whole number of
+  // times larger with crisp (nearest) pixels, so a 112 px image shows at 448 px and its labels are legible;
+  // a large one is shrunk to fit MAX_SIDE. The canvas holds devicePixelRatio pixels per CSS pixel.
+  const MIN_SIDE = 448, MAX_SIDE = 1024, MAX_UP_SIDE = 2048;
+  let view = { scale: 1, cssWidth: canvas.width, cssHeight: canvas.height, dpr: 1 };
+
+  function viewScale(w, h) {
+    const short = Math.min(w, h), long = Math.max(w, h);
+    if (short < MIN_SIDE) return Math.max(1, Math.min(Math.ceil(MIN_SIDE / short), Math.floor(MAX_UP_SIDE / long)));
+    return Math.min(1, MAX_SIDE / long);
+  }
+
   function drawImage() {
     if (!image) return;
-    const w = image.naturalWidth, h = image.naturalHeight;
-    scale = Math.min(1, 1024 / Math.max(w, h));
-    canvas.width = Math.max(1, Math.round(w * scale));
-    canvas.height = Math.max(1, Math.round(h * scale));
+    const w = image.naturalWidth, h = image.naturalHeight, css = viewScale(w, h), dpr = window.devicePixelRatio || 1;
+    const cssWidth = Math.max(1, Math.round(w * css)), cssHeight = Math.max(1, Math.round(h * css));
+    canvas.width = Math.max(1, Math.round(cssWidth * dpr));
+    canvas.height = Math.max(1, Math.round(cssHeight * dpr));
+    canvas.style.width = cssWidth + "px";
+    scale = canvas.width / w;  // image pixels -> canvas pixels
+    view = { scale, cssWidth, cssHeight, dpr };
+    ctx.imageSmoothingEnabled = scale < 1;  // upscaled: nearest, like the annotated PNGs
     ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
   }
 
@@ -75,6 +91,27 @@
 
   function hexToRgb(hex) { const n = parseInt(hex.slice(1), 16); return [(n >> 16) & 255, (n >> 8) & 255, n & 255]; }
 
+  // A box outline and a filled label patch (above the box, else just inside it); line width and font
+  // grow with the canvas so labels stay legible on small images shown enlarged.
+  function drawBox(d, color) {
+    const short = Math.min(canvas.width, canvas.height);
+    const line = Math.max(2, Math.round(short / 224)), fontPx = Math.max(14, Math.round(short / 28));
+    const [x0, y0, x1, y1] = d.box.map((v) => v * scale);
+    ctx.strokeStyle = color; ctx.lineWidth = line;
+    ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
+    const label = (d.label || "?") + (d.score == null ? "" : " " + d.score.toFixed(2));
+    ctx.font = fontPx + "px sans-serif";
+    const tw = Math.ceil(ctx.measureText(label).width) + 6, th = fontPx + 6;
+    const lx = Math.min(Math.max(x0, 0), Math.max(canvas.width - tw, 0));
+    const ly = y0 - th >= 0 ? y0 - th : Math.min(y0 + line, Math.max(canvas.height - th, 0));
+    ctx.fillStyle = color;
+    ctx.fillRect(lx, ly, tw, th);
+    const [r, g, b] = hexToRgb(color);
+    ctx.fillStyle = 0.299 * r + 0.587 * g + 0.114 * b > 140 ? "#000" : "#fff";
+    ctx.textBaseline = "middle";
+    ctx.fillText(label, lx + 3, ly + th / 2);
+  }
+
   function render(result) {
     drawImage();
     const dets = result.detections || [];
@@ -91,14 +128,7 @@
         octx.putImageData(data, 0, 0);
         ctx.drawImage(off, 0, 0, canvas.width, canvas.height);
       }
-      if (d.box) {
-        const [x0, y0, x1, y1] = d.box.map((v) => v * scale);
-        ctx.strokeStyle = color; ctx.lineWidth = 3;
-        ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
-        const label = (d.label || "?") + (d.score == null ? "" : " " + d.score.toFixed(2));
-        ctx.font = "14px sans-serif"; ctx.fillStyle = color;
-        ctx.fillText(label, x0 + 3, Math.max(14, y0 - 4));
-      }
+      if (d.box) drawBox(d, color);
       const li = document.createElement("li");
       li.textContent = (d.label || "?") + "  box " + (d.box || []).map((v) => Math.round(v)).join(", ") +
         (d.score == null ? "" : "  score " + d.score.toFixed(3)) + (d.mask ? "  (mask)" : "");
@@ -154,5 +184,5 @@
   updateTask();
   fetch("/readyz").then((r) => r.json()).then((b) => { $("model").textContent = b.model ? "model: " + b.model : "(starting)"; }).catch(() => {});
 
-  window.palikit = { render, decodeRle, lastResult: null };
+  window.palikit = { render, decodeRle, lastResult: null, view: () => view };
 })();
