@@ -157,3 +157,17 @@ def test_random_full_size_tokenizer_spans_the_output_vocabulary(tmp_path: Path):
     assert fitted.text.vocab_size >= tok.vocab_size and fitted.text.hidden_size == cfg.text.hidden_size
     assert max(tok.loc_ids + tok.seg_ids) < fitted.output_vocab_size
     tok.decode([fitted.output_vocab_size - 1, 1000, 200_000])  # every id the model can emit decodes
+
+
+def test_palikit_bench_serve_command(capsys):
+    import palikit.cli.bench_serve  # noqa: F401  (registers the command, as cli/__init__.py will)
+    from palikit.cli import main
+
+    # a preset name: random weights of that shape (the GPU run's path), every request at its token budget
+    assert main(["bench-serve", "--model", "tiny-pg2", "--requests", "3", "--rate", "50", "--backends", "bc",
+                 "--max-new-tokens", "short=3,caption=4,long=6", "--no-stream", "--device", "cpu"]) == 0
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert last["model"] == "tiny-pg2-random" and last["agree_with_b"] == {"c": 3}
+    assert last["backends"]["b"]["mixed"]["completed"] == last["backends"]["c"]["mixed"]["completed"] == 3
+    assert main(["bench-serve", "--rate", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err
