@@ -16,7 +16,7 @@ from palikit import PaliGemma
 from palikit.cli.predict import bundled_demo_model
 from palikit.config import get_config
 from palikit.engine import serve_bench as sb
-from palikit.engine.serve_backends import RunToCompletion, random_tokenizer
+from palikit.engine.serve_backends import ContinuousBackend, RunToCompletion, random_tokenizer
 
 
 class _Pending:
@@ -81,14 +81,29 @@ def test_the_trace_is_seeded_poisson_and_mixed(pg):
         sb.make_trace(pool, 5, 1.0, mix={"huge": 1.0})
 
 
+class NoScheduler:
+    """A PaliGemma as before the continuous scheduler: no submit / configure_scheduler."""
+
+    def __init__(self, pg):
+        self._pg = pg
+
+    def __getattr__(self, name):
+        if name in ("submit", "configure_scheduler"):
+            raise AttributeError(name)
+        return getattr(self._pg, name)
+
+
 def test_a_tiny_trace_through_every_backend(pg):
-    fake = StandInScheduler(pg)
+    # the real scheduler when this build has one, else the stand-in (same interface)
+    target = pg if ContinuousBackend.available(pg) else StandInScheduler(pg)
     try:
-        report = sb.run_serve_bench(fake, n_requests=12, rate=40.0, seed=1, slots=4, n_images=4, progress=False,
+        report = sb.run_serve_bench(target, n_requests=12, rate=40.0, seed=1, slots=4, n_images=4, progress=False,
                                     keep_records=True, max_new_tokens={"long": 24})
-        assert fake.slots == 4  # configure_scheduler(max_slots=) got the slot count
+        if isinstance(target, StandInScheduler):
+            assert target.slots == 4  # configure_scheduler(max_slots=) got the slot count
     finally:
-        fake.close()
+        if isinstance(target, StandInScheduler):
+            target.close()
     trace = [sb.TraceRequest(**r) for r in report["trace_requests"]]
     assert {r.cls for r in trace} == set(sb.CLASSES)
     shorts = [r.index for r in trace if r.cls == "short"]
@@ -131,13 +146,21 @@ def test_a_tiny_trace_through_every_backend(pg):
     assert hw["cpu"] and hw["torch_threads"] >= 1 and hw["device"] == "cpu"
 
 
-def test_cli_without_a_scheduler_says_so_and_ends_with_json(capsys):
-    assert sb.main(["--requests", "4", "--rate", "50", "--backends", "ab", "--no-stream"]) == 0
+def test_without_a_scheduler_backend_a_is_reported_as_not_run(pg):
+    report = sb.run_serve_bench(NoScheduler(pg), n_requests=4, rate=50.0, backends="ab", n_images=2, stream=False,
+                                progress=False)
+    assert set(report["backends"]) == {"b"} and "no continuous scheduler" in report["skipped"]["a"]
+    assert report["targets"]["short_p99_mixed_vs_alone"]["pass"] is None
+    assert report["targets"]["throughput_vs_b"]["pass"] is None
+    assert "(a) not run: " in sb.format_report(report)
+
+
+def test_cli_ends_with_the_json_line(capsys):
+    assert sb.main(["--requests", "4", "--rate", "50", "--backends", "b", "--no-stream"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert any("(a) not run" in line and "no continuous scheduler" in line for line in out)
     last = json.loads(out[-1])
-    assert set(last["backends"]) == {"b"} and last["targets"]["short_p99_mixed_vs_alone"]["pass"] is None
-    assert last["backends"]["b"]["mixed"]["completed"] == 4
+    assert last["backends"]["b"]["mixed"]["completed"] == 4 and last["trace"]["requests"] == 4
+    assert any(line.startswith("(b) run-to-completion batches") for line in out)
 
 
 def test_bad_options_are_clear_errors(capsys):

@@ -4,10 +4,10 @@ one small interface: `submit(request) -> Handle` returns at once; a Handle carri
 
   ContinuousBackend   (a) the continuous slot scheduler: `pg.submit(image, prompt, on_text=, **options)`,
                       stamps read from its pending object (`pg.configure_scheduler(max_slots=)` sets slots).
-  RunToCompletion     (b) today's serving path: the server's own MicroBatcher (bounded FIFO, batches of
-                      identical options up to `slots`, 5 ms gathering wait) over `pg.predict_batch`; each
-                      batch runs until its longest member ends, so the first token is known only when the
-                      batch is done (t_first_token = t_done).
+  RunToCompletion     (b) the serving path before the continuous scheduler: a FIFO gathered into batches
+                      of identical options up to `slots` (5 ms gathering wait), each batch run until its
+                      longest member ends, so the first token is known only when the batch is done
+                      (t_first_token = t_done).
   HFSequential        (c) transformers `generate` (greedy, eager attention, same weights) one request at a
                       time in FIFO order; the first token is stamped by a generate streamer.
 
@@ -17,7 +17,7 @@ without downloading anything), with a tokenizer that spans the preset's whole ou
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import concurrent.futures
 import queue
 import threading
@@ -62,6 +62,7 @@ class ContinuousBackend:
 
     name = "continuous"
     label = "(a) continuous scheduler"
+    impl = "PaliGemma.submit"
 
     def __init__(self, pg, slots: int):
         if not self.available(pg):
@@ -75,7 +76,7 @@ class ContinuousBackend:
         return callable(getattr(pg, "submit", None)) and callable(getattr(pg, "configure_scheduler", None))
 
     def submit(self, index: int, image, prompt: str, options: dict, on_text=None) -> Handle:
-        h = _PendingHandle(index, time.perf_counter())
+        h = _PendingHandle(index, time.perf_counter(), tokenizer=self.pg.tokenizer)
         try:
             h.pending = self.pg.submit(image, prompt, on_text=on_text, **options)
         except Exception as e:  # noqa: BLE001 - a refused request is counted as failed
@@ -91,12 +92,18 @@ class _PendingHandle(Handle):
     """A Handle over the scheduler's pending object, whose own stamps are the measurement."""
 
     pending: Any = None
+    tokenizer: Any = None
 
     def wait(self, timeout: float | None) -> bool:
         if self.pending is None or self._event.is_set():
             return self._event.is_set()
+        fut = getattr(self.pending, "future", None)
         try:
-            result = self.pending.result(timeout=timeout)
+            if fut is not None:  # the engine's Generation: tokens and text, no task parsing (as (b), (c))
+                gen = fut.result(timeout)
+                result = _Tokens(list(gen.tokens), self.tokenizer.decode(gen.tokens))
+            else:
+                result = self.pending.result(timeout=timeout)
         except (TimeoutError, concurrent.futures.TimeoutError):
             return False
         except Exception as e:  # noqa: BLE001
@@ -111,47 +118,151 @@ class _PendingHandle(Handle):
 
 
 # ------------------------------------------------------------------------------------------- (b)
+@dataclass(eq=False)
+class _Job:
+    handle: Handle
+    key: tuple
+    image: Any
+    prompt: str
+    options: dict
+
+
 class RunToCompletion:
-    """(b) The server's MicroBatcher over `pg.predict_batch`, on its own event loop thread."""
+    """(b) Run-to-completion batching: a bounded FIFO and one worker thread that takes the oldest request
+    plus every queued one with identical options (up to `slots`), waits at most `max_wait_ms` from the
+    oldest's arrival for the batch to fill, and runs the batch until its longest member ends, as the
+    server's micro-batcher did before the continuous scheduler. The batch runs on `pg.predict_batch` when
+    that is the run-to-completion engine, or, once the engine is continuous (its `predict_batch` no
+    longer batches that way), on a `SlotBatch` of its own through `_SlotBatchRunner`."""
 
     name = "run_to_completion"
     label = "(b) run-to-completion batches"
 
-    def __init__(self, pg, slots: int, max_wait_ms: float = 5.0, max_queue: int = 100_000):
-        from ..serve.batcher import MicroBatcher
-
-        self.pg = pg
-        self.batches: list[int] = []
-        self.batcher = MicroBatcher(self._run_batch, max_batch_size=slots, max_wait_ms=max_wait_ms,
-                                    max_queue=max_queue, on_batch=lambda n, s: self.batches.append(n))
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="serve-bench-batcher", daemon=True)
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.batcher.start(), self.loop).result(30)
-
-    def _run_batch(self, key: tuple, payloads: list[tuple]) -> list[Any]:
-        return self.pg.predict_batch([p[0] for p in payloads], [p[1] for p in payloads],
-                                     batch_size=len(payloads), **dict(key))
-
-    async def _one(self, h: Handle, key: tuple, payload: tuple) -> None:
-        try:
-            result = await self.batcher.submit(key, payload)
-        except Exception as e:  # noqa: BLE001 - QueueFull, Stopped or the model's error
-            h.finish(error=e)
+    def __init__(self, pg, slots: int, max_wait_ms: float = 5.0):
+        self.pg, self.slots, self.max_wait_s = pg, slots, max_wait_ms / 1e3
+        if _SlotBatchRunner.available(pg):
+            self.run_batch, self.impl = _SlotBatchRunner(pg), "SlotBatch prefilled per batch, decoded to its end"
         else:
-            h.finish(result)
+            self.run_batch, self.impl = _SlotBatchRunner(pg, old=True), "Engine.generate (run-to-completion engine)"
+        self.batches: list[int] = []
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopped = False
+        self.thread = threading.Thread(target=self._worker, name="serve-bench-batcher", daemon=True)
+        self.thread.start()
 
     def submit(self, index: int, image, prompt: str, options: dict, on_text=None) -> Handle:
         h = Handle(index, time.perf_counter())
-        key = tuple(sorted(options.items()))  # batches hold identical options, as in the server
-        asyncio.run_coroutine_threadsafe(self._one(h, key, (image, prompt)), self.loop)
+        with self._cv:
+            self._queue.append(_Job(h, tuple(sorted(options.items())), image, prompt, options))
+            self._cv.notify()
         return h
 
+    def _ready(self) -> int:
+        head = self._queue[0]
+        return min(sum(j.key == head.key for j in self._queue), self.slots)
+
+    def _take(self) -> list[_Job]:
+        head = self._queue.popleft()
+        batch, keep = [head], collections.deque()
+        for job in self._queue:
+            (batch if len(batch) < self.slots and job.key == head.key else keep).append(job)
+        self._queue = keep
+        return batch
+
+    def _worker(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopped:
+                    self._cv.wait()
+                while not self._stopped and self._ready() < self.slots:  # bounded wait for the batch to fill
+                    left = self._queue[0].handle.t_submit + self.max_wait_s - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+                if self._stopped:
+                    return
+                batch = self._take()
+            try:
+                results = self.run_batch([j.image for j in batch], [j.prompt for j in batch], batch[0].options)
+            except Exception as e:  # noqa: BLE001 - every member of a failed batch counts as failed
+                for j in batch:
+                    j.handle.finish(error=e)
+            else:
+                for j, r in zip(batch, results):
+                    j.handle.finish(r)
+            self.batches.append(len(batch))
+
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.batcher.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
-        self.loop.close()
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self.thread.join(60)
+
+
+class _SlotBatchRunner:
+    """One run-to-completion batch: each distinct image through the tower once, then either the old
+    engine's `Engine.generate` (`old=True`: run-to-completion itself), or, on the continuous engine, its
+    public pieces: one `engine.new_batch` per batch size, the whole batch prefilled at once, then greedy
+    steps for every row until the last row ends (ended rows keep decoding, as in the old engine), on
+    the engine thread (`engine.scheduler.call`). Tokens and text only: no task parsing, as (a) and (c)."""
+
+    def __init__(self, pg, old: bool = False):
+        self.pg, self.engine, self.old = pg, pg.engine, old
+        self._batches: dict[int, Any] = {}
+
+    @staticmethod
+    def available(pg) -> bool:
+        engine = getattr(pg, "engine", None)
+        return callable(getattr(engine, "new_batch", None)) and hasattr(getattr(engine, "scheduler", None), "call")
+
+    def __call__(self, images, prompts, options) -> list[Any]:
+        from .generate import Request
+
+        extra = set(options) - {"max_new_tokens"}
+        if extra:
+            raise ValueError(f"the run-to-completion backend replays greedy requests only; drop {sorted(extra)}")
+        max_new = options.get("max_new_tokens", 64)
+        feats: dict[int, torch.Tensor] = {}
+        model = self.pg.model
+        w = model.vision_tower.embeddings.patch_embedding.weight
+        with torch.inference_mode():
+            for img in images:  # each distinct image through the tower once
+                if id(img) not in feats:
+                    pv = self.pg.processor.preprocess_with_sizes([img])[0].to(w.device, w.dtype)  # [1, 3, S, S]
+                    feats[id(img)] = model.embed_images(pv)[0]  # [N, H]
+        requests = [Request(self.pg.tokenizer.encode_prompt(p).ids, image_features=feats[id(i)])
+                    for i, p in zip(images, prompts)]
+        if self.old:
+            from .generate import GenerationOptions
+
+            rows = [g.tokens for g in self.engine.generate(requests, GenerationOptions(max_new_tokens=max_new))]
+        else:
+            rows = self.engine.scheduler.call(lambda: self._run(requests, max_new)).result()
+        return [_Tokens(t, self.pg.tokenizer.decode(t)) for t in rows]
+
+    @torch.inference_mode()
+    def _run(self, requests, max_new: int) -> list[list[int]]:
+        B = len(requests)
+        P = max(len(r.text_ids) + r.image_features.shape[0] for r in requests)
+        if B not in self._batches:
+            self._batches[B] = self.engine.new_batch(B, P + max_new)
+        batch, rows = self._batches[B], list(range(B))
+        tokens = batch.prefill(rows, requests).argmax(dim=-1)  # [B]
+        batch.set_tokens(rows, tokens)
+        out: list[list[int]] = [[] for _ in rows]
+        ended = [False] * B
+        eos = set(self.engine.eos_ids)
+        for step in range(max_new):
+            for b, t in enumerate(tokens.tolist()):
+                ended[b] = ended[b] or t in eos
+                if not ended[b]:
+                    out[b].append(t)
+            if all(ended) or step + 1 == max_new:
+                break
+            tokens, _ = batch.step(sample=False)
+        batch.release(rows)
+        return out
 
 
 # ------------------------------------------------------------------------------------------- (c)
@@ -175,6 +286,7 @@ class HFSequential:
 
     name = "transformers"
     label = "(c) transformers generate, one at a time"
+    impl = "PaliGemmaForConditionalGeneration.generate, greedy, eager attention"
 
     def __init__(self, pg):
         from .bench import hf_model_from

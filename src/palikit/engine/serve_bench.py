@@ -259,8 +259,8 @@ def run_serve_bench(pg, *, n_requests: int = 480, rate: float = 120.0, seed: int
             try:
                 _warm_up(backend, pool, budgets)
                 first = len(getattr(backend, "batches", ()))
-                runs[key] = {"label": backend.label, "mixed": replay(backend, trace, pool, timeout_s=timeout_s,
-                                                                     progress=bar)}
+                runs[key] = {"label": backend.label, "impl": backend.impl,
+                             "mixed": replay(backend, trace, pool, timeout_s=timeout_s, progress=bar)}
                 if hasattr(backend, "batches"):  # the mixed run's batch sizes
                     runs[key]["batch_sizes"] = list(backend.batches[first:])
                 if key in "ab" and short_trace:
@@ -274,7 +274,7 @@ def run_serve_bench(pg, *, n_requests: int = 480, rate: float = 120.0, seed: int
                         "short_alone_requests": len(short_trace), "images": n_images},
               "backends": {}, "skipped": skipped, "agree_with_b": _agreement(runs)}
     for key, run in runs.items():
-        entry = {"label": run["label"], "mixed": summarize(run["mixed"], offered)}
+        entry = {"label": run["label"], "impl": run["impl"], "mixed": summarize(run["mixed"], offered)}
         if "alone" in run:
             entry["short_alone"] = alone = summarize(run["alone"], offered_short)
             mixed_p99, alone_p99 = entry["mixed"]["short_latency_p99_s"], alone["short_latency_p99_s"]
@@ -359,7 +359,7 @@ def format_report(report: dict) -> str:
     lines.append("")
     for key, e in report["backends"].items():
         mt = e["mixed"]["mean_tokens"]
-        lines.append(f"{e['label']}: mean output tokens " + ", ".join(f"{c} {_f(v, '.1f')}" for c, v in mt.items())
+        lines.append(f"{e['label']} [{e['impl']}]: mean output tokens " + ", ".join(f"{c} {_f(v, '.1f')}" for c, v in mt.items())
                      + (f"; mean batch {e['mean_batch_size']:.1f}" if e.get("mean_batch_size") else "")
                      + (f"; short p99 mixed / alone {e['short_p99_mixed_vs_alone']:.2f}x"
                         if e.get("short_p99_mixed_vs_alone") else "")
