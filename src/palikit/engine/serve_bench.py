@@ -11,9 +11,11 @@ issue 14. The last line printed is one JSON object with every figure.
 
 Latency and time to first token count from each request's SCHEDULED arrival (open loop: a late
 submitter or a full queue cannot hide waiting). Throughput = completed requests (tokens) divided by
-the time from the trace's start to the last completion; it can only exceed the offered rate's
-reach when a backend falls behind, so the default rate is one the run-to-completion backend cannot
-sustain on the demo model (see the `saturated` flag per backend).
+the time from the trace's start to the last completion, so it measures a backend's capacity only
+when the backend falls behind the offered rate (`saturated`); the default 120/s is more than either
+batching backend sustained with the demo model on 2 CPU cores, and the throughput target says when
+the offered rate, not the backend, capped (a). Every backend returns tokens and text only: task
+parsing (boxes, mask decoding) is left out of all of them.
 """
 
 from __future__ import annotations
@@ -127,9 +129,19 @@ def _pct(values, q) -> float | None:
     return float(np.percentile(values, q)) if len(values) else None
 
 
-def summarize(run: dict, offered_rate: float) -> dict:
-    """Throughput, latency and time-to-first-token figures of one replay (seconds); `saturated` when the
-    backend completed requests clearly slower than they were offered."""
+def _backlog_growth(ok: list[dict]) -> float | None:
+    """Median latency of the last quarter of arrivals over the first quarter's: a queue that keeps
+    growing (the backend cannot keep up with the offered rate) makes it large."""
+    if len(ok) < 8:
+        return None
+    lat = [r["t_done"] - r["scheduled"] for r in sorted(ok, key=lambda r: r["scheduled"])]
+    q = len(lat) // 4
+    return float(np.median(lat[-q:]) / max(np.median(lat[:q]), 1e-9))
+
+
+def summarize(run: dict) -> dict:
+    """Throughput, latency and time-to-first-token figures of one replay (seconds); `saturated` when
+    requests arriving late waited more than twice as long as the first ones (a growing queue)."""
     recs, t0 = run["records"], run["t0"]
     ok = [r for r in recs if r["status"] == "ok"]
     end = max((r["t_done"] for r in ok), default=t0)
@@ -146,7 +158,8 @@ def summarize(run: dict, offered_rate: float) -> dict:
         "short_latency_p50_s": _pct(short, 50), "short_latency_p99_s": _pct(short, 99),
         "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
         "max_submit_lag_s": max((r["t_submit"] - r["scheduled"] for r in recs), default=0.0),
-        "saturated": rps < 0.9 * offered_rate,
+        "backlog_growth": (growth := _backlog_growth(ok)),
+        "saturated": bool(growth is not None and growth > 2.0),
         "mean_tokens": {c: float(np.mean(n)) if (n := [r["n_tokens"] for r in ok if r["cls"] == c]) else None
                         for c in CLASSES},
         "errors": sorted({r["error"] for r in recs if r["error"]})[:3],
@@ -190,7 +203,9 @@ def stream_check(pg, image, prompt: str, max_new_tokens: int, repeats: int = 5) 
         text_equal &= stext == text
     n = max(n, 1)
     per_plain, per_stream = min(p_times) / n, min(s_times) / n
-    return {"impl": "continuous scheduler (on_text)" if scheduler else "PaliGemma.stream (no scheduler in this build)",
+    impl = ("continuous scheduler (on_text)" if scheduler else
+            "PaliGemma.stream vs PaliGemma.predict, which also parses boxes and masks (no scheduler in this build)")
+    return {"impl": impl,
             "prompt": prompt, "tokens": n, "repeats": repeats, "plain_s_per_token": per_plain,
             "stream_s_per_token": per_stream, "ratio": per_stream / per_plain,
             "median_ratio": float(np.median(s_times) / np.median(p_times)), "stream_text_equal": text_equal}
@@ -230,28 +245,10 @@ def _agreement(runs: dict, ref: str = "b") -> dict:
             for k, run in runs.items() if k != ref}
 
 
-def run_serve_bench(pg, *, n_requests: int = 480, rate: float = 120.0, seed: int = 0, slots: int = 16,
-                    mix: dict | None = None, backends: str = "abc", n_images: int = 32, timeout_s: float = 600.0,
-                    stream: bool = True, max_new_tokens: dict | None = None, progress: bool = True,
-                    keep_records: bool = False) -> dict:
-    """Replay one trace against each backend in `backends` ("a", "b", "c"), the short class alone on
-    (a) and (b), and the streaming check; returns the report (see `format_report`), with every
-    request's stamps and text under "records" when `keep_records`."""
+def _replay_all(pg, backends, trace, short_trace, pool, budgets, slots, timeout_s, progress) -> dict:
+    """Each backend in turn: warm-up, the mixed trace, then (a) and (b) the short class alone."""
     from rich.progress import Progress
 
-    unknown = set(backends) - set(BACKENDS)
-    if unknown or not backends:
-        raise ValueError(f"backends must be letters among a, b, c; got {backends!r}")
-    skipped = {}
-    if "a" in backends and not ContinuousBackend.available(pg):
-        skipped["a"] = "this build's PaliGemma has no continuous scheduler (submit / configure_scheduler)"
-        backends = backends.replace("a", "")
-    pool = image_pool(n_images, pg.model.config.vision.image_size)
-    trace = make_trace(pool, n_requests, rate, seed, mix, max_new_tokens)
-    budgets = {**MAX_NEW_TOKENS, **(max_new_tokens or {})}
-    short_trace = [r for r in trace if r.cls == "short"]
-    offered = len(trace) / trace[-1].arrival_s
-    offered_short = len(short_trace) / short_trace[-1].arrival_s if short_trace else 0.0
     runs: dict[str, dict] = {}
     with Progress(transient=True, disable=not progress, console=_stderr_console()) as bar:
         for key in backends:
@@ -267,21 +264,47 @@ def run_serve_bench(pg, *, n_requests: int = 480, rate: float = 120.0, seed: int
                     runs[key]["alone"] = replay(backend, short_trace, pool, timeout_s=timeout_s, progress=bar)
             finally:
                 backend.close()
+    return runs
+
+
+def _entry(run: dict) -> dict:
+    entry = {"label": run["label"], "impl": run["impl"], "mixed": summarize(run["mixed"])}
+    if "alone" in run:
+        entry["short_alone"] = alone = summarize(run["alone"])
+        mixed_p99, alone_p99 = entry["mixed"]["short_latency_p99_s"], alone["short_latency_p99_s"]
+        entry["short_p99_mixed_vs_alone"] = mixed_p99 / alone_p99 if mixed_p99 and alone_p99 else None
+    if "batch_sizes" in run:
+        entry["mean_batch_size"] = float(np.mean(run["batch_sizes"])) if run["batch_sizes"] else None
+    return entry
+
+
+def run_serve_bench(pg, *, n_requests: int = 480, rate: float = 120.0, seed: int = 0, slots: int = 16,
+                    mix: dict | None = None, backends: str = "abc", n_images: int = 32, timeout_s: float = 600.0,
+                    stream: bool = True, max_new_tokens: dict | None = None, progress: bool = True,
+                    keep_records: bool = False) -> dict:
+    """Replay one trace against each backend in `backends` ("a", "b", "c"), the short class alone on
+    (a) and (b), and the streaming check; returns the report (see `format_report`), with every
+    request's stamps and text under "records" when `keep_records`."""
+    unknown = set(backends) - set(BACKENDS)
+    if unknown or not backends:
+        raise ValueError(f"backends must be letters among a, b, c; got {backends!r}")
+    skipped = {}
+    if "a" in backends and not ContinuousBackend.available(pg):
+        skipped["a"] = "this build's PaliGemma has no continuous scheduler (submit / configure_scheduler)"
+        backends = backends.replace("a", "")
+    pool = image_pool(n_images, pg.model.config.vision.image_size)
+    trace = make_trace(pool, n_requests, rate, seed, mix, max_new_tokens)
+    budgets = {**MAX_NEW_TOKENS, **(max_new_tokens or {})}
+    short_trace = [r for r in trace if r.cls == "short"]
+    offered = len(trace) / trace[-1].arrival_s
+    runs = _replay_all(pg, backends, trace, short_trace, pool, budgets, slots, timeout_s, progress)
     report = {"model": pg.name, "hardware": hardware(pg),
               "trace": {"requests": len(trace), "rate_per_s": rate, "offered_per_s": offered, "seed": seed,
                         "slots": slots, "mix": mix or DEFAULT_MIX, "max_new_tokens": budgets,
                         "classes": {c: sum(r.cls == c for r in trace) for c in CLASSES},
                         "short_alone_requests": len(short_trace), "images": n_images},
-              "backends": {}, "skipped": skipped, "agree_with_b": _agreement(runs)}
-    for key, run in runs.items():
-        entry = {"label": run["label"], "impl": run["impl"], "mixed": summarize(run["mixed"], offered)}
-        if "alone" in run:
-            entry["short_alone"] = alone = summarize(run["alone"], offered_short)
-            mixed_p99, alone_p99 = entry["mixed"]["short_latency_p99_s"], alone["short_latency_p99_s"]
-            entry["short_p99_mixed_vs_alone"] = mixed_p99 / alone_p99 if mixed_p99 and alone_p99 else None
-        if "batch_sizes" in run:
-            entry["mean_batch_size"] = float(np.mean(run["batch_sizes"])) if run["batch_sizes"] else None
-        report["backends"][key] = entry
+              "skipped": skipped, "agree_with_b": _agreement(runs)}
+    report["backends"] = {key: _entry(run) for key, run in runs.items()}
     if stream:
         longest = max((r for run in runs.values() for r in run["mixed"]["records"]
                        if r["cls"] == "long" and r["status"] == "ok"), key=lambda r: r["n_tokens"], default=None)
@@ -316,6 +339,10 @@ def targets(report: dict) -> dict:
     out["throughput_vs_b"] = {"value": thr, "p99_not_worse": p99_ok,
                               "target": f">= {TARGETS['throughput_ratio']}x (b) at equal or better p99",
                               "pass": None if thr is None else bool(thr >= TARGETS["throughput_ratio"] and p99_ok)}
+    if thr is not None and not a["mixed"]["saturated"] and thr < TARGETS["throughput_ratio"]:
+        need = TARGETS["throughput_ratio"] * rb["mixed"]["requests_per_s"]
+        out["throughput_vs_b"]["note"] = (f"(a) kept up with the offered {report['trace']['offered_per_s']:.0f}/s: "
+                                          f"rerun with --rate above {need:.0f} to measure its capacity")
     runs = [s for e in b.values() for s in (e["mixed"], e.get("short_alone")) if s]
     lost = sum(s["lost"] + s["failed"] for s in runs)
     out["nothing_lost"] = {"value": lost, "target": "0 lost or failed", "pass": lost == 0 if runs else None}
@@ -349,7 +376,8 @@ def format_report(report: dict) -> str:
              f"seed {tr['seed']}, {tr['slots']} slots / max batch; classes "
              + ", ".join(f"{c} {n}" for c, n in tr["classes"].items())
              + "; max_new_tokens " + ", ".join(f"{c} {n}" for c, n in tr["max_new_tokens"].items()),
-             "latency and TTFT in seconds from each request's scheduled arrival; sat = completed slower than offered",
+             "latency and TTFT in seconds from each request's scheduled arrival; sat = saturated (the last quarter "
+             "of arrivals waited > 2x as long as the first: a growing queue)",
              "", f"{'backend':<34}{'req/s':>7}{'tok/s':>8}{'p50':>8}{'p99':>8}{'shrt50':>8}{'shrt99':>8}"
              f"{'ttft50':>8}{'ttft99':>8}{'lost':>5}{'fail':>5}  sat"]
     for key, e in report["backends"].items():
@@ -385,7 +413,10 @@ def format_report(report: dict) -> str:
         value = "not measured" if t["value"] is None else (str(t["value"]) if isinstance(t["value"], int)
                                                            else f"{t['value']:.2f}")
         lines.append(f"  [{verdict}] {name}: {value}"
-                     f" (target {t['target']})" + (f" [{t['impl']}]" if t.get("impl") else ""))
+                     f" (target {t['target']})" + (f" [{t['impl']}]" if t.get("impl") else "")
+                     + ({True: "; p99 not worse than (b)'s", False: "; p99 worse than (b)'s"}
+                        .get(t.get("p99_not_worse"), ""))
+                     + (f"; {t['note']}" if t.get("note") else ""))
     return "\n".join(lines)
 
 
