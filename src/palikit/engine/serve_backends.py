@@ -128,12 +128,12 @@ class _Job:
 
 
 class RunToCompletion:
-    """(b) Run-to-completion batching: a bounded FIFO and one worker thread that takes the oldest request
-    plus every queued one with identical options (up to `slots`), waits at most `max_wait_ms` from the
+    """(b) Run-to-completion batching: a FIFO and one worker thread that takes the oldest request plus
+    every queued one with identical options (up to `slots`), waits at most `max_wait_ms` from the
     oldest's arrival for the batch to fill, and runs the batch until its longest member ends, as the
-    server's micro-batcher did before the continuous scheduler. The batch runs on `pg.predict_batch` when
-    that is the run-to-completion engine, or, once the engine is continuous (its `predict_batch` no
-    longer batches that way), on a `SlotBatch` of its own through `_SlotBatchRunner`."""
+    server's micro-batcher did before the continuous scheduler (nothing is refused: the queue is not
+    capped, so waiting shows up as latency). Batches run through `_SlotBatchRunner`: the old engine's
+    `Engine.generate` where that is run-to-completion, else a `SlotBatch` of the continuous engine."""
 
     name = "run_to_completion"
     label = "(b) run-to-completion batches"
