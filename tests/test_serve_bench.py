@@ -1,14 +1,12 @@
 """The serving benchmark's harness on the bundled demo model with a tiny trace: every request is
 accounted for with ordered stamps, the JSON line holds every figure, run-to-completion answers are
 `pg.predict`'s, and backend (a)'s adapter works against the scheduler interface (`submit`,
-`configure_scheduler`, pending stamps, `on_text`), here served by a stand-in built from backend (b)
-until the real scheduler lands."""
+`configure_scheduler`, pending stamps, `on_text`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -16,48 +14,7 @@ from palikit import PaliGemma
 from palikit.cli.predict import bundled_demo_model
 from palikit.config import get_config
 from palikit.engine import serve_bench as sb
-from palikit.engine.serve_backends import ContinuousBackend, RunToCompletion, random_tokenizer
-
-
-class _Pending:
-    def __init__(self, handle, on_text):
-        self.h, self.on_text, self.sent = handle, on_text, False
-
-    t_submit = property(lambda self: self.h.t_submit)
-    t_first_token = property(lambda self: self.h.t_first_token)
-    t_done = property(lambda self: self.h.t_done)
-
-    def result(self, timeout=None):
-        if not self.h.wait(timeout):
-            raise TimeoutError("not done")
-        if self.h.error:
-            raise RuntimeError(self.h.error)
-        if self.on_text is not None and not self.sent:
-            self.sent = True
-            self.on_text(self.h.text)
-        return SimpleNamespace(tokens=self.h.tokens, text=self.h.text)
-
-
-class StandInScheduler:
-    """The continuous scheduler's interface over run-to-completion batches (test-only stand-in)."""
-
-    def __init__(self, pg):
-        self._pg, self._rtc, self.slots = pg, None, None
-
-    def __getattr__(self, name):
-        return getattr(self._pg, name)
-
-    def configure_scheduler(self, max_slots=16):
-        if self._rtc is not None:
-            self._rtc.close()
-        self._rtc, self.slots = RunToCompletion(self._pg, max_slots), max_slots
-
-    def submit(self, image, prompt, *, on_text=None, **options):
-        return _Pending(self._rtc.submit(0, image, prompt, options), on_text)
-
-    def close(self):
-        if self._rtc is not None:
-            self._rtc.close()
+from palikit.engine.serve_backends import random_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +51,9 @@ class NoScheduler:
 
 
 def test_a_tiny_trace_through_every_backend(pg):
-    # the real scheduler when this build has one, else the stand-in (same interface)
-    target = pg if ContinuousBackend.available(pg) else StandInScheduler(pg)
-    try:
-        report = sb.run_serve_bench(target, n_requests=12, rate=40.0, seed=1, slots=4, n_images=4, progress=False,
-                                    keep_records=True, max_new_tokens={"long": 24})
-        if isinstance(target, StandInScheduler):
-            assert target.slots == 4  # configure_scheduler(max_slots=) got the slot count
-    finally:
-        if isinstance(target, StandInScheduler):
-            target.close()
+    report = sb.run_serve_bench(pg, n_requests=12, rate=40.0, seed=1, slots=4, n_images=4, progress=False,
+                                keep_records=True, max_new_tokens={"long": 24})
+    assert pg.engine.scheduler.max_slots == 4  # configure_scheduler(max_slots=) got the slot count
     trace = [sb.TraceRequest(**r) for r in report["trace_requests"]]
     assert {r.cls for r in trace} == set(sb.CLASSES)
     shorts = [r.index for r in trace if r.cls == "short"]
@@ -183,7 +133,6 @@ def test_random_full_size_tokenizer_spans_the_output_vocabulary(tmp_path: Path):
 
 
 def test_palikit_bench_serve_command(capsys):
-    import palikit.cli.bench_serve  # noqa: F401  (registers the command, as cli/__init__.py will)
     from palikit.cli import main
 
     # a preset name: random weights of that shape (the GPU run's path), every request at its token budget

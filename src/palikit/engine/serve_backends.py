@@ -132,18 +132,15 @@ class RunToCompletion:
     every queued one with identical options (up to `slots`), waits at most `max_wait_ms` from the
     oldest's arrival for the batch to fill, and runs the batch until its longest member ends, as the
     server's micro-batcher did before the continuous scheduler (nothing is refused: the queue is not
-    capped, so waiting shows up as latency). Batches run through `_SlotBatchRunner`: the old engine's
-    `Engine.generate` where that is run-to-completion, else a `SlotBatch` of the continuous engine."""
+    capped, so waiting shows up as latency). Batches run through `_SlotBatchRunner` on a `SlotBatch` of
+    the engine: the same kernels as (a), only the policy differs."""
 
     name = "run_to_completion"
     label = "(b) run-to-completion batches"
 
     def __init__(self, pg, slots: int, max_wait_ms: float = 5.0):
         self.pg, self.slots, self.max_wait_s = pg, slots, max_wait_ms / 1e3
-        if _SlotBatchRunner.available(pg):
-            self.run_batch, self.impl = _SlotBatchRunner(pg), "SlotBatch prefilled per batch, decoded to its end"
-        else:
-            self.run_batch, self.impl = _SlotBatchRunner(pg, old=True), "Engine.generate (run-to-completion engine)"
+        self.run_batch, self.impl = _SlotBatchRunner(pg), "SlotBatch prefilled per batch, decoded to its end"
         self.batches: list[int] = []
         self._queue: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()
@@ -201,20 +198,15 @@ class RunToCompletion:
 
 
 class _SlotBatchRunner:
-    """One run-to-completion batch: each distinct image through the tower once, then either the old
-    engine's `Engine.generate` (`old=True`: run-to-completion itself), or, on the continuous engine, its
+    """One run-to-completion batch: each distinct image through the tower once, then the engine's
     public pieces: one `engine.new_batch` per batch size, the whole batch prefilled at once, then greedy
-    steps for every row until the last row ends (ended rows keep decoding, as in the old engine), on
-    the engine thread (`engine.scheduler.call`). Tokens and text only: no task parsing, as (a) and (c)."""
+    steps for every row until the last row ends (ended rows keep decoding, as the pre-continuous engine
+    did), on the engine thread (`engine.scheduler.call`). Tokens and text only: no task parsing, as (a)
+    and (c)."""
 
-    def __init__(self, pg, old: bool = False):
-        self.pg, self.engine, self.old = pg, pg.engine, old
+    def __init__(self, pg):
+        self.pg, self.engine = pg, pg.engine
         self._batches: dict[int, Any] = {}
-
-    @staticmethod
-    def available(pg) -> bool:
-        engine = getattr(pg, "engine", None)
-        return callable(getattr(engine, "new_batch", None)) and hasattr(getattr(engine, "scheduler", None), "call")
 
     def __call__(self, images, prompts, options) -> list[Any]:
         from .generate import Request
@@ -233,12 +225,7 @@ class _SlotBatchRunner:
                     feats[id(img)] = model.embed_images(pv)[0]  # [N, H]
         requests = [Request(self.pg.tokenizer.encode_prompt(p).ids, image_features=feats[id(i)])
                     for i, p in zip(images, prompts)]
-        if self.old:
-            from .generate import GenerationOptions
-
-            rows = [g.tokens for g in self.engine.generate(requests, GenerationOptions(max_new_tokens=max_new))]
-        else:
-            rows = self.engine.scheduler.call(lambda: self._run(requests, max_new)).result()
+        rows = self.engine.scheduler.call(lambda: self._run(requests, max_new)).result()
         return [_Tokens(t, self.pg.tokenizer.decode(t)) for t in rows]
 
     @torch.inference_mode()
