@@ -1,7 +1,12 @@
 """Continuous batching: one scheduler thread owns the model and runs every generation.
 
 Requests wait in one bounded FIFO. Between decode steps the scheduler admits as many as there are
-free slots (and `max_prefill_tokens` allows): their images go through the vision tower as one batch
+free slots (and `max_prefill_tokens` allows), when admitting is worth a prefill: nothing is decoding,
+at least `min_admit` requests can join at once (a quarter of the slots by default), or requests have
+waited `max_waiting_steps` decode steps (TGI's `max_waiting_tokens` rule). That keeps one-request
+prefills from eating the decode time under load (a prefill costs about a decode step when the model
+is small), at a cost of a few steps of first-token latency. Admitted
+requests' images go through the vision tower as one batch
 (cached by content), their prompts through one batched prefill into the free cache rows, and their
 first tokens are sampled. Then one decode step advances every live slot; a sequence that produced
 a stop token or reached its `max_new_tokens` is finished and its slot freed at once, so a short
@@ -86,13 +91,17 @@ class Ticket:
 
 class Scheduler:
     def __init__(self, engine, *, max_slots: int = 16, max_len: int = 512, max_queue: int = 1024,
-                 max_prefill_tokens: int = 8192, image_cache_bytes: int = 256 * 2**20, compile: bool = False):
+                 max_prefill_tokens: int = 8192, image_cache_bytes: int = 256 * 2**20, compile: bool = False,
+                 min_admit: int | None = None, max_waiting_steps: int = 8):
         if max_slots < 1 or max_queue < 1:
             raise ValueError("max_slots and max_queue must be >= 1")
         self.engine = engine
         self.max_slots = max_slots
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
+        self.min_admit = min_admit or max(1, max_slots // 4)
+        self.max_waiting_steps = max_waiting_steps
+        self._steps_waiting = 0  # decode steps run while requests waited for admission
         self.image_cache = FeatureCache(image_cache_bytes)
         self._batch_args = (max_slots, max_len, compile)
         self.batch: SlotBatch | None = None  # allocated on the scheduler thread
@@ -191,9 +200,21 @@ class Scheduler:
                             self._finish(t, error=e)
                         self._live.clear()
 
+    def _admit_now(self, free: int) -> bool:
+        queued = len(self._queue)
+        if not queued or not free:
+            return False
+        return (not self._live or min(queued, free) >= self.min_admit
+                or self._steps_waiting >= self.max_waiting_steps)
+
     def _take(self) -> list[Ticket]:
-        """Queued tickets for the free slots, oldest first, within the prefill token budget."""
+        """Queued tickets for the free slots, oldest first, within the prefill token budget (when
+        admitting now is worth a prefill; else none)."""
         free = self.max_slots - len(self._live)
+        if not self._admit_now(free):
+            self._steps_waiting += bool(self._queue)
+            return []
+        self._steps_waiting = 0
         out, tokens = [], 0
         while self._queue and len(out) < free:
             t = self._queue[0]
@@ -238,7 +259,11 @@ class Scheduler:
             logits = batch.prefill(rows, [t.request for t in tickets])
             sampling = row_sampling([t.options.sampling for t in tickets], [t.seed for t in tickets],
                                     batch.vocab, batch.device)
-            tokens, logprobs = sample_rows(logits, sampling)
+            if all(t.options.sampling.greedy for t in tickets):  # no sort over the vocabulary
+                tokens = logits.argmax(dim=-1)
+                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+            else:
+                tokens, logprobs = sample_rows(logits, sampling)
             sampling.counter += 1
             batch.set_tokens(rows, tokens)
             batch.set_sampling(rows, sampling)
