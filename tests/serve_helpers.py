@@ -64,6 +64,11 @@ class one_thread:
         torch.set_num_threads(self.n)
 
 
+CHROMIUM = "/usr/bin/chromium"  # Debian's (scripts/setup-system.sh installs it)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

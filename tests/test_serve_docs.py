@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
-from serve_helpers import shared_server
+from serve_helpers import CHROMIUM, CHROMIUM_FLAGS as FLAGS, shared_server
 
 pytestmark = pytest.mark.slow  # a real server process and chromium
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,11 @@ import re
 import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
-from serve_helpers import API_KEY, one_thread, png_bytes, reference_model, shared_server
+from serve_helpers import API_KEY, CHROMIUM, one_thread, png_bytes, reference_model, shared_server
+from serve_helpers import CHROMIUM_FLAGS as FLAGS
 
 pytestmark = pytest.mark.slow  # a real server process and chromium
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
