@@ -65,6 +65,8 @@ class SlotBatch:
             pairs = (n_slots.bit_length() + 1) * 10
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, pairs)
             mode = "reduce-overhead" if self._graphs else None
+            for t in (self.tokens, self.positions, self.write, self.live, *vars(self.sampling).values()):
+                torch._dynamo.mark_static_address(t)
             opts = dict(mode=mode, fullgraph=True, dynamic=False)
             self._greedy_step = torch.compile(self._greedy_impl, **opts)
             self._sample_step = torch.compile(self._sample_impl, **opts)
@@ -147,27 +149,38 @@ class SlotBatch:
 
     # ------------------------------------------------------------------------------ decode
     def _decode_impl(self, tokens, positions, write, cache, read_len: int):
-        """tokens/positions/write [S] -> logits [S, V] (fp32); writes each row's k/v at its slot."""
+        """tokens/positions/write [n] over cache rows [0, n) -> logits [n, V] (fp32); writes each
+        row's k/v at its slot."""
         lm = self.model.language_model
-        x = lm.embed(tokens[:, None])  # [S, 1, H]
-        block = (write + DECODE_BLOCK).to(torch.int32)[:, None]  # [S, 1]: causal over decode tokens
+        x = lm.embed(tokens[:, None])  # [n, 1, H]
+        block = (write + DECODE_BLOCK).to(torch.int32)[:, None]  # [n, 1]: causal over decode tokens
         rows = self._rows[: tokens.shape[0]]  # [n, 1]
         h = lm(x, positions[:, None], block, CacheWrite(cache, rows, write[:, None], read_len))
         return self.model.logits(h)[:, -1].float()
 
-    def _greedy_impl(self, tokens, positions, write, live, cache, read_len: int):
-        logits = self._decode_impl(tokens, positions, write, cache, read_len)
+    # The compiled steps take the whole persistent state (static addresses, so CUDA graphs may
+    # capture its in-place updates) and slice the first `n` rows inside the graph.
+    def _greedy_impl(self, tokens, positions, write, live, cache, read_len: int, n: int):
+        logits = self._decode_impl(tokens[:n], positions[:n], write[:n], cache.first_rows(n), read_len)
         nxt = logits.argmax(dim=-1)
         logprob = (logits.gather(-1, nxt[:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True))[:, 0]
-        step = live.long()
-        return nxt, logprob, positions + step, write + step
+        step = live[:n].long()
+        tokens[:n].copy_(nxt)
+        positions[:n].add_(step)
+        write[:n].add_(step)
+        return nxt, logprob
 
     def _sample_impl(self, tokens, positions, write, live, cache, temperature, top_k, top_p, seed, counter,
-                     read_len: int):
-        logits = self._decode_impl(tokens, positions, write, cache, read_len)
-        nxt, logprob = sample_rows(logits, RowSampling(temperature, top_k, top_p, seed, counter))
-        step = live.long()
-        return nxt, logprob, positions + step, write + step, counter + step
+                     read_len: int, n: int):
+        logits = self._decode_impl(tokens[:n], positions[:n], write[:n], cache.first_rows(n), read_len)
+        rows = RowSampling(temperature[:n], top_k[:n], top_p[:n], seed[:n], counter[:n])
+        nxt, logprob = sample_rows(logits, rows)
+        step = live[:n].long()
+        tokens[:n].copy_(nxt)
+        positions[:n].add_(step)
+        write[:n].add_(step)
+        counter[:n].add_(step)
+        return nxt, logprob
 
     def _read_len(self) -> int:
         need = max((w for w, on in zip(self.host_write, self.host_live) if on), default=0) + 1
@@ -185,20 +198,14 @@ class SlotBatch:
         all rows greedy. Returns (tokens [n], logprobs [n]) on the device, n = the slot bucket (>
         every live row); free rows' values are meaningless."""
         read_len, n = self._read_len(), self._rows_bucket()
-        cache = self.cache.first_rows(n)
-        state = (self.tokens[:n], self.positions[:n], self.write[:n], self.live[:n], cache)
+        state = (self.tokens, self.positions, self.write, self.live, self.cache)
         if sample:
             sm = self.sampling
-            nxt, lp, pos, wr, counter = self._sample_step(*state, sm.temperature[:n], sm.top_k[:n], sm.top_p[:n],
-                                                          sm.seed[:n], sm.counter[:n], read_len)
-            self.sampling.counter[:n].copy_(counter)
+            nxt, lp = self._sample_step(*state, sm.temperature, sm.top_k, sm.top_p, sm.seed, sm.counter, read_len, n)
         else:
-            nxt, lp, pos, wr = self._greedy_step(*state, read_len)
+            nxt, lp = self._greedy_step(*state, read_len, n)
         if self._graphs:  # CUDA-graph outputs are overwritten by the next replay
             nxt, lp = nxt.clone(), lp.clone()
-        self.tokens[:n].copy_(nxt)
-        self.positions[:n].copy_(pos)
-        self.write[:n].copy_(wr)
         self._advance_host()
         return nxt, lp
 
