@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from palikit.tasks.mask_codec import MaskCodec, make_random_codec, mask_from_tokens, tokens_from_mask, train_mask_codec
+from palikit.tasks.mask_codec import MaskCodec, make_random_codec, mask_from_tokens, tokens_from_mask
+from palikit.train.mask_codec import train_mask_codec
 
 
 def shapes(n: int, seed: int, size: int = 64) -> torch.Tensor:

@@ -44,3 +44,37 @@ def test_unknown_keys_and_bad_values_are_clear(tmp_path):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="pad_to_max_len=true needs max_len"):
         TrainConfig.from_dict({"pad_to_max_len": True})
+
+
+def test_errors_name_the_file_line_or_override_and_the_field(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: /m\n\nbatch_size: eight\nmode: lora\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml line 3: batch_size: cannot use 'eight' as int"):
+        TrainConfig.from_yaml(p)
+    # an override replaces the file's value, so the error points at the override
+    with pytest.raises(ConfigError, match=r"^override 'batch_size=0': batch_size must be >= 1, got 0$"):
+        TrainConfig.from_yaml(p, ["batch_size=0"])
+    p.write_text("lr: 1e-3\nbtach_size: 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'btach_size' \(line 2; did you mean 'batch_size'\?\); known keys: model"):
+        TrainConfig.from_yaml(p)
+    p.write_text("lr: 1e-3\nmode: lora\nlr: 2e-3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml line 3: lr is already set on line 1"):
+        TrainConfig.from_yaml(p)
+    p.write_text("max_len: 32\npad_to_max_len: true\nmax_steps: 0\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml line 3: max_steps must be >= 1, got 0"):
+        TrainConfig.from_yaml(p)
+    p.write_text("pad_to_max_len: true\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml line 1: pad_to_max_len=true needs max_len"):
+        TrainConfig.from_yaml(p)
+    # bounds and choices come from the annotations, for direct construction too
+    for kw, msg in [(dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\), got 1.0"),
+                    (dict(collapse_warn=2), r"collapse_warn must be in \[0, 1\] \(a fraction of the sample\), got 2"),
+                    (dict(plateau_patience=-1), r"plateau_patience must be >= 0 \(0 disables the warning\)"),
+                    (dict(lr=0), r"lr must be > 0, got 0"), (dict(loss="mse"), r"loss='mse': must be one of big_vision, hf"),
+                    (dict(keep_last="two"), r"keep_last: cannot use 'two' as int")]:
+        with pytest.raises(ConfigError, match=msg):
+            TrainConfig(**kw)
+    # values are converted to the declared types on construction too
+    cfg = TrainConfig(lr="2e-4", batch_size=4.0, freeze_vision="yes", max_steps="none", tasks="ocr, count")
+    assert (cfg.lr, cfg.batch_size, cfg.freeze_vision, cfg.max_steps, cfg.tasks) == (2e-4, 4, True, None, ["ocr", "count"])
+    assert type(cfg.batch_size) is int

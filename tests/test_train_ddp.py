@@ -7,6 +7,7 @@ import pytest
 
 from safetensors.torch import load_file
 
+from palikit.train.config import TrainConfig
 from palikit.train.trainer import train
 from test_train_helpers import distributed_worker, free_port, one_thread, run_config, run_kwargs, setup_run  # noqa: F401
 
@@ -34,3 +35,43 @@ def test_two_process_ddp_matches_single_process(tmp_path):
             b = load_file(other / "model.safetensors")
             diff = max((a[k] - b[k]).abs().max().item() for k in a)
             assert diff < 1e-6, (loss, other, diff)
+
+
+def test_ddp_with_frozen_params_accumulation_eval_and_resume(tmp_path):
+    """LoRA / attention modes (most parameters frozen) under DDP with grad_accum=2 (no_sync on the first
+    micro-batch): equal to one process; evaluation (val loss + task metric on rank 0's bare model) runs
+    in the loop; a DDP run stopped at step 2 of 2 and resumed to step 3 ends where one process doing
+    the same does (warmup=0: the cosine schedule depends on max_steps, so resuming differs from a fresh run)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    setup_run(tmp_path)
+    val = str(tmp_path / "data" / "train.jsonl")
+    over = {mode: dict(max_steps=3, mode=mode, grad_accum=2, plot=False, lr=5e-2, warmup=0, optimizer="sgd",
+                       val_data=val, task_metric_samples=2, eval_every=2) for mode in ("lora", "attention")}
+
+    def resumed(prefix):
+        half = run_config(tmp_path, f"{prefix}-resume", **dict(over["lora"], max_steps=2)).to_dict()
+        return [half, dict(half, max_steps=3)]
+
+    runs = [run_config(tmp_path, f"ddp-{m}", **over[m]).to_dict() for m in over] + resumed("ddp")
+    mp.spawn(distributed_worker, args=(2, free_port(), runs), nprocs=2, join=True)
+    for d in resumed("single"):
+        train(TrainConfig(**dict(d, grad_accum=1)), **run_kwargs())
+    base = load_file(tmp_path / "base" / "model.safetensors")
+
+    def diff(x, y) -> float:
+        a, b = load_file(tmp_path / x / "final" / "model.safetensors"), load_file(tmp_path / y / "final" / "model.safetensors")
+        assert a.keys() == b.keys()
+        return max((a[k] - b[k]).abs().max().item() for k in a)
+
+    for mode in over:
+        single = train(run_config(tmp_path, f"single-{mode}", **dict(over[mode], grad_accum=1)), **run_kwargs())
+        a = load_file(single / "model.safetensors")
+        assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-4, mode
+        assert diff(f"single-{mode}", f"ddp-{mode}") < 1e-6, mode
+    assert diff("single-resume", "ddp-resume") < 1e-6
+    assert diff("ddp-lora", "ddp-resume") > 1e-5  # the resumed run did continue from step 2
+    best = json.loads((tmp_path / "ddp-lora" / "best.json").read_text())
+    assert best["metric"] == "val_loss" and best["step"] in (2, 3)

@@ -8,6 +8,9 @@ trains: `recipes/demo-ocr-warmup.yaml` (reading first), `recipes/demo.yaml` (the
 
     python -m palikit.demo.build --out work/demo            # then the three recipes, or: make demo-model
 
+The output goes to a user folder: `--out`, by default `<checkout>/work/demo` in a source checkout (what
+the recipes read) or `~/.cache/palikit/demo` otherwise; a folder inside the installed package is refused.
+
 Progress (a rich bar per stage, on stderr; one line per finished stage, also in logs) keeps the ~7 min
 build from looking stuck; stdout stays the JSON summary.
 """
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import PaliGemmaConfig, TextConfig, VisionConfig
+from .paths import check_build_dir, default_build_dir
 from .shapes import CLASSES, COLORS, NUMBER_WORDS, PLURALS, WORDS, iter_split, write_split
 
 IMAGE_SIZE = 112
@@ -114,7 +118,7 @@ def shape_masks(n_images: int, size: int = IMAGE_SIZE, advance=None) -> np.ndarr
 def build_codec(out: Path, n_images: int = 2000, steps: int = 1500, seed: int = 0, progress: _Progress | None = None):
     import torch
 
-    from ..tasks.mask_codec import train_mask_codec
+    from ..train.mask_codec import train_mask_codec
 
     progress = progress or _Progress(enabled=False)
     with progress.stage(2, "mask crops for the codec", n_images, "images") as st:
@@ -174,7 +178,7 @@ def build_initial_checkpoint(out: Path, tokenizer, seed: int = 0) -> Path:
 
 def build(out: str | Path, *, n_train: int = 20_000, n_val: int = 300, n_test: int = 500, codec_images: int = 2000,
           codec_steps: int = 400, seed: int = 0, progress: bool = True) -> dict:
-    out = Path(out)
+    out = check_build_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     with _Progress(progress) as p:
         with p.stage(1, "tokenizer") as st:
@@ -193,7 +197,7 @@ def build(out: str | Path, *, n_train: int = 20_000, n_val: int = 300, n_test: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="Build the demo model's tokenizer, mask codec, data and initial checkpoint.")
-    ap.add_argument("--out", default="work/demo")
+    ap.add_argument("--out", default=str(default_build_dir()), help="work folder (default: %(default)s)")
     ap.add_argument("--train", type=int, default=20_000)
     ap.add_argument("--val", type=int, default=300)
     ap.add_argument("--test", type=int, default=500)
@@ -201,6 +205,10 @@ def main() -> None:
     ap.add_argument("--codec-steps", type=int, default=400)
     ap.add_argument("--no-progress", action="store_true", help="no progress bar or stage lines (stderr)")
     a = ap.parse_args()
+    try:
+        check_build_dir(a.out)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     print(json.dumps(build(a.out, n_train=a.train, n_val=a.val, n_test=a.test, codec_images=a.codec_images,
                            codec_steps=a.codec_steps, progress=not a.no_progress), indent=2))
 

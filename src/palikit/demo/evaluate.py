@@ -6,7 +6,9 @@ captions. Prints a Markdown table (the README's) and writes each task's report u
     python -m palikit.demo.evaluate ... --install    # + copy it into src/palikit/assets/demo-model
 
 `--install` ships the model only when every target is met (`--force` overrides): the checkpoint files,
-its codec and tokenizer, plus `scorecard.json` and a model card with the table.
+its codec and tokenizer, plus `scorecard.json` and a model card with the table. It writes into the
+package only in a source checkout (`src/palikit/assets/demo-model`); with palikit installed from a
+wheel (site-packages) it refuses and says so.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+
+from .paths import ASSET_DIR, check_install_dest, default_build_dir
 
 TARGETS = {"detect": ("map50", 0.7), "segment": ("miou", 0.6), "ocr": ("exact_match", 0.8),
            "count": ("accuracy", 0.8), "color": ("exact_match", 0.8), "caption": ("exact_match", 0.7)}
@@ -67,7 +71,6 @@ def markdown(results: dict) -> str:
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "preprocessor_config.json", "vae-oid.npz")
 OPTIONAL_FILES = ("generation_config.json",)
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 
 
 def numeric(results: dict) -> dict:
@@ -83,7 +86,9 @@ def missed_targets(results: dict) -> dict[str, float]:
 def install(model_dir: str | Path, results: dict, dest: str | Path = ASSET_DIR, *, n_test: int = 0,
             force: bool = False) -> Path:
     """Copy a trained demo checkpoint into the package (atomically: a temp folder renamed over the old
-    one) with its `scorecard.json` and a model card. Refuses a model that misses a target unless forced."""
+    one) with its `scorecard.json` and a model card. Refuses a model that misses a target unless forced,
+    and a `dest` inside a palikit installed non-editable (see `paths.check_install_dest`)."""
+    check_install_dest(dest)
     missed = missed_targets(results)
     if missed and not force:
         raise ValueError(f"not installing: below target on {missed}; train longer or pass --force")
@@ -118,13 +123,20 @@ def main() -> None:
     from ..api import PaliGemma
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="work/demo/anneal/final")
-    ap.add_argument("--data", default="work/demo/data")
-    ap.add_argument("--out", default="work/demo/eval")
+    work = default_build_dir()  # where `python -m palikit.demo.build` and the recipes put things
+    ap.add_argument("--model", default=str(work / "anneal" / "final"))
+    ap.add_argument("--data", default=str(work / "data"))
+    ap.add_argument("--out", default=str(work / "eval"))
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--install", action="store_true", help="copy the model into src/palikit/assets/demo-model")
+    ap.add_argument("--install", action="store_true",
+                    help="copy the model into src/palikit/assets/demo-model (source checkouts only)")
     ap.add_argument("--force", action="store_true", help="install even when a target is missed")
     a = ap.parse_args()
+    if a.install:  # before the scorecard's minutes, not after
+        try:
+            check_install_dest(ASSET_DIR)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     pg = PaliGemma.from_pretrained(a.model, device="auto")
     results = scorecard(pg, a.data, a.out, limit=a.limit)
     print(markdown(results))

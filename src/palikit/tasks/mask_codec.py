@@ -1,7 +1,7 @@
 """PaliGemma's segmentation-mask VQ-VAE (big_vision `vae-oid.npz`, the AiT instance-seg VQ-VAE) in PyTorch.
 
-Owns the codec module, its npz load/save, mask <-> 16 `<seg>` token conversion at full image
-resolution, and a small VQ-VAE training loop (used for the bundled demo codec and in tests).
+Owns the codec module, its npz load/save and mask <-> 16 `<seg>` token conversion at full image
+resolution (inference only; training a codec is `palikit.train.mask_codec`).
 
 Architecture (verified against big_vision `pp/proj/paligemma/segmentation.py` (TF encoder),
 `evaluators/proj/paligemma/transfers/segmentation.py` (Flax decoder) and AiT `vae/models/VQVAE.py`
@@ -31,7 +31,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -239,7 +239,7 @@ def tokens_from_mask(codec: MaskCodec, full_mask: np.ndarray, box_xyxy: Sequence
     return [int(v) for v in codec.encode(crop[None])[0].tolist()]
 
 
-# ------------------------------------------------------------------------------ construction / training
+# ------------------------------------------------------------------------------ construction
 def make_random_codec(seed: int = 0, embed_dim: int = 512, **kwargs) -> MaskCodec:
     """A codec with random weights (deterministic by seed), for tests and shape checks."""
     with torch.random.fork_rng(devices=[]):
@@ -247,77 +247,11 @@ def make_random_codec(seed: int = 0, embed_dim: int = 512, **kwargs) -> MaskCode
         return MaskCodec(embed_dim=embed_dim, **kwargs).eval()
 
 
-def _sample_rows(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
-    idx = torch.randint(0, len(x), (k,), generator=g).to(x.device)
-    return x[idx] + 1e-3 * torch.randn(k, x.shape[1], generator=g).to(x.device)
+def __getattr__(name: str):
+    # `palikit.tasks.train_mask_codec` (the package's lazy re-export) still resolves; the trainer's home
+    # is `palikit.train.mask_codec`
+    if name == "train_mask_codec":
+        from ..train.mask_codec import train_mask_codec
 
-
-def train_mask_codec(masks: torch.Tensor, steps: int = 1000, *, batch_size: int = 64, lr: float = 2e-3,
-                     embed_dim: int = 64, enc_channels: Sequence[int] = (16, 32, 64, 128),
-                     dec_channels: Sequence[int] = (128, 128, 64, 32, 16), commitment: float = 0.25,
-                     ema_decay: float = 0.95, restart_every: int = 50, seed: int = 0,
-                     device: str | torch.device = "cpu",
-                     progress: Callable[[int, dict[str, float]], None] | None = None) -> MaskCodec:
-    """Train a codec on masks [N, 64, 64] in [0, 1]. Loss = MSE(decoder output, 2m-1) + commitment *
-    MSE(latent, sg(code)); the codebook follows EMA k-means updates (as AiT's VectorQuantizerEMA), is
-    initialised from encoder outputs and codes unused for `restart_every` steps are restarted at random
-    latents. Straight-through gradients; Adam with cosine decay. `progress(step, stats)` is optional."""
-    masks = torch.as_tensor(masks, dtype=torch.float32)
-    if masks.ndim != 3 or masks.shape[1:] != (MASK_SIZE, MASK_SIZE) or len(masks) == 0:
-        raise ValueError(f"masks must be a non-empty [N, 64, 64] tensor, got {tuple(masks.shape)}")
-    masks = masks.clamp(0, 1)
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        codec = MaskCodec(embed_dim=embed_dim, enc_channels=enc_channels, dec_channels=dec_channels).to(device)
-    codec.train()
-    codec._vq_vae._embedding.requires_grad_(False)
-    params = [p for n, p in codec.named_parameters() if not n.startswith("_vq_vae")]
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
-    k = codec.codebook.shape[0]
-    with torch.no_grad():  # codebook init: encoder outputs of a first batch
-        idx = torch.randint(0, len(masks), (max(batch_size, 8),), generator=g)
-        z0 = codec.encode_latents(masks[idx].to(device)).reshape(-1, embed_dim)  # [B*16, D]
-        codec.codebook.copy_(_sample_rows(z0, k, g))
-    ema_count = torch.ones(k, device=device)
-    ema_sum = codec.codebook.detach().clone()
-    last_used = torch.zeros(k, dtype=torch.long, device=device)
-    for step in range(steps):
-        idx = torch.randint(0, len(masks), (batch_size,), generator=g)
-        x = masks[idx].to(device)  # [B, 64, 64]
-        z = codec.encode_latents(x)  # [B, 4, 4, D]
-        codes = codec.quantize(z.detach())  # [B, 4, 4]
-        q = codec.codebook[codes]  # [B, 4, 4, D]
-        out = codec.decode_latents(z + (q - z).detach())  # straight-through, [B, 64, 64]
-        recon = F.mse_loss(out, 2 * x - 1)
-        commit = F.mse_loss(z, q)
-        loss = recon + commitment * commit
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            flat_z, flat_c = z.detach().reshape(-1, embed_dim), codes.reshape(-1)  # [M, D], [M]
-            onehot = F.one_hot(flat_c, k).to(flat_z.dtype)  # [M, K]
-            ema_count.mul_(ema_decay).add_(onehot.sum(0), alpha=1 - ema_decay)
-            ema_sum.mul_(ema_decay).add_(onehot.t() @ flat_z, alpha=1 - ema_decay)
-            n = ema_count.sum()
-            count = (ema_count + 1e-5) / (n + k * 1e-5) * n
-            codec.codebook.copy_(ema_sum / count[:, None])
-            used = torch.zeros(k, dtype=torch.bool, device=device)
-            used[flat_c] = True
-            last_used[used] = step
-            dead = (step - last_used >= restart_every).nonzero().flatten()
-            if len(dead):
-                pick = flat_z[torch.randint(0, len(flat_z), (len(dead),), generator=g)]
-                codec.codebook[dead] = pick
-                ema_sum[dead] = pick
-                ema_count[dead] = 1.0
-                last_used[dead] = step
-        if progress is not None:
-            progress(step, {"loss": float(loss.detach()), "recon": float(recon.detach()),
-                            "commit": float(commit.detach()), "codes_used": int(used.sum())})
-    codec._vq_vae._embedding.requires_grad_(True)
-    return codec.eval()
+        return train_mask_codec
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Fine-tuning PaliGemma on custom data: data loading (JSONL, COCO), big_vision-layout batches and
 losses, training modes (full / attention-only / LoRA, freeze switches), the loop with atomic
-resumable checkpoints, and `train(config)` for `palikit train` and `torchrun`.
+resumable checkpoints, `train(config)` for `palikit train` and `torchrun`, and the mask VQ-VAE trainer.
 
 Names are imported lazily so `import palikit.train` does not pull peft or the loop's imports.
 """
@@ -30,6 +30,7 @@ _LAZY = {
     "all_linear_targets": "palikit.train.adapter",
     "TrainingInterrupted": "palikit.train.interrupt",
     "latest_checkpoint": "palikit.train.checkpoint",
+    "train_mask_codec": "palikit.train.mask_codec",
     "Trainer": "palikit.train.trainer",
     "train": "palikit.train.trainer",
 }

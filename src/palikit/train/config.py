@@ -1,31 +1,75 @@
-"""`TrainConfig`: every fine-tuning knob in one dataclass, loaded from YAML with `key=value`
-overrides (what `palikit train CONFIG.yaml lr=1e-4 mode=lora` passes through).
+"""`TrainConfig`: every fine-tuning knob in one declarative dataclass, loaded from YAML with
+`key=value` overrides (what `palikit train CONFIG.yaml lr=1e-4 mode=lora` passes through).
 
-Values are converted to the field's declared type (`"1e-4"` -> float, `"true"` -> bool,
-`"none"` -> None for optional fields, `"a,b"` -> list); an unknown key is an error that lists the
-known ones, never silently ignored.
+Each field's annotation is its whole contract: the type (`"1e-4"` -> float, `"true"` -> bool, `"none"`
+-> None for optional fields, `"a,b"` -> list), `Literal[...]` choices and `Annotated[..., Range(...)]`
+bounds. One validator (`TrainConfig.validate`, run on every construction) converts and checks every
+field from its annotation, plus the one rule between fields (`pad_to_max_len` needs `max_len`).
+Errors name the field and, from YAML, the file and line (`c.yaml line 3: batch_size: cannot use
+'eight' as int`), or the override that set it; an unknown or repeated key is an error, never
+silently ignored.
+
+Why dataclasses and not pydantic: pydantic is in the `serve` extra only, and training is core; the
+field comments are the generated recipe-keys table (`recipe_keys`), which reads the class source.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
-MODES = ("full", "attention", "lora", "qlora")
-LOSSES = ("big_vision", "hf")
+Mode = Literal["full", "attention", "lora", "qlora"]
+Loss = Literal["big_vision", "hf"]
+MODES = typing.get_args(Mode)
+LOSSES = typing.get_args(Loss)
 
 # Gemma decoder attention projections (what the colab trains and the default LoRA target).
 ATTENTION_REGEX = r"language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
 
 class ConfigError(ValueError):
-    """A bad key or value in a training config."""
+    """A bad key or value in a training config; `key` is the field it is about (None: the whole file)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Range:
+    """A bound on a numeric field, declared in its annotation: `Annotated[float, Range(ge=0, lt=1)]`."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    note: str = ""  # said after the bound in the error
+
+    def check(self, key: str, v: float) -> None:
+        ok = ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+              and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+        if not ok:
+            note = f" ({self.note})" if self.note else ""
+            raise ConfigError(f"{key} must be {self._text()}{note}, got {v}", key)
+
+    def _text(self) -> str:
+        lo = (self.ge, "[", ">=") if self.ge is not None else (self.gt, "(", ">")
+        hi = (self.le, "]", "<=") if self.le is not None else (self.lt, ")", "<")
+        if lo[0] is not None and hi[0] is not None:
+            return f"in {lo[1]}{lo[0]:g}, {hi[0]:g}{hi[1]}"
+        bound = lo if lo[0] is not None else hi
+        return f"{bound[2]} {bound[0]:g}"
+
+
+Count = Annotated[int, Range(ge=1)]
 
 
 @dataclass
@@ -36,42 +80,42 @@ class TrainConfig:
     tokenizer: str | None = None  # tokenizer.json; default: <model folder>/tokenizer.json
     train_data: str = ""  # .jsonl (big_vision / Roboflow export) or COCO annotation .json
     val_data: str | None = None  # validation data (same formats): val_loss, the task metric and the best checkpoint come from it
-    data_format: str = "auto"  # auto | jsonl | coco
+    data_format: Literal["auto", "jsonl", "coco"] = "auto"  # auto | jsonl | coco
     coco_images: str | None = None  # image folder for COCO files (default: the json's folder)
-    coco_task: str = "detect"  # detect | segment
+    coco_task: Literal["detect", "segment"] = "detect"  # detect | segment
     coco_include_absent: bool = False  # list every category in the prefix (absent -> no boxes)
     mask_codec: str | None = None  # vae-oid.npz for coco_task=segment
     tasks: list[str] | None = None  # keep only examples of these tasks (JSONL "task" field; COCO: coco_task), train and val
     strict_data: bool = True  # True: a bad line raises; False: skipped and reported
     output_dir: str = "runs/finetune"  # checkpoints/, final/ (Hub layout), adapter/ (PEFT, LoRA modes), loss_curve.png
     # ---- what is trainable
-    mode: str = "full"  # full | attention | lora | qlora (4-bit NF4 decoder + LoRA, needs bitsandbytes)
+    mode: Mode = "full"  # full | attention | lora | qlora (4-bit NF4 decoder + LoRA, needs bitsandbytes)
     freeze_vision: bool = False  # SigLIP tower + projector (big_vision's img/*)
     freeze_decoder: bool = False  # Gemma decoder incl. embeddings (big_vision's llm/*)
-    lora_rank: int = 8  # LoRA r
+    lora_rank: Count = 8  # LoRA r
     lora_alpha: float = 16.0  # LoRA scale = lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the LoRA input
     lora_targets: str = ATTENTION_REGEX  # regex (full match on module names), comma-separated names, or all-linear (every Linear of the decoder; the vision tower is not included)
     # ---- optimisation
-    optimizer: str = "auto"  # auto (sgd for mode=attention, as the reference notebook; else adamw) | adamw | sgd
-    lr: float = 1e-5  # peak learning rate (linear warmup, then cosine decay to 0)
+    optimizer: Literal["auto", "adamw", "sgd"] = "auto"  # auto (sgd for mode=attention, as the reference notebook; else adamw) | adamw | sgd
+    lr: Annotated[float, Range(gt=0)] = 1e-5  # peak learning rate (linear warmup, then cosine decay to 0)
     weight_decay: float = 0.0  # decoupled (AdamW) / L2 (SGD) weight decay
-    weight_decay_on: str = "all"  # all | kernels (big_vision: Linear/Conv weights only, no norms/biases/embeddings)
-    label_smoothing: float = 0.0  # training loss only; the reported val loss is the plain NLL
+    weight_decay_on: Literal["all", "kernels"] = "all"  # all | kernels (big_vision: Linear/Conv weights only, no norms/biases/embeddings)
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0  # training loss only; the reported val loss is the plain NLL
     beta1: float = 0.9  # AdamW
     beta2: float = 0.999  # AdamW
     momentum: float = 0.0  # sgd only
-    batch_size: int = 8  # global examples per optimizer step (all ranks, all accumulation steps)
-    grad_accum: int = 1  # micro-batches per step (same gradient as one big batch)
+    batch_size: Count = 8  # global examples per optimizer step (all ranks, all accumulation steps)
+    grad_accum: Count = 1  # micro-batches per step (same gradient as one big batch)
     epochs: float = 1.0  # passes over train_data (fractions allowed)
-    max_steps: int | None = None  # overrides epochs
+    max_steps: Count | None = None  # overrides epochs
     warmup: float = 0.05  # fraction of steps (< 1) or a number of steps (>= 1)
     grad_clip: float = 1.0  # global-norm clip; 0 disables
-    loss: str = "big_vision"  # big_vision (per-example mean, then batch mean) | hf (mean over tokens)
+    loss: Loss = "big_vision"  # big_vision (per-example mean, then batch mean) | hf (mean over tokens)
     max_len: int | None = None  # text tokens per example ([BOS] .. [EOS]); longer ones are cut
     pad_to_max_len: bool = False  # pad every batch to max_len (fixed shapes) instead of the longest
     cache_images: bool = False  # keep preprocessed pixels in RAM after first use (3*S*S*4 bytes per image file)
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     fsdp: bool = False  # under torchrun: shard params, grads and optimizer state over the ranks (FSDP2)
     device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda | cuda:1
     seed: int = 0  # data order and initialisation
@@ -79,14 +123,14 @@ class TrainConfig:
     log_every: int = 10  # steps between loss lines
     eval_every: int = 0  # steps; 0 = only at the end (when val_data is set)
     save_every: int = 0  # steps; 0 = only at the end
-    keep_last: int = 2  # step checkpoints kept (the best one is always kept too)
+    keep_last: Count = 2  # step checkpoints kept (the best one is always kept too)
     metric: str | None = None  # "package.module:function" called as fn(model, val_examples, trainer)
     task_metric: bool = True  # at every eval, answer a val sample and score it: exact_match (text), detect_map (detect/segment boxes), caption_cider
-    task_metric_samples: int = 64  # val examples answered for the task metric (spread over the val set)
-    collapse_warn: float = 0.5  # warn when one answer is given for more than this fraction of a task's sample; 0 disables
-    plateau_patience: int = 3  # warn when val_loss has not improved (by 0.1%) for this many evals; 0 disables
+    task_metric_samples: Count = 64  # val examples answered for the task metric (spread over the val set)
+    collapse_warn: Annotated[float, Range(ge=0, le=1, note="a fraction of the sample")] = 0.5  # warn when one answer is given for more than this fraction of a task's sample; 0 disables
+    plateau_patience: Annotated[int, Range(ge=0, note="0 disables the warning")] = 3  # warn when val_loss has not improved (by 0.1%) for this many evals; 0 disables
     best_metric: str = "val_loss"  # what picks the best checkpoint (val_loss, exact_match, detect_map, ... or a metric hook's key)
-    best_mode: str = "min"  # min | max
+    best_mode: Literal["min", "max"] = "min"  # min | max
     resume: bool = True  # continue from the latest complete checkpoint in output_dir
     progress: bool = True  # rich progress bar
     plot: bool = True  # loss_curve.png in output_dir
@@ -97,33 +141,13 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def one_of(name, allowed):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: must be one of {', '.join(allowed)}")
-
-        one_of("mode", MODES)
-        one_of("loss", LOSSES)
-        one_of("optimizer", ("auto", "adamw", "sgd"))
-        one_of("data_format", ("auto", "jsonl", "coco"))
-        one_of("coco_task", ("detect", "segment"))
-        one_of("precision", ("auto", "fp32", "bf16"))
-        one_of("best_mode", ("min", "max"))
-        one_of("weight_decay_on", ("all", "kernels"))
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0.0 <= self.collapse_warn <= 1.0:
-            raise ConfigError(f"collapse_warn must be in [0, 1] (a fraction of the sample), got {self.collapse_warn}")
-        if self.plateau_patience < 0:
-            raise ConfigError(f"plateau_patience must be >= 0 (0 disables the warning), got {self.plateau_patience}")
-        for name in ("batch_size", "grad_accum", "lora_rank", "keep_last", "task_metric_samples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        """The one validator: every field converted to and checked against its annotation, then the
+        rule between fields. Raises ConfigError naming the field."""
+        hints = _hints()
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _convert(f.name, getattr(self, f.name), hints[f.name]))
         if self.pad_to_max_len and not self.max_len:
-            raise ConfigError("pad_to_max_len=true needs max_len")
+            raise ConfigError("pad_to_max_len=true needs max_len", "pad_to_max_len")
 
     @property
     def optimizer_reason(self) -> str:
@@ -147,39 +171,43 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> TrainConfig:
-        d = dict(d or {})
-        hints = typing.get_type_hints(cls)
-        unknown = [k for k in d if k not in hints]
+    def from_dict(cls, d: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config",
+                  lines: dict[str, int] | None = None) -> TrainConfig:
+        """`d` (e.g. parsed YAML; `lines`: the line of each key in `source`) with `key=value` overrides
+        on top. A bad value's error says where it was set: `source line N`, or the override."""
+        values, where = dict(d or {}), {k: f"{source} line {n}" for k, n in (lines or {}).items()}
+        hints = _hints()
+        unknown = [k for k in values if k not in hints]
         if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(cls.field_names())}")
-        values = {k: _coerce(k, v, hints[k]) for k, v in d.items()}
+            raise ConfigError(f"{source}: {', '.join(_unknown(k, lines) for k in unknown)}; "
+                              f"known keys: {', '.join(cls.field_names())}")
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value")
-            key, raw = item.split("=", 1)
-            key = key.strip()
+            key, raw = (part.strip() for part in item.split("=", 1))
             if key not in hints:
-                raise ConfigError(f"override {item!r}: unknown key {key!r}; known keys: {', '.join(cls.field_names())}")
-            tp = hints[key]
-            stringy = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
-                                    and str in typing.get_args(tp))
+                raise ConfigError(f"override {item!r}: {_unknown(key)}; known keys: {', '.join(cls.field_names())}")
             # text fields take the raw text (a regex like "[qv]_proj" must not become a YAML list)
-            values[key] = _coerce(key, raw.strip() if stringy else _parse_scalar(raw), tp)
-        return cls(**values)
+            values[key], where[key] = (raw if _is_text(hints[key]) else _parse_scalar(raw)), f"override {item!r}"
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            at = where.get(e.key, source if e.key in values else None)
+            raise (ConfigError(f"{at}: {e}", e.key) if at else e) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
         path = Path(path)
         try:
-            d = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text()
+            d = yaml.safe_load(text) or {}
         except FileNotFoundError:
             raise ConfigError(f"No config file at {path}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a mapping of key: value, got {type(d).__name__}")
-        return cls.from_dict(d, overrides, source=str(path))
+        return cls.from_dict(d, overrides, source=str(path), lines=_key_lines(text, path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -188,67 +216,101 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig, include_extras=True)
+
+
+def _unknown(key: str, lines: dict[str, int] | None = None) -> str:
+    """`'lern_rate' (line 3; did you mean 'lr'?)` for an error about an unknown key."""
+    close = difflib.get_close_matches(key, TrainConfig.field_names(), n=1)
+    notes = ([f"line {lines[key]}"] if lines and key in lines else []) + ([f"did you mean {close[0]!r}?"] if close else [])
+    return f"unknown key {key!r}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _key_lines(text: str, path: Path) -> dict[str, int]:
+    """The 1-based line of each top-level key; a key given twice is an error (YAML keeps the last)."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    lines: dict[str, int] = {}
+    for k, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+        n = k.start_mark.line + 1
+        if k.value in lines:
+            raise ConfigError(f"{path} line {n}: {k.value} is already set on line {lines[k.value]}; keep one", k.value)
+        lines[k.value] = n
+    return lines
+
+
+def _is_text(tp) -> bool:
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+
+
 def _parse_scalar(raw: str):
-    raw = raw.strip()
     try:
         return yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
         return raw
 
 
-def _coerce(key: str, value, tp):
+def _convert(key: str, value, tp):
+    """`value` as the annotation `tp` says: Annotated bounds, Literal choices, Optional / Union,
+    list[...], and bool / int / float / str from YAML values or override text."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *rules = typing.get_args(tp)
+        value = _convert(key, value, base)
+        for rule in rules:
+            rule.check(key, value)
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(choices)}", key)
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
-            if type(None) in args:
-                return None
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~"))):
+            return None
         errors = []
         for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(key, value, a)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+            if a is not type(None):
+                try:
+                    return _convert(key, value, a)
+                except ConfigError as e:
+                    errors.append(e)
+        raise errors[0] if errors else ConfigError(f"{key}: bad value {value!r}", key)
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(tp) or (str,)
         if isinstance(value, str):
             value = [v for v in (s.strip() for s in value.split(",")) if v]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(key, v, inner) for v in value]
+        return [_convert(key, v, inner) for v in (value if isinstance(value, (list, tuple)) else [value])]
     try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, (int, float)) and value in (0, 1):
-                return bool(value)
-            s = str(value).strip().lower()
-            if s in ("true", "yes", "on", "1"):
-                return True
-            if s in ("false", "no", "off", "0"):
-                return False
-            raise ValueError
-        if tp is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float):
-                if not value.is_integer():
-                    raise ValueError
-                return int(value)
-            return int(str(value).strip())
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if tp is str:
-            if value is None or isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
+        return _scalar(value, tp)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}: cannot use {value!r} as {getattr(tp, '__name__', tp)}") from None
+        raise ConfigError(f"{key}: cannot use {value!r} as {getattr(tp, '__name__', tp)}", key) from None
+
+
+def _scalar(value, tp):
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        s = str(value).strip().lower()
+        if s in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return s in ("true", "yes", "on", "1")
+        raise ValueError
+    if tp in (int, float) and isinstance(value, bool):
+        raise ValueError
+    if tp is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return int(value) if isinstance(value, float) else int(str(value).strip())
+    if tp is float:
+        return float(value)
+    if tp is str:
+        if value is None or isinstance(value, (dict, list)):
+            raise ValueError
+        return str(value)
     return value
 
 

@@ -67,3 +67,24 @@ def total_grad_norm(params, max_norm: float) -> float:
     """Clip (when max_norm is finite) and return the global gradient norm across shards."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def load_sharded_checkpoint(path, model: nn.Module, optimizer, scheduler) -> dict:
+    """Resume the sharded model from a single-process-format checkpoint folder: full trainable params
+    and optimizer state into the shards, the scheduler and RNG state; returns its state.json."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .checkpoint import set_rng_state
+
+    params = load_file(path / "trainable.safetensors")
+    own = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != own:
+        raise ValueError(f"{path} does not match this model/mode (was it written with another mode or lora_targets?)")
+    optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    load_full_state(model, optimizer, params, optim_state)
+    trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    set_rng_state(trainer_state["rng"])
+    return json.loads((path / "state.json").read_text())

@@ -11,8 +11,10 @@
   epoch `s // steps_per_epoch` (remainder dropped) -- the position is the step, so resuming needs
   nothing but the step number.
 - Distributed: under `torchrun` (`WORLD_SIZE > 1`) the process group is initialised (nccl on GPU,
-  gloo on CPU), each rank takes every `world`-th example of the step's batch, gradients are
-  all-reduced (averaged) in one flat buffer before clipping, only rank 0 writes files.
+  gloo on CPU), each rank takes every `world`-th example of the step's batch, and the loss forward
+  runs in `DistributedDataParallel` (gradients averaged over the ranks in the last micro-batch's
+  backward, `no_sync()` for the others) or, with `fsdp=true`, on the FSDP2-sharded model
+  (`fsdp.py`); only rank 0 writes files.
 - Eval every `eval_every` steps and at the end: val loss (same loss as training), the task metric
   on a validation sample with its "not learning" warnings (`monitor.py`) and an optional metric
   hook; the best checkpoint (by `best_metric`) is kept and recorded in `best.json`. The run ends
@@ -27,7 +29,6 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
 import time
@@ -37,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import checkpoint as ck
 from .collate import Collator, default_image_processor, loss_denominator, loss_terms, to_device, token_nll
@@ -47,6 +47,7 @@ from .interrupt import StopSignals, TrainingInterrupted, interrupted_message, re
 from .loading import import_metric, load_model, load_tokenizer, resolve_model
 from .modes import apply_mode, count_trainable
 from .monitor import LearningMonitor
+from .parallel import LossForward, _Dist, data_parallel
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -89,32 +90,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     return perm[k * batch_size:(k + 1) * batch_size].tolist()
 
 
-class _Dist:
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.owned = False
-
-    def init(self, device: torch.device) -> None:
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            self.owned = True
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owned and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 # ------------------------------------------------------------------------------------ trainer
 class Trainer:
     def __init__(
@@ -130,23 +105,43 @@ class Trainer:
         log: Callable[[str], None] | None = None,
         command: list[str] | None = None,
     ):
-        cfg = self.cfg = config
+        self.cfg = config
         self.command = command  # the launching command line (for the resume hint after an interrupt)
+        self._log = log or print
+        self.out = Path(config.output_dir)
+        self._init_device()
+        self._init_model(model)
+        self._init_data(train_set, val_set, tokenizer, image_processor)
+        self._init_eval(metric_fn)
+        self._init_steps()
+        self._init_optimizer()
+        self.step = 0
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.warnings: list[str] = []  # the last evaluation's "not learning" warnings
+        self._saved_step: int | None = None
+
+    # -------------------------------------------------------------------------------- setup
+    def _init_device(self) -> None:
+        """Pick the device (cuda:LOCAL_RANK when `device=auto` and CUDA is present) and join the
+        process group under torchrun."""
         self.dist = _Dist()
-        if cfg.device == "auto":
+        if self.cfg.device == "auto":
             dev = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
         else:
-            dev = cfg.device
+            dev = self.cfg.device
         self.device = torch.device(dev)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dist.init(self.device)
         self.is_main = self.dist.rank == 0
-        self._log = log or print
-        self.out = Path(cfg.output_dir)
+
+    def _init_model(self, model) -> None:
+        """Load the model, make the mode's parameters trainable, then shard it (fsdp) or wrap its
+        loss forward in DistributedDataParallel (world > 1)."""
+        cfg = self.cfg
         if model is None:
             cfg.model = resolve_model(cfg.model, self.log)
-
         seed_everything(cfg.seed)
         self.model = model if model is not None else load_model(cfg.model, final_logit_softcap=cfg.final_logit_softcap)
         self.model.to(self.device)
@@ -162,10 +157,19 @@ class Trainer:
 
             shard_model(self.model, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.forward_loss = LossForward(self.model, cfg.label_smoothing)
+        self.ddp = data_parallel(self.forward_loss, self.device) if self.dist.world > 1 and not self.fsdp else None
+        if self.ddp is not None:
+            self.forward_loss = self.ddp
         if cfg.mode in ("lora", "qlora") and cfg.lora_targets == "all-linear":
             n = sum(1 for name, _ in self.model.named_parameters() if ".lora_A." in name)
             self.log(f"lora_targets=all-linear: adapters on {n} Linear layers of the decoder (attention q/k/v/o and "
                      "MLP gate/up/down of every layer); the vision tower and projector are not included")
+
+    def _init_data(self, train_set, val_set, tokenizer, image_processor) -> None:
+        """The training / validation examples (objects given, or loaded from the config's paths, kept
+        to `tasks`) and the collator."""
+        cfg = self.cfg
 
         def as_list(ds):
             return list(ds.examples) if isinstance(ds, Dataset) else list(ds)
@@ -187,6 +191,10 @@ class Trainer:
                 self.model.config, cfg.model if cfg.model and Path(cfg.model).is_dir() else None),
             self.model.config, cfg.max_len, cfg.pad_to_max_len, cfg.cache_images,
         )
+
+    def _init_eval(self, metric_fn) -> None:
+        """The metric hook and the learning monitor (task metric on a val sample; not with fsdp)."""
+        cfg = self.cfg
         self.metric_fn = metric_fn or (import_metric(cfg.metric) if cfg.metric else None)
         self.monitor = LearningMonitor(self.val_set if cfg.task_metric and not self.fsdp else [],
                                        cfg.task_metric_samples, cfg.collapse_warn, cfg.plateau_patience)
@@ -194,7 +202,9 @@ class Trainer:
             raise ValueError("metric hooks run on rank 0 alone, which a sharded (fsdp) model cannot do; "
                              "use val_loss as best_metric with fsdp=true, or evaluate the exported checkpoint.")
 
-        # ---- step arithmetic
+    def _init_steps(self) -> None:
+        """Step arithmetic: micro-batch size per rank, steps per epoch, total and warmup steps."""
+        cfg = self.cfg
         per_micro = cfg.batch_size / (self.dist.world * cfg.grad_accum)
         if per_micro != int(per_micro):
             raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of world_size x grad_accum "
@@ -208,7 +218,9 @@ class Trainer:
         warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * self.total_steps
         self.warmup_steps = int(round(warmup))
 
-        # ---- optimizer / schedule
+    def _init_optimizer(self) -> None:
+        """AdamW or SGD over the trainable parameters, and the warmup + cosine schedule."""
+        cfg = self.cfg
         groups = param_groups(self.model, self.params, cfg.weight_decay, cfg.weight_decay_on)
         if cfg.optimizer_name == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -216,11 +228,6 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                                weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(self.total_steps, self.warmup_steps))
-        self.step = 0
-        self.history: list[dict] = []
-        self.best: dict | None = None
-        self.warnings: list[str] = []  # the last evaluation's "not learning" warnings
-        self._saved_step: int | None = None
 
     # -------------------------------------------------------------------------------- utils
     def log(self, msg: str) -> None:
@@ -246,21 +253,15 @@ class Trainer:
         denom = self.dist.all_sum(torch.tensor(sum(loss_denominator(b, cfg.loss) for b in batches), dtype=torch.float64))
         denom = max(float(denom), 1.0)
         total = torch.zeros((), dtype=torch.float64)
-        for b in batches:
-            with self.autocast():
-                nll, w = token_nll(self.model, b, cfg.label_smoothing)
-            num = loss_terms(nll.float(), w, cfg.loss)
-            (num * (self.dist.world / denom)).backward()
+        for i, b in enumerate(batches):
+            # DDP all-reduces (averages) the gradients in the last micro-batch's backward only;
+            # FSDP reduce-scatters them itself
+            with self.ddp.no_sync() if self.ddp is not None and i < len(batches) - 1 else nullcontext():
+                with self.autocast():
+                    nll, w = self.forward_loss(b)
+                num = loss_terms(nll.float(), w, cfg.loss)
+                (num * (self.dist.world / denom)).backward()
             total += num.detach().double().cpu()
-        if self.dist.world > 1 and not self.fsdp:  # FSDP reduce-scatters (and averages) the grads itself
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            flat /= self.dist.world
-            off = 0
-            for p in self.params:
-                p.grad = flat[off:off + p.numel()].view_as(p).clone()
-                off += p.numel()
         if self.fsdp:
             from .fsdp import total_grad_norm
 
@@ -336,7 +337,9 @@ class Trainer:
         if path is None:
             return False
         if self.fsdp:
-            state = self._resume_sharded(path)
+            from .fsdp import load_sharded_checkpoint
+
+            state = load_sharded_checkpoint(path, self.model, self.optimizer, self.scheduler)
         else:
             state = ck.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step = state["step"]
@@ -345,24 +348,6 @@ class Trainer:
         self.monitor.restore(self.history)
         self.log(f"resumed from {path} (step {self.step}/{self.total_steps})")
         return True
-
-    def _resume_sharded(self, path: Path) -> dict:
-        import json
-
-        from safetensors.torch import load_file
-
-        from .fsdp import load_full_state
-
-        params = load_file(path / "trainable.safetensors")
-        own = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        if set(params) != own:
-            raise ValueError(f"{path} does not match this model/mode (was it written with another mode or lora_targets?)")
-        optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        load_full_state(self.model, self.optimizer, params, optim_state)
-        trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-        self.scheduler.load_state_dict(trainer_state["scheduler"])
-        ck.set_rng_state(trainer_state["rng"])
-        return json.loads((path / "state.json").read_text())
 
     def _update_best(self, metrics: dict) -> bool:
         key = self.cfg.best_metric
