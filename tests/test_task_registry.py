@@ -176,3 +176,12 @@ def test_predict_options_is_the_one_converter():
     with pytest.raises(ValueError, match="1024"):
         PredictOptions(coord_denominator=1000)
     assert hash(PredictOptions()) == hash(PredictOptions.from_kwargs(PredictOptions().as_kwargs()))
+
+
+def test_eval_refuses_an_unknown_option_before_the_run(pg, tmp_path):
+    from palikit.eval import Sample, evaluate
+
+    with pytest.raises(ValueError, match="unknown option.*temprature"):
+        evaluate(pg, [Sample("a", "nope.png", "", ["x"])], "ocr", out_dir=tmp_path, progress=False, charts=False,
+                 predict_options={"temprature": 1.0})
+    assert not (tmp_path / "predictions.jsonl").exists() or not (tmp_path / "predictions.jsonl").read_text()

@@ -131,27 +131,6 @@ def primary(task: str) -> str:
     return metric_of(task).primary
 
 
-class _Primary(Mapping):
-    """`PRIMARY[task]`: the primary metric's name, read from the task table (kept for existing imports)."""
-
-    def __getitem__(self, task: str) -> str:
-        try:
-            return primary(task)
-        except ValueError:
-            raise KeyError(task) from None
-
-    def __iter__(self):
-        from ..tasks.registry import tasks_where
-
-        return iter([t.name for t in tasks_where("eval")])
-
-    def __len__(self) -> int:
-        return len(list(iter(self)))
-
-
-PRIMARY = _Primary()
-
-
 def sample_score(task: str, rec: Mapping[str, Any], sample: Any) -> float | None:
     """Per-sample score in the task's primary metric, or None for corpus-level metrics (CIDEr, mAP)."""
     return metric_of(task).sample(rec, sample)

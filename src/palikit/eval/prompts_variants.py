@@ -22,27 +22,15 @@ from typing import Any
 
 import numpy as np
 
-class _Variants(Mapping):
-    """`DEFAULT_VARIANTS[task]`: the prompt variants of the task table's `EvalSpec` (kept for existing imports)."""
+def _default_variants(task: str) -> dict[str, str]:
+    from ..tasks.registry import eval_task
 
-    def __getitem__(self, task: str) -> dict[str, str]:
-        from ..tasks.registry import eval_task
-
-        try:
-            return dict(eval_task(task).eval.variants)
-        except ValueError:
-            raise KeyError(task) from None
-
-    def __iter__(self):
-        from ..tasks.registry import tasks_where
-
-        return iter([t.name for t in tasks_where("eval")])
-
-    def __len__(self) -> int:
-        return len(list(iter(self)))
+    return dict(eval_task(task).eval.variants)
 
 
-DEFAULT_VARIANTS: Mapping[str, dict[str, str]] = _Variants()
+DEFAULT_VARIANTS: dict[str, dict[str, str]] = {t: _default_variants(t) for t in
+                                               ("ocr", "vqa", "anls", "count", "exact", "caption", "detect", "segment")}
+# ^ the built-in entries' variants at import, for reading; prompt_variants reads the live task table
 
 
 def prompt_variants(task: str, *, variants: Mapping[str, str] | None = None, langs: Sequence[str] = ()
@@ -51,7 +39,7 @@ def prompt_variants(task: str, *, variants: Mapping[str, str] | None = None, lan
     templates with {lang} for each code in `langs` (the {lang} is filled in; other fields stay)."""
     from .datasets import canonical_task
 
-    base = dict(variants) if variants is not None else dict(DEFAULT_VARIANTS[canonical_task(task)])
+    base = dict(variants) if variants is not None else _default_variants(canonical_task(task))
     out = dict(base)
     for name, tpl in base.items():
         if "{lang}" in tpl:

@@ -23,6 +23,7 @@ Ctrl-C / SIGTERM writes the report of the samples done and raises `EvalInterrupt
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -400,6 +401,11 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
     recs = {i: r for i, r in recs.items() if not r.get("failed")}  # failed samples are tried again
     todo = [s for s in samples if s.id not in recs]
     opts = dict(predict_options or {})
+    api = sys.modules.get("palikit.api")  # loaded whenever `model` can be a PaliGemma
+    if api is not None and isinstance(model, api.PaliGemma):
+        from ..tasks.options import PredictOptions
+
+        PredictOptions.from_kwargs(opts)  # a bad option fails here, not as every sample failing
     timed = getattr(model, "timed", True)
     prices = (price_per_hour, price_per_call, price_per_mtok)
     prog = make_progress(progress, name, len(samples), len(samples) - len(todo))
