@@ -130,8 +130,9 @@ class PaliGemma:
 
     # ------------------------------------------------------------------------------ predict
     def predict(self, image, prompt: str, **options) -> Any:
-        """Run one prompt on one image (or a list of frames). Options: max_new_tokens, temperature,
-        top_k, top_p, seed, num_beams, coord_denominator (1024 or 1023), dedupe_iou, labels."""
+        """Run one prompt on one image (or a list of frames). Options (`tasks.options.PredictOptions`):
+        max_new_tokens, temperature, top_k, top_p, seed, num_beams, length_penalty, coord_denominator
+        (1024 or 1023), dedupe_iou; and labels (the requested labels)."""
         return self.predict_batch([image], [prompt], **options)[0]
 
     def submit(self, image, prompt: str, *, labels: Sequence[str] | None = None, on_text=None, **options) -> Pending:
