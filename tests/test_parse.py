@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from palikit.tasks.parse import Detection, dedupe, parse_detections
+from palikit.tasks.parse import Detection, dedupe, detections_from_ids, parse_detections
 
 W, H = 1024, 512  # non-square on purpose: x scales by W, y by H
 SEGS = "".join(f"<seg{i:03d}>" for i in range(16))
@@ -101,6 +102,49 @@ def test_bad_arguments_raise_but_bad_text_does_not():
     with pytest.raises(ValueError, match="image_size"):
         parse_detections("", (0, 10))
     assert parse_detections(None, (10, 10)).errors  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module", params=["built", "demo"])
+def tokenizer(request, tmp_path_factory):
+    from palikit.testing import CHARS, WORDS
+    from palikit.tokenizer import Tokenizer, build_tokenizer
+
+    if request.param == "demo":  # the bundled demo model's tokenizer (Gemma-style, loc/seg atomic)
+        from palikit.cli.predict import bundled_demo_model
+
+        return Tokenizer.from_file(bundled_demo_model())
+    folder = tmp_path_factory.mktemp("tok")
+    build_tokenizer(WORDS + CHARS, folder / "tokenizer.json")
+    return Tokenizer.from_file(folder)
+
+
+def _as_tuple(r):
+    return ([(d.label, d.box, d.loc, d.score, d.seg_tokens, d.requested, d.mask_score) for d in r.detections],
+            r.errors, r.text)
+
+
+@pytest.mark.parametrize("denom", [1024, 1023])
+@pytest.mark.parametrize("text, requested, expected, errors", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_id_path_equals_text_path_on_the_table(tokenizer, text, requested, expected, errors, denom):
+    """Detections built from token ids + log-probs (what PaliGemma._result uses) equal the text parser's
+    on the decoded text with per-token texts: labels, boxes, locs, scores, masks, requested flags,
+    errors and text, for every case of the table."""
+    import random
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # characters the small test vocabulary lacks become <unk>
+        ids = tokenizer.encode(text)
+    rng = random.Random(len(ids))
+    lps = [-rng.random() * 3 for _ in ids]
+    size = (W, H)
+    by_text = parse_detections(tokenizer.decode(ids), size, requested_labels=requested, coord_denominator=denom,
+                               token_texts=tokenizer.token_texts(ids), token_logprobs=lps)
+    by_ids = detections_from_ids(ids, lps, tokenizer, size, requested_labels=requested, coord_denominator=denom)
+    assert _as_tuple(by_ids) == _as_tuple(by_text)
+    if expected:  # the ids path read something real, with scores from the log-probs
+        assert by_ids.detections and all(d.score is not None for d in by_ids.detections)
+    if tokenizer.decode(ids) == text:  # the tokenizer round-trips the case: the table's own expectations hold
+        assert [(d.label, d.loc) for d in by_ids.detections] == [(e[0], e[1]) for e in expected]
 
 
 _ATOMS = st.one_of(

@@ -208,3 +208,27 @@ def test_interrupted_batch_keeps_its_parts_and_exits_130(ckpt, tmp_path):
     left = 24 - len(kept)
     assert "batch ocr" in done.stdout and f"{left}/{left}" in done.stdout  # the progress bar, finished
     assert sorted(done_ids(out)) == sorted(f"img{i:03d}.png" for i in range(24))
+
+
+def test_a_task_added_to_the_task_table_runs_on_ray(ckpt, ray_local, tmp_path):
+    """One `register(Task(...))` entry with ray=True is a batch task: its argument comes from the rows
+    (or the run), and the rows equal `pg.task` on the same images."""
+    from palikit.tasks.registry import Arg, Task, register, unregister
+
+    register(Task("colour_of", lambda shape, lang: f"answer {lang} what colour is the {shape}", "Colour of a shape.",
+                  (Arg("shape", noun="a shape"),), lang=True, ray=True))
+    try:
+        src = _images(tmp_path / "in", 3)
+        rows = [{"id": f"r{i}", "image": str(src / f"img{i:03d}.png"), "shape": s}
+                for i, s in enumerate(["circle", "square", "circle"])]
+        (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = run_batch(tmp_path / "rows.jsonl", tmp_path / "out", "colour_of", str(ckpt), batch_size=2,
+                            device="cpu", max_new_tokens=5, progress=False)
+        assert (summary.written, summary.failed) == (3, 0)
+        got = {r["id"]: r for r in read_results(tmp_path / "out", task="colour_of")}
+        pg = PaliGemma.from_pretrained(ckpt, device="cpu")
+        for r in rows:
+            want = pg.task("colour_of", r["image"], r["shape"], max_new_tokens=5)
+            assert (got[r["id"]]["prompt"], got[r["id"]]["text"]) == (want.prompt, want.text)
+    finally:
+        unregister("colour_of")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .engine import Engine, GenerationOptions, Request, SamplingOptions
+from .engine import Engine, GenerationOptions, Request
 from .model import PaliGemmaModel
 
 MAX_PROMPT_TOKENS = 1024
@@ -130,8 +130,9 @@ class PaliGemma:
 
     # ------------------------------------------------------------------------------ predict
     def predict(self, image, prompt: str, **options) -> Any:
-        """Run one prompt on one image (or a list of frames). Options: max_new_tokens, temperature,
-        top_k, top_p, seed, num_beams, coord_denominator (1024 or 1023), dedupe_iou, labels."""
+        """Run one prompt on one image (or a list of frames). Options (`tasks.options.PredictOptions`):
+        max_new_tokens, temperature, top_k, top_p, seed, num_beams, length_penalty, coord_denominator
+        (1024 or 1023), dedupe_iou; and labels (the requested labels)."""
         return self.predict_batch([image], [prompt], **options)[0]
 
     def submit(self, image, prompt: str, *, labels: Sequence[str] | None = None, on_text=None, **options) -> Pending:
@@ -230,14 +231,12 @@ class PaliGemma:
         return ids
 
     def _result(self, prompt, size, gen, labels, parse_opts, image_ms):
-        from .tasks import Result, parse_detections, suggest_prompt
+        from .tasks import Result, suggest_prompt
+        from .tasks.parse import detections_from_ids
 
-        tok = self.tokenizer
-        text = tok.decode(gen.tokens)
-        parsed = parse_detections(
-            text, size, requested_labels=labels, coord_denominator=parse_opts["coord_denominator"],
-            token_texts=tok.token_texts(gen.tokens), token_logprobs=gen.logprobs,
-        )
+        parsed = detections_from_ids(gen.tokens, gen.logprobs, self.tokenizer, size, requested_labels=labels,
+                                     coord_denominator=parse_opts["coord_denominator"])
+        text = self.tokenizer.decode(gen.tokens)
         detections = parsed.detections
         errors = list(parsed.errors)
         if any(d.seg_tokens for d in detections):
@@ -259,42 +258,50 @@ class PaliGemma:
                       hint=suggest_prompt(prompt))
 
     # ------------------------------------------------------------------------------ tasks
-    def caption(self, image, lang: str = "en", **options):
-        from .tasks import prompts
+    def task(self, name: str, image, *args, lang: str = "en", **options):
+        """Run the task `name` of the task table (`palikit.tasks.registry`) on one image: positional
+        `args` (or keywords) are the task's arguments (question, labels, ...), `lang` its language."""
+        from .tasks.registry import get_task
 
-        return self.predict(image, prompts.caption(lang), **options)
+        t = get_task(name)
+        if len(args) > len(t.args):
+            raise ValueError(f"task {name} takes {len(t.args)} argument(s) ({', '.join(a.name for a in t.args)}), "
+                             f"got {len(args)}")
+        values = dict(zip((a.name for a in t.args), args))
+        values.update({a.name: options.pop(a.name) for a in t.args if a.name in options})
+        prompt, labels = t.prompt(values, lang)
+        return self.predict_batch([image], [prompt], labels=[labels], **options)[0]
+
+    def caption(self, image, lang: str = "en", **options):
+        return self.task("caption", image, lang=lang, **options)
 
     def describe(self, image, lang: str = "en", **options):
-        from .tasks import prompts
-
-        return self.predict(image, prompts.describe(lang), **options)
+        return self.task("describe", image, lang=lang, **options)
 
     def ocr(self, image, **options):
-        from .tasks import prompts
-
-        return self.predict(image, prompts.ocr(), **options)
+        return self.task("ocr", image, **options)
 
     def answer(self, image, question: str, lang: str = "en", **options):
-        from .tasks import prompts
-
-        return self.predict(image, prompts.answer(question, lang), **options)
+        return self.task("answer", image, question, lang=lang, **options)
 
     def question(self, image, answer: str, lang: str = "en", **options):
-        from .tasks import prompts
-
-        return self.predict(image, prompts.question(answer, lang), **options)
+        return self.task("question", image, answer, lang=lang, **options)
 
     def detect(self, image, labels: str | Sequence[str], **options):
-        from .tasks import prompts
-
-        labels = [labels] if isinstance(labels, str) else list(labels)
-        return self.predict_batch([image], [prompts.detect(labels)], labels=[labels], **options)[0]
+        """Boxes for `labels`: a list, or one string split by the label rule ("dog ; cat", "dog, cat")."""
+        return self.task("detect", image, labels, **options)
 
     def segment(self, image, labels: str | Sequence[str], **options):
-        from .tasks import prompts
+        return self.task("segment", image, labels, **options)
 
-        labels = [labels] if isinstance(labels, str) else list(labels)
-        return self.predict_batch([image], [prompts.segment(labels)], labels=[labels], **options)[0]
+    def __getattr__(self, name: str):
+        """Tasks registered later (`tasks.registry.register`) are methods too: `pg.<task>(image, *args)`."""
+        from .tasks.registry import TASKS
+
+        t = TASKS.get(name)
+        if t is None or not t.api or name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return lambda image, *args, **options: self.task(name, image, *args, **options)
 
 
 class Pending:
@@ -321,23 +328,12 @@ class Pending:
         return self._pg._result(prompt, size, ticket.result(timeout), labels, parse_opts, image_ms)
 
 
-def _split_options(options: dict) -> tuple[GenerationOptions, dict]:
-    opts = dict(options)
-    from .tasks.boxes import DEFAULT_DENOMINATOR, check_denominator
+def _split_options(options) -> tuple[GenerationOptions, dict]:
+    """The one converter from user keyword options (or a `PredictOptions`) to (GenerationOptions,
+    parse options); see `tasks/options.py`."""
+    from .tasks.options import PredictOptions
 
-    parse = {"coord_denominator": check_denominator(opts.pop("coord_denominator", DEFAULT_DENOMINATOR)),
-             "dedupe_iou": opts.pop("dedupe_iou", None)}
-    sampling = SamplingOptions(
-        temperature=opts.pop("temperature", 0.0), top_k=opts.pop("top_k", None),
-        top_p=opts.pop("top_p", None), seed=opts.pop("seed", None),
-    )
-    gen = GenerationOptions(
-        max_new_tokens=opts.pop("max_new_tokens", 64), sampling=sampling,
-        num_beams=opts.pop("num_beams", 1), length_penalty=opts.pop("length_penalty", 1.0),
-    )
-    if opts:
-        raise ValueError(f"unknown option(s): {', '.join(sorted(opts))}")
-    return gen, parse
+    return PredictOptions.from_kwargs(options).split()
 
 
 def _image_key(image) -> Any:

@@ -1,4 +1,5 @@
-"""`palikit predict | caption | ocr | ask | detect | segment`: thin commands over `PaliGemma`.
+"""`palikit predict | caption | describe | ocr | ask | detect | segment`: thin commands over `PaliGemma`,
+one per CLI entry of the task table (`tasks/registry.py`).
 
 Several IMAGE arguments are frames of one example (video, NLVR2-style pairs); a video file is
 sampled into `--frames` frames.
@@ -51,14 +52,16 @@ def _frames(images: list[str], frames: int):
 
 
 def _run(images, prompt_fn, *, model, device, dtype, tokenizer, as_json, out, max_new_tokens, temperature,
-         top_k, top_p, seed, num_beams, frames, labels=None, adapter=None, final_logit_softcap="auto"):
+         top_k, top_p, seed, num_beams, frames, adapter=None, final_logit_softcap="auto"):
     from rich.console import Console
 
     pg = load_model(model, device, dtype, tokenizer, adapter=adapter, final_logit_softcap=final_logit_softcap)
     example = _frames(images, frames)
-    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                num_beams=num_beams)
-    result = prompt_fn(pg, example, opts)
+    from ..tasks.options import PredictOptions
+
+    opts = PredictOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                          num_beams=num_beams)  # the CLI edge's one conversion of its flags
+    result = prompt_fn(pg, example, opts.as_kwargs())
     if out is not None:
         from ..preprocess import load_image
         from ..tasks.draw import draw, save_png
@@ -106,8 +109,16 @@ FRAMES = typer.Option(8, help="Frames sampled from a video file.")
 IMAGES = typer.Argument(..., help="Image path(s); several = frames of one example; or one video file.")
 
 
-def _register(name: str, help_text: str, build, extra_arg: str | None = None, label_task: str | None = None):
-    if extra_arg is None:
+def _register(app, task) -> None:
+    """One command for a task of the task table: `palikit <task.cli> IMAGE... [ARG]`, the argument
+    being the task's first required one (question, labels, prompt)."""
+    arg = task.main_arg if task.main_arg is not None and task.main_arg.required else None
+    help_text = task.cli_help or task.summary
+
+    def build(pg, ex, o, lang, text):
+        return pg.task(task.name, ex, *([text] if arg is not None else []), lang=lang, **o)
+
+    if arg is None:
         def command(images: list[str] = IMAGES, model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE,
                     tokenizer: str = TOKENIZER, as_json: bool = JSON, out: Path = OUT, max_new_tokens: int = MAX_NEW,
                     temperature: float = TEMP, top_k: int = TOPK, top_p: float = TOPP, seed: int = SEED,
@@ -118,7 +129,8 @@ def _register(name: str, help_text: str, build, extra_arg: str | None = None, la
                  top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams, frames=frames, adapter=adapter,
                  final_logit_softcap=final_logit_softcap)
     else:
-        def command(images: list[str] = IMAGES, text: str = typer.Argument(..., metavar=extra_arg.upper(), help=help_text),
+        def command(images: list[str] = IMAGES,
+                    text: str = typer.Argument(..., metavar=arg.name.upper(), help=help_text),
                     model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE, tokenizer: str = TOKENIZER,
                     as_json: bool = JSON, out: Path = OUT, max_new_tokens: int = MAX_NEW, temperature: float = TEMP,
                     top_k: int = TOPK, top_p: float = TOPP, seed: int = SEED, num_beams: int = BEAMS,
@@ -129,21 +141,15 @@ def _register(name: str, help_text: str, build, extra_arg: str | None = None, la
                  top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams, frames=frames, adapter=adapter,
                  final_logit_softcap=final_logit_softcap)
     command.__doc__ = help_text
-    app.command(name)(command)
+    app.command(task.cli)(command)
 
 
-def _labels(text: str) -> list[str]:
-    return [t.strip() for t in text.replace(";", ",").split(",") if t.strip()]
+def add_task_commands(target, tasks=None) -> None:
+    """Register one command per CLI task of the task table (or of `tasks`) on the typer app `target`."""
+    from ..tasks.registry import tasks_where
+
+    for task in tasks if tasks is not None else tasks_where("cli"):
+        _register(target, task)
 
 
-_register("predict", "Run any prompt: palikit predict IMAGE 'answer en what is on the table'.",
-          lambda pg, ex, o, lang, text: pg.predict(ex, text, **o), extra_arg="prompt")
-_register("caption", "Caption the image ('caption {lang}').", lambda pg, ex, o, lang, _: pg.caption(ex, lang, **o))
-_register("describe", "Longer description ('describe {lang}').", lambda pg, ex, o, lang, _: pg.describe(ex, lang, **o))
-_register("ocr", "Read the text in the image ('ocr').", lambda pg, ex, o, lang, _: pg.ocr(ex, **o))
-_register("ask", "Answer a question about the image ('answer {lang} {question}').",
-          lambda pg, ex, o, lang, text: pg.answer(ex, text, lang, **o), extra_arg="question")
-_register("detect", "Boxes for the given classes: palikit detect IMAGE 'dog ; car'.",
-          lambda pg, ex, o, lang, text: pg.detect(ex, _labels(text), **o), extra_arg="labels")
-_register("segment", "Masks for the given classes: palikit segment IMAGE cat.",
-          lambda pg, ex, o, lang, text: pg.segment(ex, _labels(text), **o), extra_arg="labels")
+add_task_commands(app)

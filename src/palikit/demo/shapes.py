@@ -28,9 +28,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..tasks.boxes import encode_box
+from ..tasks.labels import plural
 
 CLASSES = ("circle", "square", "triangle")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+PLURALS = {c: plural(c) for c in CLASSES}  # circles, squares, triangles
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 WORDS = ("cat", "sun", "box", "map", "key", "cup", "pen", "hat", "owl", "jam", "fox", "bus", "ink", "zip", "web",
          "oak", "gem", "toy", "art", "dot")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-TASKS = ("ocr", "caption", "describe", "detect", "segment", "answer", "predict")
+TASKS = ("ocr", "caption", "describe", "detect", "segment", "answer", "predict")  # at import; see ray_tasks()
 
 
 @dataclass
@@ -139,28 +139,27 @@ def read_results(output: str | Path, task: str | None = None) -> list[dict[str, 
     return list(best.values())
 
 
-def prompt_for(task: str, row: dict[str, Any], *, labels: list[str] | None, question: str | None, prompt: str | None,
-               lang: str) -> str:
-    from ..tasks import prompts
+def prompt_for(task: str, row: dict[str, Any], *, lang: str = "en", **values: Any) -> tuple[str, list[str] | None]:
+    """(prompt, requested labels) of one input row for a task of the task table: each task argument
+    comes from the row's field of that name, else from `values` (the `--labels` / `--question` /
+    `--prompt` given for the whole run); labels by the one label rule (`tasks.labels`)."""
+    from ..tasks.registry import get_task
 
-    if task == "ocr":
-        return prompts.ocr()
-    if task in ("caption", "describe"):
-        return getattr(prompts, task)(lang)
-    if task in ("detect", "segment"):
-        row_labels = row.get("labels") or labels
-        if not row_labels:
-            raise ValueError(f"task {task} needs labels (--labels or a 'labels' field per row)")
-        return getattr(prompts, task)(list(row_labels))
-    if task == "answer":
-        q = row.get("question") or question
-        if not q:
-            raise ValueError("task answer needs a question (--question or a 'question' field per row)")
-        return prompts.answer(q, lang)
-    p = row.get("prompt") or prompt
-    if p is None:
-        raise ValueError("task predict needs a prompt (--prompt or a 'prompt' field per row)")
-    return p
+    t = get_task(task)
+    given = {}
+    for a in t.args:
+        v = row.get(a.name) or values.get(a.name)
+        if a.required and not v:
+            raise ValueError(f"task {task} needs {a.what} (--{a.name} or a '{a.name}' field per row)")
+        given[a.name] = v
+    return t.prompt(given, lang)
+
+
+def ray_tasks() -> tuple[str, ...]:
+    """The tasks `run_batch` runs: the Ray entries of the task table."""
+    from ..tasks.registry import tasks_where
+
+    return tuple(t.name for t in tasks_where("ray"))
 
 
 # ----------------------------------------------------------------------------------- stages
@@ -188,7 +187,8 @@ def _preprocess_fn(image_size: int, preprocessor_dir: str | None):
                 widths.append(0)
                 heights.append(0)
                 errors.append(f"{type(e).__name__}: {e}")
-        return {"id": batch["id"], "key": batch["key"], "prompt": batch["prompt"], "pixels": np.stack(pixels),
+        return {"id": batch["id"], "key": batch["key"], "prompt": batch["prompt"], "labels": batch["labels"],
+                "pixels": np.stack(pixels),
                 "width": np.array(widths), "height": np.array(heights), "error": np.array(errors, dtype=object)}
 
     return preprocess
@@ -206,34 +206,35 @@ class _Predictor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
 
+        from ..tasks.records import PredictionRecord
+
         ok = [i for i, e in enumerate(batch["error"]) if not e]
         rows: dict[int, dict[str, Any]] = {}
         if ok:
             pv = torch.from_numpy(batch["pixels"][ok])
             sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in ok]
-            results = self.pg.predict_pixels(pv, sizes, [batch["prompt"][i] for i in ok], **self.options)
+            labels = [json.loads(batch["labels"][i]) if batch["labels"][i] else None for i in ok]
+            results = self.pg.predict_pixels(pv, sizes, [batch["prompt"][i] for i in ok], labels=labels,
+                                             **self.options)
             for i, r in zip(ok, results):
-                rows[i] = self._row(batch, i, r.text, detection_columns(r), "")
+                rows[i] = PredictionRecord.from_result(batch["id"][i], batch["prompt"][i], r, task=self.task,
+                                                       key=str(batch["key"][i])).batch_row()
         for i, e in enumerate(batch["error"]):
             if e:
-                rows[i] = self._row(batch, i, "", [], e)
+                rows[i] = PredictionRecord.failure(batch["id"][i], batch["prompt"][i], e, task=self.task,
+                                                   key=str(batch["key"][i])).batch_row()
         ordered = [rows[i] for i in range(len(batch["id"]))]
         _write_part(self.output, ordered, self.fmt)
         return {"id": batch["id"], "failed": [bool(e) for e in batch["error"]]}
 
-    def _row(self, batch, i: int, text: str, detections: list, error: str) -> dict[str, Any]:
-        return {"id": str(batch["id"][i]), "task": self.task, "key": str(batch["key"][i]),
-                "prompt": str(batch["prompt"][i]), "text": text, "detections": detections, "error": error}
-
 
 def detection_columns(result) -> list[dict[str, Any]]:
     """A result's detections as structured values (Parquet: a list of structs): label, box [x0, y0, x1,
-    y1] in pixels of the original image, score, mask_score, mask (COCO RLE {size, counts} or None)."""
-    out = []
-    for d in result.to_dict().get("detections", []):
-        out.append({"label": d["label"], "box": [float(v) for v in d["box"]], "score": d.get("score"),
-                    "mask_score": d.get("mask_score"), "mask": d.get("mask")})
-    return out
+    y1] in pixels of the original image, score, mask_score, mask (COCO RLE {size, counts} or None);
+    the detections of `tasks.records.PredictionRecord.batch_row`."""
+    from ..tasks.records import detection_record
+
+    return [detection_record(d) for d in result.detections]
 
 
 def _write_part(output: Path, rows: list[dict[str, Any]], fmt: str) -> None:
@@ -260,7 +261,7 @@ def run_batch(
     task: str,
     model: str,
     *,
-    labels: Iterable[str] | None = None,
+    labels: Iterable[str] | str | None = None,
     question: str | None = None,
     prompt: str | None = None,
     lang: str = "en",
@@ -278,11 +279,12 @@ def run_batch(
     module docstring); `retry_failed` also reruns inputs whose earlier row is an error."""
     import time
 
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task not in ray_tasks():
+        raise ValueError(f"task must be one of {', '.join(ray_tasks())}, got {task!r}")
     if fmt not in ("jsonl", "parquet"):
         raise ValueError("format must be jsonl or parquet")
     from ..api import PaliGemma  # noqa: F401 - fail fast on a broken install, before Ray starts
+    from ..tasks.options import PredictOptions
     from ..weights.resolve import image_size_of, resolve
 
     files = resolve(model)
@@ -292,10 +294,12 @@ def run_batch(
     if len(set(ids)) != len(ids):
         raise ValueError("input ids are not unique; give each row an 'id'")
     options = {"max_new_tokens": max_new_tokens}
+    PredictOptions.from_kwargs(options)  # refuse what the model would refuse, before Ray starts
+    run_labels = labels if labels is None or isinstance(labels, str) else list(labels)
     model_id = str(files.weights if files.format == "hf" else model)
     for r in rows:
-        r["prompt"] = prompt_for(task, r, labels=list(labels) if labels else None, question=question, prompt=prompt,
-                                 lang=lang)
+        r["prompt"], requested = prompt_for(task, r, labels=run_labels, question=question, prompt=prompt, lang=lang)
+        r["labels"] = json.dumps(requested) if requested else ""  # a plain string column through Ray Data
         r["key"] = row_key(task, r["prompt"], options, model_id)
         if isinstance(r["image"], Path):
             r["image"] = str(r["image"])
@@ -349,7 +353,8 @@ def _run_pipeline(todo, preprocess, predictor_args, batch_size, num_workers, dev
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar of ours instead of Ray's
     use_gpu = device in ("cuda", "auto") and ray.cluster_resources().get("GPU", 0) > 0
     model_id, dtype, output, fmt, options, task = predictor_args
-    ds = ray.data.from_items([{"id": r["id"], "key": r["key"], "image": r["image"], "prompt": r["prompt"]}
+    ds = ray.data.from_items([{"id": r["id"], "key": r["key"], "image": r["image"], "prompt": r["prompt"],
+                               "labels": r["labels"]}
                               for r in todo])
     ds = ds.map_batches(preprocess, batch_size=batch_size, batch_format="numpy")
     ds = ds.map_batches(

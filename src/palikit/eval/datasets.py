@@ -22,17 +22,15 @@ from ..train.data import DataError, Problem, check_annotations, read_coco, read_
 
 log = logging.getLogger(__name__)
 
-TASKS = ("ocr", "vqa", "anls", "caption", "count", "exact", "detect", "segment")
-_ALIASES = {"docvqa": "anls", "vqav2": "vqa", "captions": "caption", "cap": "caption", "counting": "count",
-            "detection": "detect", "segmentation": "segment", "refcoco": "segment", "tallyqa": "count"}
+TASKS = ("ocr", "vqa", "anls", "caption", "count", "exact", "detect", "segment")  # built in; see the task table
 SKIP_HINT = "pass --skip-bad-rows (strict=False) to evaluate the other rows (the skipped ones are still reported)"
 
 
 def canonical_task(task: str) -> str:
-    t = _ALIASES.get(task.lower(), task.lower())
-    if t not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)} (aliases: {', '.join(_ALIASES)})")
-    return t
+    """The evaluable task of the task table (`tasks.registry`) called `task` or one of its aliases."""
+    from ..tasks.registry import eval_task
+
+    return eval_task(task).name
 
 
 @dataclass
@@ -104,6 +102,10 @@ def load_jsonl(path: str | Path, task: str, *, image_root: str | Path | None = N
     task = canonical_task(task)
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
+    from ..tasks.registry import eval_task
+
+    spec = eval_task(task).eval
+    needs_refs, masks = spec.needs_refs, spec.metric == "segment"  # referring segmentation: masks per row
     rows, problems = read_jsonl_rows(path)
     samples: list[Sample] = []
     seen: dict[str, int] = {}
@@ -113,7 +115,7 @@ def load_jsonl(path: str | Path, task: str, *, image_root: str | Path | None = N
             problems.append(Problem(str(path), where, 'needs an "image" (a path string)'))
             continue
         refs = _refs(row)
-        if task not in ("detect", "segment") and not refs:
+        if needs_refs and not refs:
             problems.append(Problem(str(path), where, "no reference: give suffix, text, answer, answers or captions"))
             continue
         sid = str(row.get("id", row.get("question_id", n - 1)))
@@ -122,7 +124,7 @@ def load_jsonl(path: str | Path, task: str, *, image_root: str | Path | None = N
             continue
         meta = {k: row[k] for k in ("question", "prefix", "answer_type", "domain") if k in row}
         labels = None
-        if task == "segment":
+        if masks:
             try:
                 mask = _load_mask(row["mask"], root)
             except (KeyError, OSError, ValueError, TypeError) as e:
@@ -144,11 +146,13 @@ def load_coco(path: str | Path, task: str = "detect", *, image_root: str | Path 
     image for every category: closer to standard COCO mAP, but long prompts (80 classes). Detections
     are mapped back to categories by name (singular / plural spellings accepted). Image paths are
     relative to `image_root` (default: the json's folder; `palikit eval --images DIR`)."""
-    task = canonical_task(task)
+    from ..tasks.registry import eval_task
+
+    masks = eval_task(task).eval.metric == "segment"  # instance masks are scored: annotations need them
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     coco = read_coco(path)
-    images, by_image, problems = check_annotations(coco, path, need_segmentation=task == "segment")
+    images, by_image, problems = check_annotations(coco, path, need_segmentation=masks)
     if problems and strict:
         raise DataError(problems, f"evaluation data {path}", hint=SKIP_HINT)
     # the ground truth the metrics see: only the annotations that passed the checks

@@ -1,5 +1,6 @@
-"""Per-task scoring used by the runner: a per-sample score (for the running metric and the per-sample
-table) and the corpus-level metrics with the task's primary metric.
+"""Per-task scoring used by the runner, keyed by the task table's `EvalSpec.metric` (`METRICS`): a
+per-sample score (for the running metric and the per-sample table) and the corpus-level metrics with
+the task's primary metric. The table below is the built-in `METRICS`.
 
 Prediction records are plain dicts: {"id", "prompt", "text", "detections": [{"label", "box" (x0, y0,
 x1, y1 pixels), "score", "mask" (bool HxW or None)}], "errors", "timings", "latency_s"}.
@@ -19,7 +20,8 @@ x1, y1 pixels), "score", "mask" (bool HxW or None)}], "errors", "timings", "late
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,38 +29,121 @@ import numpy as np
 from . import metrics_detection as D
 from . import metrics_text as T
 
-PRIMARY = {"ocr": "accuracy", "vqa": "accuracy", "anls": "anls", "caption": "cider", "count": "accuracy",
-           "exact": "exact_match", "detect": "map", "segment": "miou"}
+@dataclass(frozen=True)
+class Metric:
+    """A task table metric (`EvalSpec.metric` names it): the `primary` metric's name, the per-sample
+    score (None when the metric is corpus-level only) and the extra corpus metrics (given the records,
+    the samples and the COCO ground truth; the mean of per-sample scores and its per-domain
+    breakdown are added for metrics with a per-sample score)."""
+
+    primary: str
+    sample: Callable[[Mapping[str, Any], Any], float | None] = lambda rec, sample: None
+    corpus: Callable[..., dict[str, float]] = lambda recs, samples, coco: {}
+    per_sample: bool = True
 
 
-def sample_score(task: str, rec: Mapping[str, Any], sample: Any) -> float | None:
-    """Per-sample score in the task's primary metric, or None for corpus-level metrics (CIDEr, mAP)."""
-    text = str(rec.get("text", ""))
-    refs = list(sample.refs)
-    if task == "ocr":
-        return T.ocr_accuracy(text, refs[0] if refs else "", normalize=True)
-    if task == "vqa":
-        return T.vqa_accuracy(text, refs)
-    if task == "anls":
-        return T.anls(text, refs)
-    if task == "count":
-        return T.count_accuracy(text, refs[0])
-    if task == "exact":
-        return max(T.exact_match(text, r, normalize=True) for r in refs)
-    if task == "segment" and "gt_mask" in sample.meta:
+def _text(rec) -> str:
+    return str(rec.get("text", ""))
+
+
+def _ocr_corpus(recs, samples, coco):
+    texts = [_text(recs[s.id]) for s in samples]
+    refs = [s.refs[0] if s.refs else "" for s in samples]
+    return {"cer": T.corpus_cer(texts, refs, normalize=True),
+            "exact_match": T.mean(T.exact_match(t, r, normalize=True) for t, r in zip(texts, refs))}
+
+
+def _vqa_corpus(recs, samples, coco):
+    by_type: dict[str, list[float]] = {}
+    for s in samples:
+        if "answer_type" in s.meta:
+            by_type.setdefault(str(s.meta["answer_type"]), []).append(T.vqa_accuracy(_text(recs[s.id]), s.refs))
+    return {f"accuracy/{k}": T.mean(v) for k, v in sorted(by_type.items())}
+
+
+def _anls_corpus(recs, samples, coco):
+    return {"exact_match": T.mean(max(T.exact_match(_text(recs[s.id]), r, normalize=True) for r in s.refs)
+                                  for s in samples)}
+
+
+def _caption_corpus(recs, samples, coco):
+    texts = [_text(recs[s.id]) for s in samples]
+    return {"cider": T.cider_d(texts, [s.refs for s in samples])[0] if samples else float("nan")}
+
+
+def _detect_corpus(recs, samples, coco):
+    if coco is None:
+        raise ValueError("detection needs a COCO ground truth (a COCO json dataset)")
+    ids = [s.meta["image_id"] for s in samples]
+    return D.coco_map(coco, _coco_results(recs, samples, coco, False), image_ids=ids)
+
+
+def _segment_sample(rec, sample):
+    if "gt_mask" in sample.meta:
         return D.segmentation_sample_iou(rec.get("detections", []), sample.meta["gt_mask"])
     return None
 
 
+def _segment_corpus(recs, samples, coco):
+    if coco is not None:
+        ids = [s.meta["image_id"] for s in samples]
+        box = D.coco_map(coco, _coco_results(recs, samples, coco, False), image_ids=ids)
+        segm = D.coco_map(coco, _coco_results(recs, samples, coco, True), iou_type="segm", image_ids=ids)
+        return {"miou": _coco_miou(recs, samples, coco), "map": box["map"], "map50": box["map50"],
+                "mask_map": segm["map"], "mask_map50": segm["map50"]}
+    pm, pb = [], []
+    for s in samples:
+        dets = recs[s.id].get("detections", [])
+        pm.append(dets[0].get("mask") if dets else None)
+        pb.append(dets[0].get("box") if dets else None)
+    r = D.referring_segmentation_scores(pm, pb, [s.meta["gt_mask"] for s in samples],
+                                        [s.meta["gt_box"] for s in samples])
+    return {k: v for k, v in r.items() if k != "ious"}
+
+
+def _first_ref(sample) -> str:
+    return sample.refs[0] if sample.refs else ""
+
+
+METRICS: dict[str, Metric] = {
+    "ocr": Metric("accuracy", lambda rec, s: T.ocr_accuracy(_text(rec), _first_ref(s), normalize=True), _ocr_corpus),
+    "vqa": Metric("accuracy", lambda rec, s: T.vqa_accuracy(_text(rec), list(s.refs)), _vqa_corpus),
+    "anls": Metric("anls", lambda rec, s: T.anls(_text(rec), list(s.refs)), _anls_corpus),
+    "count": Metric("accuracy", lambda rec, s: T.count_accuracy(_text(rec), s.refs[0])),
+    "exact": Metric("exact_match", lambda rec, s: max(T.exact_match(_text(rec), r, normalize=True) for r in s.refs)),
+    "caption": Metric("cider", corpus=_caption_corpus, per_sample=False),
+    "detect": Metric("map", corpus=_detect_corpus, per_sample=False),
+    "segment": Metric("miou", _segment_sample, _segment_corpus, per_sample=False),
+}
+
+
+def metric_of(task: str) -> Metric:
+    """The metric of an evaluable task of the task table (`tasks.registry`)."""
+    from ..tasks.registry import eval_task
+
+    key = eval_task(task).eval.metric
+    if key not in METRICS:
+        raise ValueError(f"task {task!r} names metric {key!r}, which is not in eval.metrics_tasks.METRICS")
+    return METRICS[key]
+
+
+def primary(task: str) -> str:
+    return metric_of(task).primary
+
+
+def sample_score(task: str, rec: Mapping[str, Any], sample: Any) -> float | None:
+    """Per-sample score in the task's primary metric, or None for corpus-level metrics (CIDEr, mAP)."""
+    return metric_of(task).sample(rec, sample)
+
+
 def category_lookup(coco: Mapping[str, Any]) -> dict[str, int]:
     """Category name -> id, with singular and plural spellings added (prompt variants ask for "dogs")."""
-    from ..tasks.prompts import singular
-    from .runner import pluralize
+    from ..tasks.labels import plural, singular
 
     out: dict[str, int] = {}
     for c in coco["categories"]:
         name = c["name"]
-        for alias in (singular(name), pluralize(singular(name)), name.lower()):
+        for alias in (singular(name), plural(singular(name)), name.lower()):
             out.setdefault(alias, c["id"])
         out[name] = c["id"]
     return out
@@ -110,50 +195,14 @@ def _coco_miou(recs, samples, coco) -> float:
 def corpus_metrics(task: str, recs: Mapping[str, Mapping[str, Any]], samples: Sequence[Any],
                    coco: Mapping[str, Any] | None = None) -> dict[str, float]:
     """All metrics of the task over `samples` (each must have a record in `recs`, keyed by id)."""
-    texts = [str(recs[s.id].get("text", "")) for s in samples]
+    m = metric_of(task)
     out: dict[str, float] = {}
-    if task in ("ocr", "vqa", "anls", "count", "exact"):
-        out[PRIMARY[task]] = T.mean(sample_score(task, recs[s.id], s) for s in samples)
-    if task in ("ocr", "vqa", "anls", "count", "exact"):  # per-domain breakdown (Roboflow OCR benchmark)
-        by_domain: dict[str, list[float]] = {}
+    if m.per_sample:
+        out[m.primary] = T.mean(m.sample(recs[s.id], s) for s in samples)
+        by_domain: dict[str, list[float]] = {}  # per-domain breakdown (Roboflow OCR benchmark)
         for s in samples:
             if "domain" in s.meta:
-                by_domain.setdefault(str(s.meta["domain"]), []).append(sample_score(task, recs[s.id], s))
-        out.update({f"{PRIMARY[task]}/domain/{k}": T.mean(v) for k, v in sorted(by_domain.items())})
-    if task == "ocr":
-        refs = [s.refs[0] if s.refs else "" for s in samples]
-        out["cer"] = T.corpus_cer(texts, refs, normalize=True)
-        out["exact_match"] = T.mean(T.exact_match(t, r, normalize=True) for t, r in zip(texts, refs))
-    elif task == "vqa":
-        by_type: dict[str, list[float]] = {}
-        for s in samples:
-            if "answer_type" in s.meta:
-                by_type.setdefault(str(s.meta["answer_type"]), []).append(sample_score(task, recs[s.id], s))
-        out.update({f"accuracy/{k}": T.mean(v) for k, v in sorted(by_type.items())})
-    elif task == "anls":
-        out["exact_match"] = T.mean(max(T.exact_match(t, r, normalize=True) for r in s.refs)
-                                    for t, s in zip(texts, samples))
-    elif task == "caption":
-        out["cider"] = T.cider_d(texts, [s.refs for s in samples])[0] if samples else float("nan")
-    elif task == "detect":
-        if coco is None:
-            raise ValueError("detection needs a COCO ground truth (a COCO json dataset)")
-        ids = [s.meta["image_id"] for s in samples]
-        out.update(D.coco_map(coco, _coco_results(recs, samples, coco, False), image_ids=ids))
-    elif task == "segment":
-        if coco is not None:
-            ids = [s.meta["image_id"] for s in samples]
-            out["miou"] = _coco_miou(recs, samples, coco)
-            box = D.coco_map(coco, _coco_results(recs, samples, coco, False), image_ids=ids)
-            segm = D.coco_map(coco, _coco_results(recs, samples, coco, True), iou_type="segm", image_ids=ids)
-            out.update(map=box["map"], map50=box["map50"], mask_map=segm["map"], mask_map50=segm["map50"])
-        else:
-            pm, pb = [], []
-            for s in samples:
-                dets = recs[s.id].get("detections", [])
-                pm.append(dets[0].get("mask") if dets else None)
-                pb.append(dets[0].get("box") if dets else None)
-            r = D.referring_segmentation_scores(pm, pb, [s.meta["gt_mask"] for s in samples],
-                                                [s.meta["gt_box"] for s in samples])
-            out.update({k: v for k, v in r.items() if k != "ious"})
+                by_domain.setdefault(str(s.meta["domain"]), []).append(m.sample(recs[s.id], s))
+        out.update({f"{m.primary}/domain/{k}": T.mean(v) for k, v in sorted(by_domain.items())})
+    out.update(m.corpus(recs, samples, coco))
     return out

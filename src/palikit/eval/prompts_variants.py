@@ -1,7 +1,8 @@
 """Prompt sensitivity: run the same evaluation under several wordings of the prompt and report the
 metric per variant and its spread (max - min, population standard deviation).
 
-Default variants per task (templates use the fields of `runner.prompt_fields`):
+Default variants per task: the task table's `EvalSpec.variants` (templates use the fields of
+`runner.prompt_fields`):
 - detect / segment: singular vs plural class names ("detect dog ; cat" vs "detect dogs ; cats"), and
   a natural-language request without the keyword ("find the dogs and cats");
 - ocr: the task keyword "ocr" vs natural wording ("What does the text say?", "Read the text.");
@@ -21,27 +22,24 @@ from typing import Any
 
 import numpy as np
 
-_QA = {"keyword": "answer {lang} {question}", "raw": "{question}", "keyword_no_lang": "answer {question}",
-       "natural": "Answer the question: {question}"}
-DEFAULT_VARIANTS: dict[str, dict[str, str]] = {
-    "ocr": {"keyword": "ocr", "natural": "What does the text say?", "read": "Read the text."},
-    "vqa": dict(_QA), "anls": dict(_QA), "count": dict(_QA), "exact": dict(_QA),
-    "caption": {"caption": "caption {lang}", "cap": "cap {lang}", "describe": "describe {lang}",
-                "natural": "Describe the image in one sentence."},
-    "detect": {"singular": "detect {labels_singular}", "plural": "detect {labels_plural}",
-               "natural": "find the {labels_natural}"},
-    "segment": {"singular": "segment {labels_singular}", "plural": "segment {labels_plural}",
-                "natural": "outline the {labels_natural}"},
-}
+def _default_variants(task: str) -> dict[str, str]:
+    from ..tasks.registry import eval_task
+
+    return dict(eval_task(task).eval.variants)
+
+
+DEFAULT_VARIANTS: dict[str, dict[str, str]] = {t: _default_variants(t) for t in
+                                               ("ocr", "vqa", "anls", "count", "exact", "caption", "detect", "segment")}
+# ^ the built-in entries' variants at import, for reading; prompt_variants reads the live task table
 
 
 def prompt_variants(task: str, *, variants: Mapping[str, str] | None = None, langs: Sequence[str] = ()
                     ) -> dict[str, str]:
     """name -> prompt template for `task`: `variants` (or the defaults) plus "<name>@<lang>" copies of
     templates with {lang} for each code in `langs` (the {lang} is filled in; other fields stay)."""
-    from .runner import canonical_task
+    from .datasets import canonical_task
 
-    base = dict(variants) if variants is not None else dict(DEFAULT_VARIANTS[canonical_task(task)])
+    base = dict(variants) if variants is not None else _default_variants(canonical_task(task))
     out = dict(base)
     for name, tpl in base.items():
         if "{lang}" in tpl:

@@ -23,6 +23,7 @@ Ctrl-C / SIGTERM writes the report of the samples done and raises `EvalInterrupt
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,27 +34,14 @@ import numpy as np
 from .datasets import TASKS, EvalDataset, Sample, canonical_task, load_coco, load_dataset, load_jsonl  # noqa: F401
 
 
-def pluralize(word: str) -> str:
-    """Crude English plural of the last word ("dog" -> "dogs", "box" -> "boxes", "bus" -> "buses")."""
-    head, _, last = word.rpartition(" ")
-    low = last.lower()
-    if low.endswith("y") and len(low) > 1 and low[-2] not in "aeiou":
-        last = last[:-1] + "ies"
-    elif low.endswith(("s", "x", "z", "ch", "sh")):
-        last = last + "es"
-    else:
-        last = last + "s"
-    return f"{head} {last}" if head else last
-
-
 def prompt_fields(sample: Sample, lang: str = "en") -> dict[str, str]:
     """Fields a prompt template may use: {question} {prefix} {lang} {labels} {labels_singular}
     {labels_plural} {labels_natural}."""
-    from ..tasks.prompts import singular
+    from ..tasks.labels import plural, singular
 
     labels = sample.labels or []
     sing = [singular(lbl) for lbl in labels]
-    plur = [pluralize(s) for s in sing]
+    plur = [plural(s) for s in sing]
     natural = ", ".join(plur[:-1]) + (" and " if len(plur) > 1 else "") + (plur[-1] if plur else "")
     return {"question": str(sample.meta.get("question", "")), "prefix": str(sample.meta.get("prefix", "")),
             "lang": lang, "labels": " ; ".join(labels), "labels_singular": " ; ".join(sing),
@@ -64,51 +52,28 @@ def render_prompt(template: str | Callable[[Sample], str], sample: Sample, lang:
     return template(sample) if callable(template) else template.format(**prompt_fields(sample, lang))
 
 
-_DEFAULT_PROMPTS = {"ocr": "ocr", "vqa": "answer {lang} {question}", "anls": "{question}",
-                    "count": "answer {lang} {question}", "exact": "answer {lang} {question}",
-                    "caption": "caption {lang}", "detect": "detect {labels}", "segment": "segment {labels}"}
-
-
 def default_prompt(task: str) -> str:
-    """The task's default prompt template (DocVQA: raw question, as big_vision's transfer)."""
-    return _DEFAULT_PROMPTS[canonical_task(task)]
+    """The task's default prompt template, from the task table (DocVQA: raw question, as big_vision's transfer)."""
+    from ..tasks.registry import eval_task
+
+    return eval_task(task).eval.template
 
 
 # ------------------------------------------------------------------------------ prediction records
 def result_to_record(sample: Sample, result: Any, latency_s: float | None) -> dict[str, Any]:
-    """JSON-able record of one prediction (masks as COCO RLE). Accepts `palikit.tasks.Result` or any
-    object / dict with text, detections (label, box, score, mask), errors, timings, usage (token
-    counts reported by an API). `latency_s=None`: not timed (failed, or a results file)."""
-    from ..tasks.results import mask_to_rle
+    """The predictions.jsonl row of one prediction (`tasks.records.PredictionRecord.eval_row`; masks as
+    COCO RLE). `latency_s=None`: not timed (failed, or a results file)."""
+    from ..tasks.records import PredictionRecord
 
-    def get(obj, name, default=None):
-        return obj.get(name, default) if isinstance(obj, Mapping) else getattr(obj, name, default)
-
-    dets = []
-    for d in get(result, "detections", None) or []:
-        mask = get(d, "mask")
-        score = get(d, "score")
-        dets.append({"label": str(get(d, "label", "")), "box": [float(v) for v in get(d, "box")],
-                     "score": None if score is None else float(score),
-                     "mask": None if mask is None else mask_to_rle(np.asarray(mask, dtype=bool))})
-    timings = get(result, "timings", None) or {}
-    rec = {"id": sample.id, "prompt": sample.prompt, "text": str(get(result, "text", "") or ""), "detections": dets,
-           "errors": [str(e) for e in get(result, "errors", None) or []],
-           "timings": {k: float(v) for k, v in timings.items()},
-           "latency_s": None if latency_s is None else float(latency_s)}
-    if get(result, "failed", False):  # the adapter gave up on this sample (e.g. the API kept failing)
-        rec.update(failed=True, latency_s=None)
-    usage = get(result, "usage", None)
-    if usage:
-        rec["usage"] = {k: int(v) for k, v in dict(usage).items() if isinstance(v, (int, float))}
-    return rec
+    return PredictionRecord.from_result(sample.id, sample.prompt, result, latency_s=latency_s).eval_row()
 
 
 def failed_record(sample: Sample, error: str) -> dict[str, Any]:
     """A sample the model could not answer (missing / unreadable image, a call that kept failing):
     scored as an empty answer, left out of the speed figures, retried on resume."""
-    return {"id": sample.id, "prompt": sample.prompt, "text": "", "detections": [], "errors": [error],
-            "timings": {}, "latency_s": None, "failed": True}
+    from ..tasks.records import PredictionRecord
+
+    return PredictionRecord.failure(sample.id, sample.prompt, error).eval_row()
 
 
 def _decode_record(rec: dict[str, Any]) -> dict[str, Any]:
@@ -383,7 +348,7 @@ def _build_report(model, name, task, ds, samples, recs, template, out, pred_path
     settings = getattr(model, "settings", None)
     settings = settings() if callable(settings) else dict(settings or {})
     return EvalReport(model=name, task=task, dataset=str(ds.path), n=len(done), metrics=metrics,
-                      primary=MT.PRIMARY[task], speed=speed, cost=cost_stats(speed, prices[0], prices[1], records, prices[2]),
+                      primary=MT.primary(task), speed=speed, cost=cost_stats(speed, prices[0], prices[1], records, prices[2]),
                       per_sample=per_sample,
                       prompt=template if isinstance(template, str) else getattr(template, "__name__", "callable"),
                       out_dir=str(out), files={"predictions": str(pred_path)}, predicted_now=predicted_now,
@@ -436,6 +401,11 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
     recs = {i: r for i, r in recs.items() if not r.get("failed")}  # failed samples are tried again
     todo = [s for s in samples if s.id not in recs]
     opts = dict(predict_options or {})
+    api = sys.modules.get("palikit.api")  # loaded whenever `model` can be a PaliGemma
+    if api is not None and isinstance(model, api.PaliGemma):
+        from ..tasks.options import PredictOptions
+
+        PredictOptions.from_kwargs(opts)  # a bad option fails here, not as every sample failing
     timed = getattr(model, "timed", True)
     prices = (price_per_hour, price_per_call, price_per_mtok)
     prog = make_progress(progress, name, len(samples), len(samples) - len(todo))
@@ -454,7 +424,7 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
                     if v is not None:
                         scores.append(v)
                 if prog is not None:
-                    prog.update(len(batch), f"{MT.PRIMARY[task]} {100 * sum(scores) / len(scores):.1f}%"
+                    prog.update(len(batch), f"{MT.primary(task)} {100 * sum(scores) / len(scores):.1f}%"
                                 if scores else "")
     except KeyboardInterrupt as e:
         if prog is not None:

@@ -33,22 +33,23 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..tasks.options import PredictOptions
+from ..tasks.registry import get_task, tasks_where
 from . import openai_compat
 from .batcher import EngineFront, QueueFull, Stopped
 from .docs import mount_docs
 from .images import PixelBudget, decode_image, image_bytes_from_string
 from .metrics import Metrics
-from .parsing import _openapi_body, build_prompt, read_fields
-from .schemas import (TASK_REQUESTS, ApiError, ChatRequest, GenOptions, Options, ServerSettings, bad_request,
-                      clean_message, gen_options, parse_model)
+from .parsing import _openapi_body, build_prompt, prompt_param, read_fields
+from .schemas import (ApiError, ChatRequest, Options, ServerSettings, bad_request, clean_message, gen_options,
+                      is_loopback, parse_model, request_model)
 
 log = logging.getLogger("palikit.serve")
 STATIC = Path(__file__).resolve().parent / "static"
-TASKS = ("predict", "caption", "describe", "ocr", "answer", "detect", "segment")
 OPEN_PATHS = ("/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
               "/favicon.ico")
-ENDPOINTS = {f"/v1/{t}" for t in TASKS} | {"/v1/chat/completions", "/v1/models", "/healthz", "/readyz", "/metrics",
-                                           "/", "/docs", "/redoc", "/openapi.json"}
+ENDPOINTS = {"/v1/chat/completions", "/v1/models", "/healthz", "/readyz", "/metrics", "/", "/docs", "/redoc",
+             "/openapi.json"}  # plus /v1/<task> for each HTTP task of the task table (create_app)
 CLIENT_GONE = 499  # nginx's "client closed request": counted apart from the 5xx
 CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'")
@@ -76,6 +77,8 @@ class State:
         self.batcher = EngineFront(pg, max_slots=settings.max_batch_size, max_queue=settings.max_queue,
                                    on_done=self._done)
         self.name = getattr(pg, "name", "paligemma")
+        self.tasks = [t.name for t in tasks_where("http")]  # POST /v1/<task>, from the task table
+        self.endpoints = ENDPOINTS | {f"/v1/{t}" for t in self.tasks}  # metric labels
         from ..api import MAX_PROMPT_TOKENS
 
         self.max_prompt_tokens = MAX_PROMPT_TOKENS
@@ -111,7 +114,7 @@ class State:
             raise bad_request(f"prompt is {n} tokens; the limit is {self.max_prompt_tokens}.", param)
         return n
 
-    async def run(self, opts: GenOptions, item: Item, on_text=None, timeout_s: float | None = None) -> Any:
+    async def run(self, opts: PredictOptions, item: Item, on_text=None, timeout_s: float | None = None) -> Any:
         try:
             return await self.batcher.run(item.image, item.prompt, item.labels, opts.as_kwargs(),
                                           timeout_s or self.settings.request_timeout_s, on_text)
@@ -163,7 +166,7 @@ class ServerMiddleware:
             return await self.app(scope, receive, send)
         st = self.state
         path = scope["path"]
-        endpoint = path if path in ENDPOINTS else ("/static" if path.startswith("/static/") else "other")
+        endpoint = path if path in st.endpoints else ("/static" if path.startswith("/static/") else "other")
         rid = uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = rid
         status = {"code": 500}
@@ -316,15 +319,15 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
 
     # ---------------------------------------------------------------- task endpoints
     def task_route(task: str):
-        model = TASK_REQUESTS[task]
+        model = request_model(task)
+        param = prompt_param(task)
 
         async def endpoint(request: Request):
             fields, upload, is_json = await read_fields(request, settings)
             req = parse_model(model, fields, strict=is_json)
             opts = gen_options(req, settings)
             prompt, labels = build_prompt(task, req, settings.max_labels)
-            state.prompt_tokens(prompt, "prompt" if task == "predict" else
-                                {"answer": "question", "detect": "labels", "segment": "labels"}.get(task, "prompt"))
+            state.prompt_tokens(prompt, param)
             data = upload if upload is not None else image_bytes_from_string(req.image, settings)
             del fields, upload, req
             image = await state.decode(data)
@@ -336,16 +339,11 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
             return JSONResponse(body, headers={"X-Server-Ms": f"{(time.perf_counter() - t0) * 1e3:.1f}"})
 
         endpoint.__name__ = f"v1_{task}"
-        doc = {"predict": "Any prompt on one image.", "caption": "Short caption ('caption {lang}').",
-               "describe": "Longer description ('describe {lang}').", "ocr": "Read the text in the image.",
-               "answer": "Answer a question about the image.",
-               "detect": "Boxes (pixels of the original image) for the given labels.",
-               "segment": "Masks (COCO RLE, column-major) and boxes for the given labels."}[task]
-        app.post(f"/v1/{task}", tags=["tasks"], summary=doc, openapi_extra=_openapi_body(model),
+        app.post(f"/v1/{task}", tags=["tasks"], summary=get_task(task).summary, openapi_extra=_openapi_body(model),
                  responses={400: {"description": "invalid input"}, 413: {"description": "too large"},
                             503: {"description": "queue full"}, 504: {"description": "timeout"}})(endpoint)
 
-    for t in TASKS:
+    for t in state.tasks:
         task_route(t)
 
     # ---------------------------------------------------------------- OpenAI compatible
@@ -426,17 +424,6 @@ async def _warmup(state: State) -> None:
             log.exception("warm-up prediction failed")
             return
     state.ready = True
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 __all__ = ["ServerSettings", "create_app", "decode_image", "image_bytes_from_string", "is_loopback"]

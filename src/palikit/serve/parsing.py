@@ -1,7 +1,7 @@
 """Request parsing for the HTTP server: `read_fields` (a JSON body, its nesting checked before parsing
 and the cached body dropped afterwards; or a multipart form with the image upload), `build_prompt`
-(task + fields -> PaliGemma prompt and labels; labels as a list, a JSON list in a string, or
-'a ; b' / 'a, b', capped per request) and the OpenAPI request bodies of the task endpoints."""
+(task + fields -> PaliGemma prompt and labels through the task table; labels by the one label rule
+of `tasks.labels`, capped per request) and the OpenAPI request bodies of the task endpoints."""
 
 from __future__ import annotations
 
@@ -132,54 +132,36 @@ def _drop_body(request: Request) -> None:
         request._form = None  # already closed by _read_form; Starlette's close() checks for None
 
 
-def _labels(value, limit: int = 64) -> list[str]:
-    """Labels from a list, a JSON list in a string ('["cat","dog"]', what a form can carry), or one
-    string separated by ';' (or by ',' when it has no ';')."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        s = value.strip()
-        if s.startswith("["):
-            try:
-                parsed = json.loads(s)
-            except (json.JSONDecodeError, RecursionError):
-                raise ValueError("labels look like a JSON list but are not valid JSON; send e.g. "
-                                 '["cat","dog"] or "cat ; dog"') from None
-            if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
-                raise ValueError('labels as JSON must be a list of strings, e.g. ["cat","dog"]')
-            out = [x.strip() for x in parsed]
-        else:
-            sep = ";" if ";" in s else ","
-            out = [p.strip() for p in s.split(sep) if p.strip()] or [value]
-    else:
-        out = list(value)
-    if len(out) > limit:
-        raise ValueError(f"{len(out)} labels; at most {limit} per request")
-    return out
-
-
 def build_prompt(task: str, req, max_labels: int = 64) -> tuple[str, list[str] | None]:
-    from ..tasks import prompts
+    """(prompt, requested labels) of a task endpoint's request, through the task table; a bad field
+    answers 400 naming it (`param`)."""
+    from ..tasks.registry import get_task
 
+    t = get_task(task)
+    values = {a.name: getattr(req, a.name, None) for a in t.args}
+    for a in t.args:
+        if a.max_chars is not None and isinstance(values[a.name], str) and len(values[a.name]) > a.max_chars:
+            raise bad_request(f"{a.name} is too long", a.name)
     try:
-        if task == "predict":
-            labels = _labels(req.labels, max_labels) or None
-            return req.prompt, labels
-        if task in ("caption", "describe"):
-            return getattr(prompts, task)(req.lang), None
-        if task == "ocr":
-            return prompts.ocr(), None
-        if task == "answer":
-            if len(req.question) > 2000:
-                raise ValueError("question is too long")
-            return prompts.answer(req.question, req.lang), None
-        labels = _labels(req.labels, max_labels)
-        return getattr(prompts, task)(labels), labels
+        return t.prompt(values, getattr(req, "lang", "en"), max_labels)
     except ValueError as e:
-        param = {"caption": "lang", "describe": "lang", "answer": "question"}.get(task, "labels")
-        if task == "answer" and "language" in str(e):
+        msg = str(e)
+        labels = next((a.name for a in t.args if a.kind == "labels"), None)
+        if t.lang and "language" in msg:
             param = "lang"
-        raise bad_request(clean_message(str(e)), param) from None
+        elif labels is not None and "label" in msg:
+            param = labels
+        else:
+            param = t.main_arg.name if t.main_arg is not None else ("lang" if t.lang else "prompt")
+        raise bad_request(clean_message(msg), param) from None
+
+
+def prompt_param(task: str) -> str:
+    """The request field a prompt-length error names: the task's first argument, else "prompt"."""
+    from ..tasks.registry import get_task
+
+    main = get_task(task).main_arg
+    return main.name if main is not None else "prompt"
 
 
 def _openapi_body(model) -> dict:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from ..tasks.options import PredictOptions
 
 
 # ------------------------------------------------------------------------------ settings
@@ -69,14 +71,23 @@ class ServerSettings:
     def default_allowed_hosts(host: str) -> tuple[str, ...] | None:
         """What `palikit serve` allows without --allowed-hosts: the loopback names on a loopback bind (a
         web page's DNS-rebinding request carries its own name), any name otherwise (use API keys)."""
-        from .app import is_loopback
-
         return ("localhost", "127.0.0.1", "::1") if is_loopback(host) else None
 
     @staticmethod
     def keys_from_env(value: str | None = None) -> tuple[str, ...]:
         raw = os.environ.get("PALIKIT_API_KEYS", "") if value is None else value
         return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # ------------------------------------------------------------------------------ errors
@@ -144,66 +155,39 @@ class ImageField(BaseModel):
                                        "URLs and file paths are not accepted; multipart uploads are.")
 
 
-class PredictRequest(Options, ImageField):
-    prompt: str = Field(..., description="Any PaliGemma prompt, e.g. 'caption en' or 'detect cat ; dog'.")
-    labels: list[str] | str | None = Field(None, description="Labels asked for (marks detections as requested): a "
-                                           "list, or one string 'cat ; dog' (in a form also a JSON list).")
+_REQUEST_MODELS: dict[str, type[BaseModel]] = {}
 
 
-class CaptionRequest(Options, ImageField):
-    lang: str = "en"
+def request_model(task: str) -> type[BaseModel]:
+    """The request body of `/v1/<task>`, built from the task table (`tasks.registry`): the generation
+    `Options`, the `image`, one field per task argument (labels: a list or one string) and `lang`."""
+    from ..tasks.registry import get_task
 
+    t = get_task(task)
+    cached = _REQUEST_MODELS.get(task)
+    if cached is not None and cached.__palikit_task__ is t:
+        return cached
+    spec: dict[str, Any] = {}
+    for a in t.args:
+        typ: Any = (list[str] | str) if a.kind == "labels" else str
+        if not a.required:
+            typ = typ | None
+        spec[a.name] = (typ, Field(... if a.required else None, description=a.help or None))
+    if t.lang:
+        spec["lang"] = (str, "en")
+    model = create_model(f"{t.name.capitalize()}Request", __base__=(Options, ImageField), **spec)
+    model.__palikit_task__ = t
+    _REQUEST_MODELS[task] = model
+    return model
 
-class DescribeRequest(CaptionRequest):
-    pass
-
-
-class OcrRequest(Options, ImageField):
-    pass
-
-
-class AnswerRequest(Options, ImageField):
-    question: str
-    lang: str = "en"
-
-
-class DetectRequest(Options, ImageField):
-    labels: list[str] | str = Field(..., description="Object names: a JSON list ['cat', 'dog'], or one string "
-                                    "'cat ; dog' (commas also separate when there is no ';'). In a multipart form "
-                                    "send a JSON list, labels='[\"cat\",\"dog\"]', or use curl's --form-string "
-                                    "(curl -F cuts a value at ';').")
-
-
-class SegmentRequest(DetectRequest):
-    pass
-
-
-TASK_REQUESTS: dict[str, type[BaseModel]] = {
-    "predict": PredictRequest, "caption": CaptionRequest, "describe": DescribeRequest, "ocr": OcrRequest,
-    "answer": AnswerRequest, "detect": DetectRequest, "segment": SegmentRequest,
-}
 
 OPTION_FIELDS = tuple(Options.model_fields)
 GREEDY_BELOW = 1e-5  # temperature or top_p below this: greedy decoding
 
 
-@dataclass(frozen=True)
-class GenOptions:
-    """Validated generation options as passed to `PaliGemma.predict_batch` (hashable: the batcher
-    groups requests by it)."""
-
-    values: tuple[tuple[str, Any], ...] = field(default=())
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return dict(self.values)
-
-    @property
-    def max_new_tokens(self) -> int:
-        return dict(self.values)["max_new_tokens"]
-
-
-def gen_options(opts: Options, settings: ServerSettings) -> GenOptions:
-    """Apply server limits and defaults; raise ApiError on what the engine would refuse."""
+def gen_options(opts: Options, settings: ServerSettings) -> PredictOptions:
+    """The HTTP edge's one conversion: apply server limits and defaults to the request's options and
+    return the library's `PredictOptions`; raise ApiError on what the engine would refuse."""
     mnt = opts.max_new_tokens if opts.max_new_tokens is not None else settings.default_max_new_tokens
     if mnt > settings.max_new_tokens_limit:
         raise bad_request(f"max_new_tokens is {mnt}; this server allows at most {settings.max_new_tokens_limit}.",
@@ -223,10 +207,12 @@ def gen_options(opts: Options, settings: ServerSettings) -> GenOptions:
         temperature = 0.0
     elif top_p is not None and top_p < GREEDY_BELOW:  # keeps only the most likely token: greedy too
         temperature, top_k, top_p = 0.0, None, None
-    kw: dict[str, Any] = {"max_new_tokens": mnt, "temperature": temperature,
-                          "top_k": top_k, "top_p": top_p, "seed": opts.seed, "num_beams": opts.num_beams,
-                          "coord_denominator": opts.coord_denominator, "dedupe_iou": opts.dedupe_iou}
-    return GenOptions(tuple(sorted(kw.items())))
+    return PredictOptions(max_new_tokens=mnt, temperature=temperature, top_k=top_k, top_p=top_p, seed=opts.seed,
+                          num_beams=opts.num_beams, coord_denominator=opts.coord_denominator,
+                          dedupe_iou=opts.dedupe_iou)
+
+
+GenOptions = PredictOptions  # the name the server used before PredictOptions was the one options type
 
 
 # ------------------------------------------------------------------------------ chat (OpenAI)

@@ -1,4 +1,7 @@
-"""Parse PaliGemma's generated text into boxes, seg-token runs, labels and confidences; never raises.
+"""Parse PaliGemma's output into boxes, seg-token runs, labels and confidences; never raises.
+
+Two entry points share one assembler: `detections_from_ids` (generated token ids + log-probs; the
+API's path) and `parse_detections` (a string from elsewhere: a results file, another server).
 
 Output format (detect / segment), instances separated by " ; ":
 
@@ -31,15 +34,19 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .boxes import box_iou, check_denominator, decode_loc
+from .labels import label_forms as _forms
+from .labels import normalize_label as _norm
+from .labels import split_labels
 
-__all__ = ["Detection", "ParseResult", "box_iou", "dedupe", "detection_to_dict", "parse_detections"]
+__all__ = ["Detection", "ParseResult", "box_iou", "dedupe", "detection_to_dict", "detections_from_ids",
+           "parse_detections"]
 
 _LEX = re.compile(
     r"<loc(?P<loc>\d{4})>|<seg(?P<seg>\d{3})>|(?P<bad><(?:loc|seg)[^<>;]{0,8}>?)|(?P<special><[^<>;\s]{1,16}>)"
@@ -80,22 +87,14 @@ class _Instance:
     stray: int = 0
 
 
-def _norm(label: str) -> str:
-    return " ".join(label.lower().split())
-
-
-def _forms(label: str) -> set[str]:
-    from .prompts import singular
-
-    n = _norm(label)
-    return {n, singular(n), n + "s", n + "es"} if n else set()
-
-
 def _requested(labels: str | Sequence[str] | None) -> list[str] | None:
     if labels is None:
         return None
-    items = labels.split(";") if isinstance(labels, str) else [str(x) for x in labels]
-    out = [" ".join(x.split()) for x in items if x and x.strip()]
+    try:
+        items = split_labels(labels)
+    except ValueError:  # parsing never raises: an unreadable request is "no preference"
+        return None
+    out = [" ".join(str(x).split()) for x in items if x and str(x).strip()]
     return out or None  # an empty list means "no preference", like None
 
 
@@ -162,63 +161,127 @@ def parse_detections(
 ) -> ParseResult:
     """Parse detect/segment output into `Detection`s (pixel boxes in `image_size` = (width, height)).
     Never raises on any `text`; bad arguments (image size, denominator) raise ValueError."""
+    w, h = _size(image_size)
+    check_denominator(coord_denominator)
+    if not isinstance(text, str):
+        return ParseResult([], [f"expected text, got {type(text).__name__}"], "")
+    errors: list[str] = []
+    scorer = _Scorer(text, token_texts, token_logprobs, errors)
+    return _assemble(_lex(text), text, (w, h), requested_labels, coord_denominator, scorer, errors)
+
+
+def detections_from_ids(
+    ids: Sequence[int],
+    token_logprobs: Sequence[float] | None,
+    tokenizer: Any,
+    image_size: tuple[int, int],
+    *,
+    requested_labels: str | Sequence[str] | None = None,
+    coord_denominator: int = 1024,
+) -> ParseResult:
+    """`parse_detections` for generated token ids and their log-probs (what `PaliGemma` uses): the
+    `<loc>`/`<seg>` values come from the ids (`tokenizer.loc_value` / `seg_value`), never from text;
+    only the runs of other tokens (labels, ';', stray text) are lexed, from their token texts; scores
+    average the log-probs of the tokens an instance spans. Same result as `parse_detections(
+    tokenizer.decode(ids), ..., token_texts=tokenizer.token_texts(ids), token_logprobs=...)` (tested)."""
+    w, h = _size(image_size)
+    check_denominator(coord_denominator)
+    ids = [int(i) for i in ids]
+    texts = tokenizer.token_texts(ids)  # the text each token adds; joins to tokenizer.decode(ids)
+    text = "".join(texts)
+    errors: list[str] = []
+    scorer = _Scorer(text, texts, token_logprobs, errors)
+    return _assemble(_id_events(ids, texts, tokenizer), text, (w, h), requested_labels, coord_denominator, scorer,
+                     errors)
+
+
+def _size(image_size) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in image_size)
     except (TypeError, ValueError):
         raise ValueError(f"image_size must be (width, height), got {image_size!r}") from None
     if w <= 0 or h <= 0:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
-    check_denominator(coord_denominator)
-    if not isinstance(text, str):
-        return ParseResult([], [f"expected text, got {type(text).__name__}"], "")
+    return w, h
 
-    errors: list[str] = []
+
+def _lex(text: str, offset: int = 0) -> Iterator[tuple[str, str, int, int]]:
+    """(kind, raw, start, end) events of `text` (loc/seg: raw = the digits), offsets shifted by `offset`."""
+    for m in _LEX.finditer(text):
+        kind = m.lastgroup
+        raw = m.group(kind) if kind in ("loc", "seg", "bad") else m.group()
+        yield kind, raw, m.start() + offset, m.end() + offset
+
+
+def _id_events(ids: list[int], texts: list[str], tokenizer: Any) -> Iterator[tuple[str, str, int, int]]:
+    """Events from token ids: a loc/seg id is its own event; a run of other tokens is lexed as text
+    (every lexer match ends before a '<', so no match spans a loc/seg token: same events as the text)."""
+    pos, run_start, run = 0, 0, []
+    for i, t in zip(ids, texts):
+        loc, seg = tokenizer.loc_value(i), tokenizer.seg_value(i)
+        if loc is None and seg is None:
+            if not run:
+                run_start = pos
+            run.append(t)
+        else:
+            if run:
+                yield from _lex("".join(run), run_start)
+                run = []
+            raw = ("loc", f"{loc:04d}") if loc is not None else ("seg", f"{seg:03d}")
+            yield (*raw, pos, pos + len(t))
+        pos += len(t)
+    if run:
+        yield from _lex("".join(run), run_start)
+
+
+def _assemble(events, text: str, size: tuple[int, int], requested_labels, coord_denominator: int, scorer: _Scorer,
+              errors: list[str]) -> ParseResult:
+    """Instances from lexer events -> `ParseResult` (the rules in the module docstring)."""
+    w, h = size
     requested = _requested(requested_labels)
     wanted = set().union(*(_forms(r) for r in requested)) if requested else set()
-    scorer = _Scorer(text, token_texts, token_logprobs, errors)
     instances: list[_Instance] = []
     cur: _Instance | None = None
     stray_segs = 0
     specials: list[str] = []
 
-    for m in _LEX.finditer(text):
-        kind = m.lastgroup
+    for kind, raw, start, end in events:
         if kind == "loc":
-            v = int(m.group("loc"))
+            v = int(raw)
             if v > 1023:
-                errors.append(f"<loc{m.group('loc')}> is out of range (0..1023); ignored")
+                errors.append(f"<loc{raw}> is out of range (0..1023); ignored")
                 continue
             if cur is not None and (len(cur.locs) == 4 or cur.label):  # complete, or interrupted by text
                 instances.append(cur)
                 cur = None
             if cur is None:
                 cur = _Instance()
-            cur.locs.append((v, m.start(), m.end()))
+            cur.locs.append((v, start, end))
         elif kind == "seg":
-            v = int(m.group("seg"))
+            v = int(raw)
             if v > 127:
-                errors.append(f"<seg{m.group('seg')}> is out of range (0..127); ignored")
+                errors.append(f"<seg{raw}> is out of range (0..127); ignored")
             elif cur is not None and len(cur.locs) == 4 and not cur.label:
                 if len(cur.segs) < 16:
-                    cur.segs.append((v, m.start(), m.end()))
+                    cur.segs.append((v, start, end))
                 else:
                     cur.extra_segs += 1
             else:
                 stray_segs += 1
         elif kind == "bad":
-            errors.append(f"malformed token {m.group('bad')!r}; ignored")
+            errors.append(f"malformed token {raw!r}; ignored")
         elif kind == "special":
-            specials.append(m.group())
+            specials.append(raw)
         elif kind == "sep":
             if cur is not None:
                 instances.append(cur)
                 cur = None
         elif cur is not None:
-            piece = m.group()
+            piece = raw
             if piece.strip() or cur.label:
-                cur.label.append((piece, m.start()))
-        elif instances and m.group().strip():
-            errors.append(f"text {m.group().strip()!r} after ';' has no <loc> box; ignored")
+                cur.label.append((piece, start))
+        elif instances and raw.strip():
+            errors.append(f"text {raw.strip()!r} after ';' has no <loc> box; ignored")
     if cur is not None:
         instances.append(cur)
     if specials:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from .labels import clean_labels, singular  # noqa: F401 - singular: re-exported for existing imports
+
 # The 35 caption/VQA languages of COCO-35L / XM3600 (big_vision `transfers/coco35l.py`).
 LANGUAGES: tuple[str, ...] = (
     "ar", "bn", "cs", "da", "de", "el", "en", "es", "fa", "fi", "fil", "fr", "he", "hi", "hr", "hu", "id",
@@ -38,32 +40,6 @@ def _text(value: str, what: str) -> str:
     if not text:
         raise ValueError(f"{what} is empty")
     return text
-
-
-def _labels(labels: str | Sequence[str]) -> list[str]:
-    if isinstance(labels, str):
-        items = labels.split(";")  # "dog ; cat" is the same request as ["dog", "cat"]
-    elif isinstance(labels, Sequence):
-        items = list(labels)
-    else:
-        raise ValueError(f"labels must be a string or a list of strings, got {type(labels).__name__}")
-    if not items:
-        raise ValueError("no labels given: detect/segment need at least one object name, e.g. detect('dog')")
-    out = []
-    for item in items:
-        if not isinstance(item, str):
-            raise ValueError(f"label {item!r} is not a string")
-        if "\n" in item or "\r" in item:
-            raise ValueError(f"label {item!r} contains a newline; '\\n' ends the PaliGemma prompt")
-        if ";" in item:
-            raise ValueError(f"label {item!r} contains ';', which separates labels; pass labels as a list")
-        if "<" in item or ">" in item:
-            raise ValueError(f"label {item!r} contains '<' or '>', which mark special tokens such as <loc0000>")
-        label = " ".join(item.split())
-        if not label:
-            raise ValueError(f"blank label in {list(items)!r}")
-        out.append(label)
-    return out
 
 
 def caption(lang: str = "en") -> str:
@@ -93,12 +69,12 @@ def question(answer: str, lang: str = "en") -> str:
 
 def detect(labels: str | Sequence[str]) -> str:
     """Boxes for one or more classes: `detect dog ; cat`."""
-    return "detect " + " ; ".join(_labels(labels))
+    return "detect " + " ; ".join(clean_labels(labels))
 
 
 def segment(labels: str | Sequence[str]) -> str:
     """Masks for one or more classes: `segment dog ; cat`."""
-    return "segment " + " ; ".join(_labels(labels))
+    return "segment " + " ; ".join(clean_labels(labels))
 
 
 # ------------------------------------------------------------------------------ suggestions
@@ -126,19 +102,6 @@ _CAPTION = re.compile(
     r"|^what(?:'s| is) (?:in|on|happening in) (?:this|the) (?:image|picture|photo|scene)"
     r"|^what do you see"
 )
-
-
-def singular(word: str) -> str:
-    """Crude English singular of the last word ("dogs" -> "dog", "boxes" -> "box", "glass" stays)."""
-    head, _, last = word.rpartition(" ")
-    low = last.lower()
-    if len(low) > 3 and low.endswith("ies"):
-        last = last[:-3] + "y"
-    elif len(low) > 3 and re.search(r"(?:ch|sh|x|ss|z)es$", low):
-        last = last[:-2]
-    elif len(low) > 2 and low.endswith("s") and not low.endswith(("ss", "us", "is")):
-        last = last[:-1]
-    return f"{head} {last}" if head else last
 
 
 def _object(raw: str) -> str | None:
