@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from palikit.config import PRESETS, PaliGemmaConfig, get_config
+from palikit.config import PRESETS, PaliGemmaConfig
+from palikit.weights.resolve import get_config
 from palikit.model import count_parameters
 
 PUBLISHED = {
@@ -114,7 +115,7 @@ def test_palikit_block_keeps_the_conventions_through_transformers(tmp_path):
     cfg = replace(PRESETS["tiny-pg2"], text=replace(PRESETS["tiny-pg2"].text, final_logit_softcapping=None,
                                                     sliding_window=8))
     HFConfig(**cfg.to_hf_dict()).save_pretrained(tmp_path / "paligemma2-tiny-pt")  # the name says pt
-    back = PaliGemmaConfig.from_json_file(tmp_path / "paligemma2-tiny-pt")
+    back = get_config(tmp_path / "paligemma2-tiny-pt")
     assert (back.text.final_logit_softcapping, back.text.sliding_window) == (None, 8)
     assert "recorded by palikit's export" in back.conventions[0]
 

@@ -151,7 +151,7 @@ def test_npz_stage_from_name_else_documented_default_with_one_log_line(tmp_path,
 
 def test_info_reads_an_npz_from_its_headers(tmp_path, capsys):
     from palikit.cli import main
-    from palikit.config import get_config
+    from palikit.weights.resolve import get_config
     from palikit.weights.big_vision import config_from_npz, read_npz
 
     model = load_hf_checkpoint(write_hf("pg2", tmp_path / "hf"))

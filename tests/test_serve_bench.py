@@ -12,7 +12,7 @@ import pytest
 
 from palikit import PaliGemma
 from palikit.cli.predict import bundled_demo_model
-from palikit.config import get_config
+from palikit.weights.resolve import get_config
 from palikit.engine import serve_bench as sb
 from palikit.engine.serve_backends import random_tokenizer
 

@@ -33,7 +33,7 @@ def _inputs(model, seed=3):
 
 
 def test_all_linear_covers_every_decoder_linear_and_not_the_vision_tower():
-    from palikit.train.adapter import all_linear_targets
+    from palikit.train.modes import all_linear_targets
 
     model = tiny_model("pg2")
     names = all_linear_targets(model)

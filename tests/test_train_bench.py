@@ -23,7 +23,7 @@ def _lora_params(model_name: str, rank: int) -> int:
     """rank x (in + out) for every Linear the benchmark's LoRA targets (q/k/v/o_proj, both towers)."""
     from torch import nn
 
-    from palikit.config import get_config
+    from palikit.weights.resolve import get_config
     from palikit.model import build_model
     from palikit.train.bench import TARGETS
 

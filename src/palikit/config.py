@@ -179,24 +179,12 @@ class PaliGemmaConfig:
         )
 
     @classmethod
-    def from_json_file(cls, path: str | Path, *, final_logit_softcap: Any = "auto",
-                       sliding_window: Any = "auto") -> PaliGemmaConfig:
-        """A checkpoint's config.json (or its folder), with the final soft-cap and sliding window in
-        force for that checkpoint ("auto": decided from what it says, see `weights/conventions.py`)."""
-        from .weights.conventions import apply_conventions
-
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"No config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        cfg = cls.from_hf_dict(d, name=path.parent.name)
-        return apply_conventions(cfg, path.parent, fmt="hf", hf_dict=d, final_logit_softcap=final_logit_softcap,
-                                 sliding_window=sliding_window)
+    def from_json_file(cls, path: str | Path) -> PaliGemmaConfig:
+        """A checkpoint's config.json (or its folder) as written. The final soft-cap and sliding
+        window in force for that checkpoint are decided in `weights/conventions.py`
+        (`config_from_json_file`), which every loader uses."""
+        d, path = read_config_json(path)
+        return cls.from_hf_dict(d, name=path.parent.name)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json that transformers' PaliGemmaForConditionalGeneration loads."""
@@ -313,24 +301,14 @@ PRESETS["tiny-pg2"] = PaliGemmaConfig(
 )
 
 
-def get_config(name_or_path: str | Path, **conventions: Any) -> PaliGemmaConfig:
-    """A preset name (`palikit info --list`), a folder / config.json of a Hub-layout checkpoint, or a
-    big_vision `.npz` (read from its array headers) (`conventions`: final_logit_softcap= / sliding_window= overrides, see `from_json_file`)."""
-    key = str(name_or_path)
-    if key in PRESETS:
-        cfg = PRESETS[key]
-        if conventions:
-            from .weights.conventions import apply_conventions
-
-            cfg = apply_conventions(cfg, key, fmt="preset", **conventions)
-        return cfg
-    path = Path(key)
-    if path.suffix == ".npz" and path.is_file():
-        from .weights.big_vision import npz_config
-
-        return npz_config(path, **conventions)
-    if path.exists():
-        return PaliGemmaConfig.from_json_file(path, **conventions)
-    raise ValueError(
-        f"Unknown model {key!r}: not a preset ({', '.join(sorted(PRESETS))}) and no such file or folder."
-    )
+def read_config_json(path: str | Path) -> tuple[dict, Path]:
+    """(the parsed config.json, its path) of a checkpoint folder or file, with clear errors."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        return json.loads(path.read_text()), path
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No config.json at {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None

@@ -27,7 +27,7 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    from ..config import get_config
+    from ..weights.resolve import get_config
     from ..engine.bench import run_bench
     from ..runtime import resolve_device, resolve_dtype
 

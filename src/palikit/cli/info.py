@@ -26,7 +26,8 @@ def info(
     from rich.console import Console
     from rich.table import Table
 
-    from ..config import PRESETS, get_config
+    from ..config import PRESETS
+    from ..weights.resolve import get_config
     from ..model import count_parameters
 
     console = Console()

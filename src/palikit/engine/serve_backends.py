@@ -364,7 +364,7 @@ def random_paligemma(preset: str, device="cpu", dtype=torch.float32, seed: int =
     from pathlib import Path
 
     from ..api import PaliGemma
-    from ..config import get_config
+    from ..weights.resolve import get_config
     from ..preprocess import ImageProcessor
     from .bench import random_model
 

@@ -21,7 +21,6 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from .docs import mount_docs
 from .images import PixelBudget, decode_image, image_bytes_from_string
 from .metrics import Metrics
 from .parsing import _openapi_body, build_prompt, prompt_param, read_fields
-from .schemas import (ApiError, ChatRequest, Options, ServerSettings, bad_request, clean_message, gen_options,
+from .schemas import (ApiError, ChatRequest, Item, Options, ServerSettings, bad_request, clean_message, gen_options,
                       is_loopback, parse_model, request_model)
 
 log = logging.getLogger("palikit.serve")
@@ -56,15 +55,6 @@ CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script
 # the docs pages: their own bundled scripts plus FastAPI's inline start-up script; nothing from elsewhere
 DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
             "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'")
-
-
-@dataclass
-class Item:
-    """One request for the model thread."""
-
-    image: Any  # decoded PIL image, or a list of them (frames)
-    prompt: str
-    labels: list[str] | None
 
 
 # ------------------------------------------------------------------------------ the app

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batcher import QueueFull, Stopped
-from .schemas import ApiError, ChatRequest, bad_request, clean_message
+from .schemas import ApiError, ChatRequest, Item, bad_request, clean_message
 
 log = logging.getLogger("palikit.serve")
 
@@ -159,8 +159,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 async def stream(state, cid: str, image, call, opts, n_prompt: int):
     """SSE chunks of an OpenAI streaming chat completion: the request decodes on the engine with
     everything else, and each new piece of text (incremental detokenization) becomes a chunk."""
-    from .app import Item
-
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
     on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)  # noqa: E731 - engine thread

@@ -293,3 +293,12 @@ def parse_model(model: type[BaseModel], data: Any, *, strict: bool) -> Any:
     except ValidationError as e:
         msg, param = validation_message(e)
         raise bad_request(msg, param) from None
+
+
+@dataclass
+class Item:
+    """One generation request after parsing: what the engine front runs."""
+
+    image: Any  # decoded PIL image, or a list of them (frames)
+    prompt: str
+    labels: list[str] | None

@@ -23,7 +23,7 @@ from .results import Result, mask_to_rle, rle_to_mask
 
 _LAZY = {
     "MaskCodec": "mask_codec", "mask_from_tokens": "mask_codec", "tokens_from_mask": "mask_codec",
-    "make_random_codec": "mask_codec", "train_mask_codec": "mask_codec",
+    "make_random_codec": "mask_codec",
 }
 
 __all__ = [

@@ -245,13 +245,3 @@ def make_random_codec(seed: int = 0, embed_dim: int = 512, **kwargs) -> MaskCode
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MaskCodec(embed_dim=embed_dim, **kwargs).eval()
-
-
-def __getattr__(name: str):
-    # `palikit.tasks.train_mask_codec` (the package's lazy re-export) still resolves; the trainer's home
-    # is `palikit.train.mask_codec`
-    if name == "train_mask_codec":
-        from ..train.mask_codec import train_mask_codec
-
-        return train_mask_codec
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,7 @@ _LAZY = {
     "count_trainable": "palikit.train.modes",
     "save_lora_adapter": "palikit.train.adapter",
     "load_lora_adapter": "palikit.train.adapter",
-    "all_linear_targets": "palikit.train.adapter",
+    "all_linear_targets": "palikit.train.modes",
     "TrainingInterrupted": "palikit.train.interrupt",
     "latest_checkpoint": "palikit.train.checkpoint",
     "train_mask_codec": "palikit.train.mask_codec",

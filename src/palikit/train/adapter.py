@@ -25,15 +25,7 @@ from torch import nn
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-ALL_LINEAR = "all-linear"
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
-
-
-def all_linear_targets(model: nn.Module) -> list[str]:
-    """`lora_targets=all-linear`: every `nn.Linear` of the Gemma decoder (attention q/k/v/o and MLP
-    gate/up/down of every layer). The vision tower and the projector are NOT included (name them or
-    give a regex to adapt them too); the output head is tied to the embedding and is no Linear."""
-    return [n for n, m in model.named_modules() if n.startswith("language_model.") and isinstance(m, nn.Linear)]
 
 
 def hf_module_name(name: str) -> str:

@@ -39,7 +39,7 @@ def _batch(cfg, batch_size: int, prefix_len: int, suffix_len: int, device, dtype
 def _run(engine: str, args: dict, queue) -> None:
     import torch
 
-    from ..config import get_config
+    from ..weights.resolve import get_config
     from ..engine.bench import hf_model_from, random_model
     from .collate import batch_loss, hf_labels
     from .modes import apply_mode

@@ -17,8 +17,17 @@ import torch
 from torch import nn
 
 from ..weights.layouts import LANGUAGE, PROJECTOR, VISION
-from .adapter import ALL_LINEAR, all_linear_targets
 from .config import ATTENTION_REGEX
+
+ALL_LINEAR = "all-linear"  # lora_targets shortcut
+
+
+def all_linear_targets(model: nn.Module) -> list[str]:
+    """`lora_targets=all-linear`: every `nn.Linear` of the Gemma decoder (attention q/k/v/o and MLP
+    gate/up/down of every layer). The vision tower and the projector are NOT included (name them or
+    give a regex to adapt them too); the output head is tied to the embedding and is no Linear."""
+    return [n for n, m in model.named_modules() if n.startswith("language_model.") and isinstance(m, nn.Linear)]
+
 
 ATTENTION_PARAM_RE = re.compile(ATTENTION_REGEX + r"\.weight$")
 VISION_PREFIXES = (VISION, PROJECTOR)  # palikit's module prefixes: weights/layouts.py

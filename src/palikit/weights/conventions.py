@@ -37,7 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..config import PaliGemmaConfig
+from ..config import PaliGemmaConfig, read_config_json
 
 log = logging.getLogger("palikit.weights")
 
@@ -149,3 +149,14 @@ def apply_conventions(cfg: PaliGemmaConfig, source: str | Path, *, fmt: str, hf_
     notes = (f"final logit soft-cap: {cap:g} ({cap_why})" if cap else f"final logit soft-cap: off ({cap_why})",
              f"sliding window: {window} ({window_why})" if window else f"sliding window: off, full attention ({window_why})")
     return replace(cfg, text=text, conventions=notes)
+
+
+def config_from_json_file(path: str | Path, *, final_logit_softcap: Any = AUTO,
+                          sliding_window: Any = AUTO) -> PaliGemmaConfig:
+    """A checkpoint's config.json (or its folder) with the final soft-cap and sliding window in force
+    for that checkpoint ("auto": decided from what it says; a number; None = off)."""
+    d, path = read_config_json(path)
+    cfg = PaliGemmaConfig.from_hf_dict(d, name=path.parent.name)
+    return apply_conventions(cfg, path.parent, fmt="hf", hf_dict=d, final_logit_softcap=final_logit_softcap,
+                             sliding_window=sliding_window)
+

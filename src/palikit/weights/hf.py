@@ -150,9 +150,10 @@ def load_hf_checkpoint(
     (a number, or None for off); an explicit `config` is used as given."""
     path = Path(path)
     if config is None:
-        config = PaliGemmaConfig.from_json_file(path if path.is_dir() else path.parent,
-                                                final_logit_softcap=final_logit_softcap,
-                                                sliding_window=sliding_window)
+        from .conventions import config_from_json_file
+
+        config = config_from_json_file(path if path.is_dir() else path.parent,
+                                       final_logit_softcap=final_logit_softcap, sliding_window=sliding_window)
     sd = read_safetensors(path, device=device, dtype=dtype)
     model = build_model(config, device="meta")
     return load_state_dict_into(model, sd, str(path)).eval()

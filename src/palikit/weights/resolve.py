@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from ..config import PRESETS, PaliGemmaConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "paligemma_tokenizer.model")
 CODEC_FILES = ("vae-oid.npz", "mask_codec.npz")
@@ -68,8 +71,6 @@ def image_size_of(files: ModelFiles) -> int:
         from .big_vision import npz_image_size
 
         return npz_image_size(files.weights)
-    from ..config import PaliGemmaConfig
-
     return PaliGemmaConfig.from_json_file(files.weights).vision.image_size
 
 
@@ -97,3 +98,25 @@ def _download(repo_id: str, revision: str | None) -> Path:
             "repos are gated: accept the license on the Hub and log in first), then copy the folder here and pass "
             "its path, or set HF_HOME to a cache that has it."
         ) from None
+
+
+def get_config(name_or_path: str | Path, **conventions: Any) -> PaliGemmaConfig:
+    """A preset name (`palikit info --list`), a folder / config.json of a Hub-layout checkpoint, or a
+    big_vision `.npz` (read from its array headers); `conventions`: final_logit_softcap= /
+    sliding_window= overrides (see `apply_conventions`)."""
+    from .conventions import apply_conventions, config_from_json_file
+
+    key = str(name_or_path)
+    if key in PRESETS:
+        cfg = PRESETS[key]
+        return apply_conventions(cfg, key, fmt="preset", **conventions) if conventions else cfg
+    path = Path(key)
+    if path.suffix == ".npz" and path.is_file():
+        from .big_vision import npz_config
+
+        return npz_config(path, **conventions)
+    if path.exists():
+        return config_from_json_file(path, **conventions)
+    raise ValueError(
+        f"Unknown model {key!r}: not a preset ({', '.join(sorted(PRESETS))}) and no such file or folder."
+    )
