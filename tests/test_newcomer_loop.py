@@ -4,8 +4,9 @@ run end to end in a temporary folder, so the README cannot drift from what works
 
 Checked: the block exits 0; the adapter beats the bundled model on the new words by a real margin
 (both reports' own scores); the after report's comparison names both runs (the adapter's and the
-before report's); the server's answer over HTTP is the adapter's (== `palikit ocr --adapter` and
-== the after eval's prediction for that image, != the bundled model's)."""
+before report's); the server's answer over HTTP (curl and the official openai client) is the adapter's
+(== `palikit ocr --adapter` == the after eval's prediction for that image, != the bundled model's).
+Run with `-s` to see the time of each step."""
 
 from __future__ import annotations
 
@@ -43,9 +44,18 @@ def free_port() -> int:
 
 
 def step_times(trace: str) -> list[tuple[float, str]]:
-    """(seconds, command) per top-level command of the `bash -x` trace (PS4 carries the clock)."""
+    """(seconds, command) per top-level command of the `bash -x` trace (PS4 carries the clock); the
+    /readyz polling loop (for, seq, curl -sf, sleep) counts as one step."""
     marks = [(float(m.group(1)), m.group(2)) for m in re.finditer(r"^\+\[(\d+\.\d+)\] (.*)$", trace, re.M)]
-    return [(t1 - t0, cmd) for (t0, cmd), (t1, _) in zip(marks, marks[1:])]
+    steps: list[tuple[float, str]] = []
+    for (t0, cmd), (t1, _) in zip(marks, marks[1:]):
+        if re.match(r"(for |seq |curl -sf |sleep )", cmd):
+            cmd = "wait for the server's /readyz"
+        if steps and steps[-1][1] == cmd:
+            steps[-1] = (steps[-1][0] + t1 - t0, cmd)
+        else:
+            steps.append((t1 - t0, cmd))
+    return steps
 
 
 def test_readme_newcomer_loop_end_to_end(tmp_path):
@@ -76,6 +86,7 @@ def test_readme_newcomer_loop_end_to_end(tmp_path):
     assert before["n"] == after["n"] >= 40 and before["failed"] == after["failed"] == 0
     # a real improvement, measured on the same new-word test set: the bundled model reads ~16%
     assert after["score"] >= before["score"] + 20, (before["score"], after["score"])
+    assert after["metrics"]["exact_match"] >= before["metrics"]["exact_match"] + 0.3, (before["metrics"], after["metrics"])
 
     rows = after["comparison"]
     adapter_row = next(r for r in rows if r["source"] == "this run")
@@ -90,6 +101,7 @@ def test_readme_newcomer_loop_end_to_end(tmp_path):
     in_process = re.search(r"^ocr -> '(.*)'$", out, re.M)
     assert in_process, out[-2000:]
     assert served["text"] == in_process.group(1)
+    assert re.search(r"^openai client: (.*)$", out, re.M).group(1) == served["text"]
     image_rows = [json.loads(x) for x in (tmp_path / "data/newwords/test_ocr.jsonl").read_text().splitlines()]
     i = next(k for k, r in enumerate(image_rows) if r["image"] == "test/000001.png")
 
