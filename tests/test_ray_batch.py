@@ -232,3 +232,46 @@ def test_a_task_added_to_the_task_table_runs_on_ray(ckpt, ray_local, tmp_path):
             assert (got[r["id"]]["prompt"], got[r["id"]]["text"]) == (want.prompt, want.text)
     finally:
         unregister("colour_of")
+
+
+def test_adapter_is_merged_by_the_workers_and_keys_the_resume(ckpt, ray_local, tmp_path, capsys):
+    """`palikit batch --adapter`: every worker merges the LoRA adapter (same text as
+    `PaliGemma.from_pretrained(adapter=...)`, not the base's); base and adapter are separate jobs in one
+    folder; a folder that is no adapter fails before Ray with the reason."""
+    import torch
+
+    from palikit.cli import main
+    from palikit.train.adapter import save_lora_adapter
+    from palikit.train.modes import all_linear_targets, inject_lora
+    from palikit.weights.hf import load_hf_checkpoint
+
+    base = load_hf_checkpoint(ckpt)
+    model = inject_lora(base, all_linear_targets(base), rank=4, alpha=8.0)
+    with torch.no_grad():  # a large random adapter, so the answers surely change
+        for n, p in model.named_parameters():
+            if ".lora_" in n:
+                p.normal_(0, 0.5)
+    adapter = save_lora_adapter(model, tmp_path / "adapter", {"rank": 4, "alpha": 8.0}, base_model=str(ckpt))
+    src = _images(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    with_adapter = run_batch(src, out, "caption", str(ckpt), device="cpu", max_new_tokens=6, progress=False,
+                             adapter=adapter)
+    plain = run_batch(src, out, "caption", str(ckpt), device="cpu", max_new_tokens=6, progress=False)
+    assert (with_adapter.written, plain.written, plain.skipped) == (3, 3, 0)
+    again = run_batch(src, out, "caption", str(ckpt), device="cpu", max_new_tokens=6, progress=False, adapter=adapter)
+    assert (again.written, again.skipped) == (0, 3)
+    pg_adapter = PaliGemma.from_pretrained(ckpt, device="cpu", adapter=adapter)
+    pg_base = PaliGemma.from_pretrained(ckpt, device="cpu")
+    rows = read_results(out)
+    assert len(rows) == 6
+    texts = {}
+    for r in rows:
+        texts.setdefault(r["id"], set()).add(r["text"])
+    for i in range(3):
+        name = f"img{i:03d}.png"
+        want = pg_adapter.predict(src / name, "caption en", max_new_tokens=6).text
+        base = pg_base.predict(src / name, "caption en", max_new_tokens=6).text
+        assert want != base and texts[name] == {want, base}
+    assert main(["batch", "--input", str(src), "--output", str(tmp_path / "o2"), "--task", "ocr", "--model", str(ckpt),
+                 "--adapter", str(tmp_path / "in"), "--device", "cpu"]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err

@@ -75,3 +75,21 @@ def test_no_model_or_model_demo_trains_the_bundled_demo_model(tmp_path, capsys, 
     assert exported == shipped | {"torch_dtype": exported["torch_dtype"]}
     assert (final / "tokenizer.json").read_bytes() == (demo / "tokenizer.json").read_bytes()
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["model"] == str(demo)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_key_value_overrides_alone_need_no_yaml(tmp_path, capsys):
+    """The README's newcomer loop: `palikit train train_data=... mode=lora ...` with no recipe file
+    (it read the first override as the YAML path: "No config file at train_data=...")."""
+    write_dataset(tmp_path / "data")
+    args = [f"train_data={tmp_path / 'data' / 'train.jsonl'}", f"output_dir={tmp_path / 'run'}", "batch_size=2",
+            "max_steps=1", "progress=false", "plot=false", "mode=lora", "lora_targets=all-linear"]
+    assert main(["train", *args]) == 0
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert (saved["model"], saved["mode"], saved["max_steps"]) == (str(bundled_demo_model()), "lora", 1)
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "missing.yaml"), "lr=1e-3"]) == 2  # a recipe path is still a recipe path
+    assert "No config file at" in capsys.readouterr().err
+    assert main(["train", "no_such_key=1"]) == 2
+    assert "override 'no_such_key=1': unknown key 'no_such_key'" in capsys.readouterr().err

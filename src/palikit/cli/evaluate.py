@@ -67,6 +67,7 @@ def evaluate(
     common = dict(batch_size=batch_size, price_per_hour=price_per_hour, price_per_call=price_per_call,
                   predict_options={"max_new_tokens": max_new_tokens}, limit=limit, image_root=images,
                   strict=not skip_bad_rows, progress=progress)
+    name = (model or "demo") + (f" + adapter {adapter}" if adapter else "")  # before/after rows tell apart
     if torch_threads > 0:
         import torch
 
@@ -77,17 +78,17 @@ def evaluate(
             if baseline:
                 others = [parse_baseline(s, device=device, dtype=dtype) for s in baseline]
                 cmp = evaluate_models([pg, *others], dataset, task, out_dir=out, resume=not fresh, prompt=prompt,
-                                      compare_with=compare_with, names=[model or "demo", *[None] * len(others)],
+                                      compare_with=compare_with, names=[name, *[None] * len(others)],
                                       **common)
                 for r in cmp.reports:
                     typer.echo(headline(r))
                 typer.echo(f"-> {out / 'report.md'}")
             else:
                 report = run_eval(pg, dataset, task, out_dir=out, resume=not fresh, prompt=prompt,
-                                  compare_with=compare_with, model_name=model or "demo", **common)
+                                  compare_with=compare_with, model_name=name, **common)
                 typer.echo(headline(report) + f" -> {out / 'report.md'}")
             if sensitivity:
-                sens = evaluate_prompt_variants(pg, dataset, task, out_dir=out / "sensitivity", model_name=model or "demo",
+                sens = evaluate_prompt_variants(pg, dataset, task, out_dir=out / "sensitivity", model_name=name,
                                                 **common)
                 typer.echo(sens.markdown())
     except EvalInterrupted as e:

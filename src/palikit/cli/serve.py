@@ -99,7 +99,8 @@ def serve(
     pg = load_model(model, device, dtype, tokenizer, compile=compile, adapter=adapter)
     application = create_app(pg, settings)
     auth = f"{len(keys)} API key(s)" if keys else "no API key"
-    print(f"palikit: serving {pg.name} on http://{host}:{port} ({auth}); docs at /docs, playground at /",
+    served = pg.name + (f" + adapter {adapter}" if adapter else "")
+    print(f"palikit: serving {served} on http://{host}:{port} ({auth}); docs at /docs, playground at /",
           file=sys.stderr, flush=True)
     from ..serve.protocol import guarded_h11
 

@@ -8,6 +8,7 @@ next step boundary, print the resume command and exit 130 / 143.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -40,12 +41,14 @@ def train(
         typer.echo(recipe_keys_text())
         return
     if config is None:
-        raise ValueError("palikit train needs a YAML config: palikit train CONFIG.yaml [key=value ...] "
-                         "(palikit train --keys lists every key)")
-    from ..train import TrainingInterrupted
+        raise ValueError("palikit train needs a YAML config or key=value overrides: palikit train [CONFIG.yaml] "
+                         "key=value ... (palikit train --keys lists every key)")
+    from ..train import TrainConfig, TrainingInterrupted
     from ..train import train as run_train
 
     command = ["palikit", "train", str(config), *(overrides or [])]
+    if re.match(r"\w+=", str(config)) and not config.is_file():  # no YAML: every argument is a key=value override
+        config = TrainConfig.from_dict({}, command[2:], source="command line")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: resume the same way
         nproc = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
         command = ["torchrun", f"--nproc_per_node={nproc}", "-m", *command]
