@@ -90,7 +90,8 @@ class PaliGemma:
             from .tasks.mask_codec import MaskCodec
 
             codec = MaskCodec.from_npz(files.mask_codec).to(dev).eval()
-        return cls(net, tok, proc, codec, compile=compile, name=Path(str(model)).name)
+        name = Path(str(model)).name + (f"+{Path(adapter).resolve().name}" if adapter is not None else "")
+        return cls(net, tok, proc, codec, compile=compile, name=name)
 
     def fingerprint(self) -> str:
         """A short hash of the weights (names, shapes, dtypes and a strided sample of each tensor's

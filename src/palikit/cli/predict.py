@@ -12,14 +12,10 @@ from pathlib import Path
 
 import typer
 
+from ..demo.paths import bundled_demo_model
 from . import app
 
 DEMO_HINT = "point it at real weights with --model google/paligemma2-3b-mix-224 or a local checkpoint folder"
-
-
-def bundled_demo_model() -> Path | None:
-    demo = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
-    return demo if (demo / "config.json").exists() else None
 
 
 def default_model(model: str | None) -> str:

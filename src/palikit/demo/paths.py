@@ -11,6 +11,12 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the imported palikit pac
 ASSET_DIR = PACKAGE_DIR / "assets" / "demo-model"
 
 
+def bundled_demo_model() -> Path | None:
+    """The bundled demo model's folder (what `model=demo`, `--model demo` or no model means), or None
+    when this install has none."""
+    return ASSET_DIR if (ASSET_DIR / "config.json").exists() else None
+
+
 def source_checkout(package_dir: Path | None = None) -> Path | None:
     """The repository root when palikit is imported from a source checkout (`<root>/src/palikit`, with
     `<root>/pyproject.toml`; an editable install counts), else None (a wheel in site-packages)."""

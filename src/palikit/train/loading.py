@@ -20,7 +20,7 @@ def resolve_model(name: str, log: Callable[[str], None] = print) -> str:
     folder called `demo` wins. Other names are returned as they are."""
     if name not in DEMO_NAMES or (name and (Path(name) / "config.json").exists()):
         return name
-    from ..cli.predict import bundled_demo_model
+    from ..demo.paths import bundled_demo_model
 
     demo = bundled_demo_model()
     if demo is None:

@@ -34,6 +34,10 @@ def _first_existing(folder: Path, names) -> Path | None:
 
 def resolve(model: str | os.PathLike, tokenizer=None, mask_codec=None, revision: str | None = None) -> ModelFiles:
     path = Path(model).expanduser()
+    if str(model) == "demo" and not path.exists():  # the bundled demo model, as model=demo / --model demo
+        from ..demo.paths import bundled_demo_model
+
+        path = bundled_demo_model() or path
     if path.exists():
         folder = path if path.is_dir() else path.parent
     elif _looks_like_hub_id(str(model)):
