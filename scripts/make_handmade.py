@@ -8,7 +8,7 @@ gradient, dots, a dark slate, a vignette). Deterministic: no random numbers at a
     python scripts/make_handmade.py [--out tests/data/handmade]
 
 Writes NN.png, truth.json (per image: size, background, objects with label, colour name, fill RGB,
-tight box of the visible pixels, a probe point inside the visible part, occluded flag), detect.jsonl
+tight box of the visible pixels, a probe point inside the visible fill, outline px, occluded flag), detect.jsonl
 (`detect <present classes>` with the canonical suffix, the training/eval JSONL layout) and coco.json
 (the same ground truth as COCO instances, what `palikit eval --task detect` scores).
 Image 00 is the issue's own: 224x224, a red circle at (40, 60, 120, 140), a blue square at (140, 30, 200, 90).
@@ -29,7 +29,7 @@ from palikit.fileio import atomic_write_bytes, atomic_write_json
 from palikit.tasks.results import mask_to_rle
 
 FILLS = {"red": (204, 36, 48), "green": (52, 148, 72), "blue": (32, 92, 198), "yellow": (242, 206, 42)}
-ALT = {"red": (226, 52, 40), "green": (38, 128, 62), "blue": (58, 110, 222), "yellow": (230, 190, 30)}
+ALT = {"red": (226, 52, 40), "green": (40, 150, 66), "blue": (58, 110, 222), "yellow": (230, 190, 30)}
 SUB = 4  # sub-pixel samples per side
 
 
@@ -173,7 +173,7 @@ def render(scene):
         mask = cov_all >= 0.5
         for o in drawn:
             o["mask"] &= ~mask
-        drawn.append({"cls": cls, "color": colour, "rgb": rgb, "mask": mask, "fill": cov >= 0.99})
+        drawn.append({"cls": cls, "color": colour, "rgb": rgb, "mask": mask, "fill": cov >= 0.99, "outline": outline})
     return np.clip(np.round(img), 0, 255).astype(np.uint8), drawn
 
 
@@ -205,10 +205,9 @@ def main() -> None:
             ys, xs = np.nonzero(o["mask"])
             box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
             items.append({"label": o["cls"], "color": o["color"], "rgb": list(o["rgb"]), "box": box,
-                          "point": list(probe(o)), "occluded": bool(o["mask"].sum() < (o["mask"] | o["fill"]).sum())})
+                          "point": list(probe(o)), "outline": o["outline"], "occluded": bool(o["mask"].sum() < (o["mask"] | o["fill"]).sum())})
             shapes.append(Shape2(o["cls"], o["color"], tuple(float(v) for v in box), o["mask"]))
-            images_id = i
-            anns.append({"id": len(anns) + 1, "image_id": images_id, "category_id": CLASSES.index(o["cls"]) + 1,
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": CLASSES.index(o["cls"]) + 1,
                          "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "area": int(o["mask"].sum()),
                          "iscrowd": 0, "segmentation": mask_to_rle(o["mask"])})
         truth.append({"image": name, "width": w, "height": h, "background": bg, "objects": items})

@@ -75,11 +75,12 @@ def color_rgb(name: str, rng: random.Random) -> tuple[int, int, int]:
 
 
 def color_name(rgb) -> str | None:
-    """The colour name whose range holds `rgb` (a 1 % margin on saturation and value), else None."""
+    """The colour name whose range holds `rgb` (margins for 8-bit rounding: 2 degrees of hue, 0.01 of
+    saturation and value), else None."""
     h, s, v = colorsys.rgb_to_hsv(*(float(c) / 255 for c in rgb[:3]))
     h *= 360
     for name, ((h0, h1), (s0, s1), (v0, v1)) in COLOR_RANGES.items():
-        hue_ok = h0 <= h <= h1 or h0 <= h - 360 <= h1
+        hue_ok = h0 - 2 <= h <= h1 + 2 or h0 - 2 <= h - 360 <= h1 + 2
         if hue_ok and s0 - 0.01 <= s <= s1 + 0.01 and v0 - 0.01 <= v <= v1 + 0.01:
             return name
     return None
@@ -359,8 +360,9 @@ def make_sample(index: int, seed: int = 0, size=None, word_prob: float = 0.5,
         shape, cov, (x0, y0, x1, y1) = placed
         shape.color, shape.rgb = name, color_rgb(name, rng)
         fill = np.array(shape.rgb, np.float32)
-        if rng.random() < 0.3:  # soft shading across the shape, within +-8 % brightness
-            ramp = np.linspace(1 - 0.08, 1 + 0.08, x1 - x0, dtype=np.float32)[None, :, None]
+        if rng.random() < 0.3:  # soft shading across the shape: +-8 % brightness, kept in the name's range
+            v, (v0, v1) = max(shape.rgb) / 255, COLOR_RANGES[name][2]
+            ramp = np.linspace(max(0.92, v0 / v), min(1.08, v1 / v), x1 - x0, dtype=np.float32)[None, :, None]
             fill = np.clip(fill * ramp, 0, 255)
         a = cov[..., None]
         arr[y0:y1, x0:x1] = arr[y0:y1, x0:x1] * (1 - a) + fill * a
