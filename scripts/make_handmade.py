@@ -134,7 +134,8 @@ SCENES = [
     ((160, 160), "grey", [("cross", "blue", (80, 80, 55), 0, 1)]),
     ((480, 360), "ruled", [("rect", "green", (40, 40, 160, 160), 0, 0), ("circle", "blue", (300, 120, 70, 70), 0, 1),
                            ("star", "red", (130, 270, 70), 0, 0), ("triangle", "yellow", (370, 270, 70), 2, 0)]),
-    ((300, 300), "slate", [("circle", "yellow", (110, 110, 70, 70), 0, 0), ("rect", "red", (150, 150, 260, 260), 0, 0)]),
+    ((300, 300), "slate", [("circle", "yellow", (110, 110, 70, 70), 0, 0),
+                           ("rect", "red", (150, 150, 260, 260), 0, 0)]),
     ((128, 96), "white", [("triangle", "red", (40, 50, 30), 0, 1), ("circle", "blue", (96, 48, 22, 22), 0, 0)]),
     ((240, 320), "dots", [("hexagon", "green", (120, 90, 60), 2, 0), ("star", "blue", (120, 230, 65), 0, 0)]),
     ((360, 240), "vignette", [("cross", "yellow", (90, 120, 60), 0, 0), ("cross", "red", (270, 120, 60), 0, 0)]),
@@ -149,7 +150,8 @@ SCENES = [
     ((300, 200), "ruled", [("rect", "red", (30, 50, 130, 150), 2, 0), ("rect", "yellow", (170, 50, 270, 150), 2, 0)]),
     ((224, 160), "dots", [("circle", "green", (60, 80, 40, 40), 0, 1), ("cross", "yellow", (160, 80, 50), 0, 0)]),
     ((400, 400), "vignette", [("triangle", "blue", (110, 110, 80), 0, 0), ("star", "red", (290, 120, 80), 0, 0),
-                              ("circle", "yellow", (120, 290, 70, 70), 0, 0), ("hexagon", "green", (290, 290, 75), 0, 0)]),
+                              ("circle", "yellow", (120, 290, 70, 70), 0, 0),
+                              ("hexagon", "green", (290, 290, 75), 0, 0)]),
 ]
 
 
@@ -205,7 +207,8 @@ def main() -> None:
             ys, xs = np.nonzero(o["mask"])
             box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
             items.append({"label": o["cls"], "color": o["color"], "rgb": list(o["rgb"]), "box": box,
-                          "point": list(probe(o)), "outline": o["outline"], "occluded": bool(o["mask"].sum() < (o["mask"] | o["fill"]).sum())})
+                          "point": list(probe(o)), "outline": o["outline"],
+                          "occluded": bool(o["mask"].sum() < (o["mask"] | o["fill"]).sum())})
             shapes.append(Shape2(o["cls"], o["color"], tuple(float(v) for v in box), o["mask"]))
             anns.append({"id": len(anns) + 1, "image_id": i, "category_id": CLASSES.index(o["cls"]) + 1,
                          "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "area": int(o["mask"].sum()),
