@@ -300,3 +300,14 @@ def test_handmade_script_is_deterministic(tmp_path):
     for i in range(20):
         a, b = (np.asarray(Image.open(d / f"{i:02d}.png")) for d in (tmp_path, HANDMADE))
         assert (a == b).all()
+
+
+def test_palikit_eval_scores_the_handmade_set(tmp_path):
+    """`palikit eval tests/data/handmade/coco.json --task detect` runs on the set (bundled demo model)."""
+    from palikit.cli import main
+
+    code = main(["eval", str(HANDMADE / "coco.json"), "--task", "detect", "--out", str(tmp_path), "--torch-threads", "1",
+                 "--no-progress"])
+    assert code in (0, None)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["n"] == 20 and 0.0 <= report["metrics"]["map50"] <= 1.0
