@@ -92,7 +92,7 @@ class Ticket:
 class Scheduler:
     def __init__(self, engine, *, max_slots: int = 16, max_len: int = 512, max_queue: int = 1024,
                  max_prefill_tokens: int = 8192, image_cache_bytes: int = 256 * 2**20, compile: bool = False,
-                 min_admit: int | None = None, max_waiting_steps: int = 8):
+                 min_admit: int | None = None, max_waiting_steps: int = 2):
         if max_slots < 1 or max_queue < 1:
             raise ValueError("max_slots and max_queue must be >= 1")
         self.engine = engine

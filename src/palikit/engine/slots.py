@@ -161,7 +161,7 @@ class SlotBatch:
     # The compiled steps take the whole persistent state (static addresses, so CUDA graphs may
     # capture its in-place updates) and slice the first `n` rows inside the graph.
     def _greedy_impl(self, tokens, positions, write, live, cache, read_len: int, n: int):
-        logits = self._decode_impl(tokens[:n], positions[:n], write[:n], cache.first_rows(n), read_len)
+        logits = self._decode_impl(tokens[:n], positions[:n], write[:n], cache, read_len)
         nxt = logits.argmax(dim=-1)
         logprob = (logits.gather(-1, nxt[:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True))[:, 0]
         step = live[:n].long()
@@ -172,7 +172,7 @@ class SlotBatch:
 
     def _sample_impl(self, tokens, positions, write, live, cache, temperature, top_k, top_p, seed, counter,
                      read_len: int, n: int):
-        logits = self._decode_impl(tokens[:n], positions[:n], write[:n], cache.first_rows(n), read_len)
+        logits = self._decode_impl(tokens[:n], positions[:n], write[:n], cache, read_len)
         rows = RowSampling(temperature[:n], top_k[:n], top_p[:n], seed[:n], counter[:n])
         nxt, logprob = sample_rows(logits, rows)
         step = live[:n].long()

@@ -55,10 +55,6 @@ class KVCache(nn.Module):
         else:
             self.block.index_fill_(0, rows, PAD_BLOCK)
 
-    def first_rows(self, n: int) -> CacheRows:
-        """Views of rows [0, n): a decode step over the first n slots only (a slot-count bucket)."""
-        return CacheRows(self.k[:, :n], self.v[:, :n], self.block[:n])
-
     def select_rows(self, rows: torch.Tensor) -> None:
         """Reorder / duplicate batch rows in place (beam search, prefix sharing)."""
         self.k.copy_(self.k.index_select(1, rows))
@@ -66,21 +62,13 @@ class KVCache(nn.Module):
         self.block.copy_(self.block.index_select(0, rows))
 
 
-class CacheRows(NamedTuple):
-    """The first rows of a KVCache, as views (writes go through to the cache)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    block: torch.Tensor
-
-
 class CacheWrite(NamedTuple):
     """Where a call stores its keys/values: token t of batch row b goes to cache row `rows[b, t]`,
     slot `slots[b, t]` (both [B, T] long). `read_len` None: attention runs over the call's own
-    tokens (prefill); an int: over cache slots [0, read_len) of the rows, after the write (decode;
-    then rows must be every cache row in order)."""
+    tokens (prefill); an int: over cache slots [0, read_len) of cache rows [0, B), after the write
+    (decode: batch row b is cache row b, and B may be fewer than the cache's rows)."""
 
-    cache: KVCache | CacheRows
+    cache: KVCache
     rows: torch.Tensor
     slots: torch.Tensor
     read_len: int | None = None
@@ -126,12 +114,13 @@ class GemmaAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is not None:
-            cache_k, cache_v = layer_cache
-            # [B_cache, T_max, Hkv, D] views: (row, slot) index pairs select [B, T, Hkv, D]
-            cache_k.transpose(1, 2).index_put_((write.rows, write.slots), k.transpose(1, 2).to(cache_k.dtype))
-            cache_v.transpose(1, 2).index_put_((write.rows, write.slots), v.transpose(1, 2).to(cache_v.dtype))
+            cache_k, cache_v = layer_cache  # [B_cache, Hkv, T_max, D]
+            heads = torch.arange(self.n_kv, device=x.device)[None, :, None]  # [1, Hkv, 1]
+            index = (write.rows[:, None, :], heads, write.slots[:, None, :])  # -> [B, Hkv, T]
+            cache_k.index_put_(index, k.to(cache_k.dtype))
+            cache_v.index_put_(index, v.to(cache_v.dtype))
             if write.read_len is not None:
-                k, v = cache_k[:, :, : write.read_len], cache_v[:, :, : write.read_len]  # [B, Hkv, S, D]
+                k, v = cache_k[:B, :, : write.read_len], cache_v[:B, :, : write.read_len]  # [B, Hkv, S, D]
         out = attention(q, k, v, mask, self.scale, self.logit_cap)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -195,7 +184,7 @@ class GemmaDecoder(nn.Module):
         if write is not None:
             write.cache.block.index_put_((write.rows, write.slots), block.to(torch.int32))
             if write.read_len is not None:
-                k_block = write.cache.block[:, : write.read_len]  # [B, S]
+                k_block = write.cache.block[: x.shape[0], : write.read_len]  # [B, S]
         mask_full = build_mask(block, k_block, q_index, k_index, None)
         mask_sliding = build_mask(block, k_block, q_index, k_index, cfg.sliding_window) if cfg.sliding_window else None
         cos, sin = rope_tables(positions, self.inv_freq(x.device), x.dtype)
