@@ -43,13 +43,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from ..eval.runner import pluralize
+from ..tasks.labels import plural
 from ..tasks.boxes import encode_box, encode_loc
 from .shapes import COLORS, NUMBER_WORDS, PLURALS, SPLIT_SEEDS, WORDS, Sample, Shape
 
 CLASSES = ("circle", "square", "triangle", "star", "cross", "hexagon")
 EXTRA_CLASSES = ("ring", "diamond")
-PLURALS2 = {**PLURALS, **{c: pluralize(c) for c in CLASSES + EXTRA_CLASSES if c not in PLURALS}}
+PLURALS2 = {**PLURALS, **{c: plural(c) for c in CLASSES + EXTRA_CLASSES if c not in PLURALS}}
 NUMBER_WORDS2 = NUMBER_WORDS + ("five", "six")
 # hue (degrees, may wrap below 0), saturation, value ranges of each colour name; v1's RGB lie inside
 COLOR_RANGES = {"red": ((-8, 8), (0.7, 0.95), (0.7, 0.95)), "green": ((100, 145), (0.6, 0.9), (0.55, 0.8)),
