@@ -1,9 +1,9 @@
 """Continuous batching: one scheduler thread owns the model and runs every generation.
 
 Requests wait in one bounded FIFO. Between decode steps the scheduler admits as many as there are
-free slots (and `max_prefill_tokens` allows), when admitting is worth a prefill: nothing is decoding,
-at least `min_admit` requests can join at once (a quarter of the slots by default), or requests have
-waited `max_waiting_steps` decode steps (TGI's `max_waiting_tokens` rule). That keeps one-request
+free slots (and `max_prefill_tokens` allows), when admitting is worth a prefill: fewer than half the
+slots are decoding, at least `min_admit` requests can join at once (a quarter of the slots by
+default), or requests have waited `max_waiting_steps` decode steps (TGI's `max_waiting_tokens` rule). That keeps one-request
 prefills from eating the decode time under load (a prefill costs about a decode step when the model
 is small), at a cost of a few steps of first-token latency. Admitted
 requests' images go through the vision tower as one batch
@@ -204,7 +204,7 @@ class Scheduler:
         queued = len(self._queue)
         if not queued or not free:
             return False
-        return (not self._live or min(queued, free) >= self.min_admit
+        return (len(self._live) < self.max_slots // 2 or min(queued, free) >= self.min_admit
                 or self._steps_waiting >= self.max_waiting_steps)
 
     def _take(self) -> list[Ticket]:
