@@ -244,3 +244,19 @@ def test_bad_baseline_specs_say_what_to_write(spec, msg):
 def test_tesseract_refuses_other_tasks(scenetext, tmp_path):
     with pytest.raises(BaselineError, match="--task ocr"):
         evaluate_models([Tesseract(), Tesseract()], scenetext, "caption", out_dir=tmp_path / "x", progress=False)
+
+
+def test_every_scenetext_font_draws_every_letter_and_digit():
+    """A face without glyphs (matplotlib's DejaVuSansDisplay) drew blank crops labelled with text."""
+    import string
+
+    from PIL import ImageFont
+
+    from palikit.demo.scenetext import font_files
+
+    names = set()
+    for path in font_files():
+        font = ImageFont.truetype(str(path), 24)
+        assert all(font.getmask(c).getbbox() for c in string.ascii_letters + string.digits), path.name
+        names.add(path.name)
+    assert "DejaVuSansDisplay.ttf" not in names and len(names) >= 5

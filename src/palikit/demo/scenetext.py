@@ -19,6 +19,7 @@ Writes `DIR/images/NNNNNN.png` and `DIR/scenetext.jsonl` with rows {"id", "image
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import random
@@ -38,9 +39,12 @@ FACES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "Dej
          "STIXGeneral.ttf", "STIXGeneralBol.ttf", "cmr10.ttf", "cmtt10.ttf", "cmss10.ttf")
 
 
-def font_files() -> list[Path]:
+@functools.lru_cache(maxsize=None)
+def font_files() -> tuple[Path, ...]:
     """TrueType fonts to draw with: matplotlib's bundled faces (those in `FACES`) and any .ttf under
-    /usr/share/fonts (Debian fonts-* packages), sorted so a seed gives the same set."""
+    /usr/share/fonts (Debian fonts-* packages), sorted so a seed gives the same set, less the faces
+    that draw no ink for some ASCII letter or digit (matplotlib's DejaVuSansDisplay has almost no
+    glyphs: crops drawn with it were blank images labelled with text)."""
     found: list[Path] = []
     try:
         import matplotlib
@@ -54,11 +58,20 @@ def font_files() -> list[Path]:
     for f in found:
         if f.name not in seen:
             seen.add(f.name)
-            out.append(f)
+            if _draws_every(f, string.ascii_letters + string.digits):
+                out.append(f)
     if not out:
         raise RuntimeError("no TrueType font found: pip install matplotlib (bundles DejaVu) or apt-get install "
                            "fonts-dejavu-core")
-    return out
+    return tuple(out)
+
+
+def _draws_every(path: Path, chars: str) -> bool:
+    try:
+        font = ImageFont.truetype(str(path), 24)
+    except OSError:
+        return False
+    return all(font.getmask(ch).getbbox() for ch in chars)
 
 
 def make_text(domain: str, rng: random.Random) -> str:

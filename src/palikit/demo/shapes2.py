@@ -213,20 +213,11 @@ def _clutter(rng: random.Random, arr: np.ndarray, w: int, h: int) -> np.ndarray:
 # ------------------------------------------------------------------------------ text
 @functools.lru_cache(maxsize=1)
 def usable_fonts() -> tuple[Path, ...]:
-    """`scenetext.font_files()` less the faces that draw no ink for some letter or digit the words
-    use (matplotlib's DejaVuSansDisplay holds almost no glyphs)."""
+    """`scenetext.font_files()`: every face there draws all ASCII letters and digits (the words and
+    codes use no other characters)."""
     from .scenetext import font_files
 
-    chars = sorted(set(CODE_CHARS + "".join(WORDS).upper()))
-    ok = []
-    for path in font_files():
-        font = ImageFont.truetype(str(path), 24)
-        if all(font.getmask(ch).getbbox() for ch in chars):
-            ok.append(path)
-    if not ok:
-        raise RuntimeError("no TrueType font draws the shapes words: pip install matplotlib or apt-get install "
-                           "fonts-dejavu-core")
-    return tuple(ok)
+    return font_files()
 
 
 def _font(rng: random.Random, px: int) -> tuple[ImageFont.FreeTypeFont, str]:
