@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY, hf_model
 from palikit.engine import Engine, GenerationOptions, Request, SamplingOptions, generate_naive
-from palikit.engine.sampling import RowSampling, filter_logits, sample_rows
+from palikit.engine.sampling import RowSampling, sample_rows
 from palikit.engine.slots import SlotBatch
 from palikit.weights.hf import load_hf_checkpoint
 from test_parity_hf import _write_layout
@@ -139,13 +139,18 @@ def test_sampler_matches_the_distribution():
 
 
 def test_top_p_and_top_k_filters():
+    """Which tokens per-row sampling can ever pick (temperature 1): the nucleus keeps a token while the mass before it
+    is below top_p (0.7 -> the first two, 0.4 -> the first), top-k the k most likely."""
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = torch.isfinite(filter_logits(logits, None, 0.7))[0].tolist()
-    assert kept == [True, True, False, False]
-    kept = torch.isfinite(filter_logits(logits, None, 0.4))[0].tolist()
-    assert kept == [True, False, False, False]
-    kept = torch.isfinite(filter_logits(logits, 3, None))[0].tolist()
-    assert kept == [True, True, True, False]
+    B = 64
+    for top_k, top_p, allowed in ((4, 0.7, {0, 1}), (4, 0.4, {0}), (3, 1.0, {0, 1, 2})):
+        rows = RowSampling(torch.full((B,), 1.0), torch.full((B,), top_k), torch.full((B,), top_p), torch.arange(B),
+                           torch.zeros(B, dtype=torch.long))
+        picked = set()
+        for step in range(30):
+            rows.counter.fill_(step)
+            picked |= set(sample_rows(logits.expand(B, 4), rows)[0].tolist())
+        assert picked == allowed, (top_k, top_p, picked)
 
 
 def test_beam_search_finds_at_least_the_greedy_score(models, kind):

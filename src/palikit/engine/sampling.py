@@ -82,6 +82,13 @@ def row_sampling(options: list[SamplingOptions], seeds: list[int], vocab: int, d
     )
 
 
+def greedy_tokens(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (argmax tokens [B], their log-probabilities [B]), no sort over the vocabulary."""
+    tokens = logits.argmax(dim=-1)
+    logprob = (logits.gather(-1, tokens[:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True))[:, 0]
+    return tokens, logprob
+
+
 def sample_rows(logits: torch.Tensor, s: RowSampling) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] -> (tokens [B], logprob of each chosen token under the model [B]).
     Greedy rows take the argmax; the others sample from their own filtered, tempered distribution."""
@@ -109,13 +116,3 @@ def _filtered(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     keep = keep & ((torch.cumsum(probs, dim=-1) - probs) < top_p[:, None])
     keep[:, 0] = True
     return probs, keep
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Mask everything outside the top-k / nucleus with -inf (one setting for the whole batch);
-    logits [B, V] already tempered. The same rule `sample_rows` applies."""
-    B, V = logits.shape
-    sorted_logits, order = torch.sort(logits.float(), dim=-1, descending=True)
-    _, keep = _filtered(sorted_logits, torch.full((B,), top_k or V), torch.full((B,), 1.0 if top_p is None else top_p))
-    kept = torch.zeros_like(keep).scatter(-1, order, keep)
-    return logits.masked_fill(~kept, float("-inf"))

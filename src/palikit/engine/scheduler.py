@@ -38,7 +38,7 @@ import torch
 
 from .features import FeatureCache, encode_requests
 from .request import Generation
-from .sampling import row_sampling, sample_rows
+from .sampling import greedy_tokens, row_sampling, sample_rows
 from .slots import SlotBatch
 
 log = logging.getLogger("palikit.engine")
@@ -259,9 +259,8 @@ class Scheduler:
             logits = batch.prefill(rows, [t.request for t in tickets])
             sampling = row_sampling([t.options.sampling for t in tickets], [t.seed for t in tickets],
                                     batch.vocab, batch.device)
-            if all(t.options.sampling.greedy for t in tickets):  # no sort over the vocabulary
-                tokens = logits.argmax(dim=-1)
-                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+            if all(t.options.sampling.greedy for t in tickets):
+                tokens, logprobs = greedy_tokens(logits)
             else:
                 tokens, logprobs = sample_rows(logits, sampling)
             sampling.counter += 1

@@ -21,7 +21,7 @@ import torch
 
 from ..model import CacheWrite, PaliGemmaModel
 from ..model.gemma import positions_and_blocks
-from .sampling import RowSampling, sample_rows
+from .sampling import RowSampling, greedy_tokens, sample_rows
 
 DECODE_BLOCK = 2**20  # decode tokens' block base: above any prompt block, below PAD_BLOCK
 MIN_BUCKET = 64
@@ -86,7 +86,8 @@ class SlotBatch:
 
     # ------------------------------------------------------------------------------ prefill
     def _pack(self, requests):
-        """Right-padded [image][text] rows: ids, autoregressive flags, validity [k, P]; lengths [k]."""
+        """Right-padded [image][text] rows: ids, autoregressive flags, validity [k, P] on the device,
+        and each row's length (a host list)."""
         img_id = self.model.config.image_token_index
         rows = []
         for r in requests:
@@ -101,17 +102,17 @@ class SlotBatch:
             ids[b, : len(row_ids)] = torch.tensor(row_ids)
             ar[b, : len(row_ar)] = torch.tensor(row_ar, dtype=torch.int32)
             valid[b, : len(row_ids)] = True
-        lengths = torch.tensor([len(r) for r, _ in rows])
         dev = self.device
-        return ids.to(dev), ar.to(dev), valid.to(dev), lengths.to(dev)
+        return ids.to(dev), ar.to(dev), valid.to(dev), [len(r) for r, _ in rows]
 
     def prefill(self, rows: list[int], requests) -> torch.Tensor:
         """Run `requests` into cache `rows` (any previous content is dropped); logits [k, V] (fp32)
         at each prompt's last token. The rows' next input token is set with `set_tokens`."""
-        ids, ar, valid, lengths = self._pack(requests)
-        k, P = ids.shape
-        if int(lengths.max()) > self.max_len:
-            self.grow(int(lengths.max()))
+        ids, ar, valid, host_lengths = self._pack(requests)
+        k, P = ids.shape  # P = max(host_lengths)
+        if P > self.max_len:
+            self.grow(P)
+        lengths = torch.tensor(host_lengths, device=self.device)
         feats = [r.image_features.reshape(-1, r.image_features.shape[-1]) for r in requests if r.image_features is not None]
         image_features = torch.cat(feats)[None].to(self.device, self.cache.k.dtype) if feats else None
         row_t = torch.tensor(rows, device=self.device)
@@ -125,7 +126,7 @@ class SlotBatch:
         self.positions[row_t] = positions[torch.arange(k, device=self.device), last] + 1
         self.write[row_t] = lengths
         self.live[row_t] = True
-        for r, n in zip(rows, lengths.tolist()):
+        for r, n in zip(rows, host_lengths):
             self.host_write[r], self.host_live[r] = n, True
         return logits
 
@@ -162,8 +163,7 @@ class SlotBatch:
     # capture its in-place updates) and slice the first `n` rows inside the graph.
     def _greedy_impl(self, tokens, positions, write, live, cache, read_len: int, n: int):
         logits = self._decode_impl(tokens[:n], positions[:n], write[:n], cache, read_len)
-        nxt = logits.argmax(dim=-1)
-        logprob = (logits.gather(-1, nxt[:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True))[:, 0]
+        nxt, logprob = greedy_tokens(logits)
         step = live[:n].long()
         tokens[:n].copy_(nxt)
         positions[:n].add_(step)
