@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast system-packages bench demo-model clean
+.PHONY: demo test test-fast system-packages bench demo-model demo-model-v2 clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ demo-model: $(VENV)/.installed
 	$(VENV)/bin/palikit train recipes/demo.yaml
 	$(VENV)/bin/palikit train recipes/demo-anneal.yaml
 	$(PY) -m palikit.demo.evaluate --model work/demo/anneal/final --data work/demo/data --out work/demo/eval --install
+
+# demo model v2 (issue 19): shapes v2 at free positions, reading warm-up, then the task mix (cosine to 0), scorecard
+demo-model-v2: $(VENV)/.installed
+	$(PY) -m palikit.demo.build --version 2 --out work/demo2 --train 10000
+	$(VENV)/bin/palikit train recipes/demo-v2-ocr-warmup.yaml
+	$(VENV)/bin/palikit train recipes/demo-v2.yaml
+	$(PY) -m palikit.demo.evaluate --version 2 --model work/demo2/run/final --data work/demo2/data --out work/demo2/eval
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/palikit bench --compile

@@ -14,7 +14,8 @@ import pytest
 
 from palikit.api import PaliGemma
 from palikit.cli import main
-from palikit.cli.demo import demo_prompts, judge_instances, judge_row
+from palikit.cli.demo import demo_prompts, judge_row
+from palikit.eval.instances import judge_instances
 from palikit.demo.shapes import GRID, make_sample
 from palikit.tasks.parse import Detection
 from palikit.testing import make_tiny_checkpoint

@@ -13,84 +13,56 @@ preprocessing, generation, parsing, drawing) but its answers are noise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
+from ..eval.instances import IOU_THRESHOLD, judge_instances
 from . import app
 
 TASKS = ("caption", "detect", "segment", "ocr", "count", "color")
-IOU_THRESHOLD = 0.5
-RULE = (f"text: exact match; detect: label and box IoU >= {IOU_THRESHOLD} with an expected box, one-to-one, "
-        f"none missing or extra; segment: the same with mask IoU >= {IOU_THRESHOLD}")
+INSTANCE_TASKS = ("detect", "segment", "refer_detect")  # judged instance by instance (`eval.instances`)
+RULE = (f"text: exact match; detect (and a referring detect, labelled with its expression): label and box IoU >= "
+        f"{IOU_THRESHOLD} with an expected box, one-to-one, none missing or extra; segment: the same with mask IoU >= "
+        f"{IOU_THRESHOLD}")
 
 
-@dataclass
-class Verdict:
-    """How one detect/segment answer compares with the ground truth: `ious[k]` is the IoU of
-    detection k with the expected instance it is matched to (or, when unmatched, its best IoU with an
-    expected instance of its label, 0.0 if none); `matched[k]` whether it counts; `missed` how many
-    expected instances no detection matched."""
+def demo_generator(pg):
+    """The shapes generator a model is shown: v1's 4x4 grid at 112 px for 112 px models (the v1 demo
+    model, the random stand-in), else shapes v2 (free positions, any image size; the v2 demo model)."""
+    from ..demo import shapes, shapes2
 
-    ok: bool
-    ious: list[float]
-    matched: list[bool]
-    missed: int
+    return shapes if pg.model.config.vision.image_size <= 112 else shapes2
 
 
-def judge_instances(detections: Sequence, truth: Sequence, *, by: str = "box",
-                    threshold: float = IOU_THRESHOLD) -> Verdict:
-    """Match detections to the expected shapes (each with `.cls`, `.box`, `.mask`) one-to-one, greedily
-    by descending IoU among same-label pairs with IoU >= threshold. `by="box"` uses box IoU, `by="mask"`
-    mask IoU (a detection without a mask, or of another size, scores 0). The answer is right when every
-    detection and every expected instance is matched."""
-    from ..eval.metrics import mask_iou
-    from ..tasks.boxes import box_iou
-
-    if by not in ("box", "mask"):
-        raise ValueError(f"by must be 'box' or 'mask', got {by!r}")
-
-    def iou(d, t) -> float:
-        return box_iou(d.box, t.box) if by == "box" else mask_iou(d.mask, t.mask)
-
-    table = [[iou(d, t) if d.label == t.cls else 0.0 for t in truth] for d in detections]  # [D][T]
-    pairs = sorted(((table[i][j], i, j) for i in range(len(detections)) for j in range(len(truth))
-                    if detections[i].label == truth[j].cls and table[i][j] >= threshold), reverse=True)
-    det_to, used = {}, set()
-    for value, i, j in pairs:
-        if i not in det_to and j not in used:
-            det_to[i] = j
-            used.add(j)
-    ious = [table[i][det_to[i]] if i in det_to else max(table[i], default=0.0) for i in range(len(detections))]
-    matched = [i in det_to for i in range(len(detections))]
-    missed = len(truth) - len(used)
-    return Verdict(all(matched) and missed == 0, ious, matched, missed)
-
-
-def demo_prompts(sample) -> list[tuple[str, str, str, list]]:
+def demo_prompts(sample, generator=None) -> list[tuple[str, str, str, list]]:
     """(task, prompt, expected answer, expected instances) for one generated image: what the generator
     knows is in it. Expected instances are the generator's shapes of the asked classes (detect and
-    segment rows), [] for text rows."""
+    segment rows; a referring detect's one instance, labelled with the expression), [] for text rows."""
     import random
+    from types import SimpleNamespace
 
-    from ..demo.shapes import CLASSES, examples
+    from ..demo import shapes
 
-    present = sorted({s.cls for s in sample.shapes}, key=CLASSES.index)
-    by_task: dict[str, tuple[str, str]] = {}
-    for ex in examples(sample, random.Random(sample.index)):
-        by_task.setdefault(ex["task"], (ex["prefix"], ex["suffix"]))
-    by_task["segment"] = ("segment " + " ; ".join(present), "")
+    gen = generator or shapes
+    order = getattr(gen, "ALL_CLASSES", gen.CLASSES)
+    present = sorted({s.cls for s in sample.shapes}, key=order.index)
+    by_task: dict[str, dict] = {}
+    for ex in gen.examples(sample, random.Random(sample.index)):
+        by_task.setdefault(ex["task"], ex)
+    by_task["segment"] = {"prefix": "segment " + " ; ".join(present), "suffix": ""}
     rows = []
-    for task in TASKS:
+    for task in TASKS + (("refer_detect",) if "refer_detect" in by_task else ()):
         if task in by_task:
-            prompt, expected = by_task[task]
-            truth: list = []
+            prompt, expected, truth = by_task[task]["prefix"], by_task[task]["suffix"], []
             if task in ("detect", "segment"):
                 asked = prompt.split(" ", 1)[1].split(" ; ")
                 truth = [s for s in sample.shapes if s.cls in asked]
-                expected = ", ".join(f"{s.cls}@{_box(s.box)}" for s in sorted(truth, key=lambda s: s.cls))
+            elif task == "refer_detect":
+                box = by_task[task]["box"]
+                truth = [SimpleNamespace(cls=prompt.split(" ", 1)[1], box=box, mask=None)] if box else []
+            if task in INSTANCE_TASKS:
+                expected = ", ".join(f"{s.cls}@{_box(s.box)}" for s in sorted(truth, key=lambda s: s.cls)) or "(none)"
             rows.append((task, prompt, expected, truth))
     return rows
 
@@ -101,7 +73,7 @@ def _box(box) -> str:
 
 def judge_row(task: str, result, expected: str, truth: list) -> tuple[bool, str]:
     """(answer is as expected, the boxes / masks cell: each detection with score and IoU)."""
-    if task not in ("detect", "segment"):
+    if task not in INSTANCE_TASKS:
         return result.text == expected, ""
     verdict = judge_instances(result.detections, truth, by="box" if task == "detect" else "mask")
     kind = "IoU" if task == "detect" else "mask IoU"
@@ -142,7 +114,7 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
-    from ..demo.shapes import make_sample
+    from ..demo import shapes2
     from ..tasks.draw import draw, save_png
 
     console = Console()
@@ -151,24 +123,26 @@ def demo(
     out.mkdir(parents=True, exist_ok=True)
     pg = _load(model, out, device, console)
     size = pg.model.config.vision.image_size
+    gen = demo_generator(pg)
     table = Table("#", "task", "prompt", "answer", "expected", "ok", "boxes / masks (score, IoU vs expected)",
                   title=f"palikit demo ({pg.name})")
     tally: dict[str, list[int]] = {}  # task -> [right, total]
     for i in range(images):
-        sample = make_sample(i, seed=2_000_003, size=max(size, 112))  # the test split: never trained on
+        # the test split: never trained on (v2: each image its own random size and aspect ratio)
+        sample = gen.make_sample(i, seed=gen.SPLIT_SEEDS["test"], size=None if gen is shapes2 else max(size, 112))
         path = out / f"example{i}.png"
         sample.image.save(path)
-        rows = demo_prompts(sample)
+        rows = demo_prompts(sample, gen)
         results = pg.predict_batch([path] * len(rows), [p for _, p, _, _ in rows], max_new_tokens=96)
         for (task, prompt, expected, truth), r in zip(rows, results):
             ok, cell = judge_row(task, r, expected, truth)
             counts = tally.setdefault(task, [0, 0])
             counts[0], counts[1] = counts[0] + ok, counts[1] + 1
             table.add_row(str(i), task, prompt, r.text[:48], expected, "yes" if ok else "[red]NO[/red]", cell[:120])
-            if task in ("detect", "segment"):
+            if task in INSTANCE_TASKS:
                 save_png(draw(sample.image, r.detections), out / f"example{i}-{task}.png")
     console.print(table)
     right, total = sum(c[0] for c in tally.values()), sum(c[1] for c in tally.values())
-    per_task = ", ".join(f"{t} {tally[t][0]}/{tally[t][1]}" for t in TASKS if t in tally)
+    per_task = ", ".join(f"{t} {c[0]}/{c[1]}" for t, c in tally.items())
     console.print(f"{right}/{total} answers as expected ({per_task}). Judged against the generator's ground truth: "
                   f"{RULE}. Annotated images written to {out}/")
