@@ -37,12 +37,13 @@ demo-model: $(VENV)/.installed
 	$(VENV)/bin/palikit train recipes/demo-anneal.yaml
 	$(PY) -m palikit.demo.evaluate --model work/demo/anneal/final --data work/demo/data --out work/demo/eval --install
 
-# demo model v2 (issue 19): shapes v2 at free positions, reading warm-up, then the task mix (cosine to 0), scorecard
+# demo model v2 (issue 19): shapes v2 at free positions, started from v1's weights (run demo-model first), the
+# task mix (cosine to 0), scorecard (+ install if it meets every target)
 demo-model-v2: $(VENV)/.installed
-	$(PY) -m palikit.demo.build --version 2 --out work/demo2 --train 10000
-	$(VENV)/bin/palikit train recipes/demo-v2-ocr-warmup.yaml
+	test -f work/demo/anneal/final/model.safetensors || $(MAKE) demo-model
+	$(PY) -m palikit.demo.build --version 2 --out work/demo2 --train 10000 --warm-start work/demo/anneal/final
 	$(VENV)/bin/palikit train recipes/demo-v2.yaml
-	$(PY) -m palikit.demo.evaluate --version 2 --model work/demo2/run/final --data work/demo2/data --out work/demo2/eval
+	$(PY) -m palikit.demo.evaluate --version 2 --model work/demo2/run/final --data work/demo2/data --out work/demo2/eval --install
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/palikit bench --compile

@@ -1,6 +1,7 @@
 """Demo model v2's build and scoring (issue 19): `build(version=2)` writes shapes v2 data (six classes,
-free image sizes), a tokenizer that spells every target, a 160 px / patch 16 initial checkpoint with
-the structured init (smooth <loc> embeddings, 2-D sin-cos patch positions); the v2 scorecard's rows,
+free image sizes), a tokenizer that spells every target, a 224 px / patch 28 initial checkpoint with
+the from-scratch structured init (smooth <loc> embeddings, 2-D sin-cos patch positions) or warm-started
+from the v1 demo model (weights copied, rows by piece, positions resampled); the v2 scorecard's rows,
 referring-expression and hand-made-image scores judged box by box (an oracle answering the truth
 scores everything, the same oracle with shifted boxes nothing)."""
 
@@ -45,17 +46,44 @@ def test_v2_initial_checkpoint_has_the_v2_shape_and_structured_init(built):
     root, _ = built
     pg = PaliGemma.from_pretrained(root / "init", device="cpu", dtype="float32")
     v = pg.model.config.vision
-    assert (v.image_size, v.patch_size) == (DEMO2_CONFIG.vision.image_size, DEMO2_CONFIG.vision.patch_size) == (160, 16)
-    assert pg.processor.size == 160
+    assert (v.image_size, v.patch_size) == (DEMO2_CONFIG.vision.image_size, DEMO2_CONFIG.vision.patch_size) == (224, 28)
+    assert pg.processor.size == 224
     emb = pg.model.language_model.embed_tokens.weight[torch.tensor(pg.tokenizer.loc_ids)]  # [1024, D]
     cos = torch.nn.functional.cosine_similarity
     near, far = cos(emb[500], emb[501], dim=0), cos(emb[500], emb[900], dim=0)
     assert near > 0.85 and far < 0.5, (near, far)  # neighbouring bins start alike, distant ones do not
     other = pg.model.language_model.embed_tokens.weight[:100].norm(dim=1).mean()
     assert torch.allclose(emb.norm(dim=1).mean(), other, rtol=0.2)  # at the norm of the random rows
-    pos = pg.model.vision_tower.embeddings.position_embedding.weight  # [100, Dv], row-major 10x10 grid
-    assert cos(pos[0], pos[1], dim=0) > cos(pos[0], pos[9], dim=0)  # right neighbour vs far right
-    assert cos(pos[0], pos[10], dim=0) > cos(pos[0], pos[90], dim=0)  # below vs far below
+    pos = pg.model.vision_tower.embeddings.position_embedding.weight  # [64, Dv], row-major 8x8 grid
+    assert cos(pos[0], pos[1], dim=0) > cos(pos[0], pos[7], dim=0)  # right neighbour vs far right
+    assert cos(pos[0], pos[8], dim=0) > cos(pos[0], pos[56], dim=0)  # below vs far below
+
+
+def test_v2_warm_start_copies_v1_by_name_and_piece(built, tmp_path):
+    from palikit.api import PaliGemma
+    from palikit.demo.build import SPECS, build_initial_checkpoint
+    from palikit.demo.evaluate import ASSET_DIR
+
+    root, _ = built
+    tok = Tokenizer.from_file(root / "tokenizer.json")
+    (tmp_path / "tokenizer.json").write_bytes((root / "tokenizer.json").read_bytes())
+    (tmp_path / "vae-oid.npz").write_bytes((root / "vae-oid.npz").read_bytes())
+    v2 = PaliGemma.from_pretrained(build_initial_checkpoint(tmp_path, tok, 0, SPECS[2], ASSET_DIR), device="cpu",
+                                   dtype="float32")
+    v1 = PaliGemma.from_pretrained(ASSET_DIR, device="cpu", dtype="float32")
+    theirs = dict(v1.model.named_parameters())
+    name = "language_model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(dict(v2.model.named_parameters())[name], theirs[name])
+    e1, e2 = v1.model.language_model.embed_tokens.weight, v2.model.language_model.embed_tokens.weight
+    for piece in (tok.id_to_token(tok.encode("circle")[0]), tok.id_to_token(tok.eos_id)):
+        assert torch.equal(e2[tok.token_to_id(piece)], e1[v1.tokenizer.token_to_id(piece)]), piece
+    assert v1.tokenizer.token_to_id(tok.id_to_token(tok.encode("hexagon")[0])) is None  # new in v2: random row
+    p1 = v1.model.vision_tower.embeddings.position_embedding.weight.reshape(4, 4, -1)
+    p2 = v2.model.vision_tower.embeddings.position_embedding.weight.reshape(8, 8, -1)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(p2[0, 0], p1[0, 0], dim=0) > cos(p2[0, 0], p1[3, 3], dim=0)  # resampled: corners stay corners
+    loc = e2[torch.tensor(tok.loc_ids)]
+    assert cos(loc[300], loc[301], dim=0) > 0.85  # smooth <loc> rows, not v1's grid bins
 
 
 def test_v2_targets_and_missed_keys():

@@ -50,10 +50,13 @@ DEMO_CONFIG = PaliGemmaConfig(
 )
 
 
-# v2 (issue 19): free positions on any image size, resized to 160 px / patch 16 = 10x10 = 100 image
-# tokens (a token is 10 % of the side, the smallest shape's size); v1's widths. Trained on a 2-core CPU.
-V2_IMAGE_SIZE = 160
-DEMO2_CONFIG = replace(DEMO_CONFIG, vision=replace(DEMO_CONFIG.vision, image_size=V2_IMAGE_SIZE, patch_size=16),
+# v2 (issue 19): free positions on any image size, resized to 224 px with v1's 28 px patches = 8x8 = 64
+# image tokens (a token is 12.5 % of the side; the smallest shape, 10 % of it, is 22 px: v1's cell
+# scale), v1's widths, so v1's trained weights start it (`warm_start`). From scratch at 160 px / patch
+# 16 (100 tokens) the mix had not looked at the image after 64k examples (every caption the same at
+# steps 1,000 and 2,000): v1's history needed ~300k examples for that, more than a CPU session holds.
+V2_IMAGE_SIZE = 224
+DEMO2_CONFIG = replace(DEMO_CONFIG, vision=replace(DEMO_CONFIG.vision, image_size=V2_IMAGE_SIZE, patch_size=28),
                        name="palikit-demo-shapes2")
 
 
@@ -187,14 +190,11 @@ def build_data(out: Path, codec, n_train: int, n_val: int, n_test: int, progress
             st["done"] = f"{n:,} images, {count[0]:,} masks encoded"
 
 
-def structured_init(model, tokenizer) -> None:
-    """Two inits that give a from-scratch model a sense of place (v2, trained at free positions):
-    - `<loc>` embeddings (tied: also the output head) are sin/cos features of the bin value at 48
-      log-spaced frequencies (1 to 256 cycles over the range), so neighbouring bins start alike and a
-      gradient on one bin moves its neighbours (v1's history: spread-out bins learned from random
-      rows reached detect mAP 0.000 on a CPU);
-    - the vision tower's position embeddings are the 2-D sin-cos table (MAE / big_vision posemb).
-    Both at the norm of the random rows they replace; training moves them freely."""
+def smooth_loc_embeddings(model, tokenizer) -> None:
+    """`<loc>` embeddings (tied: also the output head) as sin/cos features of the bin value at log-spaced
+    frequencies (1 to 256 cycles over the range), at the mean norm of the other rows: neighbouring bins
+    start alike, so a gradient on one bin moves its neighbours (v1's history: spread-out bins learned
+    from random rows reached detect mAP 0.000 on a CPU)."""
     import torch
 
     with torch.no_grad():
@@ -206,16 +206,67 @@ def structured_init(model, tokenizer) -> None:
         table = torch.cat([phase.sin(), phase.cos()], 1)  # [1024, D]
         emb[torch.tensor(tokenizer.loc_ids)] = (table / table.norm(dim=1, keepdim=True)
                                                 * emb.norm(dim=1).mean()).to(emb.dtype)
+
+
+def sincos_positions(model) -> None:
+    """The vision tower's position embeddings as the 2-D sin-cos table (MAE / big_vision posemb), at
+    the norm of the rows they replace."""
+    import torch
+
+    with torch.no_grad():
         pos = model.vision_tower.embeddings.position_embedding.weight  # [g*g, Dv]
         g, dv = int(round(math.sqrt(pos.shape[0]))), pos.shape[1]
         omega = 1.0 / 10000 ** (torch.arange(dv // 4, dtype=torch.float64) / (dv // 4))  # [Dv/4]
         ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float64), torch.arange(g, dtype=torch.float64), indexing="ij")
-        parts = [f(c.reshape(-1, 1) * omega[None]) for c in (xs, ys) for f in (torch.sin, torch.cos)]
-        table = torch.cat(parts, 1)  # [g*g, Dv]
+        table = torch.cat([f(c.reshape(-1, 1) * omega[None]) for c in (xs, ys) for f in (torch.sin, torch.cos)], 1)
         pos.copy_((table / table.norm(dim=1, keepdim=True) * pos.norm(dim=1).mean()).to(pos.dtype))
 
 
-def build_initial_checkpoint(out: Path, tokenizer, seed: int = 0, spec: DemoSpec = SPECS[1]) -> Path:
+def structured_init(model, tokenizer) -> None:
+    """From-scratch v2 init: smooth `<loc>` embeddings and 2-D sin-cos patch positions."""
+    smooth_loc_embeddings(model, tokenizer)
+    sincos_positions(model)
+
+
+def warm_start(model, tokenizer, source: str | Path) -> dict:
+    """Start `model` from a trained demo checkpoint of the same widths (v1): every weight of the same
+    shape is copied; embedding rows by piece (a piece the source lacks keeps its random row); the patch
+    position table resampled to the new grid (bicubic, as big_vision's resample_posemb); then smooth
+    `<loc>` rows (v1 only ever wrote grid-cell bins). Returns what was copied."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..api import PaliGemma
+
+    src = PaliGemma.from_pretrained(source, device="cpu", dtype="float32")
+    theirs = dict(src.model.named_parameters())
+    copied, rows = 0, 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            q = theirs.get(name)
+            if name.endswith("embed_tokens.weight"):
+                for i in range(tokenizer.vocab_size):
+                    j = src.tokenizer.token_to_id(tokenizer.id_to_token(i))
+                    if j is not None and j < q.shape[0]:
+                        p[i] = q[j]
+                        rows += 1
+            elif name.endswith("position_embedding.weight") and q is not None and q.shape != p.shape:
+                g0, g1, dv = int(round(math.sqrt(q.shape[0]))), int(round(math.sqrt(p.shape[0]))), q.shape[1]
+                grid = q.reshape(1, g0, g0, dv).permute(0, 3, 1, 2)  # [1, Dv, g0, g0]
+                p.copy_(F.interpolate(grid, size=(g1, g1), mode="bicubic", align_corners=False)
+                        .permute(0, 2, 3, 1).reshape(g1 * g1, dv))
+            elif q is not None and q.shape == p.shape:
+                p.copy_(q)
+                copied += 1
+            else:
+                raise ValueError(f"{source}: {name} has shape {None if q is None else tuple(q.shape)}, the model "
+                                 f"{tuple(p.shape)}: warm start needs a checkpoint of the same widths")
+    smooth_loc_embeddings(model, tokenizer)
+    return {"source": str(source), "tensors": copied, "embedding_rows": rows}
+
+
+def build_initial_checkpoint(out: Path, tokenizer, seed: int = 0, spec: DemoSpec = SPECS[1],
+                             warm: str | Path | None = None) -> Path:
     import torch
 
     from ..engine.bench import random_model
@@ -225,7 +276,9 @@ def build_initial_checkpoint(out: Path, tokenizer, seed: int = 0, spec: DemoSpec
     cfg = replace(spec.config, text=replace(spec.config.text, vocab_size=tokenizer.vocab_size),
                   image_token_index=tokenizer.image_id)
     model = random_model(cfg, "cpu", torch.float32, seed=seed)
-    if spec.structured_init:
+    if warm is not None:
+        warm_start(model, tokenizer, warm)
+    elif spec.structured_init:
         structured_init(model, tokenizer)
     folder = out / "init"
     save_hub_checkpoint(model, folder)
@@ -239,7 +292,8 @@ def build_initial_checkpoint(out: Path, tokenizer, seed: int = 0, spec: DemoSpec
 
 
 def build(out: str | Path, *, n_train: int = 20_000, n_val: int = 300, n_test: int = 500, codec_images: int = 2000,
-          codec_steps: int = 400, seed: int = 0, progress: bool = True, version: int = 1) -> dict:
+          codec_steps: int = 400, seed: int = 0, progress: bool = True, version: int = 1,
+          warm: str | Path | None = None) -> dict:
     if version not in SPECS:
         raise ValueError(f"version must be one of {sorted(SPECS)}, got {version!r}")
     spec = SPECS[version]
@@ -252,7 +306,7 @@ def build(out: str | Path, *, n_train: int = 20_000, n_val: int = 300, n_test: i
         codec = build_codec(out, codec_images, codec_steps, seed, progress=p, spec=spec)
         build_data(out, codec, n_train, n_val, n_test, progress=p, spec=spec)
         with p.stage(5, "initial checkpoint") as st:
-            init = build_initial_checkpoint(out, tok, seed, spec)
+            init = build_initial_checkpoint(out, tok, seed, spec, warm)
             st["done"] = str(init)
     summary = {"version": version, "tokenizer_size": tok.vocab_size, "init_checkpoint": str(init), "data": str(out / "data"),
                "splits": {"train": n_train, "validation": n_val, "test": n_test}}
@@ -270,14 +324,26 @@ def main() -> None:
     ap.add_argument("--codec-steps", type=int, default=400)
     ap.add_argument("--version", type=int, default=1, choices=sorted(SPECS),
                     help="1: the 4x4-grid shapes at 112 px; 2: shapes v2 (free positions, any size, 6 classes)")
+    ap.add_argument("--warm-start", default=None, help="a trained demo checkpoint of the same widths (v1's) "
+                    "to start from instead of random weights (v2's recipe: work/demo/anneal/final)")
+    ap.add_argument("--init-only", action="store_true", help="only (re)write the initial checkpoint in --out "
+                    "(its tokenizer.json and vae-oid.npz must be there)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar or stage lines (stderr)")
     a = ap.parse_args()
     try:
         check_build_dir(a.out)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if a.init_only:
+        from ..tokenizer import Tokenizer
+
+        out = check_build_dir(a.out)
+        init = build_initial_checkpoint(out, Tokenizer.from_file(out / "tokenizer.json"), 0, SPECS[a.version], a.warm_start)
+        print(json.dumps({"init_checkpoint": str(init), "warm_start": a.warm_start}))
+        return
     print(json.dumps(build(a.out, n_train=a.train, n_val=a.val, n_test=a.test, codec_images=a.codec_images,
-                           codec_steps=a.codec_steps, progress=not a.no_progress, version=a.version), indent=2))
+                           codec_steps=a.codec_steps, progress=not a.no_progress, version=a.version,
+                           warm=a.warm_start), indent=2))
 
 
 if __name__ == "__main__":
