@@ -40,9 +40,9 @@ def demo_prompts(sample, generator=None) -> list[tuple[str, str, str, list]]:
     knows is in it. Expected instances are the generator's shapes of the asked classes (detect and
     segment rows; a referring detect's one instance, labelled with the expression), [] for text rows."""
     import random
-    from types import SimpleNamespace
 
     from ..demo import shapes
+    from ..eval.instances import Expected
 
     gen = generator or shapes
     order = getattr(gen, "ALL_CLASSES", gen.CLASSES)
@@ -60,7 +60,7 @@ def demo_prompts(sample, generator=None) -> list[tuple[str, str, str, list]]:
                 truth = [s for s in sample.shapes if s.cls in asked]
             elif task == "refer_detect":
                 box = by_task[task]["box"]
-                truth = [SimpleNamespace(cls=prompt.split(" ", 1)[1], box=box, mask=None)] if box else []
+                truth = [Expected(prompt.split(" ", 1)[1], box)] if box else []
             if task in INSTANCE_TASKS:
                 expected = ", ".join(f"{s.cls}@{_box(s.box)}" for s in sorted(truth, key=lambda s: s.cls)) or "(none)"
             rows.append((task, prompt, expected, truth))

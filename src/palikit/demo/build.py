@@ -331,13 +331,12 @@ def main() -> None:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar or stage lines (stderr)")
     a = ap.parse_args()
     try:
-        check_build_dir(a.out)
+        out = check_build_dir(a.out)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if a.init_only:
         from ..tokenizer import Tokenizer
 
-        out = check_build_dir(a.out)
         init = build_initial_checkpoint(out, Tokenizer.from_file(out / "tokenizer.json"), 0, SPECS[a.version], a.warm_start)
         print(json.dumps({"init_checkpoint": str(init), "warm_start": a.warm_start}))
         return

@@ -56,7 +56,9 @@ def split_by_task(test_jsonl: Path, out: Path) -> dict[str, Path]:
 
 
 def _rows(path: Path, limit: int | None) -> list[dict]:
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    from ..train.data import read_jsonl_rows
+
+    rows = [row for _, row in read_jsonl_rows(path)[0]]
     return rows[:limit] if limit else rows
 
 
@@ -65,10 +67,8 @@ def refer_score(model, detect_jsonl: Path, segment_jsonl: Path | None = None, *,
     """Referring expressions ("detect the red circle"): a detect row is right when the answer is the
     one expected box at IoU >= 0.5 with the expression as label, or nothing when no instance matches
     (`box` null); segment rows give the mIoU of the first mask with the expected one."""
-    from types import SimpleNamespace
-
-    from ..eval.instances import judge_instances
-    from ..eval.metrics_detection import mask_iou
+    from ..eval.instances import Expected, judge_instances
+    from ..eval.metrics_detection import segmentation_sample_iou
     from ..tasks.rle import rle_to_mask
 
     out: dict = {}
@@ -76,15 +76,14 @@ def refer_score(model, detect_jsonl: Path, segment_jsonl: Path | None = None, *,
     labels = [r["prefix"].split(" ", 1)[1] for r in rows]
     answers = model.predict_batch([r["image"] for r in rows], [r["prefix"] for r in rows], batch_size=batch_size,
                                   labels=[[x] for x in labels], max_new_tokens=48)
-    ok = [judge_instances(a.detections, [SimpleNamespace(cls=lab, box=r["box"])] if r["box"] else []).ok
+    ok = [judge_instances(a.detections, [Expected(lab, r["box"])] if r["box"] else []).ok
           for r, a, lab in zip(rows, answers, labels)]
     out["refer_detect"] = {"accuracy": sum(ok) / max(len(ok), 1), "n": len(ok)}
     if segment_jsonl is not None and segment_jsonl.exists():
         rows = _rows(segment_jsonl, limit)
         answers = model.predict_batch([r["image"] for r in rows], [r["prefix"] for r in rows], batch_size=batch_size,
                                       labels=[[r["label"]] for r in rows], max_new_tokens=48)
-        ious = [mask_iou(a.detections[0].mask if a.detections else None, rle_to_mask(r["mask"]).astype(bool))
-                for r, a in zip(rows, answers)]
+        ious = [segmentation_sample_iou(a.detections, rle_to_mask(r["mask"]).astype(bool)) for r, a in zip(rows, answers)]
         out["refer_segment"] = {"miou": float(sum(ious) / max(len(ious), 1)), "n": len(ious)}
     return out
 
@@ -93,12 +92,10 @@ def handmade_score(model, folder: str | Path = HANDMADE, out: str | Path | None 
                    batch_size: int = 16, coco: bool = True) -> dict:
     """The hand-made images (`truth.json`): "detect" with the classes each image holds (as a user
     would ask); an image is right when every object is found at box IoU >= 0.5, one-to-one, with no
-    extra box. Also COCO mAP@0.5 over the set (`coco.json`). Per-image verdicts go to
+    extra box. Also COCO mAP@0.5 of the same answers against `coco.json`. Per-image verdicts go to
     `out/handmade.json`."""
-    from types import SimpleNamespace
-
-    from ..eval import evaluate, load_coco
-    from ..eval.instances import judge_instances
+    from ..eval.instances import Expected, judge_instances
+    from ..eval.metrics_detection import coco_map, predictions_to_coco
     from .shapes2 import ALL_CLASSES
 
     folder = Path(folder)
@@ -108,17 +105,19 @@ def handmade_score(model, folder: str | Path = HANDMADE, out: str | Path | None 
                                   batch_size=batch_size, labels=classes, max_new_tokens=64)
     per_image = []
     for t, a in zip(truth, answers):
-        v = judge_instances(a.detections, [SimpleNamespace(cls=o["label"], box=o["box"]) for o in t["objects"]])
+        v = judge_instances(a.detections, [Expected(o["label"], o["box"]) for o in t["objects"]])
         per_image.append({"image": t["image"], "ok": v.ok, "objects": len(t["objects"]), "missed": v.missed,
                           "extra": v.matched.count(False), "answer": a.text})
     result = {"images_ok": sum(r["ok"] for r in per_image), "images": len(per_image),
               "objects_found": sum(r["objects"] - r["missed"] for r in per_image),
               "objects": sum(r["objects"] for r in per_image)}
     if coco and (folder / "coco.json").exists():
-        rep = evaluate(model, load_coco(folder / "coco.json", "detect", image_root=folder), "detect",
-                       out_dir=None if out is None else Path(out) / "handmade-coco", batch_size=batch_size,
-                       progress=False, charts=False, predict_options={"max_new_tokens": 64})
-        result["map50"], result["map"] = rep.metrics["map50"], rep.metrics["map"]
+        gt = json.loads((folder / "coco.json").read_text())
+        ids = {im["file_name"]: im["id"] for im in gt["images"]}
+        cats = {c["name"]: c["id"] for c in gt["categories"]}
+        dets = [d for t, a in zip(truth, answers) for d in predictions_to_coco(ids[t["image"]], a.detections, cats)]
+        scores = coco_map(gt, dets)
+        result["map50"], result["map"] = scores["map50"], scores["map"]
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "handmade.json").write_text(json.dumps({**result, "per_image": per_image}, indent=2) + "\n")
@@ -191,11 +190,11 @@ MODEL_CARD = {
        "data set (`python -m palikit.demo.build`) by three recipes in turn: `recipes/demo-ocr-warmup.yaml`, "
        "`recipes/demo.yaml`, `recipes/demo-anneal.yaml` (`make demo-model`). It only knows that world: for real "
        "images use `--model google/paligemma2-3b-mix-224` or a local checkpoint.\n\n",
-    2: "# palikit demo model (v2)\n\nA 3.5M-parameter PaliGemma 2-architecture model (160 px, patch 16) trained on "
-       "the synthetic \"shapes v2\" data set (`python -m palikit.demo.build --version 2`: six classes at free "
-       "positions, sizes and aspect ratios, textured backgrounds, words in many fonts, referring expressions) by "
-       "`recipes/demo-v2-ocr-warmup.yaml` then `recipes/demo-v2.yaml` (`make demo-model-v2`). It only knows that "
-       "world: for real images use `--model google/paligemma2-3b-mix-224` or a local checkpoint.\n\n",
+    2: "# palikit demo model (v2)\n\nA 3.5M-parameter PaliGemma 2-architecture model (224 px, patch 28) started "
+       "from the v1 demo model and trained on the synthetic \"shapes v2\" data set (`python -m palikit.demo.build "
+       "--version 2 --warm-start ...`: six classes at free positions, sizes and aspect ratios, textured backgrounds, "
+       "words in many fonts, referring expressions) by `recipes/demo-v2.yaml` (`make demo-model-v2`). It only knows "
+       "that world: for real images use `--model google/paligemma2-3b-mix-224` or a local checkpoint.\n\n",
 }
 
 

@@ -11,6 +11,16 @@ IOU_THRESHOLD = 0.5
 
 
 @dataclass
+class Expected:
+    """One expected instance when no generator `Shape` stands for it (hand-made truth, a referring
+    expression's one box): what `judge_instances` reads."""
+
+    cls: str
+    box: Sequence[float]
+    mask: object = None
+
+
+@dataclass
 class Verdict:
     """How one detect/segment answer compares with the ground truth: `ious[k]` is the IoU of
     detection k with the expected instance it is matched to (or, when unmatched, its best IoU with an
