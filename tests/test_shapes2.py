@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from palikit.demo import shapes, shapes2
+from palikit.demo.backgrounds import background
 from palikit.demo.shapes2 import CLASSES, Shape2, color_name, examples, make_sample, referring, write_split
 from palikit.tasks.boxes import encode_box
 
@@ -77,7 +78,7 @@ def test_every_class_colour_background_size_and_font_appears(samples):
     assert {s.color for smp in samples for s in smp.shapes} == set(shapes2.COLOR_NAMES)
     import random
 
-    kinds = {shapes2._background(random.Random(i), 64, 48)[1] for i in range(80)}
+    kinds = {background(random.Random(i), 64, 48)[1] for i in range(80)}
     assert kinds == {"plain", "gradient", "noise", "stripes", "checker", "field", "clutter"}
     sizes = [smp.image.size for smp in samples]
     assert min(min(s) for s in sizes) < 120 and max(max(s) for s in sizes) > 500
@@ -128,7 +129,7 @@ def test_colour_ranges_hold_v1_colours_and_exclude_backgrounds():
     import random
 
     for i in range(40):  # no background pixel falls in a colour name's range
-        arr, _ = shapes2._background(random.Random(i), 48, 32)
+        arr, _ = background(random.Random(i), 48, 32)
         assert all(color_name(px) is None for px in arr.reshape(-1, 3)[::7])
 
 

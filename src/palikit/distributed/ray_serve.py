@@ -16,6 +16,17 @@ from dataclasses import replace
 from typing import Any
 
 REPLICA_HEADER = "x-palikit-replica"
+PROXY_TIMEOUT_MARGIN_S = 10.0  # upload and answer transfer on top of the app's own request_timeout_s
+
+
+def proxy_http_options(host: str, port: int, settings=None) -> dict[str, Any]:
+    """`serve.start`'s http_options: where the proxy listens, and an end-to-end bound on every request.
+    The app answers 504 at `request_timeout_s`; the proxy's bound (that plus a margin) covers what the
+    app cannot see, a request that was on a replica when the replica died."""
+    from ..serve.schemas import ServerSettings
+
+    settings = settings or ServerSettings()
+    return {"host": host, "port": port, "request_timeout_s": settings.request_timeout_s + PROXY_TIMEOUT_MARGIN_S}
 
 
 def build_application(model: str, *, settings=None, replicas: int = 1, min_replicas: int | None = None,
@@ -81,7 +92,7 @@ def serve_replicas(model: str, *, host: str = "127.0.0.1", port: int = 8000, set
         from .ray_batch import init_ray
 
         init_ray(address)  # a local Ray listens on loopback only
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options=proxy_http_options(host, port, settings))
     app = build_application(model, settings=settings, replicas=replicas, min_replicas=min_replicas,
                             max_replicas=max_replicas, device=device, dtype=dtype)
     handle = serve.run(app, name="palikit", route_prefix="/", blocking=False)
