@@ -41,7 +41,7 @@ demo-model: $(VENV)/.installed
 # task mix (cosine to 0), scorecard (+ install if it meets every target)
 demo-model-v2: $(VENV)/.installed
 	test -f work/demo/anneal/final/model.safetensors || $(MAKE) demo-model
-	$(PY) -m palikit.demo.build --version 2 --out work/demo2 --train 10000 --warm-start work/demo/anneal/final
+	$(PY) -m palikit.demo.build --version 2 --out work/demo2 --train 48000 --warm-start work/demo/anneal/final
 	$(VENV)/bin/palikit train recipes/demo-v2.yaml
 	$(PY) -m palikit.demo.evaluate --version 2 --model work/demo2/run/final --data work/demo2/data --out work/demo2/eval --install
 
