@@ -400,6 +400,9 @@ def _refer_examples(sample: Sample, rng: random.Random, classes, seg_fn) -> list
     return out
 
 
+TASKS = ("caption", "detect", "segment", "refer_detect", "refer_segment", "ocr", "count", "color")  # rows' task field
+
+
 def examples(sample: Sample, rng: random.Random, seg_fn=None, classes: tuple[str, ...] = CLASSES) -> list[dict]:
     """Prefix/suffix pairs for one sample: v1's tasks (caption, detect every present class, detect
     random classes that may be absent, segment, ocr, count, color) plus one referring detect (present

@@ -79,6 +79,7 @@ class TrainConfig:
     final_logit_softcap: str | float | None = None  # PaliGemma 2's final-logit soft-cap while training: None = off (the PaliGemma 2 report's transfer stage; the export records it), auto = the checkpoint's convention, or a number
     tokenizer: str | None = None  # tokenizer.json; default: <model folder>/tokenizer.json
     train_data: str = ""  # .jsonl (big_vision / Roboflow export) or COCO annotation .json
+    train_source: str | None = None  # instead of train_data: "package.module:function" called as fn(config) -> the training examples (a sequence; palikit.demo.stream:shapes2_source makes fresh shapes v2 images on the fly)
     val_data: str | None = None  # validation data (same formats): val_loss, the task metric and the best checkpoint come from it
     data_format: Literal["auto", "jsonl", "coco"] = "auto"  # auto | jsonl | coco
     coco_images: str | None = None  # image folder for COCO files (default: the json's folder)
@@ -115,6 +116,7 @@ class TrainConfig:
     max_len: int | None = None  # text tokens per example ([BOS] .. [EOS]); longer ones are cut
     pad_to_max_len: bool = False  # pad every batch to max_len (fixed shapes) instead of the longest
     cache_images: bool = False  # keep preprocessed pixels in RAM after first use (3*S*S*4 bytes per image file)
+    data_workers: Annotated[int, Range(ge=0)] = 0  # processes that prepare the next steps' batches (images decoded or generated, tokens, pixels) while this one trains; 0 = in the training process
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     fsdp: bool = False  # under torchrun: shard params, grads and optimizer state over the ranks (FSDP2)
     device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda | cuda:1
@@ -148,6 +150,9 @@ class TrainConfig:
             setattr(self, f.name, _convert(f.name, getattr(self, f.name), hints[f.name]))
         if self.pad_to_max_len and not self.max_len:
             raise ConfigError("pad_to_max_len=true needs max_len", "pad_to_max_len")
+        if self.train_source and self.train_data:
+            raise ConfigError("set train_data (files) or train_source (a hook that makes the examples), not both",
+                              "train_source")
 
     @property
     def optimizer_reason(self) -> str:

@@ -59,8 +59,13 @@ def load_tokenizer(cfg: TrainConfig):
         raise FileNotFoundError(f"No tokenizer next to model={cfg.model}; set tokenizer=PATH/tokenizer.json") from None
 
 
-def import_metric(spec: str) -> Callable:
+def import_hook(spec: str, key: str = "metric") -> Callable:
+    """The function a `package.module:function` config value names (`key` is the config key, for
+    the error message)."""
     mod, _, fn = spec.partition(":")
-    if not fn:
-        raise ValueError(f"metric={spec!r}: use 'package.module:function'")
-    return getattr(importlib.import_module(mod), fn)
+    if not mod or not fn:
+        raise ValueError(f"{key}={spec!r}: use 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{key}={spec!r}: cannot import it ({e})") from None

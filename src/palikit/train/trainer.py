@@ -7,9 +7,8 @@
 - Steps: `batch_size` examples per optimizer step, split over ranks and `grad_accum` micro-batches;
   the loss numerator / denominator split (see `collate.py`) makes the step's gradient equal to the
   full-batch gradient whatever the split. Gradient-norm clipping, bf16 autocast on CUDA.
-- Data order: epoch e uses `randperm(N, seed + e)`, step s takes batch `s % steps_per_epoch` of
-  epoch `s // steps_per_epoch` (remainder dropped) -- the position is the step, so resuming needs
-  nothing but the step number.
+- Data: `train_data` files or a `train_source` hook (`fn(config)` -> examples); order and batches
+  in `batches.py` (resuming needs only the step; `data_workers` > 0: made in worker processes).
 - Distributed: under `torchrun` (`WORLD_SIZE > 1`) the process group is initialised (nccl on GPU,
   gloo on CPU), each rank takes every `world`-th example of the step's batch, and the loss forward
   runs in `DistributedDataParallel` (gradients averaged over the ranks in the last micro-batch's
@@ -40,11 +39,12 @@ import numpy as np
 import torch
 
 from . import checkpoint as ck
+from .batches import StepPlan, step_batches
 from .collate import Collator, default_image_processor, loss_denominator, loss_terms, to_device, token_nll
 from .config import TrainConfig
 from .data import Dataset, Example, load_examples, select_tasks
 from .interrupt import StopSignals, TrainingInterrupted, interrupted_message, resume_command
-from .loading import import_metric, load_model, load_tokenizer, resolve_model
+from .loading import import_hook, load_model, load_tokenizer, resolve_model
 from .modes import apply_mode, count_trainable
 from .monitor import LearningMonitor
 from .parallel import LossForward, _Dist, data_parallel
@@ -81,13 +81,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
-    spe = n // batch_size
-    epoch, k = divmod(step, spe)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return perm[k * batch_size:(k + 1) * batch_size].tolist()
 
 
 # ------------------------------------------------------------------------------------ trainer
@@ -176,13 +169,19 @@ class Trainer:
 
         data_kw = dict(data_format=cfg.data_format, strict=cfg.strict_data, coco_task=cfg.coco_task,
                        coco_images=cfg.coco_images, include_absent=cfg.coco_include_absent, mask_codec=cfg.mask_codec)
-        self.train_set = as_list(train_set if train_set is not None else load_examples(cfg.train_data, **data_kw))
+        if train_set is not None:
+            self.train_set = as_list(train_set)
+        elif cfg.train_source:  # made by the hook (it applies `tasks` itself): kept as its own sequence
+            self.train_set = import_hook(cfg.train_source, "train_source")(cfg)
+        else:
+            self.train_set = as_list(load_examples(cfg.train_data, **data_kw))
         if val_set is not None:
             self.val_set = as_list(val_set)
         else:
             self.val_set = as_list(load_examples(cfg.val_data, **data_kw)) if cfg.val_data else []
         if cfg.tasks:
-            self.train_set = select_tasks(self.train_set, cfg.tasks, cfg.train_data or "training data")
+            if not cfg.train_source or train_set is not None:
+                self.train_set = select_tasks(self.train_set, cfg.tasks, cfg.train_data or "training data")
             if self.val_set:
                 self.val_set = select_tasks(self.val_set, cfg.tasks, cfg.val_data or "validation data")
         self.collator = Collator(
@@ -195,7 +194,7 @@ class Trainer:
     def _init_eval(self, metric_fn) -> None:
         """The metric hook and the learning monitor (task metric on a val sample; not with fsdp)."""
         cfg = self.cfg
-        self.metric_fn = metric_fn or (import_metric(cfg.metric) if cfg.metric else None)
+        self.metric_fn = metric_fn or (import_hook(cfg.metric, "metric") if cfg.metric else None)
         self.monitor = LearningMonitor(self.val_set if cfg.task_metric and not self.fsdp else [],
                                        cfg.task_metric_samples, cfg.collapse_warn, cfg.plateau_patience)
         if self.fsdp and self.metric_fn is not None:
@@ -217,6 +216,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * self.total_steps
         self.warmup_steps = int(round(warmup))
+        self.plan = StepPlan(self.train_set, cfg.batch_size, self.micro_batch, cfg.seed, self.dist.rank, self.dist.world)
 
     def _init_optimizer(self) -> None:
         """AdamW or SGD over the trainable parameters, and the warmup + cosine schedule."""
@@ -240,16 +240,13 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _micro_batches(self, step: int) -> list[list[Example]]:
-        idx = batch_indices(step, len(self.train_set), self.cfg.batch_size, self.cfg.seed)
-        local = idx[self.dist.rank::self.dist.world]
-        m = self.micro_batch
-        return [[self.train_set[i] for i in local[j:j + m]] for j in range(0, len(local), m)]
-
     # -------------------------------------------------------------------------------- steps
-    def train_step(self, step: int) -> dict:
+    def train_step(self, step: int, batches: list[dict] | None = None) -> dict:
+        """One optimizer step on step `step`'s micro-batches (made here unless `batches` are given)."""
         cfg = self.cfg
-        batches = [to_device(self.collator(exs), self.device) for exs in self._micro_batches(step)]
+        if batches is None:
+            batches = [self.collator(exs) for exs in self.plan.examples(step)]
+        batches = [to_device(b, self.device) for b in batches]
         denom = self.dist.all_sum(torch.tensor(sum(loss_denominator(b, cfg.loss) for b in batches), dtype=torch.float64))
         denom = max(float(denom), 1.0)
         total = torch.zeros((), dtype=torch.float64)
@@ -398,32 +395,40 @@ class Trainer:
         return final
 
     def _loop(self, progress, stop: StopSignals) -> None:
-        cfg = self.cfg
         t0 = time.time()
-        while self.step < self.total_steps and not self._should_stop(stop):
-            rec = self.train_step(self.step)
-            self.step += 1
-            self.history.append(rec)
-            if progress:
-                progress[0].update(progress[1], completed=self.step, description=f"loss {rec['loss']:.4f}")
-            if self.step % max(cfg.log_every, 1) == 0 or self.step == self.total_steps:
-                self.log(f"step {self.step}/{self.total_steps} loss {rec['loss']:.5f} lr {rec['lr']:.3g} "
-                         f"grad_norm {rec['grad_norm']:.3g} ({time.time() - t0:.1f}s)")
-            last = self.step == self.total_steps
-            evaluated = False
-            if self.val_set and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
-                metrics = self.evaluate()
-                self.history.append({"step": self.step, **metrics})
-                evaluated = self._update_best(metrics)
-                self.log(f"eval step {self.step}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()))
-                for w in self.warnings:
-                    self.log(f"warning: {w}")
-            if (cfg.save_every and self.step % cfg.save_every == 0) or last or evaluated:
-                path = self.save()
-                if path is not None:
-                    self.log(f"saved {path}")
-                if evaluated and self.is_main:
-                    ck.write_json(self.out / "best.json", {**self.best, "checkpoint": f"{ck.CKPT_DIR}/{ck.PREFIX}{self.step:08d}"})
+        steps = step_batches(self.plan, self.collator, self.step, self.total_steps, self.cfg.data_workers)
+        try:
+            while self.step < self.total_steps and not self._should_stop(stop):
+                rec = self.train_step(self.step, next(steps))
+                self.step += 1
+                self.history.append(rec)
+                if progress:
+                    progress[0].update(progress[1], completed=self.step, description=f"loss {rec['loss']:.4f}")
+                self._after_step(rec, t0)
+        finally:
+            steps.close()  # stops the data workers
+
+    def _after_step(self, rec: dict, t0: float) -> None:
+        """The loss line, evaluation and checkpoint due after step `self.step`."""
+        cfg = self.cfg
+        if self.step % max(cfg.log_every, 1) == 0 or self.step == self.total_steps:
+            self.log(f"step {self.step}/{self.total_steps} loss {rec['loss']:.5f} lr {rec['lr']:.3g} "
+                     f"grad_norm {rec['grad_norm']:.3g} ({time.time() - t0:.1f}s)")
+        last = self.step == self.total_steps
+        evaluated = False
+        if self.val_set and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
+            metrics = self.evaluate()
+            self.history.append({"step": self.step, **metrics})
+            evaluated = self._update_best(metrics)
+            self.log(f"eval step {self.step}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()))
+            for w in self.warnings:
+                self.log(f"warning: {w}")
+        if (cfg.save_every and self.step % cfg.save_every == 0) or last or evaluated:
+            path = self.save()
+            if path is not None:
+                self.log(f"saved {path}")
+            if evaluated and self.is_main:
+                ck.write_json(self.out / "best.json", {**self.best, "checkpoint": f"{ck.CKPT_DIR}/{ck.PREFIX}{self.step:08d}"})
 
     def _should_stop(self, stop: StopSignals) -> bool:
         """At a step boundary: did a signal arrive (on any rank: all ranks stop at the same step)?"""

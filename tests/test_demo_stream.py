@@ -1,0 +1,89 @@
+"""Shapes v2 made on the fly (`palikit.demo.stream`): example i is the same in every process,
+its segment codes are the stored build's, images are not the stored splits', the task mix covers
+every shapes v2 task, `tasks` keeps to the asked ones, the hook's errors say what to set, and
+`palikit train` trains on it with worker processes."""
+
+from __future__ import annotations
+
+import pickle
+import random
+import subprocess
+import sys
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from palikit.demo import shapes2
+from palikit.demo.paths import ASSET_DIR
+from palikit.demo.stream import STREAM_SEED, ShapesStream, shapes2_source
+from palikit.tasks.mask_codec import MaskCodec, tokens_from_mask
+
+CODEC = ASSET_DIR / "vae-oid.npz"  # the v1 codec: same architecture as v2's
+
+
+def _same(a, b):
+    return (a.prefix, a.suffix, a.task) == (b.prefix, b.suffix, b.task) and \
+        np.array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def test_an_example_is_the_same_every_time_and_after_pickling():
+    s = ShapesStream(1000, seed=4, mask_codec=CODEC)
+    again = pickle.loads(pickle.dumps(s))  # what a data worker gets
+    for i in (0, 7, 999):
+        assert _same(s[i], s[i]) and _same(s[i], again[i])
+    assert not _same(s[0], ShapesStream(1000, seed=5, mask_codec=CODEC)[0])  # the recipe seed moves the images
+    with pytest.raises(IndexError):
+        s[1000]
+
+
+def test_images_are_not_the_stored_splits():
+    s = ShapesStream(20)
+    for seed in shapes2.SPLIT_SEEDS.values():
+        assert STREAM_SEED != seed
+        assert not any(np.array_equal(np.asarray(s[i].image), np.asarray(shapes2.make_sample(i, seed).image))
+                       for i in range(5))
+
+
+def test_segment_rows_carry_the_codec_codes_of_the_build():
+    stream, codec = ShapesStream(400, mask_codec=CODEC), MaskCodec.from_npz(CODEC)
+    made = [(i, stream[i]) for i in range(30)]
+    seg = [(i, ex) for i, ex in made if ex.task in ("segment", "refer_segment")][:2]
+    assert seg, "no segment row in 30 examples"
+    for i, ex in seg:
+        rows = shapes2.examples(shapes2.make_sample(i, STREAM_SEED), random.Random(STREAM_SEED * 7_919 + i),
+                                lambda sh: tokens_from_mask(codec, sh.mask, sh.box))
+        assert "<seg" in ex.suffix and any((r["prefix"], r["suffix"]) == (ex.prefix, ex.suffix) for r in rows)
+
+
+def test_the_mix_covers_every_task_and_tasks_keep_to_the_asked_ones():
+    mix = Counter(ShapesStream(200)[i].task for i in range(200))  # no codec: no segment rows
+    assert set(mix) == set(shapes2.TASKS) - {"segment", "refer_segment"}, mix
+    assert 0.15 < mix["detect"] / 200 < 0.5  # the present classes' row and often a second one
+    only = {ShapesStream(100, tasks=["ocr", "refer_detect"])[i].task for i in range(100)}
+    assert only <= {"ocr", "refer_detect", "detect"} and {"ocr", "refer_detect"} <= only
+
+
+def test_the_hook_needs_max_steps_a_codec_file_and_known_tasks(tmp_path):
+    cfg = dict(max_steps=5, batch_size=4, seed=0, mask_codec=None, tasks=None)
+    assert len(shapes2_source(SimpleNamespace(**cfg))) == 20
+    for over, msg in [({"max_steps": None}, "set max_steps"), ({"mask_codec": str(tmp_path / "no.npz")}, "file not found"),
+                      ({"tasks": ["ocr", "dance"]}, "dance are not shapes v2 tasks")]:
+        with pytest.raises(ValueError, match=msg):
+            shapes2_source(SimpleNamespace(**{**cfg, **over}))
+
+
+@pytest.mark.slow
+def test_palikit_train_on_the_stream_with_workers(tmp_path):
+    """The real command on the bundled demo model: 3 steps of 8 fresh examples, made by 2 workers."""
+    out = tmp_path / "run"
+    recipe = tmp_path / "stream.yaml"
+    recipe.write_text(f"train_source: palikit.demo.stream:shapes2_source\nmask_codec: {CODEC}\n"
+                      f"output_dir: {out}\nbatch_size: 8\nmax_steps: 3\nlr: 1.0e-4\nwarmup: 0\n"
+                      "data_workers: 2\nprogress: false\nplot: false\nlog_every: 1\n")
+    run = subprocess.run([sys.executable, "-m", "palikit", "train", str(recipe)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "24 examples" in run.stdout + run.stderr and "step 3/3" in run.stdout + run.stderr
+    assert (out / "final" / "model.safetensors").is_file()
