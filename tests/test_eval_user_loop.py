@@ -65,7 +65,9 @@ def test_interrupt_keeps_predictions_says_how_to_resume_and_exits_nonzero(tmp_pa
     out = tmp_path / "out"
     cmd = [sys.executable, "-c", CLI, "eval", str(data), "--task", "ocr", "--device", "cpu", "--batch-size", "1",
            "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    # SIGINT as at a terminal even when pytest runs as a background job (which starts with SIGINT ignored)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     preds = out / "predictions.jsonl"
     deadline = time.monotonic() + 180
     while not (preds.exists() and len(preds.read_text().splitlines()) >= 3):

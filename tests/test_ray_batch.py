@@ -186,8 +186,9 @@ def test_interrupted_batch_keeps_its_parts_and_exits_130(ckpt, tmp_path):
     cmd = [sys.executable, "-m", "palikit.cli", "batch", "--input", str(src), "--output", str(out), "--task", "ocr",
            "--model", str(ckpt), "--batch-size", "2", "--device", "cpu", "--max-new-tokens", "24"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    # SIGINT as at a terminal even when pytest runs as a background job (which starts with SIGINT ignored)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while time.time() < deadline and len(done_ids(out)) < 4:

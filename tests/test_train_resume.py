@@ -31,8 +31,8 @@ from palikit.train import trainer as T
 from test_train_helpers import WordTokenizer, SimpleImageProcessor
 slow = float(sys.argv[2])
 step = T.Trainer.train_step
-def slow_step(self, s):
-    out = step(self, s)
+def slow_step(self, s, batches=None):
+    out = step(self, s, batches)
     time.sleep(slow)
     return out
 T.Trainer.train_step = slow_step
