@@ -170,23 +170,17 @@ def build_codec(out: Path, n_images: int = 2000, steps: int = 1500, seed: int = 
 
 def build_data(out: Path, codec, n_train: int, n_val: int, n_test: int, progress: _Progress | None = None,
                spec: DemoSpec = SPECS[1]) -> None:
-    from ..tasks.mask_codec import tokens_from_mask
-
     progress = progress or _Progress(enabled=False)
     for split, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
         # write_split has no per-image hook; the bar counts the shapes whose mask is encoded (the slow part)
         with progress.stage(4, f"data: {split} split, {n:,} images", None, "masks encoded") as st:
             count = [0]
 
-            def seg_fn(shape, advance=st["advance"]):
-                codes = shape.__dict__.get("_codes")  # several tasks segment one shape: encode it once
-                if codes is None:
-                    count[0] += 1
-                    advance()
-                    codes = shape.__dict__["_codes"] = tokens_from_mask(codec, shape.mask, shape.box)
-                return codes
+            def encoded(advance=st["advance"]):
+                count[0] += 1
+                advance()
 
-            spec.generator.write_split(out / "data", split, n, spec.draw_size, seg_fn=seg_fn)
+            spec.generator.write_split(out / "data", split, n, spec.draw_size, seg_fn=shapes.codec_seg_fn(codec, encoded))
             st["done"] = f"{n:,} images, {count[0]:,} masks encoded"
 
 

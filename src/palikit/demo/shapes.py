@@ -47,6 +47,23 @@ class Shape:
     mask: np.ndarray = field(repr=False)  # bool [H, W], visible part after later shapes are drawn
 
 
+def codec_seg_fn(codec, on_encode=None):
+    """The `seg_fn` of `examples` / `write_split` (both generators): a shape's 16 `<seg>` codes from
+    the mask codec, encoded once per shape (several rows segment one shape); `on_encode()` runs after
+    each encoding (a progress bar)."""
+    from ..tasks.mask_codec import tokens_from_mask
+
+    def seg_fn(shape: Shape) -> list[int]:
+        codes = shape.__dict__.get("_codes")
+        if codes is None:
+            codes = shape.__dict__["_codes"] = tokens_from_mask(codec, shape.mask, shape.box)
+            if on_encode is not None:
+                on_encode()
+        return codes
+
+    return seg_fn
+
+
 @dataclass
 class Sample:
     image: Image.Image

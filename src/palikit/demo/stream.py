@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..train.data import Example
 from . import shapes2
+from .shapes import codec_seg_fn
 
 STREAM_SEED = 3_000_017  # not a split seed (0, 1_000_003, 2_000_003)
 SEGMENT_TASKS = ("segment", "refer_segment")
@@ -68,19 +69,11 @@ class ShapesStream(Sequence):
         return kept or [r for r in rows if r["task"] == "detect"][:1]  # every image has a detect row
 
     def _seg_fn(self):
-        from ..tasks.mask_codec import MaskCodec, tokens_from_mask
-
         if self._codec is None:
+            from ..tasks.mask_codec import MaskCodec
+
             self._codec = MaskCodec.from_npz(self.codec_path)
-        codec = self._codec
-
-        def seg_fn(shape):
-            codes = shape.__dict__.get("_codes")  # several rows segment one shape: encode it once
-            if codes is None:
-                codes = shape.__dict__["_codes"] = tokens_from_mask(codec, shape.mask, shape.box)
-            return codes
-
-        return seg_fn
+        return codec_seg_fn(self._codec)
 
 
 def shapes2_source(cfg) -> ShapesStream:

@@ -169,9 +169,10 @@ class Trainer:
 
         data_kw = dict(data_format=cfg.data_format, strict=cfg.strict_data, coco_task=cfg.coco_task,
                        coco_images=cfg.coco_images, include_absent=cfg.coco_include_absent, mask_codec=cfg.mask_codec)
+        from_hook = train_set is None and bool(cfg.train_source)  # the hook applies `tasks` itself
         if train_set is not None:
             self.train_set = as_list(train_set)
-        elif cfg.train_source:  # made by the hook (it applies `tasks` itself): kept as its own sequence
+        elif from_hook:  # kept as the hook's own sequence (it may make examples on demand)
             self.train_set = import_hook(cfg.train_source, "train_source")(cfg)
         else:
             self.train_set = as_list(load_examples(cfg.train_data, **data_kw))
@@ -180,7 +181,7 @@ class Trainer:
         else:
             self.val_set = as_list(load_examples(cfg.val_data, **data_kw)) if cfg.val_data else []
         if cfg.tasks:
-            if not cfg.train_source or train_set is not None:
+            if not from_hook:
                 self.train_set = select_tasks(self.train_set, cfg.tasks, cfg.train_data or "training data")
             if self.val_set:
                 self.val_set = select_tasks(self.val_set, cfg.tasks, cfg.val_data or "validation data")
@@ -194,7 +195,7 @@ class Trainer:
     def _init_eval(self, metric_fn) -> None:
         """The metric hook and the learning monitor (task metric on a val sample; not with fsdp)."""
         cfg = self.cfg
-        self.metric_fn = metric_fn or (import_hook(cfg.metric, "metric") if cfg.metric else None)
+        self.metric_fn = metric_fn or (import_hook(cfg.metric) if cfg.metric else None)
         self.monitor = LearningMonitor(self.val_set if cfg.task_metric and not self.fsdp else [],
                                        cfg.task_metric_samples, cfg.collapse_warn, cfg.plateau_patience)
         if self.fsdp and self.metric_fn is not None:
