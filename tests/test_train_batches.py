@@ -101,3 +101,28 @@ def test_train_source_errors_say_what_to_do():
         import_hook("nomodule", "train_source")
     with pytest.raises(ValueError, match=r"train_source='palikit.demo.stream:nothing': cannot import it"):
         import_hook("palikit.demo.stream:nothing", "train_source")
+
+
+def test_max_minutes_ends_the_run_as_a_last_step_and_running_again_continues(tmp_path):
+    """The time budget is spent after step 1: that step is evaluated, saved and exported like a last
+    one; the same config again resumes there and ends with the losses of an uninterrupted run."""
+    from palikit.train import checkpoint as ck
+
+    val = load_jsonl(write_dataset(tmp_path / "val"))
+    whole = _trainer(tmp_path, "whole")
+    whole.fit()
+    lines: list[str] = []
+    part = _trainer(tmp_path, "budget", max_minutes=1e-9)
+    part.val_set, part.log = val, lines.append
+    final = part.fit()
+    assert part.step == 1 and (final / "model.safetensors").is_file()
+    assert ck.latest_checkpoint(part.out).name.endswith("00000001")
+    assert [h["step"] for h in part.history if "val_loss" in h] == [1]
+    assert any("time budget (max_minutes=1e-09) spent" in m and "stopped at step 1/6" in m and "5 steps left" in m
+               for m in lines), lines
+    again = _trainer(tmp_path, "budget")  # no budget now: resumes at step 1 and runs to 6
+    again.fit()
+    losses = [h["loss"] for h in whole.history if "loss" in h]
+    assert again.step == 6 and [h["loss"] for h in again.history if "loss" in h] == losses  # step 1's from the checkpoint
+    with pytest.raises(ConfigError, match="max_minutes"):
+        TrainConfig(max_minutes=0)

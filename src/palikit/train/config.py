@@ -110,6 +110,7 @@ class TrainConfig:
     grad_accum: Count = 1  # micro-batches per step (same gradient as one big batch)
     epochs: float = 1.0  # passes over train_data (fractions allowed)
     max_steps: Count | None = None  # overrides epochs
+    max_minutes: Annotated[float, Range(gt=0)] | None = None  # wall-clock budget of the training loop: at the first step past it the run ends as at its last step (eval, checkpoint, final export) though the LR schedule spans every step; the same command again resumes for another budget
     warmup: float = 0.05  # fraction of steps (< 1) or a number of steps (>= 1)
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     loss: Loss = "big_vision"  # big_vision (per-example mean, then batch mean) | hf (mean over tokens)

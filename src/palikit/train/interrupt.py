@@ -4,6 +4,7 @@
 finishes the step it is in, writes a resumable checkpoint and raises `TrainingInterrupted`); a second
 Ctrl-C stops at once without saving. `palikit train` turns `TrainingInterrupted` into exit status
 128 + signal (130 for SIGINT, 143 for SIGTERM) after printing what was saved and the resume command.
+A `max_minutes` budget is the other clean stop: the run ends as at its last step (`time_budget_message`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ def resume_command(command: list[str] | None, resume_flag: bool) -> str | None:
     if not resume_flag or any(a.startswith("resume=") for a in command):
         args.append("resume=true")
     return shlex.join(args)
+
+
+def time_budget_message(minutes: float, elapsed_s: float, step: int, total: int, evaluated: bool,
+                        resume: str | None) -> str:
+    """What the user reads when `max_minutes` ended the run (`resume`: the command that continues it)."""
+    how = f"run `{resume}`" if resume else "train again with the same output_dir and resume=true"
+    return (f"time budget (max_minutes={minutes:g}) spent after {elapsed_s:.0f}s: stopped at step {step}/{total}, "
+            f"{'evaluated, ' if evaluated else ''}saved and exported as a last step; {total - step} steps left (the LR "
+            f"schedule still spans {total}); to continue, {how}")
 
 
 def interrupted_message(signum: int, step: int, total: int, saved: Path | None, error: BaseException | None,

@@ -43,7 +43,7 @@ from .batches import StepPlan, step_batches
 from .collate import Collator, default_image_processor, loss_denominator, loss_terms, to_device, token_nll
 from .config import TrainConfig
 from .data import Dataset, Example, load_examples, select_tasks
-from .interrupt import StopSignals, TrainingInterrupted, interrupted_message, resume_command
+from .interrupt import StopSignals, TrainingInterrupted, interrupted_message, resume_command, time_budget_message
 from .loading import import_hook, load_model, load_tokenizer, resolve_model
 from .modes import apply_mode, count_trainable
 from .monitor import LearningMonitor
@@ -405,17 +405,30 @@ class Trainer:
                 self.history.append(rec)
                 if progress:
                     progress[0].update(progress[1], completed=self.step, description=f"loss {rec['loss']:.4f}")
-                self._after_step(rec, t0)
+                out_of_time = self.step < self.total_steps and self._out_of_time(t0)
+                self._after_step(rec, t0, last=out_of_time or self.step == self.total_steps)
+                if out_of_time:
+                    self.log(time_budget_message(self.cfg.max_minutes, time.time() - t0, self.step, self.total_steps,
+                                                 bool(self.val_set), resume_command(self.command, self.cfg.resume)))
+                    break
         finally:
             steps.close()  # stops the data workers
 
-    def _after_step(self, rec: dict, t0: float) -> None:
-        """The loss line, evaluation and checkpoint due after step `self.step`."""
+    def _out_of_time(self, t0: float) -> bool:
+        """Is the `max_minutes` budget spent (on any rank: all ranks stop at the same step)?"""
+        if self.cfg.max_minutes is None:
+            return False
+        over = time.time() - t0 >= self.cfg.max_minutes * 60
+        if self.dist.world > 1:
+            over = bool(self.dist.all_sum(torch.tensor([float(over)], device=self.device)).item())
+        return over
+
+    def _after_step(self, rec: dict, t0: float, last: bool) -> None:
+        """The loss line, evaluation and checkpoint due after step `self.step` (`last`: the run ends here)."""
         cfg = self.cfg
-        if self.step % max(cfg.log_every, 1) == 0 or self.step == self.total_steps:
+        if self.step % max(cfg.log_every, 1) == 0 or last:
             self.log(f"step {self.step}/{self.total_steps} loss {rec['loss']:.5f} lr {rec['lr']:.3g} "
                      f"grad_norm {rec['grad_norm']:.3g} ({time.time() - t0:.1f}s)")
-        last = self.step == self.total_steps
         evaluated = False
         if self.val_set and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
             metrics = self.evaluate()
