@@ -11,9 +11,11 @@
 # The run is bound by how fast the workers make images, so STEPS defaults to what MINUTES holds at
 # PER_WORKER examples/s per worker, and the cosine schedule reaches 0; max_minutes is the safety net (a
 # run it stops has not annealed: the log says at which step; lower PER_WORKER then).
-# Carry (ignored paths): BASE (the weights to start from), CODEC, DATA/test + DATA/test*.json(l).
+# Carry (ignored paths, 57 MB with the defaults): work/v2cont/run/final, work/demo2/vae-oid.npz,
+# work/demo2/data/test, work/demo2/data/test.jsonl, work/demo2/data/test_coco.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # the device machine has no palikit install: this checkout's
 OUT=${OUT:?set OUT to the results folder}
 BASE=${BASE:-work/v2cont/run/final}
 CODEC=${CODEC:-work/demo2/vae-oid.npz}

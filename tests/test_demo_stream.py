@@ -87,3 +87,30 @@ def test_palikit_train_on_the_stream_with_workers(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "24 examples" in run.stdout + run.stderr and "step 3/3" in run.stdout + run.stderr
     assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_gpu_script_trains_stops_at_its_budget_and_scores(tmp_path):
+    """scripts/demo2_gpu.sh (the one device command for demo v2) rehearsed on the CPU: the bundled
+    demo model, a 12-image test split, a budget of 0.1 min that ends the run before its 400 steps;
+    the run is exported and scored, and the last line is the JSON the device run brings back."""
+    import json
+    import os
+    from pathlib import Path
+
+    from palikit.demo.paths import bundled_demo_model
+    from palikit.demo.shapes import codec_seg_fn
+
+    data = shapes2.write_split(tmp_path / "data", "test", 12, seg_fn=codec_seg_fn(MaskCodec.from_npz(CODEC)))
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "BASE": str(bundled_demo_model()), "CODEC": str(CODEC), "DATA": str(data),
+           "STEPS": "400", "BATCH": "4", "WORKERS": "1", "LIMIT": "2", "MINUTES": "0.1", "PY": sys.executable}
+    script = Path(__file__).parents[1] / "scripts" / "demo2_gpu.sh"
+    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + (out / "train.log").read_text()[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert 0 < result["steps"] < 400 and result["batch"] == 4
+    assert "time budget (max_minutes=0.1) spent" in (out / "train.log").read_text()
+    assert {"detect", "segment", "ocr", "caption", "refer_detect", "handmade"} <= set(result["scorecard"])
+    assert (out / "run" / "final" / "model.safetensors").is_file() and not (out / "run" / "checkpoints").exists()
+    assert json.loads((out / "result.json").read_text()) == result
