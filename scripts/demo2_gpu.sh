@@ -20,14 +20,14 @@ OUT=${OUT:?set OUT to the results folder}
 BASE=${BASE:-work/v2cont/run/final}
 CODEC=${CODEC:-work/demo2/vae-oid.npz}
 DATA=${DATA:-work/demo2/data}
+PY=${PY:-python}
 MINUTES=${MINUTES:-6}
 BATCH=${BATCH:-128}
 LR=${LR:-7e-4}
 WORKERS=${WORKERS:-$(( $(nproc) - 2 ))}
 PER_WORKER=${PER_WORKER:-60}  # examples/s one worker makes (python -m palikit.demo.stream measured ~70 on a 2-core CPU)
-STEPS=${STEPS:-$(python3 -c "print(max(1, int($MINUTES * 60 * $WORKERS * $PER_WORKER / $BATCH)))")}
+STEPS=${STEPS:-$($PY -c "print(max(1, int($MINUTES * 60 * $WORKERS * $PER_WORKER / $BATCH)))")}
 LIMIT=${LIMIT:-200}
-PY=${PY:-python}
 mkdir -p "$OUT"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" || true
 

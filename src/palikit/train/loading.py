@@ -59,7 +59,7 @@ def load_tokenizer(cfg: TrainConfig):
         raise FileNotFoundError(f"No tokenizer next to model={cfg.model}; set tokenizer=PATH/tokenizer.json") from None
 
 
-def import_hook(spec: str, key: str = "metric") -> Callable:
+def import_hook(spec: str, key: str) -> Callable:
     """The function a `package.module:function` config value names (`key` is the config key, for
     the error message)."""
     mod, _, fn = spec.partition(":")

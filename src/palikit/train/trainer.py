@@ -195,7 +195,7 @@ class Trainer:
     def _init_eval(self, metric_fn) -> None:
         """The metric hook and the learning monitor (task metric on a val sample; not with fsdp)."""
         cfg = self.cfg
-        self.metric_fn = metric_fn or (import_hook(cfg.metric) if cfg.metric else None)
+        self.metric_fn = metric_fn or (import_hook(cfg.metric, "metric") if cfg.metric else None)
         self.monitor = LearningMonitor(self.val_set if cfg.task_metric and not self.fsdp else [],
                                        cfg.task_metric_samples, cfg.collapse_warn, cfg.plateau_patience)
         if self.fsdp and self.metric_fn is not None:
