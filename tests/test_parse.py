@@ -216,3 +216,11 @@ def test_dedupe_keeps_best_of_same_label_only():
     no_scores = [_det("dog", (0, 0, 10, 10)), _det("dog", (0, 0, 10, 10.5)), _det("dog", (0, 0, 4, 10))]
     assert dedupe(no_scores) == [no_scores[0], no_scores[2]]
     assert dedupe(no_scores, iou_threshold=0.99) == no_scores
+
+
+@pytest.mark.parametrize("requested, label", [([";"], ""), (["<cat>"], ""), (["cat\n"], ""), ([";", "cat"], "cat"),
+                                              (["cat"], "cat")])
+def test_a_requested_label_no_prompt_could_hold_is_not_filled_in(requested, label):
+    # found by the fuzz test: one requested "label" ';' was given to an unlabelled box
+    r = parse_detections("<loc0000><loc0000><loc0001><loc0001>", (1, 1), requested_labels=requested)
+    assert [d.label for d in r.detections] == [label]

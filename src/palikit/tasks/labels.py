@@ -5,8 +5,9 @@ Owns:
   A list/tuple is taken as is (one label per item). A string is a JSON list when it starts with "["
   (what a form field can carry: '["cat","dog"]'), else it is split on ";" ("cat ; dog"), or on ","
   when it has no ";" ("cat, dog"). Blank pieces are dropped. `limit` caps the count.
-- `clean_labels`: `split_labels` + the checks a PaliGemma prompt needs (no newline, no ';' or '<'/'>'
-  inside a label, none blank, at least one); whitespace is collapsed. Raises ValueError saying what to fix.
+- `clean_labels`: `split_labels` + the checks a PaliGemma prompt needs (`label_problem`: no newline, no ';'
+  or '<'/'>' inside a label; none blank, at least one); whitespace is collapsed. Raises ValueError saying
+  what to fix.
 - `singular` / `plural` and `label_forms` (the spellings a label may come back in: "dog", "dogs").
 """
 
@@ -16,7 +17,7 @@ import json
 import re
 from collections.abc import Sequence
 
-__all__ = ["split_labels", "clean_labels", "singular", "plural", "label_forms", "normalize_label"]
+__all__ = ["split_labels", "clean_labels", "label_problem", "singular", "plural", "label_forms", "normalize_label"]
 
 
 def split_labels(value: str | Sequence[str] | None, limit: int | None = None) -> list[str]:
@@ -46,6 +47,19 @@ def split_labels(value: str | Sequence[str] | None, limit: int | None = None) ->
     return out
 
 
+def label_problem(item) -> str | None:
+    """What keeps `item` from being a label in a PaliGemma prompt (None: nothing); blank is not checked."""
+    if not isinstance(item, str):
+        return f"label {item!r} is not a string"
+    if "\n" in item or "\r" in item:
+        return f"label {item!r} contains a newline; '\\n' ends the PaliGemma prompt"
+    if ";" in item:
+        return f"label {item!r} contains ';', which separates labels; pass labels as a list"
+    if "<" in item or ">" in item:
+        return f"label {item!r} contains '<' or '>', which mark special tokens such as <loc0000>"
+    return None
+
+
 def clean_labels(value: str | Sequence[str], limit: int | None = None) -> list[str]:
     """`split_labels` then the prompt's checks; whitespace inside a label collapsed."""
     items = split_labels(value, limit)
@@ -53,14 +67,9 @@ def clean_labels(value: str | Sequence[str], limit: int | None = None) -> list[s
         raise ValueError("no labels given: detect/segment need at least one object name, e.g. detect('dog')")
     out = []
     for item in items:
-        if not isinstance(item, str):
-            raise ValueError(f"label {item!r} is not a string")
-        if "\n" in item or "\r" in item:
-            raise ValueError(f"label {item!r} contains a newline; '\\n' ends the PaliGemma prompt")
-        if ";" in item:
-            raise ValueError(f"label {item!r} contains ';', which separates labels; pass labels as a list")
-        if "<" in item or ">" in item:
-            raise ValueError(f"label {item!r} contains '<' or '>', which mark special tokens such as <loc0000>")
+        problem = label_problem(item)
+        if problem:
+            raise ValueError(problem)
         label = " ".join(item.split())
         if not label:
             raise ValueError(f"blank label in {list(items)!r}")

@@ -43,7 +43,7 @@ import numpy as np
 from .boxes import box_iou, check_denominator, decode_loc
 from .labels import label_forms as _forms
 from .labels import normalize_label as _norm
-from .labels import split_labels
+from .labels import label_problem, split_labels
 
 __all__ = ["Detection", "ParseResult", "box_iou", "dedupe", "detection_to_dict", "detections_from_ids",
            "parse_detections"]
@@ -94,7 +94,8 @@ def _requested(labels: str | Sequence[str] | None) -> list[str] | None:
         items = split_labels(labels)
     except ValueError:  # parsing never raises: an unreadable request is "no preference"
         return None
-    out = [" ".join(str(x).split()) for x in items if x and str(x).strip()]
+    # a piece no prompt could hold (';', '<', '>', a newline: `label_problem`) is not a label: dropped
+    out = [" ".join(x.split()) for x in map(str, items) if x.strip() and not label_problem(x)]
     return out or None  # an empty list means "no preference", like None
 
 
