@@ -11,15 +11,25 @@ rows of `confusion` are the true class, in `shapes2.CLASSES` order), and fg / bg
     python scripts/tower_probe.py --base work/v2cont/run/final --init tune --patch 28 --seconds 300
 
 --init: frozen (a linear head on the base tower), tune (the base tower trained with the head), scratch
-(a random tower). A 14 px tower from a 28 px base starts FlexiViT-style: the patch kernel average-pooled
-2x2 and scaled by 4 (a flat patch embeds the same), the position table resampled bicubically to 16x16.
-One JSON line at the end.
+(a random tower; any --image-size / --patch / --width / --layers whose grid is 8x8 or 16x16). A 14 px
+tower from a 28 px base starts FlexiViT-style: the patch kernel average-pooled 2x2 and scaled by 4 (a
+flat patch embeds the same), the position table resampled bicubically to 16x16.
+
+Training images: --train-images made once (by --workers processes; --cache keeps them in a file) and
+drawn at random, --augment giving each batch a random flip / quarter turn; or with --fresh a new image
+for every example, made by the --workers while the tower trains (making an image costs ~18 ms on one
+core: on a GPU a made set reused with --augment gives far more steps in the same minutes).
+--into CHECKPOINT --out DIR writes that Hub-layout checkpoint with its vision tower replaced by the
+trained one (a 28 px / 224 px tower of the checkpoint's widths): the demo v2 model's tower
+pretraining. One JSON line at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import shutil
 import time
 from dataclasses import replace
 
@@ -38,11 +48,13 @@ BASE_TOWER = VisionConfig(image_size=SIZE, patch_size=28, hidden_size=128, inter
                           num_attention_heads=4)  # the v2 demo model's (palikit.demo.build.DEMO2_CONFIG)
 
 
-def make_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_images(n: int, seed: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 pixels [n, 3, 224, 224] and each class's (plus background, first) share of every 14 px
-    cell [n, 7, 16, 16]."""
+    cell [n, 7, 16, 16], of the samples start .. start + n - 1."""
+    if n == 0:
+        return torch.zeros(0, 3, SIZE, SIZE, dtype=torch.uint8), torch.zeros(0, len(CLASSES) + 1, 16, 16)
     pixels, shares = [], []
-    for i in range(n):
+    for i in range(start, start + n):
         s = shapes2.make_sample(i, seed)
         img = s.image.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC)
         pixels.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
@@ -56,16 +68,67 @@ def make_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(pixels), torch.stack(shares)
 
 
-def cell_shares(shares14: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, 7, g, g] shares on the tower's grid, summing to 1 per cell."""
-    t = shares14 if patch == 14 else F.avg_pool2d(shares14, patch // 14)
+class FreshBatches(torch.utils.data.IterableDataset):
+    """Endless batches of never-seen images (seed 779; worker w of W makes batches w, w + W, ...)."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for b in itertools.count(worker, workers):
+            yield make_images(self.batch, 779, b * self.batch)
+
+
+class ImageChunks(torch.utils.data.Dataset):
+    """`make_images` in chunks, so --workers processes make a training set together."""
+
+    def __init__(self, n: int, seed: int, chunk: int = 250):
+        self.n, self.seed, self.chunk = n, seed, chunk
+
+    def __len__(self):
+        return -(-self.n // self.chunk)
+
+    def __getitem__(self, i):
+        return make_images(min(self.chunk, self.n - i * self.chunk), self.seed, i * self.chunk)
+
+
+def made_in_parallel(n: int, seed: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same images as make_images(n, seed), made by `workers` processes (0: this one)."""
+    if n == 0 or workers == 0:
+        return make_images(n, seed)
+    chunks = list(torch.utils.data.DataLoader(ImageChunks(n, seed), batch_size=None, num_workers=workers))
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+
+def cached_batches(pixels: torch.Tensor, shares: torch.Tensor, batch: int, augment: bool):
+    """Endless random batches of a made image set (a random flip / quarter turn each with augment)."""
+    gen = torch.Generator().manual_seed(1)
+    while True:
+        idx = torch.randint(0, len(pixels), (batch,), generator=gen)
+        yield dihedral(pixels[idx], shares[idx], gen) if augment else (pixels[idx], shares[idx])
+
+
+def cell_shares(shares14: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, 7, grid, grid] shares on a tower's token grid (16 or 8 cells a side), summing to 1 per cell."""
+    t = shares14 if grid == 16 else F.avg_pool2d(shares14, 16 // grid)
     return t / t.sum(1, keepdim=True).clamp_min(1e-6)
 
 
-def build_tower(base: str | None, init: str, patch: int) -> SiglipVisionTower:
-    tower = SiglipVisionTower(replace(BASE_TOWER, patch_size=patch))
+def tower_config(args) -> VisionConfig:
+    return replace(BASE_TOWER, image_size=args.image_size, patch_size=args.patch, hidden_size=args.width,
+                   intermediate_size=4 * args.width, num_hidden_layers=args.layers)
+
+
+def build_tower(base: str | None, init: str, config: VisionConfig) -> SiglipVisionTower:
+    tower, patch = SiglipVisionTower(config), config.patch_size
     if init == "scratch":
         return tower
+    if (config.image_size, config.hidden_size, config.num_hidden_layers) != (SIZE, BASE_TOWER.hidden_size,
+                                                                             BASE_TOWER.num_hidden_layers):
+        raise SystemExit("--init frozen / tune start from the base's tower: keep --image-size 224 and its "
+                         "width and depth, or use --init scratch")
     from safetensors.torch import load_file
 
     sd = load_file(f"{base}/model.safetensors")
@@ -74,12 +137,33 @@ def build_tower(base: str | None, init: str, patch: int) -> SiglipVisionTower:
     kernel, pos = own["embeddings.patch_embedding.weight"], own["embeddings.position_embedding.weight"]
     if kernel.shape[-1] != patch:
         own["embeddings.patch_embedding.weight"] = F.avg_pool2d(kernel, kernel.shape[-1] // patch) * (kernel.shape[-1] // patch) ** 2
-        g0, g1 = int(pos.shape[0] ** 0.5), SIZE // patch
+        g0, g1 = int(pos.shape[0] ** 0.5), config.image_size // patch
         grid = pos.T.reshape(1, -1, g0, g0)  # [1, D, g0, g0]
         own["embeddings.position_embedding.weight"] = F.interpolate(grid, size=(g1, g1), mode="bicubic",
                                                                     align_corners=False).reshape(-1, g1 * g1).T
     tower.load_state_dict(own)
     return tower
+
+
+def probe_images(args):
+    """((train pixels, shares), (val pixels, shares)): made, or read from --cache (written when absent)."""
+    from pathlib import Path
+
+    if args.cache and Path(args.cache).exists():
+        return torch.load(args.cache)
+    made = (made_in_parallel(0 if args.fresh else args.train_images, 777, args.workers),
+            made_in_parallel(args.val_images, 778, args.workers))
+    if args.cache:
+        torch.save(made, args.cache)
+    return made
+
+
+def dihedral(pixels: torch.Tensor, shares: torch.Tensor, gen: torch.Generator):
+    """The same random flip / quarter turn of a batch's pixels [B, 3, H, W] and shares [B, 7, g, g]: every
+    shapes v2 class keeps its name under them (squares and crosses tilt <= 15 degrees either way)."""
+    k, flip = int(torch.randint(0, 4, (1,), generator=gen)), bool(torch.randint(0, 2, (1,), generator=gen))
+    pixels, shares = pixels.rot90(k, (2, 3)), shares.rot90(k, (2, 3))
+    return (pixels.flip(3), shares.flip(3)) if flip else (pixels, shares)
 
 
 def probe_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -93,17 +177,25 @@ def probe_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+def tower_input(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 [B, 3, 224, 224] -> the tower's input in [-1, 1], resized (antialiased) to image_size."""
+    x = pixels.float() / 127.5 - 1
+    return x if image_size == SIZE else F.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                                                      antialias=True, align_corners=False)
+
+
 @torch.no_grad()
-def score(tower, head, patch: int, pixels: torch.Tensor, shares14: torch.Tensor) -> dict:
+def score(tower, head, config: VisionConfig, pixels: torch.Tensor, shares14: torch.Tensor) -> dict:
     tower.eval()
-    k = len(CLASSES)
+    k, g = len(CLASSES), config.image_size // config.patch_size
     confusion, fg_ok, cells = torch.zeros(k, k, dtype=torch.long), 0, 0
+    device = next(tower.parameters()).device
     for i in range(0, len(pixels), 64):
-        x, g = pixels[i:i + 64].float() / 127.5 - 1, SIZE // patch
-        p = head(tower(x)).softmax(-1).transpose(1, 2).reshape(len(x), k + 1, g, g)  # [B, 7, g, g]
-        if patch != CELL:
-            p = F.avg_pool2d(p, CELL // patch)
-        truth = cell_shares(shares14[i:i + 64], CELL).argmax(1)  # [B, 8, 8]; 0 = background
+        x = tower_input(pixels[i:i + 64].to(device), config.image_size)
+        p = head(tower(x)).float().softmax(-1).transpose(1, 2).reshape(len(x), k + 1, g, g).cpu()  # [B, 7, g, g]
+        if g != SIZE // CELL:
+            p = F.avg_pool2d(p, g // (SIZE // CELL))
+        truth = cell_shares(shares14[i:i + 64], SIZE // CELL).argmax(1)  # [B, 8, 8]; 0 = background
         shape = truth > 0
         fg_ok += ((p.argmax(1) > 0) == shape).sum().item()
         cells += shape.numel()
@@ -115,40 +207,89 @@ def score(tower, head, patch: int, pixels: torch.Tensor, shares14: torch.Tensor)
             "confusion": confusion.tolist()}
 
 
+def training_batches(args, train_px: torch.Tensor, train_sh: torch.Tensor):
+    if not args.fresh:
+        return cached_batches(train_px, train_sh, args.batch, args.augment)
+    loader = torch.utils.data.DataLoader(FreshBatches(args.batch), batch_size=None, num_workers=args.workers,
+                                         prefetch_factor=4 if args.workers else None)
+    return iter(loader)
+
+
+def put_tower(checkpoint: str, tower: SiglipVisionTower, out: str) -> int:
+    """Write the Hub-layout `checkpoint` to `out` with its vision tower's weights replaced by `tower`'s
+    (same shapes, the checkpoint's dtype); returns how many tensors were replaced."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(f"{checkpoint}/model.safetensors")
+    prefix = next(k for k in weights if k.endswith("embeddings.patch_embedding.weight")).split("embeddings.")[0]
+    for name, value in tower.state_dict().items():
+        old = weights[prefix + name]
+        if old.shape != value.shape:
+            raise SystemExit(f"--into {checkpoint}: its {prefix + name} is {tuple(old.shape)}, the trained tower's "
+                             f"{tuple(value.shape)}: train a tower of the checkpoint's widths (its --image-size, --patch, "
+                             f"--width and --layers)")
+        weights[prefix + name] = value.detach().to("cpu", old.dtype).contiguous()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for f in Path(checkpoint).iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            shutil.copy(f, Path(out) / f.name)
+    save_file(weights, f"{out}/model.safetensors.tmp", metadata={"format": "pt"})
+    Path(f"{out}/model.safetensors.tmp").replace(f"{out}/model.safetensors")
+    return len(tower.state_dict())
+
+
 def run(args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    train_px, train_sh = make_images(args.train_images, 777)
-    val_px, val_sh = make_images(args.val_images, 778)
+    (train_px, train_sh), (val_px, val_sh) = probe_images(args)
     made_s = time.perf_counter() - t0
-    tower, head = build_tower(args.base, args.init, args.patch), torch.nn.Linear(BASE_TOWER.hidden_size, len(CLASSES) + 1)
+    config = tower_config(args)
+    if config.image_size % config.patch_size or (config.image_size // config.patch_size) not in (8, 16):
+        raise SystemExit(f"--image-size / --patch must give an 8x8 or 16x16 token grid, not "
+                         f"{config.image_size} / {config.patch_size}")
+    tower = build_tower(args.base, args.init, config).to(device)
+    head = torch.nn.Linear(config.hidden_size, len(CLASSES) + 1).to(device)
     tower.requires_grad_(args.init != "frozen")
     opt = torch.optim.AdamW([p for p in (*tower.parameters(), *head.parameters()) if p.requires_grad], lr=args.lr)
-    curve, step, gen = [(0, score(tower, head, args.patch, val_px, val_sh)["class_accuracy"])], 0, torch.Generator().manual_seed(1)
-    t0 = time.perf_counter()
+    curve, step = [(0, score(tower, head, config, val_px, val_sh)["class_accuracy"])], 0
+    batches, t0 = training_batches(args, train_px, train_sh), time.perf_counter()
     while time.perf_counter() - t0 < args.seconds and (not args.steps or step < args.steps):
-        idx = torch.randint(0, len(train_px), (args.batch,), generator=gen)
-        target = cell_shares(train_sh[idx], args.patch).flatten(2).transpose(1, 2)  # [B, N, 7]
-        loss = probe_loss(head(tower(train_px[idx].float() / 127.5 - 1)), target)
+        px, sh = next(batches)
+        target = cell_shares(sh.to(device), config.image_size // config.patch_size).flatten(2).transpose(1, 2)  # [B, N, 7]
+        loss = probe_loss(head(tower(tower_input(px.to(device), config.image_size))), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
         step += 1
         if step % args.score_every == 0:
-            curve.append((step, score(tower, head, args.patch, val_px, val_sh)["class_accuracy"]))
+            curve.append((step, score(tower, head, config, val_px, val_sh)["class_accuracy"]))
     train_s = time.perf_counter() - t0
-    final = score(tower, head, args.patch, val_px, val_sh)
-    return {"init": args.init, "patch": args.patch, "base": args.base, "threads": args.threads, "steps": step,
-            "batch": args.batch, "lr": args.lr, "images_made_s": round(made_s, 1), "s_per_step": round(train_s / max(step, 1), 3),
-            "train_images": args.train_images, "val_images": args.val_images, "curve": curve, **final}
+    final = score(tower, head, config, val_px, val_sh)
+    seen = None if args.fresh else score(tower, head, config, train_px[:len(val_px)], train_sh[:len(val_px)])["class_accuracy"]
+    if args.save:
+        torch.save({"tower": tower.state_dict(), "head": head.state_dict(), "config": vars(args)}, args.save)
+    replaced = put_tower(args.into, tower, args.out) if args.into else 0
+    return {**{k: getattr(args, k) for k in ("init", "image_size", "patch", "width", "layers", "base", "threads",
+                                             "batch", "lr", "augment", "fresh", "workers", "into", "out")},
+            "device": str(device), "parameters": sum(p.numel() for p in tower.parameters()), "steps": step,
+            "images_seen": step * args.batch, "images_made_s": round(made_s, 1),
+            "s_per_step": round(train_s / max(step, 1), 3), "train_images": 0 if args.fresh else len(train_px),
+            "val_images": len(val_px), "curve": curve, "train_class_accuracy": seen, "tensors_replaced": replaced, **final}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="work/v2cont/run/final", help="a v2 demo checkpoint (Hub layout)")
     ap.add_argument("--init", choices=("frozen", "tune", "scratch"), default="tune")
-    ap.add_argument("--patch", type=int, choices=(14, 28), default=28)
+    ap.add_argument("--image-size", type=int, choices=(112, 224), default=224)
+    ap.add_argument("--patch", type=int, choices=(7, 14, 28), default=28)
+    ap.add_argument("--width", type=int, default=BASE_TOWER.hidden_size, help="hidden size (MLP: 4x)")
+    ap.add_argument("--layers", type=int, default=BASE_TOWER.num_hidden_layers)
+    ap.add_argument("--cache", help="a .pt file holding the made images (written the first time, read after)")
     ap.add_argument("--seconds", type=float, default=300)
     ap.add_argument("--steps", type=int, default=0, help="stop after this many steps too (0: time only)")
     ap.add_argument("--train-images", type=int, default=3000)
@@ -157,7 +298,17 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--score-every", type=int, default=500)
-    print(json.dumps(run(ap.parse_args())))
+    ap.add_argument("--augment", action="store_true", help="a random flip / quarter turn of each batch")
+    ap.add_argument("--save", help="write the trained tower and head here (torch.save of their state dicts)")
+    ap.add_argument("--fresh", action="store_true", help="a new image for every example (no --train-images)")
+    ap.add_argument("--workers", type=int, default=0, help="processes making the images (0: this one)")
+    ap.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda")
+    ap.add_argument("--into", help="a Hub-layout checkpoint to write with the trained tower put in (needs --out)")
+    ap.add_argument("--out", help="where --into writes")
+    args = ap.parse_args()
+    if bool(args.into) != bool(args.out):
+        ap.error("--into and --out go together")
+    print(json.dumps(run(args)))
 
 
 if __name__ == "__main__":

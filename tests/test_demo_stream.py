@@ -91,25 +91,34 @@ def test_palikit_train_on_the_stream_with_workers(tmp_path):
 
 @pytest.mark.slow
 def test_the_gpu_script_trains_stops_at_its_budget_and_scores(tmp_path):
-    """scripts/demo2_gpu.sh (the one device command for demo v2) rehearsed on the CPU: the bundled
-    demo model, a 12-image test split, a budget of 0.1 min that ends the run before its 400 steps;
-    the run is exported and scored, and the last line is the JSON the device run brings back."""
+    """scripts/demo2_gpu.sh (the one device command for demo v2) rehearsed on the CPU: a random v2
+    model (224 px / 28 px patches, v2's tokenizer) whose tower is pretrained for 3 s on 16 images made
+    by a worker and put in, a 12-image test split, a budget of 0.1 min that ends the run before its 400 steps; the run
+    is exported and scored, and the last line is the JSON the device run brings back."""
     import json
     import os
     from pathlib import Path
 
-    from palikit.demo.paths import bundled_demo_model
+    import shutil
+
+    from palikit.demo.build import SPECS, build_initial_checkpoint, build_tokenizer
     from palikit.demo.shapes import codec_seg_fn
 
     data = shapes2.write_split(tmp_path / "data", "test", 12, seg_fn=codec_seg_fn(MaskCodec.from_npz(CODEC)))
+    shutil.copy(CODEC, tmp_path / "vae-oid.npz")
+    base = build_initial_checkpoint(tmp_path, build_tokenizer(tmp_path, 2), 0, SPECS[2])
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "BASE": str(bundled_demo_model()), "CODEC": str(CODEC), "DATA": str(data),
-           "STEPS": "400", "BATCH": "4", "WORKERS": "1", "LIMIT": "2", "MINUTES": "0.1", "PY": sys.executable}
+    env = {**os.environ, "OUT": str(out), "BASE": str(base), "CODEC": str(CODEC), "DATA": str(data),
+           "STEPS": "400", "BATCH": "4", "WORKERS": "1", "LIMIT": "2", "MINUTES": "0.1", "PY": sys.executable,
+           "TOWER_MINUTES": "0.05", "TOWER_BATCH": "8", "TOWER_IMAGES": "16"}
     script = Path(__file__).parents[1] / "scripts" / "demo2_gpu.sh"
     run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + (out / "train.log").read_text()[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert 0 < result["steps"] < 400 and result["batch"] == 4
+    tower = json.loads((out / "tower.json").read_text())
+    assert result["tower"]["steps"] == tower["steps"] > 0 and tower["tensors_replaced"] > 20 and tower["train_images"] == 16
+    assert result["start"] == str(out / "tower-init") and tower["out"] == result["start"]
     assert "time budget (max_minutes=0.1) spent" in (out / "train.log").read_text()
     assert {"detect", "segment", "ocr", "caption", "refer_detect", "handmade"} <= set(result["scorecard"])
     assert (out / "run" / "final" / "model.safetensors").is_file() and not (out / "run" / "checkpoints").exists()

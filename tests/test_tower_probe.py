@@ -1,0 +1,154 @@
+"""scripts/tower_probe.py (issue 19): the dense per-token class probe of an image tower, and the demo v2
+tower pretraining. Its targets pool right, its loss and score agree (a tower that memorises a few
+images scores them ~1.0), augmentation turns pixels and targets together, fresh batches never repeat,
+a trained tower put into a checkpoint replaces exactly the tower, bad shapes are refused with a
+message, and a run ends with the fields the README's tables quote."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "tower_probe.py"
+
+
+@pytest.fixture(scope="module")
+def probe():
+    spec = importlib.util.spec_from_file_location("tower_probe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def args(**kw):
+    base = dict(base=None, init="scratch", image_size=112, patch=14, width=64, layers=2, cache=None, seconds=60.0,
+                steps=2, train_images=4, val_images=3, batch=4, lr=1e-3, threads=1, score_every=1, augment=False,
+                save=None, fresh=False, workers=0, device="cpu", into=None, out=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("grid", [16, 8])
+def test_cell_shares_sum_to_one_on_each_grid(probe, grid):
+    _, shares = probe.make_images(3, 777)
+    cells = probe.cell_shares(shares, grid)
+    assert cells.shape == (3, 7, grid, grid)
+    assert torch.allclose(cells.sum(1), torch.ones(3, grid, grid), atol=1e-5)
+    # an 8x8 cell is the mean of its 2x2 block of 14 px cells
+    if grid == 8:
+        block = shares[:, :, :2, :2].mean((2, 3))
+        assert torch.allclose(cells[:, :, 0, 0], block / block.sum(1, keepdim=True), atol=1e-5)
+
+
+def test_a_tower_that_memorises_its_images_scores_them_near_one(probe):
+    torch.manual_seed(0)
+    pixels, shares = probe.make_images(16, 777)
+    config = probe.tower_config(args())
+    tower, head = probe.build_tower(None, "scratch", config), torch.nn.Linear(config.hidden_size, 7)
+    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=3e-3)
+    target = probe.cell_shares(shares, 8).flatten(2).transpose(1, 2)  # [16, 64, 7]
+    before = probe.score(tower, head, config, pixels, shares)
+    for _ in range(150):
+        loss = probe.probe_loss(head(tower(probe.tower_input(pixels, 112))), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = probe.score(tower, head, config, pixels, shares)
+    assert after["shape_cells"] == sum(map(sum, after["confusion"])) > 20
+    assert after["class_accuracy"] >= 0.9 > before["class_accuracy"]
+    assert after["fg_bg_accuracy"] >= 0.95
+
+
+def test_a_grid_the_score_cannot_pool_is_refused(probe):
+    with pytest.raises(SystemExit, match="8x8 or 16x16 token grid"):
+        probe.run(args(image_size=224, patch=7))
+
+
+def test_frozen_or_tuned_towers_keep_the_base_shape(probe):
+    with pytest.raises(SystemExit, match="--init scratch"):
+        probe.build_tower("unused", "tune", probe.tower_config(args()))
+
+
+def test_a_run_reports_its_curve_and_confusion(probe, tmp_path):
+    out = probe.run(args(cache=str(tmp_path / "images.pt")))
+    assert (tmp_path / "images.pt").exists()
+    assert out["steps"] == 2 and [s for s, _ in out["curve"]] == [0, 1, 2]
+    assert out["shape_cells"] == sum(map(sum, out["confusion"])) > 0
+    assert out["image_size"] == 112 and out["patch"] == 14 and out["parameters"] > 0
+    again = probe.run(args(cache=str(tmp_path / "images.pt")))  # read back from the cache: the same images
+    assert again["shape_cells"] == out["shape_cells"]
+
+
+def test_augmentation_turns_pixels_and_targets_together(probe):
+    pixels = torch.zeros(1, 3, 224, 224, dtype=torch.uint8)
+    pixels[..., 0:14, 14:28] = 255  # a bright 14 px cell at row 0, column 1
+    shares = torch.zeros(1, 7, 16, 16)
+    shares[0, 0] = 1
+    shares[0, :, 0, 1] = torch.tensor([0, 0, 0, 1.0, 0, 0, 0])  # its target: a triangle
+    gen, placements = torch.Generator().manual_seed(3), set()
+    for _ in range(24):
+        px, sh = probe.dihedral(pixels, shares, gen)
+        bright = torch.nn.functional.avg_pool2d(px.float(), 14)[0, 0]  # [16, 16]
+        where = divmod(int(bright.argmax()), 16)
+        assert divmod(int(sh[0, 3].argmax()), 16) == where and sh[0, 3].sum() == 1
+        placements.add(where)
+    assert len(placements) >= 6  # the 8 flips / quarter turns put the cell in 8 places
+
+
+def test_fresh_batches_are_new_images_and_differ_between_workers(probe):
+    batches = iter(probe.FreshBatches(3))
+    first, second = next(batches), next(batches)
+    assert first[0].shape == (3, 3, 224, 224) and first[1].shape == (3, 7, 16, 16)
+    assert not torch.equal(first[0], second[0])
+    cached, _ = probe.make_images(3, 777)  # the --train-images set
+    assert not torch.equal(first[0], cached)
+    assert torch.equal(first[0], probe.make_images(3, 779)[0])  # batch b of the stream is samples 3b .. 3b + 2
+    assert torch.equal(second[0], probe.make_images(3, 779, 3)[0])
+
+
+def test_a_fresh_run_trains_without_a_training_set(probe):
+    out = probe.run(args(fresh=True))
+    assert out["train_images"] == 0 and out["images_seen"] == 8 and out["train_class_accuracy"] is None
+
+
+def test_put_tower_replaces_the_tower_and_nothing_else(probe, tmp_path):
+    from palikit.demo.build import DEMO_CONFIG
+    from palikit.demo.paths import bundled_demo_model
+    from palikit.model.siglip import SiglipVisionTower
+
+    base = bundled_demo_model()
+    before = load_file(f"{base}/model.safetensors")
+    prefix = next(k for k in before if k.endswith("embeddings.patch_embedding.weight")).split("embeddings.")[0]
+    torch.manual_seed(5)
+    tower = SiglipVisionTower(DEMO_CONFIG.vision)  # the bundled model's tower shapes, random weights
+    n = probe.put_tower(str(base), tower, str(tmp_path / "out"))
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    assert n == len(tower.state_dict()) > 20 and set(after) == set(before)
+    for name, value in before.items():
+        if name.startswith(prefix):
+            assert torch.equal(after[name], tower.state_dict()[name[len(prefix):]].to(value.dtype)), name
+            assert not torch.equal(after[name], value) or value.abs().sum() == 0 or "norm" in name, name
+        else:
+            assert torch.equal(after[name], value), name
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {p.name for p in base.iterdir() if p.is_file()}
+
+
+def test_put_tower_refuses_a_tower_of_other_widths(probe, tmp_path):
+    from palikit.demo.paths import bundled_demo_model
+    from palikit.model.siglip import SiglipVisionTower
+
+    from palikit.demo.build import DEMO_CONFIG
+
+    wide = SiglipVisionTower(probe.replace(DEMO_CONFIG.vision, hidden_size=64, intermediate_size=256))
+    with pytest.raises(SystemExit, match="train a tower of the checkpoint.s widths .its --image-size"):
+        probe.put_tower(str(bundled_demo_model()), wide, str(tmp_path / "out"))
+
+
+def test_images_made_by_workers_are_the_serial_ones(probe):
+    pixels, shares = probe.made_in_parallel(7, 777, 2)  # chunks of 250: one chunk, but through a worker
+    serial = probe.make_images(7, 777)
+    assert torch.equal(pixels, serial[0]) and torch.equal(shares, serial[1])
+    chunks = probe.ImageChunks(7, 777, chunk=3)
+    assert len(chunks) == 3 and torch.equal(torch.cat([chunks[i][0] for i in range(3)]), serial[0])
