@@ -117,6 +117,7 @@ def cell_shares(shares14: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def tower_config(args) -> VisionConfig:
+    """The probed tower: the v2 demo model's, at --image-size / --patch / --width / --layers."""
     return replace(BASE_TOWER, image_size=args.image_size, patch_size=args.patch, hidden_size=args.width,
                    intermediate_size=4 * args.width, num_hidden_layers=args.layers)
 
@@ -208,6 +209,7 @@ def score(tower, head, config: VisionConfig, pixels: torch.Tensor, shares14: tor
 
 
 def training_batches(args, train_px: torch.Tensor, train_sh: torch.Tensor):
+    """Endless (pixels, shares) batches: of the made set, or --fresh ones from the --workers."""
     if not args.fresh:
         return cached_batches(train_px, train_sh, args.batch, args.augment)
     loader = torch.utils.data.DataLoader(FreshBatches(args.batch), batch_size=None, num_workers=args.workers,

@@ -93,13 +93,12 @@ def test_palikit_train_on_the_stream_with_workers(tmp_path):
 def test_the_gpu_script_trains_stops_at_its_budget_and_scores(tmp_path):
     """scripts/demo2_gpu.sh (the one device command for demo v2) rehearsed on the CPU: a random v2
     model (224 px / 28 px patches, v2's tokenizer) whose tower is pretrained for 3 s on 16 images made
-    by a worker and put in, a 12-image test split, a budget of 0.1 min that ends the run before its 400 steps; the run
-    is exported and scored, and the last line is the JSON the device run brings back."""
+    by a worker and put in, a 12-image test split, a budget of 0.1 min that ends the run before its 400
+    steps; the run is exported and scored, and the last line is the JSON the device run brings back."""
     import json
     import os
-    from pathlib import Path
-
     import shutil
+    from pathlib import Path
 
     from palikit.demo.build import SPECS, build_initial_checkpoint, build_tokenizer
     from palikit.demo.shapes import codec_seg_fn
