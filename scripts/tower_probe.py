@@ -122,6 +122,11 @@ def tower_config(args) -> VisionConfig:
                    intermediate_size=4 * args.width, num_hidden_layers=args.layers)
 
 
+def tower_prefix(weights: dict) -> str:
+    """The key prefix of a Hub-layout checkpoint's vision tower (e.g. "vision_tower.vision_model.")."""
+    return next(k for k in weights if k.endswith("embeddings.patch_embedding.weight")).split("embeddings.")[0]
+
+
 def build_tower(base: str | None, init: str, config: VisionConfig) -> SiglipVisionTower:
     tower, patch = SiglipVisionTower(config), config.patch_size
     if init == "scratch":
@@ -133,7 +138,7 @@ def build_tower(base: str | None, init: str, config: VisionConfig) -> SiglipVisi
     from safetensors.torch import load_file
 
     sd = load_file(f"{base}/model.safetensors")
-    prefix = next(k for k in sd if k.endswith("embeddings.patch_embedding.weight")).split("embeddings.")[0]
+    prefix = tower_prefix(sd)
     own = {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
     kernel, pos = own["embeddings.patch_embedding.weight"], own["embeddings.position_embedding.weight"]
     if kernel.shape[-1] != patch:
@@ -224,8 +229,10 @@ def put_tower(checkpoint: str, tower: SiglipVisionTower, out: str) -> int:
 
     from safetensors.torch import load_file, save_file
 
+    from palikit.train.checkpoint import atomic_dir
+
     weights = load_file(f"{checkpoint}/model.safetensors")
-    prefix = next(k for k in weights if k.endswith("embeddings.patch_embedding.weight")).split("embeddings.")[0]
+    prefix = tower_prefix(weights)
     for name, value in tower.state_dict().items():
         old = weights[prefix + name]
         if old.shape != value.shape:
@@ -233,12 +240,14 @@ def put_tower(checkpoint: str, tower: SiglipVisionTower, out: str) -> int:
                              f"{tuple(value.shape)}: train a tower of the checkpoint's widths (its --image-size, --patch, "
                              f"--width and --layers)")
         weights[prefix + name] = value.detach().to("cpu", old.dtype).contiguous()
-    Path(out).mkdir(parents=True, exist_ok=True)
-    for f in Path(checkpoint).iterdir():
-        if f.is_file() and f.name != "model.safetensors":
-            shutil.copy(f, Path(out) / f.name)
-    save_file(weights, f"{out}/model.safetensors.tmp", metadata={"format": "pt"})
-    Path(f"{out}/model.safetensors.tmp").replace(f"{out}/model.safetensors")
+
+    def fill(folder: Path) -> None:
+        for f in Path(checkpoint).iterdir():
+            if f.is_file() and f.name != "model.safetensors":
+                shutil.copy(f, folder / f.name)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+    atomic_dir(Path(out), fill)  # the whole folder appears at once, or not at all
     return len(tower.state_dict())
 
 
