@@ -18,7 +18,8 @@ flat patch embeds the same), the position table resampled bicubically to 16x16.
 Training images: --train-images made once (by --workers processes; --cache keeps them in a file) and
 drawn at random, --augment giving each batch a random flip / quarter turn; or with --fresh a new image
 for every example, made by the --workers while the tower trains (making an image costs ~18 ms on one
-core: on a GPU a made set reused with --augment gives far more steps in the same minutes).
+core at the generator's free sides, ~7 ms drawn at --make-size 224; held-out images always keep the free
+sizes, so the score says whether a tower trained on square images carries over).
 --into CHECKPOINT --out DIR writes that Hub-layout checkpoint with its vision tower replaced by the
 trained one (a 28 px / 224 px tower of the checkpoint's widths): the demo v2 model's tower
 pretraining. One JSON line at the end.
@@ -48,14 +49,15 @@ BASE_TOWER = VisionConfig(image_size=SIZE, patch_size=28, hidden_size=128, inter
                           num_attention_heads=4)  # the v2 demo model's (palikit.demo.build.DEMO2_CONFIG)
 
 
-def make_images(n: int, seed: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_images(n: int, seed: int, start: int = 0, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 pixels [n, 3, 224, 224] and each class's (plus background, first) share of every 14 px
-    cell [n, 7, 16, 16], of the samples start .. start + n - 1."""
+    cell [n, 7, 16, 16], of the samples start .. start + n - 1, drawn at `size` x `size` (None: the
+    generator's free sides and aspect ratios, squashed to 224 as the preprocessing does)."""
     if n == 0:
         return torch.zeros(0, 3, SIZE, SIZE, dtype=torch.uint8), torch.zeros(0, len(CLASSES) + 1, 16, 16)
     pixels, shares = [], []
     for i in range(start, start + n):
-        s = shapes2.make_sample(i, seed)
+        s = shapes2.make_sample(i, seed, size)
         img = s.image.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC)
         pixels.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
         cover = np.zeros((len(CLASSES) + 1, SIZE, SIZE), np.float32)
@@ -71,34 +73,34 @@ def make_images(n: int, seed: int, start: int = 0) -> tuple[torch.Tensor, torch.
 class FreshBatches(torch.utils.data.IterableDataset):
     """Endless batches of never-seen images (seed 779; worker w of W makes batches w, w + W, ...)."""
 
-    def __init__(self, batch: int):
-        self.batch = batch
+    def __init__(self, batch: int, size: int | None = None):
+        self.batch, self.size = batch, size
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for b in itertools.count(worker, workers):
-            yield make_images(self.batch, 779, b * self.batch)
+            yield make_images(self.batch, 779, b * self.batch, self.size)
 
 
 class ImageChunks(torch.utils.data.Dataset):
     """`make_images` in chunks, so --workers processes make a training set together."""
 
-    def __init__(self, n: int, seed: int, chunk: int = 250):
-        self.n, self.seed, self.chunk = n, seed, chunk
+    def __init__(self, n: int, seed: int, chunk: int = 250, size: int | None = None):
+        self.n, self.seed, self.chunk, self.size = n, seed, chunk, size
 
     def __len__(self):
         return -(-self.n // self.chunk)
 
     def __getitem__(self, i):
-        return make_images(min(self.chunk, self.n - i * self.chunk), self.seed, i * self.chunk)
+        return make_images(min(self.chunk, self.n - i * self.chunk), self.seed, i * self.chunk, self.size)
 
 
-def made_in_parallel(n: int, seed: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same images as make_images(n, seed), made by `workers` processes (0: this one)."""
+def made_in_parallel(n: int, seed: int, workers: int, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same images as make_images(n, seed, size=size), made by `workers` processes (0: this one)."""
     if n == 0 or workers == 0:
-        return make_images(n, seed)
-    chunks = list(torch.utils.data.DataLoader(ImageChunks(n, seed), batch_size=None, num_workers=workers))
+        return make_images(n, seed, size=size)
+    chunks = list(torch.utils.data.DataLoader(ImageChunks(n, seed, size=size), batch_size=None, num_workers=workers))
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
 
@@ -157,7 +159,7 @@ def probe_images(args):
 
     if args.cache and Path(args.cache).exists():
         return torch.load(args.cache)
-    made = (made_in_parallel(0 if args.fresh else args.train_images, 777, args.workers),
+    made = (made_in_parallel(0 if args.fresh else args.train_images, 777, args.workers, args.make_size),
             made_in_parallel(args.val_images, 778, args.workers))
     if args.cache:
         torch.save(made, args.cache)
@@ -217,7 +219,7 @@ def training_batches(args, train_px: torch.Tensor, train_sh: torch.Tensor):
     """Endless (pixels, shares) batches: of the made set, or --fresh ones from the --workers."""
     if not args.fresh:
         return cached_batches(train_px, train_sh, args.batch, args.augment)
-    loader = torch.utils.data.DataLoader(FreshBatches(args.batch), batch_size=None, num_workers=args.workers,
+    loader = torch.utils.data.DataLoader(FreshBatches(args.batch, args.make_size), batch_size=None, num_workers=args.workers,
                                          prefetch_factor=4 if args.workers else None)
     return iter(loader)
 
@@ -285,7 +287,7 @@ def run(args) -> dict:
         torch.save({"tower": tower.state_dict(), "head": head.state_dict(), "config": vars(args)}, args.save)
     replaced = put_tower(args.into, tower, args.out) if args.into else 0
     return {**{k: getattr(args, k) for k in ("init", "image_size", "patch", "width", "layers", "base", "threads",
-                                             "batch", "lr", "augment", "fresh", "workers", "into", "out")},
+                                             "batch", "lr", "augment", "fresh", "make_size", "workers", "into", "out")},
             "device": str(device), "parameters": sum(p.numel() for p in tower.parameters()), "steps": step,
             "images_seen": step * args.batch, "images_made_s": round(made_s, 1),
             "s_per_step": round(train_s / max(step, 1), 3), "train_images": 0 if args.fresh else len(train_px),
@@ -312,6 +314,8 @@ def main() -> None:
     ap.add_argument("--augment", action="store_true", help="a random flip / quarter turn of each batch")
     ap.add_argument("--save", help="write the trained tower and head here (torch.save of their state dicts)")
     ap.add_argument("--fresh", action="store_true", help="a new image for every example (no --train-images)")
+    ap.add_argument("--make-size", type=int, help="draw the training images at this side, square (the generator "
+                    "costs ~7 ms an image at 224 against ~18 ms at its free sides); held-out images keep the free sizes")
     ap.add_argument("--workers", type=int, default=0, help="processes making the images (0: this one)")
     ap.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda")
     ap.add_argument("--into", help="a Hub-layout checkpoint to write with the trained tower put in (needs --out)")

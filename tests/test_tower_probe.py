@@ -26,7 +26,7 @@ def probe():
 def args(**kw):
     base = dict(base=None, init="scratch", image_size=112, patch=14, width=64, layers=2, cache=None, seconds=60.0,
                 steps=2, train_images=4, val_images=3, batch=4, lr=1e-3, threads=1, score_every=1, augment=False,
-                save=None, fresh=False, workers=0, device="cpu", into=None, out=None)
+                save=None, fresh=False, make_size=None, workers=0, device="cpu", into=None, out=None)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -106,6 +106,20 @@ def test_fresh_batches_are_new_images_and_differ_between_workers(probe):
     assert not torch.equal(first[0], cached)
     assert torch.equal(first[0], probe.make_images(3, 779)[0])  # batch b of the stream is samples 3b .. 3b + 2
     assert torch.equal(second[0], probe.make_images(3, 779, 3)[0])
+
+
+def test_make_size_draws_the_training_images_at_that_side(probe):
+    import numpy as np
+
+    from palikit.demo import shapes2
+
+    pixels, shares = probe.make_images(2, 779, 0, 224)  # drawn at 224: nothing resampled
+    assert torch.equal(pixels[1], torch.from_numpy(np.asarray(shapes2.make_sample(1, 779, 224).image.convert("RGB")).copy()).permute(2, 0, 1))
+    assert not torch.equal(pixels, probe.make_images(2, 779)[0])  # the free sizes are other images
+    assert torch.allclose(shares.sum(1), torch.ones(2, 16, 16))
+    assert torch.equal(next(iter(probe.FreshBatches(2, 224)))[0], pixels)
+    out = probe.run(args(fresh=True, make_size=224))
+    assert out["make_size"] == 224 and out["images_seen"] == 8
 
 
 def test_a_fresh_run_trains_without_a_training_set(probe):
