@@ -71,15 +71,16 @@ def make_images(n: int, seed: int, start: int = 0, size: int | None = None) -> t
 
 
 class FreshBatches(torch.utils.data.IterableDataset):
-    """Endless batches of never-seen images (seed 779; worker w of W makes batches w, w + W, ...)."""
+    """Endless batches of never-seen images (seed 779), from batch `first` on (a run that continues an
+    earlier one's tower starts where it stopped); worker w of W makes batches first + w, first + w + W, ..."""
 
-    def __init__(self, batch: int, size: int | None = None):
-        self.batch, self.size = batch, size
+    def __init__(self, batch: int, size: int | None = None, first: int = 0):
+        self.batch, self.size, self.first = batch, size, first
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for b in itertools.count(worker, workers):
+        for b in itertools.count(self.first + worker, workers):
             yield make_images(self.batch, 779, b * self.batch, self.size)
 
 
@@ -219,9 +220,13 @@ def training_batches(args, train_px: torch.Tensor, train_sh: torch.Tensor):
     """Endless (pixels, shares) batches: of the made set, or --fresh ones from the --workers."""
     if not args.fresh:
         return cached_batches(train_px, train_sh, args.batch, args.augment)
-    loader = torch.utils.data.DataLoader(FreshBatches(args.batch, args.make_size), batch_size=None, num_workers=args.workers,
+    stream = FreshBatches(args.batch, args.make_size, args.fresh_from)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
                                          prefetch_factor=4 if args.workers else None)
-    return iter(loader)
+    if not args.augment:
+        return iter(loader)
+    gen = torch.Generator().manual_seed(1)
+    return (dihedral(px, sh, gen) for px, sh in loader)
 
 
 def put_tower(checkpoint: str, tower: SiglipVisionTower, out: str) -> int:
@@ -287,7 +292,7 @@ def run(args) -> dict:
         torch.save({"tower": tower.state_dict(), "head": head.state_dict(), "config": vars(args)}, args.save)
     replaced = put_tower(args.into, tower, args.out) if args.into else 0
     return {**{k: getattr(args, k) for k in ("init", "image_size", "patch", "width", "layers", "base", "threads",
-                                             "batch", "lr", "augment", "fresh", "make_size", "workers", "into", "out")},
+                                             "batch", "lr", "augment", "fresh", "fresh_from", "make_size", "workers", "into", "out")},
             "device": str(device), "parameters": sum(p.numel() for p in tower.parameters()), "steps": step,
             "images_seen": step * args.batch, "images_made_s": round(made_s, 1),
             "s_per_step": round(train_s / max(step, 1), 3), "train_images": 0 if args.fresh else len(train_px),
@@ -314,6 +319,8 @@ def main() -> None:
     ap.add_argument("--augment", action="store_true", help="a random flip / quarter turn of each batch")
     ap.add_argument("--save", help="write the trained tower and head here (torch.save of their state dicts)")
     ap.add_argument("--fresh", action="store_true", help="a new image for every example (no --train-images)")
+    ap.add_argument("--fresh-from", type=int, default=0, help="with --fresh: start at this batch of the stream "
+                    "(an earlier --fresh run's steps, when --base holds the tower it wrote with --into)")
     ap.add_argument("--make-size", type=int, help="draw the training images at this side, square (the generator "
                     "costs ~7 ms an image at 224 against ~18 ms at its free sides); held-out images keep the free sizes")
     ap.add_argument("--workers", type=int, default=0, help="processes making the images (0: this one)")

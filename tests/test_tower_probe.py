@@ -26,7 +26,7 @@ def probe():
 def args(**kw):
     base = dict(base=None, init="scratch", image_size=112, patch=14, width=64, layers=2, cache=None, seconds=60.0,
                 steps=2, train_images=4, val_images=3, batch=4, lr=1e-3, threads=1, score_every=1, augment=False,
-                save=None, fresh=False, make_size=None, workers=0, device="cpu", into=None, out=None)
+                save=None, fresh=False, fresh_from=0, make_size=None, workers=0, device="cpu", into=None, out=None)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -106,6 +106,17 @@ def test_fresh_batches_are_new_images_and_differ_between_workers(probe):
     assert not torch.equal(first[0], cached)
     assert torch.equal(first[0], probe.make_images(3, 779)[0])  # batch b of the stream is samples 3b .. 3b + 2
     assert torch.equal(second[0], probe.make_images(3, 779, 3)[0])
+    assert torch.equal(next(iter(probe.FreshBatches(3, first=1)))[0], second[0])  # a continued run starts where one stopped
+
+
+def test_augment_turns_fresh_batches_too(probe):
+    plain = probe.training_batches(args(fresh=True, batch=3), None, None)
+    turned = probe.training_batches(args(fresh=True, batch=3, augment=True), None, None)
+    pairs = [(next(plain), next(turned)) for _ in range(4)]
+    assert all(torch.equal(p[0].flip(3), t[0]) or any(torch.equal(p[0].rot90(k, (2, 3)), t[0]) or
+                                                      torch.equal(p[0].rot90(k, (2, 3)).flip(3), t[0]) for k in range(4))
+               for p, t in pairs)  # the same images, each batch flipped / turned
+    assert any(not torch.equal(p[0], t[0]) for p, t in pairs)
 
 
 def test_make_size_draws_the_training_images_at_that_side(probe):
