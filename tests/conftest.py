@@ -76,3 +76,14 @@ def hf_logits(model, batch) -> torch.Tensor:
 @pytest.fixture(params=list(TINY))
 def kind(request) -> str:
     return request.param
+
+
+def script_module(name: str):
+    """scripts/NAME.py imported as a module (the scripts folder is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

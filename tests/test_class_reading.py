@@ -3,23 +3,17 @@ the pairs it should, fits what it can separate, and the decoder measure scores e
 class words, its rolled control being the same as the right image when a batch holds one image."""
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import script_module
 from palikit.demo import shapes2
-
-SCRIPT = Path(__file__).parents[1] / "scripts" / "class_reading.py"
 
 
 @pytest.fixture(scope="module")
 def reading():
-    spec = importlib.util.spec_from_file_location("class_reading", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("class_reading")
 
 
 @pytest.fixture(scope="module")

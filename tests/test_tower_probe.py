@@ -5,22 +5,17 @@ a trained tower put into a checkpoint replaces exactly the tower, bad shapes are
 message, and a run ends with the fields the README's tables quote."""
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "tower_probe.py"
+from conftest import script_module
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("tower_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("tower_probe")
 
 
 def args(**kw):
