@@ -19,8 +19,8 @@ trainable.safetensors (a run with a frozen tower saves only the rest).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -28,18 +28,14 @@ import torch.nn.functional as F
 
 from palikit.demo import shapes2
 
+sys.path.insert(0, str(Path(__file__).parent))  # its neighbour, also when this file is loaded by path
+import tower_probe as probe  # noqa: E402  (the images, the tower and its input)
+
 K = len(shapes2.CLASSES)
 
 
-def tower_probe_module():
-    spec = importlib.util.spec_from_file_location("tower_probe", Path(__file__).with_name("tower_probe.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @torch.no_grad()
-def pooled_features(tower, pixels: torch.Tensor, shares14: torch.Tensor, probe) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_features(tower, pixels: torch.Tensor, shares14: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """X [P, D] share-weighted mean tokens of each (image, class present), Y [P] the class index."""
     xs, ys = [], []
     for i in range(0, len(pixels), 64):
@@ -56,6 +52,7 @@ def pooled_features(tower, pixels: torch.Tensor, shares14: torch.Tensor, probe) 
 def fit_and_score(x_fit, y_fit, x_val, y_val) -> dict:
     mean, std = x_fit.mean(0), x_fit.std(0) + 1e-5
     x_fit, x_val = (x_fit - mean) / std, (x_val - mean) / std
+    torch.manual_seed(0)  # the head's start: the same figure on every call
     head = torch.nn.Linear(x_fit.shape[1], K)
     opt = torch.optim.LBFGS(head.parameters(), max_iter=500)
 
@@ -74,13 +71,12 @@ def fit_and_score(x_fit, y_fit, x_val, y_val) -> dict:
 
 
 def tower_reading(args) -> dict:
-    probe = tower_probe_module()
     made = argparse.Namespace(cache=args.cache, fresh=False, train_images=args.fit, val_images=args.val_images,
                               workers=args.workers, make_size=None)
     (fit_px, fit_sh), (val_px, val_sh) = probe.probe_images(made)
     tower = probe.build_tower(args.checkpoint, "tune", probe.BASE_TOWER).eval()
-    x_fit, y_fit = pooled_features(tower, fit_px[:args.fit], fit_sh[:args.fit], probe)
-    return {"measure": "tower", "checkpoint": args.checkpoint, **fit_and_score(x_fit, y_fit, *pooled_features(tower, val_px, val_sh, probe))}
+    x_fit, y_fit = pooled_features(tower, fit_px[:args.fit], fit_sh[:args.fit])
+    return {"measure": "tower", "checkpoint": args.checkpoint, **fit_and_score(x_fit, y_fit, *pooled_features(tower, val_px, val_sh))}
 
 
 def class_word_ids(tokenizer) -> torch.Tensor:
@@ -93,20 +89,24 @@ def class_word_ids(tokenizer) -> torch.Tensor:
 
 
 @torch.no_grad()
-def class_word_accuracy(model, collate, examples, ids: torch.Tensor, roll: int) -> tuple[float, int]:
-    right = total = 0
+def class_word_accuracy(model, collate, examples, ids: torch.Tensor) -> tuple[float, float, int]:
+    """(accuracy with the right images, with the batch's images rolled by one, class words scored);
+    each batch collated once for both."""
+    right, total = [0, 0], 0
     for i in range(0, len(examples), 16):
         batch = collate(examples[i:i + 16])
-        hidden = model(batch["input_ids"], batch["pixel_values"].roll(roll, 0), attention_mask=batch["attention_mask"],
-                       ar_mask=batch["ar_mask"], return_hidden=True)
         target = batch["input_ids"][:, 1:]  # hidden[:, t] predicts token t + 1
         scored = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).bool() & torch.isin(target, ids)
         rows, cols = scored.nonzero(as_tuple=True)
-        logits = model.logits(hidden[rows, cols]).float()[:, ids]  # [W, 12]
-        guess = logits[:, :K].maximum(logits[:, K:]).argmax(-1)  # a class, singular or plural
         truth = (target[rows, cols][:, None] == ids).float().argmax(-1) % K
-        right, total = right + (guess == truth).sum().item(), total + len(truth)
-    return right / max(total, 1), total
+        for roll in (0, 1):
+            hidden = model(batch["input_ids"], batch["pixel_values"].roll(roll, 0), attention_mask=batch["attention_mask"],
+                           ar_mask=batch["ar_mask"], return_hidden=True)
+            logits = model.logits(hidden[rows, cols]).float()[:, ids]  # [W, 12]
+            guess = logits[:, :K].maximum(logits[:, K:]).argmax(-1)  # a class, singular or plural
+            right[roll] += (guess == truth).sum().item()
+        total += len(truth)
+    return right[0] / max(total, 1), right[1] / max(total, 1), total
 
 
 def decoder_reading(args) -> dict:
@@ -127,8 +127,7 @@ def decoder_reading(args) -> dict:
     if not rows:
         raise SystemExit(f"--data {args.data}: no caption rows")
     collate, ids = Collator(tokenizer, default_image_processor(model.config, args.checkpoint), model.config), class_word_ids(tokenizer)
-    image, words = class_word_accuracy(model, collate, rows, ids, 0)
-    rolled, _ = class_word_accuracy(model, collate, rows, ids, 1)
+    image, rolled, words = class_word_accuracy(model, collate, rows, ids)
     return {"measure": "decoder", "checkpoint": args.checkpoint, "trainable": args.trainable, "captions": len(rows),
             "class_words": words, "right_image": round(image, 3), "rolled_image": round(rolled, 3)}
 
