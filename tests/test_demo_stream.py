@@ -93,8 +93,9 @@ def test_palikit_train_on_the_stream_with_workers(tmp_path):
 def test_the_gpu_script_trains_stops_at_its_budget_and_scores(tmp_path):
     """scripts/demo2_gpu.sh (the one device command for demo v2) rehearsed on the CPU: a random v2
     model (224 px / 28 px patches, v2's tokenizer) whose tower is pretrained for 3 s on fresh images
-    made by a worker and put in, a 12-image test split, a budget of 0.1 min that ends the run before its 400
-    steps; the run is exported and scored, and the last line is the JSON the device run brings back."""
+    made by a worker and put in, then 3 decoder-only caption steps on it, a 12-image test split, a budget of
+    0.1 min that ends the mix (tower frozen too) before its 400 steps; the run is exported and scored, and
+    the last line is the JSON the device run brings back."""
     import json
     import os
     import shutil
@@ -109,7 +110,7 @@ def test_the_gpu_script_trains_stops_at_its_budget_and_scores(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "BASE": str(base), "CODEC": str(CODEC), "DATA": str(data),
            "STEPS": "400", "BATCH": "4", "WORKERS": "1", "LIMIT": "2", "MINUTES": "0.1", "PY": sys.executable,
-           "TOWER_MINUTES": "0.05", "TOWER_BATCH": "8"}
+           "TOWER_MINUTES": "0.05", "TOWER_BATCH": "8", "DECODER_STEPS": "3"}
     script = Path(__file__).parents[1] / "scripts" / "demo2_gpu.sh"
     run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + (out / "train.log").read_text()[-2000:]
@@ -118,7 +119,11 @@ def test_the_gpu_script_trains_stops_at_its_budget_and_scores(tmp_path):
     tower = json.loads((out / "tower.json").read_text())
     assert result["tower"]["steps"] == tower["steps"] > 0 and tower["tensors_replaced"] > 20
     assert tower["fresh"] and tower["train_images"] == 0 and tower["make_size"] == 224 and tower["augment"]
-    assert result["start"] == str(out / "tower-init") and tower["out"] == result["start"]
+    assert tower["out"] == str(out / "tower-init")
+    decoder_log = (out / "decoder.log").read_text()
+    assert result["decoder_steps"] == 3 and "vision frozen" in decoder_log and "step 3/3" in decoder_log
+    assert result["start"] == str(out / "decoder" / "final") and not (out / "decoder").exists()
+    assert result["freeze_vision"] is True and "vision frozen" in (out / "train.log").read_text()
     assert "time budget (max_minutes=0.1) spent" in (out / "train.log").read_text()
     assert {"detect", "segment", "ocr", "caption", "refer_detect", "handmade"} <= set(result["scorecard"])
     assert (out / "run" / "final" / "model.safetensors").is_file() and not (out / "run" / "checkpoints").exists()
