@@ -6,21 +6,23 @@
 # against 0.51; a random tower of BASE's widths, put into BASE's weights; TOWER_MINUTES=0 skips it),
 # then teach the decoder alone to read that tower for DECODER_MINUTES (freeze_vision, caption rows only:
 # on the CPU 800 such steps took the class word from the caption-order prior's 0.40 to 0.79, where the
-# whole-model mix left it at the prior; DECODER_MINUTES=0 skips it), then train on the whole task mix of
+# whole-model mix left it near the prior; DECODER_MINUTES=0 skips it), then train on the whole task mix of
 # fresh shapes v2 images made by worker processes (train_source + data_workers: no stored training
 # images, nothing to carry but the weights, the codec and the test split; the tower stays fixed there
 # too: on the CPU a whole-model mix of stored images took the class word from 0.78 to 0.59 in 1,600
 # steps, the mix of fresh images with the tower fixed took it from 0.59 to 0.76 in 4,629 and beat it on
-# every task (README "The mix with the tower fixed"); FREEZE_VISION=false trains it), stop cleanly at max_minutes (eval, checkpoint, final export), then score the
-# first LIMIT test rows per task and the 20 hand-made images.
+# every task (README "The mix with the tower fixed"); FREEZE_VISION=false trains it), stop cleanly at
+# max_minutes (eval, checkpoint, final export), then score the first LIMIT test rows per task and the 20
+# hand-made images.
 # Everything lands under OUT (the device tool's $OUT comes back); one JSON line at the end.
 #
 #   OUT=$OUT BASE=work/v2cont/run/final scripts/demo2_gpu.sh          # on the device machine
 #   OUT=/tmp/r STEPS=2 BATCH=4 WORKERS=1 LIMIT=4 TOWER_MINUTES=0 scripts/demo2_gpu.sh # a CPU rehearsal
 #
 # The run is bound by how fast the workers make images, so STEPS (DECODER_STEPS) defaults to what
-# MINUTES (DECODER_MINUTES) holds at PER_WORKER examples/s per worker, and the cosine schedule reaches 0; max_minutes is the safety net (a
-# run it stops has not annealed: the log says at which step; lower PER_WORKER then).
+# MINUTES (DECODER_MINUTES) holds at PER_WORKER examples/s per worker, and the cosine schedule reaches 0;
+# max_minutes is the safety net (a run it stops has not annealed: the log says at which step; lower
+# PER_WORKER then).
 # Carry (ignored paths, 57 MB with the defaults): work/v2cont/run/final, work/demo2/vae-oid.npz,
 # work/demo2/data/test, work/demo2/data/test.jsonl, work/demo2/data/test_coco.json.
 set -euo pipefail
