@@ -40,7 +40,7 @@ def pooled_features(tower, pixels: torch.Tensor, shares14: torch.Tensor) -> tupl
     xs, ys = [], []
     for i in range(0, len(pixels), 64):
         tokens = tower(probe.tower_input(pixels[i:i + 64], probe.SIZE))  # [B, 64, D]
-        weights = probe.cell_shares(shares14[i:i + 64], 8).flatten(2)[:, 1:]  # [B, 6, 64], background dropped
+        weights = probe.cell_shares(shares14[i:i + 64], 8).flatten(2)[:, 1:probe.K]  # [B, 6, 64], background dropped
         mass = weights.sum(-1)  # [B, 6]: tokens' worth of each class
         pooled = weights @ tokens / mass.clamp_min(1e-6)[..., None]  # [B, 6, D]
         keep = mass >= 0.5

@@ -6,9 +6,18 @@ generator's masks (`palikit.demo.shapes2`, images squashed to 224 px as the prep
 fg / bg term on each token, plus a class cross-entropy on tokens a shape covers >= 20 % of (class
 shares renormalised). Scored on held-out images, always on the 8x8 grid of 28 px cells (a 14 px tower's
 probabilities are averaged over 2x2): class accuracy among the 6 on the cells a shape dominates (the
-rows of `confusion` are the true class, in `shapes2.CLASSES` order), and fg / bg accuracy.
+rows of `confusion` are the true class, in `shapes2.CLASSES` order), and fg / bg accuracy. With
+--word-weight w > 0 the tower also learns to read: every token the image's word covers >= 20 % of
+predicts which word it is (one of the 20 words, or "a code" for the 3-4 character codes; `WORD_CLASSES`),
+a cross-entropy weighted w; scored per held-out image that holds a word (`word_accuracy`: the mean
+probabilities of its text cells, argmax). With --char-weight c > 0 each text token also names the
+character under it (the word's box split evenly among its characters: `CHAR_CLASSES`, a soft
+cross-entropy weighted c), the part a code needs; scored on the cells one character dominates
+(`char_accuracy`).
 
     python scripts/tower_probe.py --base work/v2cont/run/final --init tune --patch 28 --seconds 300
+    python scripts/tower_probe.py --base work/s27/e6/run/final --init tune --word-weight 1 --char-weight 1 \
+        --fresh --make-size 224 --workers 1 --threads 1 --seconds 1500   # can it learn to read?
 
 --init: frozen (a linear head on the base tower), tune (the base tower trained with the head), scratch
 (a random tower; any --image-size / --patch / --width / --layers whose grid is 8x8 or 16x16). A 14 px
@@ -45,27 +54,41 @@ from palikit.model.siglip import SiglipVisionTower
 
 SIZE, CELL = 224, 28
 CLASSES = shapes2.CLASSES
+WORD_CLASSES = tuple(w.upper() for w in shapes2.WORDS) + ("<code>",)  # what a text token names
+CHAR_CLASSES = tuple(sorted(set(shapes2.CODE_CHARS) | set("".join(shapes2.WORDS).upper())))
+K, W = len(CLASSES) + 1, len(WORD_CLASSES)  # shape channels (background first), then word channels
+CHANNELS = K + W + len(CHAR_CLASSES)  # ... then character channels
 BASE_TOWER = VisionConfig(image_size=SIZE, patch_size=28, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                           num_attention_heads=4)  # the v2 demo model's (palikit.demo.build.DEMO2_CONFIG)
 
 
 def make_images(n: int, seed: int, start: int = 0, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 pixels [n, 3, 224, 224] and each class's (plus background, first) share of every 14 px
-    cell [n, 7, 16, 16], of the samples start .. start + n - 1, drawn at `size` x `size` (None: the
-    generator's free sides and aspect ratios, squashed to 224 as the preprocessing does)."""
+    """uint8 pixels [n, 3, 224, 224] and the shares of every 14 px cell [n, 7 + 21, 16, 16] of the samples
+    start .. start + n - 1, drawn at `size` x `size` (None: the generator's free sides and aspect ratios,
+    squashed to 224 as the preprocessing does): each class's (plus background, first) share, the word's
+    box in the channel of its `WORD_CLASSES` entry, then each character's part of that box (split
+    evenly along x) in its `CHAR_CLASSES` channel."""
     if n == 0:
-        return torch.zeros(0, 3, SIZE, SIZE, dtype=torch.uint8), torch.zeros(0, len(CLASSES) + 1, 16, 16)
+        return torch.zeros(0, 3, SIZE, SIZE, dtype=torch.uint8), torch.zeros(0, CHANNELS, 16, 16)
     pixels, shares = [], []
     for i in range(start, start + n):
         s = shapes2.make_sample(i, seed, size)
         img = s.image.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC)
         pixels.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-        cover = np.zeros((len(CLASSES) + 1, SIZE, SIZE), np.float32)
+        cover = np.zeros((CHANNELS, SIZE, SIZE), np.float32)
         for shape in s.shapes:
             m = Image.fromarray(shape.mask.astype(np.uint8) * 255).resize((SIZE, SIZE), Image.BILINEAR)
             cover[1 + CLASSES.index(shape.cls)] += np.asarray(m, np.float32) / 255
-        cover[1:] = np.clip(cover[1:], 0, 1)
-        cover[0] = np.clip(1 - cover[1:].sum(0), 0, 1)
+        cover[1:K] = np.clip(cover[1:K], 0, 1)
+        cover[0] = np.clip(1 - cover[1:K].sum(0), 0, 1)
+        if s.word:
+            (x0, y0, x1, y1), (w, h) = s.text_box, s.image.size
+            word = WORD_CLASSES.index(s.word) if s.word in WORD_CLASSES else W - 1
+            rows, left, right = slice(round(y0 * SIZE / h), round(y1 * SIZE / h)), x0 * SIZE / w, x1 * SIZE / w
+            cover[K + word, rows, round(left):round(right)] = 1
+            step = (right - left) / len(s.word)
+            for j, char in enumerate(s.word):
+                cover[K + W + CHAR_CLASSES.index(char), rows, round(left + j * step):round(left + (j + 1) * step)] = 1
         shares.append(F.avg_pool2d(torch.from_numpy(cover)[None], 14)[0])
     return torch.stack(pixels), torch.stack(shares)
 
@@ -114,9 +137,10 @@ def cached_batches(pixels: torch.Tensor, shares: torch.Tensor, batch: int, augme
 
 
 def cell_shares(shares14: torch.Tensor, grid: int) -> torch.Tensor:
-    """[B, 7, grid, grid] shares on a tower's token grid (16 or 8 cells a side), summing to 1 per cell."""
+    """[B, CHANNELS, grid, grid] shares on a tower's token grid (16 or 8 cells a side): the shape channels
+    sum to 1 per cell, a word or character channel is the share of the cell its box covers."""
     t = shares14 if grid == 16 else F.avg_pool2d(shares14, 16 // grid)
-    return t / t.sum(1, keepdim=True).clamp_min(1e-6)
+    return torch.cat([t[:, :K] / t[:, :K].sum(1, keepdim=True).clamp_min(1e-6), t[:, K:]], 1)
 
 
 def tower_config(args) -> VisionConfig:
@@ -159,7 +183,11 @@ def probe_images(args):
     from pathlib import Path
 
     if args.cache and Path(args.cache).exists():
-        return torch.load(args.cache)
+        made = torch.load(args.cache)
+        if made[1][1].shape[1] != CHANNELS:
+            raise SystemExit(f"--cache {args.cache} was made before the word and character channels: give a new "
+                             "--cache file")
+        return made
     made = (made_in_parallel(0 if args.fresh else args.train_images, 777, args.workers, args.make_size),
             made_in_parallel(args.val_images, 778, args.workers))
     if args.cache:
@@ -175,7 +203,22 @@ def dihedral(pixels: torch.Tensor, shares: torch.Tensor, gen: torch.Generator):
     return (pixels.flip(3), shares.flip(3)) if flip else (pixels, shares)
 
 
-def probe_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def probe_loss(logits: torch.Tensor, target: torch.Tensor, word_weight: float = 0.0,
+               char_weight: float = 0.0) -> torch.Tensor:
+    """logits [B, N, 7 (+ words and characters when reading)], target [B, N, CHANNELS] (`cell_shares`)."""
+    loss = shape_loss(logits[..., :K], target[..., :K])
+    words, chars = target[..., K:K + W], target[..., K + W:]  # [B, N, 21], [B, N, 34]
+    m = words.sum(-1) >= 0.2
+    if word_weight and m.any():
+        loss = loss + word_weight * F.cross_entropy(logits[..., K:K + W][m], words[m].argmax(-1))
+    m = chars.sum(-1) >= 0.2
+    if char_weight and m.any():
+        share = chars[m] / chars[m].sum(-1, keepdim=True)
+        loss = loss - char_weight * (share * logits[..., K + W:][m].log_softmax(-1)).sum(-1).mean()
+    return loss
+
+
+def shape_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """logits, target [B, N, 7] (target: shares, background first)."""
     fg = 1 - target[..., 0]
     loss = F.binary_cross_entropy_with_logits(torch.logsumexp(logits[..., 1:], -1) - logits[..., 0], fg)
@@ -197,23 +240,50 @@ def tower_input(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
 def score(tower, head, config: VisionConfig, pixels: torch.Tensor, shares14: torch.Tensor) -> dict:
     tower.eval()
     k, g = len(CLASSES), config.image_size // config.patch_size
-    confusion, fg_ok, cells = torch.zeros(k, k, dtype=torch.long), 0, 0
+    confusion, fg_ok, cells, words, chars = torch.zeros(k, k, dtype=torch.long), 0, 0, [], [0, 0]
     device = next(tower.parameters()).device
     for i in range(0, len(pixels), 64):
         x = tower_input(pixels[i:i + 64].to(device), config.image_size)
-        p = head(tower(x)).float().softmax(-1).transpose(1, 2).reshape(len(x), k + 1, g, g).cpu()  # [B, 7, g, g]
+        logits = head(tower(x)).float().transpose(1, 2).reshape(len(x), -1, g, g).cpu()  # [B, 7 (+ 21), g, g]
         if g != SIZE // CELL:
-            p = F.avg_pool2d(p, g // (SIZE // CELL))
-        truth = cell_shares(shares14[i:i + 64], SIZE // CELL).argmax(1)  # [B, 8, 8]; 0 = background
+            logits = F.avg_pool2d(logits, g // (SIZE // CELL))
+        p, shares = logits[:, :K].softmax(1), cell_shares(shares14[i:i + 64], SIZE // CELL)
+        if logits.shape[1] > K:
+            words += read_words(logits[:, K:K + W].softmax(1), shares[:, K:K + W])
+            read = shares[:, K + W:].max(1).values >= 0.5  # [B, 8, 8]: cells one character dominates
+            chars[0] += (logits[:, K + W:].argmax(1) == shares[:, K + W:].argmax(1))[read].sum().item()
+            chars[1] += read.sum().item()
+        truth = shares[:, :K].argmax(1)  # [B, 8, 8]; 0 = background
         shape = truth > 0
         fg_ok += ((p.argmax(1) > 0) == shape).sum().item()
         cells += shape.numel()
         pred = p[:, 1:].argmax(1)
         confusion += torch.bincount((truth[shape] - 1) * k + pred[shape], minlength=k * k).reshape(k, k)
     tower.train()
+    word_part = {"word_accuracy": round(sum(words) / max(len(words), 1), 3), "word_images": len(words),
+                 "char_accuracy": round(chars[0] / max(chars[1], 1), 3), "char_cells": chars[1]} if words else {}
     return {"class_accuracy": round(confusion.diag().sum().item() / max(confusion.sum().item(), 1), 3),
-            "fg_bg_accuracy": round(fg_ok / cells, 3), "shape_cells": confusion.sum().item(),
+            "fg_bg_accuracy": round(fg_ok / cells, 3), "shape_cells": confusion.sum().item(), **word_part,
             "confusion": confusion.tolist()}
+
+
+def read_words(p: torch.Tensor, text: torch.Tensor) -> list[bool]:
+    """Per image that holds a word: is the argmax of its text cells' mean probability the word? p, text
+    [B, 21, 8, 8] (the word probabilities; the word box's share of each cell in its word's channel)."""
+    out = []
+    for pi, ti in zip(p, text):
+        cover = ti.sum(0)  # [8, 8]
+        if cover.max() == 0:
+            continue
+        cells = (cover >= 0.2) | (cover == cover.max())
+        out.append(int(pi[:, cells].mean(1).argmax()) == int(ti.sum((1, 2)).argmax()))
+    return out
+
+
+def progress(scored: dict) -> tuple:
+    """A curve point: (class accuracy,) or (class accuracy, word accuracy, character accuracy)."""
+    reading = ("word_accuracy", "char_accuracy") if "word_accuracy" in scored else ()
+    return (scored["class_accuracy"], *(scored[k] for k in reading))
 
 
 def training_batches(args, train_px: torch.Tensor, train_sh: torch.Tensor):
@@ -270,21 +340,23 @@ def run(args) -> dict:
         raise SystemExit(f"--image-size / --patch must give an 8x8 or 16x16 token grid, not "
                          f"{config.image_size} / {config.patch_size}")
     tower = build_tower(args.base, args.init, config).to(device)
-    head = torch.nn.Linear(config.hidden_size, len(CLASSES) + 1).to(device)
+    reading = bool(args.word_weight or args.char_weight)
+    head = torch.nn.Linear(config.hidden_size, CHANNELS if reading else K).to(device)
     tower.requires_grad_(args.init != "frozen")
     opt = torch.optim.AdamW([p for p in (*tower.parameters(), *head.parameters()) if p.requires_grad], lr=args.lr)
-    curve, step = [(0, score(tower, head, config, val_px, val_sh)["class_accuracy"])], 0
+    curve, step = [(0, *progress(score(tower, head, config, val_px, val_sh)))], 0
     batches, t0 = training_batches(args, train_px, train_sh), time.perf_counter()
     while time.perf_counter() - t0 < args.seconds and (not args.steps or step < args.steps):
         px, sh = next(batches)
         target = cell_shares(sh.to(device), config.image_size // config.patch_size).flatten(2).transpose(1, 2)  # [B, N, 7]
-        loss = probe_loss(head(tower(tower_input(px.to(device), config.image_size))), target)
+        loss = probe_loss(head(tower(tower_input(px.to(device), config.image_size))), target, args.word_weight,
+                          args.char_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
         step += 1
         if step % args.score_every == 0:
-            curve.append((step, score(tower, head, config, val_px, val_sh)["class_accuracy"]))
+            curve.append((step, *progress(score(tower, head, config, val_px, val_sh))))
     train_s = time.perf_counter() - t0
     final = score(tower, head, config, val_px, val_sh)
     seen = None if args.fresh else score(tower, head, config, train_px[:len(val_px)], train_sh[:len(val_px)])["class_accuracy"]
@@ -292,7 +364,7 @@ def run(args) -> dict:
         torch.save({"tower": tower.state_dict(), "head": head.state_dict(), "config": vars(args)}, args.save)
     replaced = put_tower(args.into, tower, args.out) if args.into else 0
     return {**{k: getattr(args, k) for k in ("init", "image_size", "patch", "width", "layers", "base", "threads",
-                                             "batch", "lr", "augment", "fresh", "fresh_from", "make_size", "workers", "into", "out")},
+                                             "batch", "lr", "word_weight", "char_weight", "augment", "fresh", "fresh_from", "make_size", "workers", "into", "out")},
             "device": str(device), "parameters": sum(p.numel() for p in tower.parameters()), "steps": step,
             "images_seen": step * args.batch, "images_made_s": round(made_s, 1),
             "s_per_step": round(train_s / max(step, 1), 3), "train_images": 0 if args.fresh else len(train_px),
@@ -316,6 +388,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--score-every", type=int, default=500)
+    ap.add_argument("--word-weight", type=float, default=0.0, help="> 0: the tower learns to read the word "
+                    "too, its cross-entropy weighted so (0: shape classes only)")
+    ap.add_argument("--char-weight", type=float, default=0.0, help="> 0: each text token names the character "
+                    "under it too (the codes' part), weighted so")
     ap.add_argument("--augment", action="store_true", help="a random flip / quarter turn of each batch")
     ap.add_argument("--save", help="write the trained tower and head here (torch.save of their state dicts)")
     ap.add_argument("--fresh", action="store_true", help="a new image for every example (no --train-images)")
@@ -330,6 +406,8 @@ def main() -> None:
     args = ap.parse_args()
     if bool(args.into) != bool(args.out):
         ap.error("--into and --out go together")
+    if (args.word_weight or args.char_weight) and args.augment:
+        ap.error("--augment flips and turns the words too: leave it off with --word-weight / --char-weight")
     print(json.dumps(run(args)))
 
 

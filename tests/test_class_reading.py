@@ -31,7 +31,7 @@ def model(tmp_path_factory):
 def test_tower_probe_counts_each_image_class_pair_and_fits_them(reading, model):
     probe = reading.probe
     _, shares = probe.make_images(6, 777)
-    expected = int((probe.cell_shares(shares, 8).flatten(2)[:, 1:].sum(-1) >= 0.5).sum())
+    expected = int((probe.cell_shares(shares, 8).flatten(2)[:, 1:probe.K].sum(-1) >= 0.5).sum())
     args = argparse.Namespace(checkpoint=str(model), cache=None, fit=6, val_images=2, workers=0)
     out = reading.tower_reading(args)
     assert out["fit_pairs"] == expected > 0 and out["val_pairs"] > 0

@@ -2,7 +2,9 @@
 tower pretraining. Its targets pool right, its loss and score agree (a tower that memorises a few
 images scores them ~1.0), augmentation turns pixels and targets together, fresh batches never repeat,
 a trained tower put into a checkpoint replaces exactly the tower, bad shapes are refused with a
-message, and a run ends with the fields the README's tables quote."""
+message, and a run ends with the fields the README's tables quote. With --word-weight / --char-weight the word's
+box lands in its word's channel and its characters split it, and a tower that memorises a few images
+reads their words and characters."""
 
 import argparse
 
@@ -21,7 +23,8 @@ def probe():
 def args(**kw):
     base = dict(base=None, init="scratch", image_size=112, patch=14, width=64, layers=2, cache=None, seconds=60.0,
                 steps=2, train_images=4, val_images=3, batch=4, lr=1e-3, threads=1, score_every=1, augment=False,
-                save=None, fresh=False, fresh_from=0, make_size=None, workers=0, device="cpu", into=None, out=None)
+                save=None, fresh=False, fresh_from=0, make_size=None, workers=0, device="cpu", into=None, out=None,
+                word_weight=0.0, char_weight=0.0)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -29,12 +32,13 @@ def args(**kw):
 def test_cell_shares_sum_to_one_on_each_grid(probe, grid):
     _, shares = probe.make_images(3, 777)
     cells = probe.cell_shares(shares, grid)
-    assert cells.shape == (3, 7, grid, grid)
-    assert torch.allclose(cells.sum(1), torch.ones(3, grid, grid), atol=1e-5)
+    assert cells.shape == (3, probe.CHANNELS, grid, grid)
+    assert torch.allclose(cells[:, :7].sum(1), torch.ones(3, grid, grid), atol=1e-5)
     # an 8x8 cell is the mean of its 2x2 block of 14 px cells
     if grid == 8:
-        block = shares[:, :, :2, :2].mean((2, 3))
-        assert torch.allclose(cells[:, :, 0, 0], block / block.sum(1, keepdim=True), atol=1e-5)
+        block = shares[:, :7, :2, :2].mean((2, 3))
+        assert torch.allclose(cells[:, :7, 0, 0], block / block.sum(1, keepdim=True), atol=1e-5)
+        assert torch.allclose(cells[:, 7:], torch.nn.functional.avg_pool2d(shares[:, 7:], 2))  # text shares: not renormalised
 
 
 def test_a_tower_that_memorises_its_images_scores_them_near_one(probe):
@@ -95,7 +99,7 @@ def test_augmentation_turns_pixels_and_targets_together(probe):
 def test_fresh_batches_are_new_images_and_differ_between_workers(probe):
     batches = iter(probe.FreshBatches(3))
     first, second = next(batches), next(batches)
-    assert first[0].shape == (3, 3, 224, 224) and first[1].shape == (3, 7, 16, 16)
+    assert first[0].shape == (3, 3, 224, 224) and first[1].shape == (3, probe.CHANNELS, 16, 16)
     assert not torch.equal(first[0], second[0])
     cached, _ = probe.make_images(3, 777)  # the --train-images set
     assert not torch.equal(first[0], cached)
@@ -122,7 +126,7 @@ def test_make_size_draws_the_training_images_at_that_side(probe):
     pixels, shares = probe.make_images(2, 779, 0, 224)  # drawn at 224: nothing resampled
     assert torch.equal(pixels[1], torch.from_numpy(np.asarray(shapes2.make_sample(1, 779, 224).image.convert("RGB")).copy()).permute(2, 0, 1))
     assert not torch.equal(pixels, probe.make_images(2, 779)[0])  # the free sizes are other images
-    assert torch.allclose(shares.sum(1), torch.ones(2, 16, 16))
+    assert torch.allclose(shares[:, :7].sum(1), torch.ones(2, 16, 16))
     assert torch.equal(next(iter(probe.FreshBatches(2, 224)))[0], pixels)
     out = probe.run(args(fresh=True, make_size=224))
     assert out["make_size"] == 224 and out["images_seen"] == 8
@@ -172,3 +176,70 @@ def test_images_made_by_workers_are_the_serial_ones(probe):
     assert torch.equal(pixels, serial[0]) and torch.equal(shares, serial[1])
     chunks = probe.ImageChunks(7, 777, chunk=3)
     assert len(chunks) == 3 and torch.equal(torch.cat([chunks[i][0] for i in range(3)]), serial[0])
+
+
+def test_the_word_box_fills_its_words_channel_and_its_characters_split_it(probe):
+    from palikit.demo import shapes2
+
+    seen = set()
+    for i in range(40):
+        sample = shapes2.make_sample(i, 777)
+        _, shares = probe.make_images(1, 777, i)
+        words, chars = shares[0, probe.K:probe.K + probe.W], shares[0, probe.K + probe.W:]  # [21, 16, 16], [34, 16, 16]
+        if sample.word is None:
+            assert words.sum() == chars.sum() == 0
+            continue
+        word = probe.WORD_CLASSES.index(sample.word) if sample.word in probe.WORD_CLASSES else probe.W - 1
+        seen.add(word == probe.W - 1)
+        assert words.sum((1, 2)).argmax() == word and words.sum() == words[word].sum() > 0
+        (x0, y0, x1, y1), (w, h) = sample.text_box, sample.image.size
+        area = (round(x1 * 224 / w) - round(x0 * 224 / w)) * (round(y1 * 224 / h) - round(y0 * 224 / h))
+        assert abs(words[word].sum().item() * 14 * 14 - area) < 1  # the box's pixels, pooled into 14 px cells
+        assert abs(chars.sum().item() - words.sum().item()) < 1e-3  # the characters tile the box
+        assert {probe.CHAR_CLASSES[c] for c in range(len(probe.CHAR_CLASSES)) if chars[c].sum() > 0} == set(sample.word)
+        columns = [int(chars[probe.CHAR_CLASSES.index(c)].sum(0).nonzero().float().mean()) for c in sample.word]
+        assert columns == sorted(columns)  # left to right, in the word's order
+    assert seen == {True, False}  # both a word and a code among them
+
+
+def test_a_tower_that_memorises_its_images_reads_their_words_and_characters(probe):
+    torch.manual_seed(0)
+    pixels, shares = probe.make_images(24, 777)
+    config = probe.tower_config(args())
+    tower, head = probe.build_tower(None, "scratch", config), torch.nn.Linear(config.hidden_size, probe.CHANNELS)
+    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=3e-3)
+    target = probe.cell_shares(shares, 8).flatten(2).transpose(1, 2)  # [24, 64, CHANNELS]
+    before = probe.score(tower, head, config, pixels, shares)
+    for _ in range(150):
+        loss = probe.probe_loss(head(tower(probe.tower_input(pixels, 112))), target, word_weight=1.0, char_weight=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = probe.score(tower, head, config, pixels, shares)
+    assert after["word_images"] == before["word_images"] >= 8 and after["char_cells"] >= 10
+    assert after["word_accuracy"] >= 0.9 > before["word_accuracy"]
+    assert after["char_accuracy"] >= 0.8 > before["char_accuracy"]
+    assert after["class_accuracy"] >= 0.9
+
+
+def test_a_reading_run_reports_its_accuracies_and_refuses_an_older_cache(probe, tmp_path):
+    out = probe.run(args(word_weight=1.0, char_weight=0.5, val_images=12))
+    assert out["word_weight"] == 1.0 and out["char_weight"] == 0.5
+    assert out["word_images"] > 0 and 0 <= out["word_accuracy"] <= 1 and 0 <= out["char_accuracy"] <= 1
+    assert all(len(point) == 4 for point in out["curve"])  # (step, class, word, character accuracy)
+    old = tmp_path / "old.pt"
+    pixels, shares = probe.make_images(2, 777)
+    torch.save(((pixels, shares[:, :7]), (pixels, shares[:, :7])), old)  # a cache made before the text channels
+    with pytest.raises(SystemExit, match="before the word and character channels"):
+        probe.run(args(cache=str(old)))
+
+
+def test_augment_with_words_is_refused_before_any_work():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "tower_probe.py"
+    done = subprocess.run([sys.executable, str(script), "--char-weight", "1", "--augment"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "leave it off with --word-weight" in done.stderr

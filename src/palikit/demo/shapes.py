@@ -70,6 +70,7 @@ class Sample:
     shapes: list[Shape]
     word: str | None
     index: int
+    text_box: tuple[int, int, int, int] | None = None  # the word's pixel box (shapes v2 only)
 
 
 def _background(rng: random.Random, size: int) -> Image.Image:

@@ -303,7 +303,7 @@ def make_sample(index: int, seed: int = 0, size=None, word_prob: float = 0.5,
     image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     if rng.random() < 0.15:
         image = image.filter(ImageFilter.GaussianBlur(0.6))
-    return Sample(image, shapes, word, index)
+    return Sample(image, shapes, word, index, text_box if word else None)
 
 
 # ------------------------------------------------------------------------------ targets
