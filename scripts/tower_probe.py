@@ -63,7 +63,7 @@ BASE_TOWER = VisionConfig(image_size=SIZE, patch_size=28, hidden_size=128, inter
 
 
 def make_images(n: int, seed: int, start: int = 0, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 pixels [n, 3, 224, 224] and the shares of every 14 px cell [n, 7 + 21, 16, 16] of the samples
+    """uint8 pixels [n, 3, 224, 224] and the shares of every 14 px cell [n, CHANNELS, 16, 16] of the samples
     start .. start + n - 1, drawn at `size` x `size` (None: the generator's free sides and aspect ratios,
     squashed to 224 as the preprocessing does): each class's (plus background, first) share, the word's
     box in the channel of its `WORD_CLASSES` entry, then each character's part of that box (split
@@ -244,7 +244,7 @@ def score(tower, head, config: VisionConfig, pixels: torch.Tensor, shares14: tor
     device = next(tower.parameters()).device
     for i in range(0, len(pixels), 64):
         x = tower_input(pixels[i:i + 64].to(device), config.image_size)
-        logits = head(tower(x)).float().transpose(1, 2).reshape(len(x), -1, g, g).cpu()  # [B, 7 (+ 21), g, g]
+        logits = head(tower(x)).float().transpose(1, 2).reshape(len(x), -1, g, g).cpu()  # [B, 7 or CHANNELS, g, g]
         if g != SIZE // CELL:
             logits = F.avg_pool2d(logits, g // (SIZE // CELL))
         p, shares = logits[:, :K].softmax(1), cell_shares(shares14[i:i + 64], SIZE // CELL)
@@ -348,7 +348,7 @@ def run(args) -> dict:
     batches, t0 = training_batches(args, train_px, train_sh), time.perf_counter()
     while time.perf_counter() - t0 < args.seconds and (not args.steps or step < args.steps):
         px, sh = next(batches)
-        target = cell_shares(sh.to(device), config.image_size // config.patch_size).flatten(2).transpose(1, 2)  # [B, N, 7]
+        target = cell_shares(sh.to(device), config.image_size // config.patch_size).flatten(2).transpose(1, 2)  # [B, N, CHANNELS]
         loss = probe_loss(head(tower(tower_input(px.to(device), config.image_size))), target, args.word_weight,
                           args.char_weight)
         opt.zero_grad()
