@@ -1,6 +1,6 @@
-"""The demo model's checkpoint format and the CLI around it: the folder the recipe produces (our
-tokenizer.json, preprocessor_config.json, DEMO_CONFIG weights in the Hub layout) loads in transformers
-and gives palikit's answers token for token; without `--model` the CLI uses the bundled model and says
+"""The demo model's checkpoint format and the CLI around it: the folders the v1 and v2 builds produce
+(our tokenizer.json, preprocessor_config.json, DEMO_CONFIG / DEMO2_CONFIG weights in the Hub layout)
+load in transformers and give palikit's answers token for token (v2 on free-size, non-square images); without `--model` the CLI uses the bundled model and says
 so in one line (or says clearly that none is bundled); `palikit demo` runs every task on the test
 split's images, prints expected answers and writes annotated PNGs."""
 
@@ -14,7 +14,8 @@ import torch
 from palikit.api import PaliGemma
 from palikit.cli import main
 from palikit.cli import predict as cli_predict
-from palikit.demo.build import DEMO2_CONFIG, DEMO_CONFIG, build_initial_checkpoint, build_tokenizer
+from palikit.demo import shapes2
+from palikit.demo.build import DEMO2_CONFIG, DEMO_CONFIG, build, build_initial_checkpoint, build_tokenizer
 from palikit.demo.shapes import make_sample
 from palikit.tasks.mask_codec import make_random_codec
 from palikit.testing import make_tiny_checkpoint
@@ -29,15 +30,34 @@ def recipe_checkpoint(tmp_path_factory):
     return build_initial_checkpoint(out, tok, seed=3)
 
 
-@pytest.mark.parametrize("which", ["recipe-init", "bundled"])
-def test_the_demo_checkpoint_loads_in_transformers_and_answers_the_same(which, recipe_checkpoint):
+@pytest.fixture(scope="module")
+def v2_checkpoint(tmp_path_factory):
+    """What `python -m palikit.demo.build --version 2` hands to training: 224 px / patch 28, structured init."""
+    out = tmp_path_factory.mktemp("demo2-build")
+    build(out, n_train=4, n_val=2, n_test=2, codec_images=8, codec_steps=3, progress=False, version=2)
+    return out / "init"
+
+
+def _parity_images(image_size: int) -> list:
+    """v1's square 112 px images for a v1 model; shapes v2's free sizes and aspect ratios (what the
+    preprocessing squashes to 224 px, the same way in transformers' image processor) for a v2 one."""
+    if image_size == DEMO2_CONFIG.vision.image_size:
+        images = [shapes2.make_sample(i, seed=2_000_003).image for i in range(3)]
+        assert len({im.size for im in images}) == 3 and any(w != h for w, h in (im.size for im in images))
+        return images
+    return [make_sample(i, seed=2_000_003).image for i in range(2)]
+
+
+@pytest.mark.parametrize("which", ["recipe-init", "v2-init", "bundled"])
+def test_the_demo_checkpoint_loads_in_transformers_and_answers_the_same(which, recipe_checkpoint, request):
     """transformers (eager, fp32) reads the folder -- weights, tokenizer.json, preprocessor_config.json
-    -- and greedy generation gives palikit's tokens for every task prompt: the recipe's initial
-    checkpoint and the trained model the package ships."""
+    -- and greedy generation gives palikit's tokens for every task prompt: v1's and v2's initial
+    checkpoints (v2 on free-size images, with a referring prompt) and the trained model the package ships."""
     import transformers
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    folder = recipe_checkpoint if which == "recipe-init" else cli_predict.bundled_demo_model()
+    folder = {"recipe-init": lambda: recipe_checkpoint, "v2-init": lambda: request.getfixturevalue("v2_checkpoint"),
+              "bundled": cli_predict.bundled_demo_model}[which]()
     assert folder is not None, "the package ships no demo model (src/palikit/assets/demo-model)"
     answered = 0
     hf = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
@@ -52,8 +72,9 @@ def test_the_demo_checkpoint_loads_in_transformers_and_answers_the_same(which, r
     assert json.loads((folder / "preprocessor_config.json").read_text())["image_seq_length"] == n_img
     prompts = ["caption en", "detect circle ; square ; triangle", "segment square", "ocr",
                "answer en how many circles are there", "answer en what color is the triangle"]
-    for i in range(2):
-        image = make_sample(i, seed=2_000_003).image
+    if ours.model.config.vision.image_size == DEMO2_CONFIG.vision.image_size:
+        prompts += ["detect the red circle", "segment the largest square"]
+    for i, image in enumerate(_parity_images(ours.model.config.vision.image_size)):
         pixels = hf_proc(images=image, return_tensors="pt")["pixel_values"]  # [1, 3, H, W]
         assert torch.allclose(pixels, ours.processor.preprocess_with_sizes([image])[0], atol=1e-6)
         for prompt in prompts:
