@@ -15,8 +15,8 @@ character under it (the word's box split evenly among its characters: `CHAR_CLAS
 cross-entropy weighted c), the part a code needs; scored on the cells one character dominates
 (`char_accuracy`).
 
-    python scripts/tower_probe.py --base work/v2cont/run/final --init tune --patch 28 --seconds 300
-    python scripts/tower_probe.py --base work/s27/e6/run/final --init tune --word-weight 1 --char-weight 1 \
+    python scripts/tower_probe.py --base work/demo2/init --init tune --patch 28 --seconds 300
+    python scripts/tower_probe.py --base work/demo2/run/final --init tune --word-weight 1 --char-weight 1 \
         --fresh --make-size 224 --workers 1 --threads 1 --seconds 1500   # can it learn to read?
 
 --init: frozen (a linear head on the base tower), tune (the base tower trained with the head), scratch
@@ -373,7 +373,8 @@ def run(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", default="work/v2cont/run/final", help="a v2 demo checkpoint (Hub layout)")
+    ap.add_argument("--base", default="work/demo2/init", help="a v2 demo checkpoint (Hub layout; default: the v2 "
+                    "build's initial one)")
     ap.add_argument("--init", choices=("frozen", "tune", "scratch"), default="tune")
     ap.add_argument("--image-size", type=int, choices=(112, 224), default=224)
     ap.add_argument("--patch", type=int, choices=(7, 14, 28), default=28)

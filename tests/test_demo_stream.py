@@ -91,24 +91,19 @@ def test_palikit_train_on_the_stream_with_workers(tmp_path):
 
 @pytest.mark.slow
 def test_the_gpu_script_trains_stops_at_its_budget_and_scores(tmp_path):
-    """scripts/demo2_gpu.sh (the one device command for demo v2) rehearsed on the CPU: a random v2
-    model (224 px / 28 px patches, v2's tokenizer) whose tower is pretrained for 3 s on fresh images
-    made by a worker and put in, then 3 decoder-only caption steps on it, a 12-image test split, a budget of
-    0.1 min that ends the mix (tower frozen too) before its 400 steps; the run is exported and scored, and
+    """scripts/demo2_gpu.sh (the one device command for demo v2) rehearsed on the CPU from a bare
+    checkout: it makes the v2 build itself (tokenizer, codec, a 12-image test split, the initial
+    224 px / 28 px checkpoint warm-started from the bundled v1 model), pretrains the tower for 3 s on
+    fresh images made by a worker and puts it in, runs 3 decoder-only caption steps on it, then a budget
+    of 0.1 min ends the mix (tower frozen too) before its 400 steps; the run is exported and scored, and
     the last line is the JSON the device run brings back."""
     import json
     import os
-    import shutil
     from pathlib import Path
 
-    from palikit.demo.build import SPECS, build_initial_checkpoint, build_tokenizer
-    from palikit.demo.shapes import codec_seg_fn
-
-    data = shapes2.write_split(tmp_path / "data", "test", 12, seg_fn=codec_seg_fn(MaskCodec.from_npz(CODEC)))
-    shutil.copy(CODEC, tmp_path / "vae-oid.npz")
-    base = build_initial_checkpoint(tmp_path, build_tokenizer(tmp_path, 2), 0, SPECS[2])
-    out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "BASE": str(base), "CODEC": str(CODEC), "DATA": str(data),
+    out, build = tmp_path / "out", tmp_path / "build"
+    env = {**os.environ, "OUT": str(out), "BUILD": str(build),
+           "BUILD_ARGS": "--train 4 --val 2 --test 12 --codec-images 8 --codec-steps 3",
            "STEPS": "400", "BATCH": "4", "WORKERS": "1", "LIMIT": "2", "MINUTES": "0.1", "PY": sys.executable,
            "TOWER_MINUTES": "0.05", "TOWER_BATCH": "8", "DECODER_STEPS": "3"}
     script = Path(__file__).parents[1] / "scripts" / "demo2_gpu.sh"
@@ -116,6 +111,9 @@ def test_the_gpu_script_trains_stops_at_its_budget_and_scores(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + (out / "train.log").read_text()[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert 0 < result["steps"] < 400 and result["batch"] == 4
+    built = json.loads((out / "build.json").read_text())
+    assert built["version"] == 2 and built["splits"]["test"] == 12 and result["build_s"] >= 0
+    assert (build / "init" / "model.safetensors").is_file() and (build / "vae-oid.npz").is_file()
     tower = json.loads((out / "tower.json").read_text())
     assert result["tower"]["steps"] == tower["steps"] > 0 and tower["tensors_replaced"] > 20
     assert tower["fresh"] and tower["train_images"] == 0 and tower["make_size"] == 224 and tower["augment"]

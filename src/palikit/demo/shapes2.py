@@ -268,7 +268,8 @@ def make_sample(index: int, seed: int = 0, size=None, word_prob: float = 0.5,
                 classes: tuple[str, ...] = CLASSES) -> Sample:
     """One image with its ground truth; the same (index, seed, size, classes) always gives the same
     sample (with the same installed fonts). `size`: None (random sides in `SIDES`, aspect up to 2.5:1),
-    an int (square) or (width, height). `sample.shapes` are `Shape2`s in drawing order (later on top)."""
+    an int (square) or (width, height). `sample.shapes` are `Shape2`s in drawing order (later on top);
+    there is always one at least (a word that leaves no room for any is left out)."""
     rng = random.Random(seed * 1_000_003 + index)
     w, h = _canvas(rng, size)
     arr, _kind = background(rng, w, h)
@@ -297,6 +298,8 @@ def make_sample(index: int, seed: int = 0, size=None, word_prob: float = 0.5,
         for o in shapes:  # the new shape hides what it covers
             o.mask &= ~shape.full_mask
         shapes.append(shape)
+    if not shapes and word:  # the word left no room (a tiny image): the same image without a word
+        return make_sample(index, seed, size, 0.0, classes)
     for s in shapes:  # tight boxes around the visible part
         ys, xs = np.nonzero(s.mask)
         s.box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
