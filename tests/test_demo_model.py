@@ -1,8 +1,9 @@
 """The demo model's checkpoint format and the CLI around it: the folders the v1 and v2 builds produce
 (our tokenizer.json, preprocessor_config.json, DEMO_CONFIG / DEMO2_CONFIG weights in the Hub layout)
-load in transformers and give palikit's answers token for token (v2 on free-size, non-square images); without `--model` the CLI uses the bundled model and says
-so in one line (or says clearly that none is bundled); `palikit demo` runs every task on the test
-split's images, prints expected answers and writes annotated PNGs."""
+load in transformers and give palikit's answers token for token (v2 on free-size, non-square images);
+without `--model` the CLI uses the bundled model and says so in one line (or says clearly that none is
+bundled); `palikit demo` runs every task on the test split's images, prints expected answers and writes
+annotated PNGs."""
 
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ def v2_checkpoint(tmp_path_factory):
     return out / "init"
 
 
-def _parity_images(image_size: int) -> list:
+def _parity_images(v2: bool) -> list:
     """v1's square 112 px images for a v1 model; shapes v2's free sizes and aspect ratios (what the
     preprocessing squashes to 224 px, the same way in transformers' image processor) for a v2 one."""
-    if image_size == DEMO2_CONFIG.vision.image_size:
+    if v2:
         images = [shapes2.make_sample(i, seed=2_000_003).image for i in range(3)]
         assert len({im.size for im in images}) == 3 and any(w != h for w, h in (im.size for im in images))
         return images
@@ -49,15 +50,15 @@ def _parity_images(image_size: int) -> list:
 
 
 @pytest.mark.parametrize("which", ["recipe-init", "v2-init", "bundled"])
-def test_the_demo_checkpoint_loads_in_transformers_and_answers_the_same(which, recipe_checkpoint, request):
+def test_the_demo_checkpoint_loads_in_transformers_and_answers_the_same(which, request):
     """transformers (eager, fp32) reads the folder -- weights, tokenizer.json, preprocessor_config.json
     -- and greedy generation gives palikit's tokens for every task prompt: v1's and v2's initial
     checkpoints (v2 on free-size images, with a referring prompt) and the trained model the package ships."""
     import transformers
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    folder = {"recipe-init": lambda: recipe_checkpoint, "v2-init": lambda: request.getfixturevalue("v2_checkpoint"),
-              "bundled": cli_predict.bundled_demo_model}[which]()
+    folder = (cli_predict.bundled_demo_model() if which == "bundled" else
+              request.getfixturevalue({"recipe-init": "recipe_checkpoint", "v2-init": "v2_checkpoint"}[which]))
     assert folder is not None, "the package ships no demo model (src/palikit/assets/demo-model)"
     answered = 0
     hf = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
@@ -72,9 +73,10 @@ def test_the_demo_checkpoint_loads_in_transformers_and_answers_the_same(which, r
     assert json.loads((folder / "preprocessor_config.json").read_text())["image_seq_length"] == n_img
     prompts = ["caption en", "detect circle ; square ; triangle", "segment square", "ocr",
                "answer en how many circles are there", "answer en what color is the triangle"]
-    if ours.model.config.vision.image_size == DEMO2_CONFIG.vision.image_size:
+    v2 = ours.model.config.vision.image_size == DEMO2_CONFIG.vision.image_size
+    if v2:
         prompts += ["detect the red circle", "segment the largest square"]
-    for i, image in enumerate(_parity_images(ours.model.config.vision.image_size)):
+    for i, image in enumerate(_parity_images(v2)):
         pixels = hf_proc(images=image, return_tensors="pt")["pixel_values"]  # [1, 3, H, W]
         assert torch.allclose(pixels, ours.processor.preprocess_with_sizes([image])[0], atol=1e-6)
         for prompt in prompts:

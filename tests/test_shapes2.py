@@ -206,7 +206,6 @@ def test_any_image_size(size):
         assert s.mask.shape == (h, w) and 0 <= s.box[0] < s.box[2] <= w and 0 <= s.box[1] < s.box[3] <= h
 
 
-
 def test_a_tiny_image_always_holds_a_shape():
     """At 32 px a word can leave no room for any shape: the sample is then drawn without the word
     (with some installed fonts index 2 at 32x32 came out with a word and no shape)."""

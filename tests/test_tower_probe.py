@@ -33,28 +33,33 @@ def test_cell_shares_sum_to_one_on_each_grid(probe, grid):
     _, shares = probe.make_images(3, 777)
     cells = probe.cell_shares(shares, grid)
     assert cells.shape == (3, probe.CHANNELS, grid, grid)
-    assert torch.allclose(cells[:, :7].sum(1), torch.ones(3, grid, grid), atol=1e-5)
+    assert torch.allclose(cells[:, :probe.K].sum(1), torch.ones(3, grid, grid), atol=1e-5)
     # an 8x8 cell is the mean of its 2x2 block of 14 px cells
     if grid == 8:
-        block = shares[:, :7, :2, :2].mean((2, 3))
-        assert torch.allclose(cells[:, :7, 0, 0], block / block.sum(1, keepdim=True), atol=1e-5)
-        assert torch.allclose(cells[:, 7:], torch.nn.functional.avg_pool2d(shares[:, 7:], 2))  # text shares: not renormalised
+        block = shares[:, :probe.K, :2, :2].mean((2, 3))
+        assert torch.allclose(cells[:, :probe.K, 0, 0], block / block.sum(1, keepdim=True), atol=1e-5)
+        assert torch.allclose(cells[:, probe.K:], torch.nn.functional.avg_pool2d(shares[:, probe.K:], 2))  # text shares: not renormalised
 
 
-def test_a_tower_that_memorises_its_images_scores_them_near_one(probe):
+def memorise(probe, n: int, outputs: int, **weights) -> tuple[dict, dict]:
+    """A small scratch tower and head trained 150 steps on `n` made images; their scores before and after."""
     torch.manual_seed(0)
-    pixels, shares = probe.make_images(16, 777)
+    pixels, shares = probe.make_images(n, 777)
     config = probe.tower_config(args())
-    tower, head = probe.build_tower(None, "scratch", config), torch.nn.Linear(config.hidden_size, 7)
+    tower, head = probe.build_tower(None, "scratch", config), torch.nn.Linear(config.hidden_size, outputs)
     opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=3e-3)
-    target = probe.cell_shares(shares, 8).flatten(2).transpose(1, 2)  # [16, 64, 7]
+    target = probe.cell_shares(shares, 8).flatten(2).transpose(1, 2)  # [n, 64, CHANNELS]
     before = probe.score(tower, head, config, pixels, shares)
     for _ in range(150):
-        loss = probe.probe_loss(head(tower(probe.tower_input(pixels, 112))), target)
+        loss = probe.probe_loss(head(tower(probe.tower_input(pixels, 112))), target, **weights)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = probe.score(tower, head, config, pixels, shares)
+    return before, probe.score(tower, head, config, pixels, shares)
+
+
+def test_a_tower_that_memorises_its_images_scores_them_near_one(probe):
+    before, after = memorise(probe, 16, probe.K)
     assert after["shape_cells"] == sum(map(sum, after["confusion"])) > 20
     assert after["class_accuracy"] >= 0.9 > before["class_accuracy"]
     assert after["fg_bg_accuracy"] >= 0.95
@@ -83,7 +88,7 @@ def test_a_run_reports_its_curve_and_confusion(probe, tmp_path):
 def test_augmentation_turns_pixels_and_targets_together(probe):
     pixels = torch.zeros(1, 3, 224, 224, dtype=torch.uint8)
     pixels[..., 0:14, 14:28] = 255  # a bright 14 px cell at row 0, column 1
-    shares = torch.zeros(1, 7, 16, 16)
+    shares = torch.zeros(1, probe.K, 16, 16)
     shares[0, 0] = 1
     shares[0, :, 0, 1] = torch.tensor([0, 0, 0, 1.0, 0, 0, 0])  # its target: a triangle
     gen, placements = torch.Generator().manual_seed(3), set()
@@ -126,7 +131,7 @@ def test_make_size_draws_the_training_images_at_that_side(probe):
     pixels, shares = probe.make_images(2, 779, 0, 224)  # drawn at 224: nothing resampled
     assert torch.equal(pixels[1], torch.from_numpy(np.asarray(shapes2.make_sample(1, 779, 224).image.convert("RGB")).copy()).permute(2, 0, 1))
     assert not torch.equal(pixels, probe.make_images(2, 779)[0])  # the free sizes are other images
-    assert torch.allclose(shares[:, :7].sum(1), torch.ones(2, 16, 16))
+    assert torch.allclose(shares[:, :probe.K].sum(1), torch.ones(2, 16, 16))
     assert torch.equal(next(iter(probe.FreshBatches(2, 224)))[0], pixels)
     out = probe.run(args(fresh=True, make_size=224))
     assert out["make_size"] == 224 and out["images_seen"] == 8
@@ -203,19 +208,7 @@ def test_the_word_box_fills_its_words_channel_and_its_characters_split_it(probe)
 
 
 def test_a_tower_that_memorises_its_images_reads_their_words_and_characters(probe):
-    torch.manual_seed(0)
-    pixels, shares = probe.make_images(24, 777)
-    config = probe.tower_config(args())
-    tower, head = probe.build_tower(None, "scratch", config), torch.nn.Linear(config.hidden_size, probe.CHANNELS)
-    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=3e-3)
-    target = probe.cell_shares(shares, 8).flatten(2).transpose(1, 2)  # [24, 64, CHANNELS]
-    before = probe.score(tower, head, config, pixels, shares)
-    for _ in range(150):
-        loss = probe.probe_loss(head(tower(probe.tower_input(pixels, 112))), target, word_weight=1.0, char_weight=1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = probe.score(tower, head, config, pixels, shares)
+    before, after = memorise(probe, 24, probe.CHANNELS, word_weight=1.0, char_weight=1.0)
     assert after["word_images"] == before["word_images"] >= 8 and after["char_cells"] >= 10
     assert after["word_accuracy"] >= 0.9 > before["word_accuracy"]
     assert after["char_accuracy"] >= 0.8 > before["char_accuracy"]
@@ -229,7 +222,7 @@ def test_a_reading_run_reports_its_accuracies_and_refuses_an_older_cache(probe, 
     assert all(len(point) == 4 for point in out["curve"])  # (step, class, word, character accuracy)
     old = tmp_path / "old.pt"
     pixels, shares = probe.make_images(2, 777)
-    torch.save(((pixels, shares[:, :7]), (pixels, shares[:, :7])), old)  # a cache made before the text channels
+    torch.save(((pixels, shares[:, :probe.K]), (pixels, shares[:, :probe.K])), old)  # a cache made before the text channels
     with pytest.raises(SystemExit, match="before the word and character channels"):
         probe.run(args(cache=str(old)))
 
