@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from palikit.eval import evaluate, load_coco, load_jsonl
-from palikit.train.data import DataError
+from palikit.datafiles import DataError
 from palikit.train.data import load_jsonl as train_load_jsonl
 
 pytestmark = pytest.mark.slow  # real `palikit eval` processes and signals

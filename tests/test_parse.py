@@ -110,7 +110,7 @@ def tokenizer(request, tmp_path_factory):
     from palikit.tokenizer import Tokenizer, build_tokenizer
 
     if request.param == "demo":  # the bundled demo model's tokenizer (Gemma-style, loc/seg atomic)
-        from palikit.cli.predict import bundled_demo_model
+        from palikit.assets import bundled_demo_model
 
         return Tokenizer.from_file(bundled_demo_model())
     folder = tmp_path_factory.mktemp("tok")

@@ -242,7 +242,7 @@ def test_adapter_is_merged_by_the_workers_and_keys_the_resume(ckpt, ray_local, t
     import torch
 
     from palikit.cli import main
-    from palikit.train.adapter import save_lora_adapter
+    from palikit.weights.adapter import save_lora_adapter
     from palikit.train.modes import all_linear_targets, inject_lora
     from palikit.weights.hf import load_hf_checkpoint
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from palikit import PaliGemma
-from palikit.cli.predict import bundled_demo_model
+from palikit.assets import bundled_demo_model
 from palikit.weights.resolve import get_config
 from palikit.engine import serve_bench as sb
 from palikit.engine.serve_backends import random_tokenizer

@@ -30,7 +30,7 @@ TOY = Task("colour_of", lambda shape, lang: f"answer {lang} what colour is the {
 @pytest.fixture(scope="module")
 def pg():
     from palikit.api import PaliGemma
-    from palikit.cli.predict import bundled_demo_model
+    from palikit.assets import bundled_demo_model
 
     return PaliGemma.from_pretrained(bundled_demo_model(), device="cpu")
 

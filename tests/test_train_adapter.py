@@ -66,7 +66,7 @@ def test_peft_format_adapter_loads_in_peft_transformers_and_palikit(tmp_path):
 
     from palikit.api import PaliGemma
     from palikit.testing import make_tiny_checkpoint
-    from palikit.train.adapter import load_lora_adapter
+    from palikit.train.modes import load_lora_adapter
     from palikit.weights.hf import load_hf_checkpoint
 
     base_dir = make_tiny_checkpoint(tmp_path / "base", "pg2", image_size=28)
@@ -111,7 +111,7 @@ def test_peft_format_adapter_loads_in_peft_transformers_and_palikit(tmp_path):
 
 def test_adapter_errors_are_clear(tmp_path):
     from palikit.testing import make_tiny_checkpoint
-    from palikit.train.adapter import load_lora_adapter
+    from palikit.train.modes import load_lora_adapter
     from palikit.weights.hf import load_hf_checkpoint
 
     base = make_tiny_checkpoint(tmp_path / "base", "pg1", image_size=28)

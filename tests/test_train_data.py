@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from palikit.train.data import DataError, box_tokens, decode_segmentation, load_coco, load_examples, load_jsonl
+from palikit.datafiles import DataError
+from palikit.train.data import box_tokens, decode_segmentation, load_coco, load_examples, load_jsonl
 from test_train_helpers import write_dataset, write_images
 
 

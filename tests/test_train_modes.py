@@ -12,7 +12,7 @@ import torch
 
 from palikit.config import PRESETS
 from palikit.model import build_model
-from palikit.train.adapter import load_lora_adapter
+from palikit.train.modes import load_lora_adapter
 from palikit.train.config import TrainConfig
 from palikit.train.data import load_jsonl
 from palikit.train.modes import apply_mode, count_trainable

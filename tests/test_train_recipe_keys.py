@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from palikit.cli import main
-from palikit.cli.predict import bundled_demo_model
+from palikit.assets import bundled_demo_model
 from palikit.train.config import TrainConfig
 from test_train_helpers import one_thread, write_dataset  # noqa: F401
 

@@ -61,25 +61,13 @@ class PaliGemma:
         from .preprocess import ImageProcessor
         from .runtime import resolve_device, resolve_dtype
         from .tokenizer import Tokenizer
+        from .weights.load import load_checkpoint
         from .weights.resolve import resolve
 
         files = resolve(model, tokenizer, mask_codec, revision)
         dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
-        if files.format == "npz":
-            from .weights.big_vision import load_npz_checkpoint
-
-            net = load_npz_checkpoint(files.weights, device=dev, dtype=dt, final_logit_softcap=final_logit_softcap,
-                                      sliding_window=sliding_window)
-        else:
-            from .weights.hf import load_hf_checkpoint
-
-            net = load_hf_checkpoint(files.weights, device=dev, dtype=dt, final_logit_softcap=final_logit_softcap,
-                                     sliding_window=sliding_window)
-        if adapter is not None:
-            from .train.adapter import load_lora_adapter
-
-            load_lora_adapter(net, adapter, merge=True)
+        net = load_checkpoint(files, device=dev, dtype=resolve_dtype(dtype, dev), adapter=adapter,
+                              final_logit_softcap=final_logit_softcap, sliding_window=sliding_window)
         tok = Tokenizer.from_file(files.tokenizer)
         size = net.config.vision.image_size
         proc = ImageProcessor.from_pretrained(files.preprocessor, default_size=size) if files.preprocessor else ImageProcessor(size=size)

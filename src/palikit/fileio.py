@@ -1,13 +1,16 @@
 """Atomic file writes: everything palikit writes for a user goes through a temporary file in the
 same folder, fsync, then `os.replace`, so a crash or kill leaves either the old file or the new
-one, never half of one."""
+one, never half of one; a folder (a checkpoint, an adapter) is filled under a temporary name and
+renamed into place the same way (`atomic_dir`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 
@@ -29,3 +32,46 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_dir(final: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
+    """Create `final` atomically: `fill(tmp_dir)` writes the content, then one rename publishes it.
+    An existing `final` is replaced (moved aside first, removed after the rename)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

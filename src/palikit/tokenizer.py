@@ -22,7 +22,7 @@ SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 IMAGE_TOKEN = "<image>"
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 _RESERVED = re.compile(r"^(<loc\d{4}>|<seg\d{3}>|<pad>|<eos>|<bos>|<unk>|<image>)$")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "paligemma_tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "paligemma_tokenizer.model")
 
 
 @dataclass
@@ -181,9 +181,9 @@ class Tokenizer:
         preferred). `require_loc_seg=False` accepts a tokenizer without any `<loc>`/`<seg>` tokens."""
         p = Path(path).expanduser()
         if p.is_dir():
-            found = next((p / n for n in _TOKENIZER_FILES if (p / n).is_file()), None)
+            found = next((p / n for n in TOKENIZER_FILES if (p / n).is_file()), None)
             if found is None:
-                raise FileNotFoundError(f"No tokenizer in folder {p} (looked for {', '.join(_TOKENIZER_FILES)}); "
+                raise FileNotFoundError(f"No tokenizer in folder {p} (looked for {', '.join(TOKENIZER_FILES)}); "
                                         "point at the checkpoint folder or the tokenizer file itself.")
             p = found
         elif not p.is_file():

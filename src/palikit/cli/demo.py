@@ -88,7 +88,7 @@ def judge_row(task: str, result, expected: str, truth: list) -> tuple[bool, str]
 
 def _load(model: str | None, out: Path, device: str, console):
     from ..api import PaliGemma
-    from .predict import DEMO_HINT, bundled_demo_model
+    from ..assets import DEMO_HINT, bundled_demo_model, default_model
 
     if model is None and bundled_demo_model() is None:
         from ..testing import make_tiny_checkpoint
@@ -97,10 +97,7 @@ def _load(model: str | None, out: Path, device: str, console):
                       "pipeline on a tiny RANDOM checkpoint (real on-disk format), so the answers below are noise. "
                       f"For real answers, {DEMO_HINT}.")
         model = str(make_tiny_checkpoint(out / "random-checkpoint", family="pg2", image_size=112))
-    elif model is None:
-        model = str(bundled_demo_model())
-        console.print(f"Using the bundled demo model (tiny, trained on synthetic shapes); {DEMO_HINT}.")
-    return PaliGemma.from_pretrained(model, device=device)
+    return PaliGemma.from_pretrained(default_model(model, log=console.print), device=device)
 
 
 @app.command()

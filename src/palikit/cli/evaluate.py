@@ -61,7 +61,7 @@ def evaluate(
     from ..eval.baselines import BaselineError, parse_baseline
     from ..eval.compare import evaluate_models
     from ..eval.runner import EvalInterrupted, sigterm_interrupts
-    from ..train.data import DataError
+    from ..datafiles import DataError
     from .predict import load_model
 
     common = dict(batch_size=batch_size, price_per_hour=price_per_hour, price_per_call=price_per_call,

@@ -12,21 +12,13 @@ from pathlib import Path
 
 import typer
 
-from ..demo.paths import bundled_demo_model
+from .. import assets
 from . import app
-
-DEMO_HINT = "point it at real weights with --model google/paligemma2-3b-mix-224 or a local checkpoint folder"
 
 
 def default_model(model: str | None) -> str:
-    """The given model, or the bundled demo model (saying so in one line)."""
-    if model is not None:
-        return model
-    demo = bundled_demo_model()
-    if demo is None:
-        raise ValueError(f"no --model given and this install has no bundled demo model; {DEMO_HINT}.")
-    print(f"Using the bundled demo model (tiny, trained on synthetic shapes); {DEMO_HINT}.", file=sys.stderr)
-    return str(demo)
+    """The given model, or the bundled demo model, said in one line on stderr (`assets.default_model`)."""
+    return assets.default_model(model, log=lambda line: print(line, file=sys.stderr))
 
 
 def load_model(model: str | None, device: str, dtype: str, tokenizer: str | None, compile: bool = False,

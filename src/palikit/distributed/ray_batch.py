@@ -301,7 +301,7 @@ def run_batch(
     run_labels = labels if labels is None or isinstance(labels, str) else list(labels)
     model_id = str(files.weights if files.format == "hf" else model)
     if adapter:  # a bad folder fails here with the reason, not inside a Ray worker
-        from ..train.adapter import read_adapter
+        from ..weights.adapter import read_adapter
 
         read_adapter(adapter)
         adapter = str(Path(adapter).resolve())  # the workers may run in another folder

@@ -300,9 +300,9 @@ def parse_baseline(spec: str, *, device: str = "auto", dtype: str = "auto") -> A
                                 "max_tokens": int, "price_in": float, "price_out": float}, spec)
         return OpenAIChat(base_url, model, **opts)
     if kind == "palikit" and rest:
-        from ..cli.predict import load_model
+        from ..api import PaliGemma
 
-        pg = load_model(rest, device, dtype, None)
+        pg = PaliGemma.from_pretrained(rest, device=device, dtype=dtype)
         pg.name = f"palikit:{rest}"
         return pg
     if kind == "coco-results" and rest:

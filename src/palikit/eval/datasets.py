@@ -1,6 +1,6 @@
 """Evaluation data: `Sample` / `EvalDataset` and the readers for JSONL and COCO json.
 
-The file-level reading is the training reader's (`palikit.train.data.read_jsonl_rows`, `read_coco`,
+The file-level reading is shared with training (`palikit.datafiles`: `read_jsonl_rows`, `read_coco`,
 `check_annotations`), so a broken line, an unknown category or a bad box reads the same in
 `palikit train` and `palikit eval`: the real line number / annotation id, the same message. A bad row
 raises `DataError` listing every problem (`strict=True`, the default) or is skipped and reported
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..train.data import DataError, Problem, check_annotations, read_coco, read_jsonl_rows
+from ..datafiles import DataError, Problem, check_annotations, read_coco, read_jsonl_rows
 
 log = logging.getLogger(__name__)
 

@@ -24,30 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..weights.export import atomic_write_json
+from ..fileio import atomic_dir
 
 CKPT_DIR = "checkpoints"
 PREFIX = "step-"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _torch_bytes(obj) -> bytes:
@@ -56,36 +36,6 @@ def _torch_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
-
-
-def atomic_dir(final: Path, fill) -> Path:
-    """Create `final` atomically: `fill(tmp_dir)` writes the content, then one rename publishes it.
-    An existing `final` is replaced (moved aside first, removed after the rename)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 def rng_state() -> dict:
@@ -126,10 +76,10 @@ def save_checkpoint(
     trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state()}
 
     def fill(tmp: Path):
-        _write(tmp / "trainable.safetensors", st_save(params, metadata={"format": "pt"}))
-        _write(tmp / "optimizer.pt", _torch_bytes(optimizer_state))
-        _write(tmp / "trainer_state.pt", _torch_bytes(trainer_state))
-        _write(tmp / "state.json", (json.dumps({"step": step, **info}, indent=1) + "\n").encode())
+        (tmp / "trainable.safetensors").write_bytes(st_save(params, metadata={"format": "pt"}))
+        (tmp / "optimizer.pt").write_bytes(_torch_bytes(optimizer_state))
+        (tmp / "trainer_state.pt").write_bytes(_torch_bytes(trainer_state))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=1) + "\n")
 
     return atomic_dir(Path(output_dir) / CKPT_DIR / f"{PREFIX}{step:08d}", fill)
 
@@ -193,7 +143,3 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int, keep: set[str] = f
             trash = p.parent / f".old-{p.name}-{os.getpid()}"
             os.rename(p, trash)
             shutil.rmtree(trash, ignore_errors=True)
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_json(path, obj)

@@ -21,26 +21,23 @@ Problems are never dropped silently: every bad line / annotation becomes a `Prob
 annotation id, message). `strict=True` raises a `DataError` listing the first few and the count;
 `strict=False` skips those examples and returns the problems on `Dataset.problems`.
 
-The reading half (`read_jsonl_rows`, `read_coco`, `check_annotations`) is shared with
-`palikit.eval`: a broken line or an unknown category reads the same in `palikit train` and
-`palikit eval` (same line numbers, same messages, same strict / skip rule).
+The reading half (`read_jsonl_rows`, `read_coco`, `check_annotations`, `Problem`, `DataError`) is
+`palikit.datafiles`, shared with `palikit.eval`: a broken line or an unknown category reads the same in
+`palikit train` and `palikit eval` (same line numbers, same messages, same strict / skip rule).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..datafiles import MAX_LISTED, DataError, Problem, check_annotations, read_coco, read_jsonl_rows
 from ..tasks.boxes import encode_box
 from ..tasks.rle import segmentation_to_mask as decode_segmentation  # COCO polygons / RLE -> bool mask
 
 log = logging.getLogger(__name__)
-
-MAX_LISTED = 10
-
 
 @dataclass(frozen=True)
 class Example:
@@ -49,30 +46,6 @@ class Example:
     suffix: str
     source: str = ""  # "file:line" (or "file:image_id=..") for error messages
     task: str = ""  # JSONL: the row's optional "task" field (e.g. "ocr"); COCO: detect / segment. For TrainConfig.tasks
-
-
-@dataclass(frozen=True)
-class Problem:
-    file: str
-    where: str  # "line 12" / "annotation id=7"
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.where}: {self.message}"
-
-
-class DataError(ValueError):
-    """Bad training data. `.problems` holds every problem found (not only the listed ones)."""
-
-    def __init__(self, problems: Sequence[Problem], what: str = "training data",
-                 hint: str = "pass strict_data=false to skip these examples (they are still reported)"):
-        self.problems = list(problems)
-        lines = [f"{len(self.problems)} problem(s) in {what}:"]
-        lines += [f"  {p}" for p in self.problems[:MAX_LISTED]]
-        if len(self.problems) > MAX_LISTED:
-            lines.append(f"  ... and {len(self.problems) - MAX_LISTED} more")
-        lines.append(f"Fix them, or {hint}.")
-        super().__init__("\n".join(lines))
 
 
 @dataclass
@@ -98,33 +71,6 @@ def _finish(examples: list[Example], problems: list[Problem], strict: bool, what
 
 
 # ------------------------------------------------------------------------------------ JSONL
-def read_jsonl_rows(path: str | Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
-    """Every non-blank line of a JSONL file as (1-based line number, JSON object). Lines that are not
-    a JSON object become `Problem`s with their real line number. A missing file raises `DataError`."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError([Problem(str(path), "-", "file not found")], str(path)) from None
-    except UnicodeDecodeError as e:
-        raise DataError([Problem(str(path), f"byte {e.start}", "not UTF-8 text")], str(path)) from None
-    rows: list[tuple[int, dict]] = []
-    problems: list[Problem] = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(Problem(str(path), f"line {n}", f"invalid JSON ({e.msg} at column {e.colno})"))
-            continue
-        if not isinstance(row, dict):
-            problems.append(Problem(str(path), f"line {n}", f"expected a JSON object, got {type(row).__name__}"))
-            continue
-        rows.append((n, row))
-    return rows, problems
-
-
 def load_jsonl(path: str | Path, *, strict: bool = True, image_root: str | Path | None = None) -> Dataset:
     """Read a big_vision / Roboflow PaliGemma JSONL file."""
     path = Path(path)
@@ -179,68 +125,6 @@ def codec_mask_tokenizer(codec_path: str | Path) -> MaskTokenizer:
 
     codec = MaskCodec.from_npz(codec_path)
     return lambda mask, box: list(tokens_from_mask(codec, mask, box))
-
-
-def read_coco(path: str | Path) -> dict:
-    """A COCO json file as a dict with `images`, `annotations` and `categories`; a missing file, bad
-    JSON (with its line) or a missing section raises `DataError`."""
-    path = Path(path)
-    try:
-        coco = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError([Problem(str(path), "-", "file not found")], str(path)) from None
-    except json.JSONDecodeError as e:
-        raise DataError([Problem(str(path), f"line {e.lineno}", f"invalid JSON ({e.msg})")], str(path)) from None
-    missing = [k for k in ("images", "annotations", "categories") if k not in coco] if isinstance(coco, dict) \
-        else ["images", "annotations", "categories"]
-    if missing:
-        raise DataError([Problem(str(path), "-", f"not a COCO file: missing {', '.join(missing)}")], str(path))
-    return coco
-
-
-def check_annotations(coco: dict, path: str | Path, *, box_tolerance: float = 1.0, need_segmentation: bool = False
-                      ) -> tuple[dict, dict[int, list[dict]], list[Problem]]:
-    """Validate a COCO dict: images need id, file_name, width, height; annotations a known image_id,
-    a known category_id, a positive [x, y, w, h] box inside the image (+- `box_tolerance` px) and,
-    with `need_segmentation`, a segmentation. Returns ({image_id: (file_name, W, H)},
-    {image_id: [valid annotations]}, problems)."""
-    path = str(path)
-    cats = {c["id"] for c in coco["categories"]}
-    problems: list[Problem] = []
-    images = {}
-    for im in coco["images"]:
-        try:
-            images[im["id"]] = (im["file_name"], float(im["width"]), float(im["height"]))
-        except (KeyError, TypeError, ValueError):
-            problems.append(Problem(path, f"image id={im.get('id')}", "image entry needs id, file_name, width, height"))
-    by_image: dict[int, list[dict]] = {i: [] for i in images}
-    for k, ann in enumerate(coco["annotations"]):
-        where = f"annotation id={ann.get('id', f'#{k}')}"
-        img = images.get(ann.get("image_id"))
-        if img is None:
-            problems.append(Problem(path, where, f"unknown image_id {ann.get('image_id')!r}"))
-            continue
-        if ann.get("category_id") not in cats:
-            problems.append(Problem(path, where, f"unknown category_id {ann.get('category_id')!r} "
-                                                 f"(categories: {', '.join(map(str, sorted(cats, key=str)))})"))
-            continue
-        try:
-            x, y, w, h = (float(v) for v in ann["bbox"])
-        except (KeyError, TypeError, ValueError):
-            problems.append(Problem(path, where, "bbox must be [x, y, width, height]"))
-            continue
-        _, W, H = img
-        if w <= 0 or h <= 0:
-            problems.append(Problem(path, where, f"zero-area box {ann['bbox']}"))
-            continue
-        if x < -box_tolerance or y < -box_tolerance or x + w > W + box_tolerance or y + h > H + box_tolerance:
-            problems.append(Problem(path, where, f"box {ann['bbox']} lies outside the {W:g}x{H:g} image"))
-            continue
-        if need_segmentation and not ann.get("segmentation"):
-            problems.append(Problem(path, where, "no segmentation for a segment target"))
-            continue
-        by_image[ann["image_id"]].append(ann)
-    return images, by_image, problems
 
 
 def load_coco(

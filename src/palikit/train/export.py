@@ -8,7 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
-from . import checkpoint as ck
+from ..fileio import atomic_dir
+from ..tokenizer import TOKENIZER_FILES
 from .loading import load_model
 from .modes import apply_mode, has_lora, merge_lora
 
@@ -37,7 +38,7 @@ def export_final(tr) -> Path:
         return final
     if has_lora(model):
         cfg = tr.cfg
-        from .adapter import save_lora_adapter
+        from ..weights.adapter import save_lora_adapter
 
         path = save_lora_adapter(model, tr.out / "adapter", {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
                                                                "dropout": cfg.lora_dropout}, base_model=cfg.model)
@@ -54,7 +55,7 @@ def export_final(tr) -> Path:
         save_hub_checkpoint(model, tmp, dtype=dtype)
         copy_side_files(tr, tmp)
 
-    ck.atomic_dir(final, fill)
+    atomic_dir(final, fill)
     tr.log(f"exported {final}")
     return final
 
@@ -69,8 +70,8 @@ def copy_side_files(tr, dst: Path) -> None:
     if tok is not None and Path(tok).is_file():
         files.append(Path(tok))
     for d in filter(None, (model_dir, Path(tok).parent if tok else None)):
-        files += [d / n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                                  "special_tokens_map.json", "preprocessor_config.json", "vae-oid.npz")]
+        files += [d / n for n in (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json",
+                                  "preprocessor_config.json", "vae-oid.npz")]
     for f in files:
         if f.is_file() and not (dst / f.name).exists():
             shutil.copy(f, dst / f.name)

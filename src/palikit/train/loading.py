@@ -1,10 +1,12 @@
 """What a training run loads before the loop: the base model (a Hub-layout folder, a big_vision
 `.npz`, or `demo` / nothing = the bundled demo model, resolved as the CLI does when `--model` is
-omitted), its tokenizer, and the optional metric hook."""
+omitted) through the one loader, its tokenizer, and the optional hooks (`train_source`, metrics)."""
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,39 +14,17 @@ import torch
 
 from .config import TrainConfig
 
-DEMO_NAMES = ("", "demo")
-
-
-def resolve_model(name: str, log: Callable[[str], None] = print) -> str:
-    """`model=demo` (or no model) -> the bundled demo model's folder (the CLI's own lookup); a real
-    folder called `demo` wins. Other names are returned as they are."""
-    if name not in DEMO_NAMES or (name and (Path(name) / "config.json").exists()):
-        return name
-    from ..demo.paths import bundled_demo_model
-
-    demo = bundled_demo_model()
-    if demo is None:
-        raise FileNotFoundError(f"model={name or '(not set)'} means the bundled demo model, which this install "
-                                "does not have; set model=PATH to a checkpoint folder or big_vision .npz")
-    log(f"model=demo: the bundled demo model {demo} (tiny, trained on synthetic shapes); "
-        "set model=PATH for real weights")
-    return str(demo)
+TRAIN_HINT = "set model=PATH to a checkpoint folder or big_vision .npz for real weights"  # assets.default_model
 
 
 def load_model(path: str, device="cpu", dtype=torch.float32, final_logit_softcap="auto"):
-    """The checkpoint to train; `final_logit_softcap` as in TrainConfig (None: trained uncapped)."""
-    p = Path(path)
-    if p.suffix == ".npz":
-        from ..weights.big_vision import load_npz_checkpoint
+    """The checkpoint to train, through the one loader (`weights.load`); `final_logit_softcap` as in
+    TrainConfig (None: trained uncapped)."""
+    from ..weights.load import load_checkpoint
+    from ..weights.resolve import resolve
 
-        model = load_npz_checkpoint(p, final_logit_softcap=final_logit_softcap)
-    elif p.exists():
-        from ..weights.hf import load_hf_checkpoint
-
-        model = load_hf_checkpoint(p, device="cpu", final_logit_softcap=final_logit_softcap)
-    else:
-        raise FileNotFoundError(f"model={path!r}: no such checkpoint folder or .npz file")
-    return model.to(device=device, dtype=dtype)
+    files = resolve(path, need_tokenizer=False)
+    return load_checkpoint(files, dtype=dtype, final_logit_softcap=final_logit_softcap).to(device)
 
 
 def load_tokenizer(cfg: TrainConfig):
@@ -61,10 +41,13 @@ def load_tokenizer(cfg: TrainConfig):
 
 def import_hook(spec: str, key: str) -> Callable:
     """The function a `package.module:function` config value names (`key` is the config key, for
-    the error message)."""
+    the error message). Modules are found as `python -m` finds them: installed ones, then the current
+    directory (a checkout's `lab.demo.stream`, a project's own module), whichever way palikit started."""
     mod, _, fn = spec.partition(":")
     if not mod or not fn:
         raise ValueError(f"{key}={spec!r}: use 'package.module:function'")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # the `palikit` console script does not put it there
     try:
         return getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as e:

@@ -3,7 +3,7 @@ attention q/k/v/o projections, trained with plain SGD), `lora` (peft adapters on
 plus the `freeze_vision` (SigLIP + projector, big_vision's `img/*`) and `freeze_decoder`
 (Gemma incl. embeddings, `llm/*`) switches.
 
-`lora_targets=all-linear` adapts every Linear of the decoder (not the vision tower); see `adapter.py`.
+`lora_targets=all-linear` adapts every Linear of the decoder (not the vision tower); adapters on disk: `weights/adapter.py`.
 LoRA uses `peft.inject_adapter_in_model`, so the model stays a plain `PaliGemmaModel` (same forward,
 same state-dict names plus `lora_A`/`lora_B`); `merge_lora` folds the adapters into the base
 weights and restores the original module tree, ready for `save_hub_checkpoint`.
@@ -88,10 +88,6 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
 # ------------------------------------------------------------------------------------ LoRA
 def _targets(lora_targets: str | list[str]):
     """A regex string stays a regex (peft full-matches it on module names); "a,b" -> names."""
@@ -146,3 +142,23 @@ def merge_lora(model: nn.Module) -> nn.Module:
         setattr(parent, child, base)
     dequantize_all(model)  # quantized layers without an adapter
     return model
+
+
+def load_lora_adapter(model: nn.Module, folder, *, merge: bool = False) -> nn.Module:
+    """Inject LoRA layers where a PEFT-format adapter (`weights/adapter.py`) has weights and load them
+    (trainable again: resuming or stacking a fine-tune); with `merge=True` fold them into the base
+    weights afterwards. Inference merges without peft: `weights.adapter.merge_adapter`."""
+    from peft.tuners.lora import LoraLayer
+
+    from ..weights.adapter import adapted_linears, read_adapter
+
+    cfg, layers = read_adapter(folder)
+    adapted_linears(model, folder, cfg, layers)  # every target a Linear of the right shape
+    inject_lora(model, sorted(layers), rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
+                dropout=float(cfg.get("lora_dropout", 0.0)))
+    injected = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    with torch.no_grad():
+        for name, d in layers.items():
+            for kind, t in d.items():
+                getattr(injected[name], kind)["default"].weight.copy_(t)
+    return merge_lora(model) if merge else model

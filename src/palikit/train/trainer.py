@@ -38,13 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..assets import default_model
+from ..fileio import atomic_write_json
 from . import checkpoint as ck
 from .batches import StepPlan, step_batches
 from .collate import Collator, default_image_processor, loss_denominator, loss_terms, to_device, token_nll
 from .config import TrainConfig
 from .data import Dataset, Example, load_examples, select_tasks
 from .interrupt import StopSignals, TrainingInterrupted, interrupted_message, resume_command, time_budget_message
-from .loading import import_hook, load_model, load_tokenizer, resolve_model
+from .loading import TRAIN_HINT, import_hook, load_model, load_tokenizer
 from .modes import apply_mode, count_trainable
 from .monitor import LearningMonitor
 from .parallel import LossForward, _Dist, data_parallel
@@ -134,7 +136,7 @@ class Trainer:
         loss forward in DistributedDataParallel (world > 1)."""
         cfg = self.cfg
         if model is None:
-            cfg.model = resolve_model(cfg.model, self.log)
+            cfg.model = default_model(cfg.model, self.log, hint=TRAIN_HINT)
         seed_everything(cfg.seed)
         self.model = model if model is not None else load_model(cfg.model, final_logit_softcap=cfg.final_logit_softcap)
         self.model.to(self.device)
@@ -363,7 +365,7 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             ck.clean_partial(self.out)
-            ck.write_json(self.out / "train_config.json", cfg.to_dict())
+            atomic_write_json(self.out / "train_config.json", cfg.to_dict())
         self.dist.barrier()
         if cfg.resume:
             self.resume()
@@ -442,7 +444,7 @@ class Trainer:
             if path is not None:
                 self.log(f"saved {path}")
             if evaluated and self.is_main:
-                ck.write_json(self.out / "best.json", {**self.best, "checkpoint": f"{ck.CKPT_DIR}/{ck.PREFIX}{self.step:08d}"})
+                atomic_write_json(self.out / "best.json", {**self.best, "checkpoint": f"{ck.CKPT_DIR}/{ck.PREFIX}{self.step:08d}"})
 
     def _should_stop(self, stop: StopSignals) -> bool:
         """At a step boundary: did a signal arrive (on any rank: all ranks stop at the same step)?"""

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..assets import default_model
 from ..config import PRESETS, PaliGemmaConfig
+from ..tokenizer import TOKENIZER_FILES
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "paligemma_tokenizer.model")
 CODEC_FILES = ("vae-oid.npz", "mask_codec.npz")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "vae-oid.npz"]
 
@@ -32,12 +33,13 @@ def _first_existing(folder: Path, names) -> Path | None:
     return None
 
 
-def resolve(model: str | os.PathLike, tokenizer=None, mask_codec=None, revision: str | None = None) -> ModelFiles:
+def resolve(model: str | os.PathLike | None, tokenizer=None, mask_codec=None, revision: str | None = None, *,
+            need_tokenizer: bool = True) -> ModelFiles:
+    """The files of `model`: a local folder / `.npz`, a Hub id, or None / "demo" for the bundled demo
+    model (`assets.default_model`). `need_tokenizer=False`: no tokenizer found is `tokenizer=None`
+    (training with its own tokenizer), not an error."""
+    model = default_model(model)
     path = Path(model).expanduser()
-    if str(model) == "demo" and not path.exists():  # the bundled demo model, as model=demo / --model demo
-        from ..demo.paths import bundled_demo_model
-
-        path = bundled_demo_model() or path
     if path.exists():
         folder = path if path.is_dir() else path.parent
     elif _looks_like_hub_id(str(model)):
@@ -59,7 +61,7 @@ def resolve(model: str | os.PathLike, tokenizer=None, mask_codec=None, revision:
                 )
     fmt = "npz" if path.suffix == ".npz" else "hf"
     tok = Path(tokenizer) if tokenizer else _first_existing(folder, TOKENIZER_FILES)
-    if tok is None:
+    if tok is None and need_tokenizer:
         raise FileNotFoundError(
             f"No tokenizer found next to {path} (looked for {', '.join(TOKENIZER_FILES)}); pass tokenizer=... / "
             "--tokenizer with the PaliGemma tokenizer.json or tokenizer.model."

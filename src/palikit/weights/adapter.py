@@ -1,4 +1,4 @@
-"""LoRA adapters on disk in PEFT's format, and the `all-linear` target shortcut.
+"""LoRA adapters on disk in PEFT's format: reading, writing, and merging one into a loaded model.
 
 A saved adapter is a folder with
 - `adapter_config.json`: peft's own `LoraConfig.save_pretrained` output (peft_type LORA, r, lora_alpha,
@@ -8,9 +8,11 @@ A saved adapter is a folder with
   `model.language_model.*`, `model.vision_tower.*`, `model.multi_modal_projector.*`).
 
 So `PeftModel.from_pretrained(PaliGemmaForConditionalGeneration.from_pretrained(base), folder)` loads it,
-and palikit loads it back (`load_lora_adapter`, `PaliGemma.from_pretrained(adapter=...)`, `--adapter`),
-mapping every published key layout onto palikit's module names (`weights.hf.internal_key`).
-palikit's earlier format (`adapter.safetensors` with palikit names) still loads.
+and palikit loads it back, mapping every published key layout onto palikit's module names
+(`weights.layouts.internal_key`): merged into the weights for inference (`merge_adapter`, no peft needed:
+`PaliGemma.from_pretrained(adapter=...)`, `--adapter`), or injected as trainable LoRA layers
+(`train.modes.load_lora_adapter`). palikit's earlier format (`adapter.safetensors` with palikit names)
+still loads.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def save_lora_adapter(model: nn.Module, folder: str | Path, lora_config: dict, b
     from peft import LoraConfig
     from safetensors.torch import save as st_save
 
-    from .checkpoint import _write, atomic_dir
+    from ..fileio import atomic_dir
 
     layers = _lora_modules(model)
     if not layers:
@@ -73,7 +75,7 @@ def save_lora_adapter(model: nn.Module, folder: str | Path, lora_config: dict, b
 
     def fill(tmp: Path):
         cfg.save_pretrained(tmp)  # peft's own adapter_config.json
-        _write(tmp / WEIGHTS_FILE, st_save(tensors, metadata={"format": "pt"}))
+        (tmp / WEIGHTS_FILE).write_bytes(st_save(tensors, metadata={"format": "pt"}))
 
     return atomic_dir(Path(folder), fill)
 
@@ -119,26 +121,34 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, dict[str, torch.Te
     return cfg, layers
 
 
-def load_lora_adapter(model: nn.Module, folder: str | Path, *, merge: bool = False) -> nn.Module:
-    """Inject LoRA layers where the adapter has weights, load them (the rank is checked), and with
-    `merge=True` fold them into the base weights (plain modules again: what inference wants)."""
-    from .modes import inject_lora, merge_lora
-
-    cfg, layers = read_adapter(folder)
+def adapted_linears(model: nn.Module, folder: str | Path, cfg: dict, layers: dict) -> dict[str, nn.Linear]:
+    """{module name: the model's nn.Linear} for every module the adapter has weights for; ValueError
+    when the adapter targets a module the model lacks or its A / B shapes do not fit (another base
+    model, another rank)."""
     own = dict(model.named_modules())
     unknown = [n for n in layers if n not in own or not isinstance(own[n], nn.Linear)]
     if unknown:
         raise ValueError(f"{folder}: the adapter targets modules this model does not have as Linear layers: "
                          f"{unknown[:3]} (an adapter for another base model?)")
-    inject_lora(model, sorted(layers), rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
-                dropout=float(cfg.get("lora_dropout", 0.0)))
-    injected = _lora_modules(model)
+    r = int(cfg["r"])
+    for name, d in layers.items():
+        lin = own[name]
+        want = {"lora_A": (r, lin.in_features), "lora_B": (lin.out_features, r)}
+        for kind, t in d.items():
+            if tuple(t.shape) != want[kind]:
+                raise ValueError(f"{folder}: {name}.{kind} has shape {tuple(t.shape)}, the model expects "
+                                 f"{want[kind]} (an adapter for another base model, or another rank?)")
+    return {n: own[n] for n in layers}
+
+
+def merge_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Fold a LoRA adapter into the base weights, in place: W += lora_alpha / r * B @ A for every
+    adapted Linear (peft's merge). The model keeps its plain modules: what inference wants."""
+    cfg, layers = read_adapter(folder)
+    linears = adapted_linears(model, folder, cfg, layers)
+    scale = float(cfg["lora_alpha"]) / int(cfg["r"])
     with torch.no_grad():
-        for name, d in layers.items():
-            for kind, t in d.items():
-                w = getattr(injected[name], kind)["default"].weight
-                if tuple(w.shape) != tuple(t.shape):
-                    raise ValueError(f"{folder}: {name}.{kind} has shape {tuple(t.shape)}, the model expects "
-                                     f"{tuple(w.shape)} (an adapter for another base model, or another rank?)")
-                w.copy_(t)
-    return merge_lora(model) if merge else model
+        for name, lin in linears.items():
+            delta = layers[name]["lora_B"].float() @ layers[name]["lora_A"].float()  # [out, r] @ [r, in]
+            lin.weight.add_((delta * scale).to(lin.weight.device, lin.weight.dtype))
+    return model

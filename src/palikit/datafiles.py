@@ -1,0 +1,128 @@
+"""The data-file readers training and evaluation share: big_vision / Roboflow JSONL rows and COCO
+annotation files, read and checked the same way for `palikit train` and `palikit eval` (the real line
+number or annotation id, the same message). A problem is never dropped silently: each becomes a
+`Problem`; `DataError` lists them (the callers choose strict or skip-and-report). What a row MEANS
+(a training example, an evaluation sample) is `train/data.py`'s and `eval/datasets.py`'s business.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_LISTED = 10  # problems listed in a message (all are kept on DataError.problems)
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    where: str  # "line 12" / "annotation id=7"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.where}: {self.message}"
+
+
+class DataError(ValueError):
+    """Bad training data. `.problems` holds every problem found (not only the listed ones)."""
+
+    def __init__(self, problems: Sequence[Problem], what: str = "training data",
+                 hint: str = "pass strict_data=false to skip these examples (they are still reported)"):
+        self.problems = list(problems)
+        lines = [f"{len(self.problems)} problem(s) in {what}:"]
+        lines += [f"  {p}" for p in self.problems[:MAX_LISTED]]
+        if len(self.problems) > MAX_LISTED:
+            lines.append(f"  ... and {len(self.problems) - MAX_LISTED} more")
+        lines.append(f"Fix them, or {hint}.")
+        super().__init__("\n".join(lines))
+
+
+def read_jsonl_rows(path: str | Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
+    """Every non-blank line of a JSONL file as (1-based line number, JSON object). Lines that are not
+    a JSON object become `Problem`s with their real line number. A missing file raises `DataError`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError([Problem(str(path), "-", "file not found")], str(path)) from None
+    except UnicodeDecodeError as e:
+        raise DataError([Problem(str(path), f"byte {e.start}", "not UTF-8 text")], str(path)) from None
+    rows: list[tuple[int, dict]] = []
+    problems: list[Problem] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(Problem(str(path), f"line {n}", f"invalid JSON ({e.msg} at column {e.colno})"))
+            continue
+        if not isinstance(row, dict):
+            problems.append(Problem(str(path), f"line {n}", f"expected a JSON object, got {type(row).__name__}"))
+            continue
+        rows.append((n, row))
+    return rows, problems
+
+
+def read_coco(path: str | Path) -> dict:
+    """A COCO json file as a dict with `images`, `annotations` and `categories`; a missing file, bad
+    JSON (with its line) or a missing section raises `DataError`."""
+    path = Path(path)
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError([Problem(str(path), "-", "file not found")], str(path)) from None
+    except json.JSONDecodeError as e:
+        raise DataError([Problem(str(path), f"line {e.lineno}", f"invalid JSON ({e.msg})")], str(path)) from None
+    missing = [k for k in ("images", "annotations", "categories") if k not in coco] if isinstance(coco, dict) \
+        else ["images", "annotations", "categories"]
+    if missing:
+        raise DataError([Problem(str(path), "-", f"not a COCO file: missing {', '.join(missing)}")], str(path))
+    return coco
+
+
+def check_annotations(coco: dict, path: str | Path, *, box_tolerance: float = 1.0, need_segmentation: bool = False
+                      ) -> tuple[dict, dict[int, list[dict]], list[Problem]]:
+    """Validate a COCO dict: images need id, file_name, width, height; annotations a known image_id,
+    a known category_id, a positive [x, y, w, h] box inside the image (+- `box_tolerance` px) and,
+    with `need_segmentation`, a segmentation. Returns ({image_id: (file_name, W, H)},
+    {image_id: [valid annotations]}, problems)."""
+    path = str(path)
+    cats = {c["id"] for c in coco["categories"]}
+    problems: list[Problem] = []
+    images = {}
+    for im in coco["images"]:
+        try:
+            images[im["id"]] = (im["file_name"], float(im["width"]), float(im["height"]))
+        except (KeyError, TypeError, ValueError):
+            problems.append(Problem(path, f"image id={im.get('id')}", "image entry needs id, file_name, width, height"))
+    by_image: dict[int, list[dict]] = {i: [] for i in images}
+    for k, ann in enumerate(coco["annotations"]):
+        where = f"annotation id={ann.get('id', f'#{k}')}"
+        img = images.get(ann.get("image_id"))
+        if img is None:
+            problems.append(Problem(path, where, f"unknown image_id {ann.get('image_id')!r}"))
+            continue
+        if ann.get("category_id") not in cats:
+            problems.append(Problem(path, where, f"unknown category_id {ann.get('category_id')!r} "
+                                                 f"(categories: {', '.join(map(str, sorted(cats, key=str)))})"))
+            continue
+        try:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+        except (KeyError, TypeError, ValueError):
+            problems.append(Problem(path, where, "bbox must be [x, y, width, height]"))
+            continue
+        _, W, H = img
+        if w <= 0 or h <= 0:
+            problems.append(Problem(path, where, f"zero-area box {ann['bbox']}"))
+            continue
+        if x < -box_tolerance or y < -box_tolerance or x + w > W + box_tolerance or y + h > H + box_tolerance:
+            problems.append(Problem(path, where, f"box {ann['bbox']} lies outside the {W:g}x{H:g} image"))
+            continue
+        if need_segmentation and not ann.get("segmentation"):
+            problems.append(Problem(path, where, "no segmentation for a segment target"))
+            continue
+        by_image[ann["image_id"]].append(ann)
+    return images, by_image, problems
