@@ -34,7 +34,7 @@ def main() -> None:
     from transformers import PaliGemmaForConditionalGeneration
 
     from palikit.config import PRESETS
-    from palikit.engine.bench import hf_model_from, random_model
+    from palikit.testing import hf_model_from, random_model
     from palikit.weights.export import save_hub_checkpoint
     from palikit.weights.hf import load_hf_checkpoint
 
@@ -74,9 +74,9 @@ def main() -> None:
         hf = hf_model_from(ours)  # same tensors, eager attention
 
         g = torch.Generator(device="cpu").manual_seed(0)
-        N, S = cfg.vision.num_image_tokens, cfg.vision.image_size
+        S = cfg.vision.image_size
         text = [2] + torch.randint(3, min(256000, cfg.output_vocab_size), (30,), generator=g).tolist() + [108]
-        ids = torch.tensor([[cfg.image_token_index] * N + text] * 2, device=dev)
+        ids = torch.tensor([cfg.prompt_row(text)] * 2, device=dev)
         ar = torch.zeros_like(ids)
         ar[:, -10:] = 1
         pv = (torch.rand(2, 3, S, S, generator=g) * 2 - 1).to(dev, torch.bfloat16)

@@ -173,7 +173,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(models, 
 @pytest.mark.slow
 def test_bench_reports_both_engines_and_consistent_figures():
     from palikit.weights.resolve import get_config
-    from palikit.engine.bench import run_bench
+    from palikit.bench.inference import run_bench
 
     report = run_bench(get_config("tiny-pg1"), batch_sizes=(1, 3), new_tokens=6, repeats=1, compile=True)
     engines = {(r["engine"], r["batch_size"]) for r in report["rows"]}

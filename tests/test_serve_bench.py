@@ -13,8 +13,9 @@ import pytest
 from palikit import PaliGemma
 from palikit.assets import bundled_demo_model
 from palikit.weights.resolve import get_config
-from palikit.engine import serve_bench as sb
-from palikit.engine.serve_backends import random_tokenizer
+from palikit.bench import serve as sb
+from palikit.cli import main
+from palikit.testing import random_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_without_a_scheduler_backend_a_is_reported_as_not_run(pg):
 
 
 def test_cli_ends_with_the_json_line(capsys):
-    assert sb.main(["--requests", "4", "--rate", "50", "--backends", "b", "--no-stream"]) == 0
+    assert main(["bench-serve", "--requests", "4", "--rate", "50", "--backends", "b", "--no-stream"]) == 0
     out = capsys.readouterr().out.splitlines()
     last = json.loads(out[-1])
     assert last["backends"]["b"]["mixed"]["completed"] == 4 and last["trace"]["requests"] == 4
@@ -114,11 +115,11 @@ def test_cli_ends_with_the_json_line(capsys):
 
 
 def test_bad_options_are_clear_errors(capsys):
-    assert sb.main(["--mix", "short=lots"]) == 2
+    assert main(["bench-serve", "--mix", "short=lots"]) == 2
     assert "--mix must look like" in capsys.readouterr().err
-    assert sb.main(["--backends", "xz"]) == 2
+    assert main(["bench-serve", "--backends", "xz"]) == 2
     assert "backends must be letters" in capsys.readouterr().err
-    assert sb.main(["--model", "no-such-model"]) == 2
+    assert main(["bench-serve", "--model", "no-such-model"]) == 2
     assert "neither a local folder" in capsys.readouterr().err
 
 
@@ -133,8 +134,6 @@ def test_random_full_size_tokenizer_spans_the_output_vocabulary(tmp_path: Path):
 
 
 def test_palikit_bench_serve_command(capsys):
-    from palikit.cli import main
-
     # a preset name: random weights of that shape (the GPU run's path), every request at its token budget
     assert main(["bench-serve", "--model", "tiny-pg2", "--requests", "3", "--rate", "50", "--backends", "bc",
                  "--max-new-tokens", "short=3,caption=4,long=6", "--no-stream", "--device", "cpu"]) == 0

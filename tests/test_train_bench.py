@@ -25,7 +25,7 @@ def _lora_params(model_name: str, rank: int) -> int:
 
     from palikit.weights.resolve import get_config
     from palikit.model import build_model
-    from palikit.train.bench import TARGETS
+    from palikit.bench.train import TARGETS
 
     model = build_model(get_config(model_name), "meta")
     return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
@@ -33,7 +33,7 @@ def _lora_params(model_name: str, rank: int) -> int:
 
 
 def test_train_bench_compares_palikit_with_transformers_peft():
-    cmd = [sys.executable, "-m", "palikit.train.bench"] + [
+    cmd = [sys.executable, "-m", "palikit", "bench-train"] + [
         a for k, v in ARGS.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-2000:]

@@ -76,7 +76,7 @@ def tiny_config(family: str = "pg1"):
 
 
 def tiny_model(family: str = "pg1", seed: int = 0):
-    from palikit.engine.bench import random_model
+    from palikit.testing import random_model
 
     model = random_model(tiny_config(family), "cpu", torch.float32, seed=seed)
     with torch.no_grad():

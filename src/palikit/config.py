@@ -11,6 +11,7 @@ which `from_hf_dict` keeps as rows but never lets the model predict (see `output
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,12 @@ class PaliGemmaConfig:
 
     def with_image_size(self, image_size: int) -> PaliGemmaConfig:
         return replace(self, vision=replace(self.vision, image_size=image_size))
+
+    def prompt_row(self, text_ids: Sequence[int], image_tokens: int | None = None) -> list[int]:
+        """The model's input row: `image_tokens` `<image>` placeholders (default: one image's
+        `num_image_tokens`; frames x that for several), then the text ids ([BOS] prefix "\n" ...)."""
+        n = self.vision.num_image_tokens if image_tokens is None else image_tokens
+        return [self.image_token_index] * n + list(text_ids)
 
     # ---------------------------------------------------------------- Hugging Face config.json
     @classmethod

@@ -1,10 +1,11 @@
-"""Test and benchmark helpers: random-weight models (`random_model`), the same weights in
-transformers (`hf_model_from`, the parity and benchmark reference), and tiny random checkpoints in
-the real on-disk format (`make_tiny_checkpoint`: Hub-layout config.json + safetensors +
-tokenizer.json + preprocessor_config.json) for tests, examples and smoke runs of the server and
-batch jobs without downloading anything. Their outputs are random text: they exercise the
-machinery, not the model's skill (the bundled demo model is the trained one). torch and
-transformers are imported inside the functions, so importing this module stays light."""
+"""Test and benchmark helpers: random-weight models (`random_model`; `random_paligemma`, a whole
+`PaliGemma` of a preset's shape with a tokenizer spanning its vocabulary, for full-size runs on a GPU),
+the same weights in transformers (`hf_model_from`, the parity and benchmark reference), and tiny random
+checkpoints in the real on-disk format (`make_tiny_checkpoint`: Hub-layout config.json + safetensors +
+tokenizer.json + preprocessor_config.json) for tests, examples and smoke runs of the server and batch
+jobs. None of them downloads anything. Their outputs are random text: they exercise the machinery, not
+the model's skill (the bundled demo model is the trained one). torch and transformers are imported
+inside the functions, so importing this module stays light."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from .config import PaliGemmaConfig
     from .model import PaliGemmaModel
 
-__all__ = ["hf_model_from", "make_tiny_checkpoint", "random_model"]
+__all__ = ["hf_model_from", "make_tiny_checkpoint", "random_model", "random_paligemma", "random_tokenizer"]
 
 WORDS = ["a", "the", "red", "blue", "green", "circle", "square", "triangle", "cat", "dog", "car", "on", "in",
          "caption", "describe", "detect", "segment", "answer", "question", "ocr", "en", "how", "many", "what",
@@ -95,3 +96,41 @@ def make_tiny_checkpoint(folder: str | Path, family: str = "pg1", seed: int = 0,
     save_hub_checkpoint(model, folder)
     ImageProcessor(size=image_size, patch_size=cfg.vision.patch_size).save(folder)
     return folder
+
+
+def random_tokenizer(cfg: PaliGemmaConfig, folder: Path):
+    """A PaliGemma-style tokenizer whose ids span `cfg`'s output vocabulary (so every id a random model
+    emits decodes), and the config it fits: a full-size preset keeps its vocabulary (filler words pad
+    the tokenizer up to it; the embedding gets the checkpoints' 64-row padding past <image>), a tiny one
+    takes the tokenizer's size, as `make_tiny_checkpoint` does."""
+    from .tokenizer import build_tokenizer
+
+    tok = build_tokenizer(WORDS + CHARS, folder / "tokenizer.json")
+    want = cfg.output_vocab_size + 1  # the output ids, then <image> as the last id
+    if want > tok.vocab_size:
+        gap = want - tok.vocab_size
+        filler = [f"zq{i}" for i in range(gap // 2)] + ([" zq"] if gap % 2 else [])  # 2 ids / 1 id each
+        tok = build_tokenizer(WORDS + CHARS + filler, folder / "tokenizer.json")
+        if tok.vocab_size != want or cfg.image_token_index != want - 1:
+            raise ValueError(f"{cfg.name}: cannot build a tokenizer with <image> at id {cfg.image_token_index}")
+        rows = max(cfg.text.vocab_size, (want + 63) // 64 * 64)
+        return tok, replace(cfg, text=replace(cfg.text, vocab_size=rows))
+    text = replace(cfg.text, vocab_size=tok.vocab_size)
+    return tok, replace(cfg, text=text, image_token_index=tok.vocab_size - 1)
+
+
+def random_paligemma(preset: str, device: Any = "cpu", dtype: torch.dtype | None = None, seed: int = 0,
+                     folder: str | Path | None = None):
+    """A `PaliGemma` with random weights of `preset`'s shape (see `random_tokenizer`); the tokenizer is
+    written to `folder` (a temp dir by default)."""
+    import tempfile
+
+    from .api import PaliGemma
+    from .preprocess import ImageProcessor
+    from .weights.resolve import get_config
+
+    folder = Path(folder or tempfile.mkdtemp(prefix="palikit-serve-bench-"))
+    tok, cfg = random_tokenizer(get_config(preset), folder)
+    model = random_model(cfg, device, dtype, seed=seed)
+    proc = ImageProcessor(size=cfg.vision.image_size, patch_size=cfg.vision.patch_size)
+    return PaliGemma(model, tok, proc, name=f"{cfg.name}-random")

@@ -19,7 +19,6 @@ app = typer.Typer(
 
 from . import batch as _batch  # noqa: E402,F401  (registers commands)
 from . import bench as _bench  # noqa: E402,F401
-from . import bench_serve as _bench_serve  # noqa: E402,F401
 from . import demo as _demo  # noqa: E402,F401
 from . import evaluate as _evaluate  # noqa: E402,F401
 from . import info as _info  # noqa: E402,F401

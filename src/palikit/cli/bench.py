@@ -1,13 +1,17 @@
-"""`palikit bench`: inference speed against transformers on the same random weights; the last
-stdout line is one JSON document."""
+"""`palikit bench`, `palikit bench-serve`, `palikit bench-train`: thin commands over `palikit.bench`. Each
+prints a table (stderr for `bench`'s rich table) and ends stdout with one JSON document."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import typer
 
 from . import app
+
+DEVICE = typer.Option("auto", help="cpu, cuda or auto.")
+DTYPE = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on GPU).")
 
 
 @app.command()
@@ -17,19 +21,19 @@ def bench(
     new_tokens: int = typer.Option(32, help="Tokens generated per request (EOS ignored)."),
     prompt_len: int = typer.Option(16, help="Text prompt tokens (after the image tokens)."),
     repeats: int = typer.Option(3, help="Timed repeats per point (median)."),
-    device: str = typer.Option("auto", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on GPU)."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     transformers: bool = typer.Option(True, help="Also time transformers in the same run."),
     compile: bool = typer.Option(False, help="torch.compile the decode step (CUDA graphs on GPU)."),
 ):
-    """Prefill ms, ms per decode step and images/s across batch sizes."""
-    import torch
+    """Inference speed against transformers on the same random weights: prefill ms, ms per decode step
+    and images/s across batch sizes."""
     from rich.console import Console
     from rich.table import Table
 
-    from ..weights.resolve import get_config
-    from ..engine.bench import run_bench
+    from ..bench.inference import run_bench
     from ..runtime import resolve_device, resolve_dtype
+    from ..weights.resolve import get_config
 
     dev = resolve_device(device)
     console = Console(stderr=True)
@@ -49,6 +53,60 @@ def bench(
         console.print(f"batch {b}: the compiled step is {ratio:.2f}x the eager one's speed")
     for b, ratio in report["speedup_vs_transformers"].items():
         console.print(f"batch {b}: decode step {ratio['decode_step_speedup']:.1f}x faster, "
-                                   f"images/s {ratio['images_per_s_ratio']:.1f}x")
-    del torch
+                      f"images/s {ratio['images_per_s_ratio']:.1f}x")
+    print(json.dumps(report))
+
+
+@app.command("bench-serve")
+def bench_serve(
+    model: str = typer.Option(None, help="Checkpoint folder / Hub id, or a preset name (random weights); "
+                              "default: the bundled demo model."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    requests: int = typer.Option(480, help="Requests in the trace."),
+    rate: float = typer.Option(120.0, help="Mean arrivals per second (Poisson)."),
+    seed: int = typer.Option(0, help="Trace seed (same seed, same trace)."),
+    slots: int = typer.Option(16, help="Scheduler slots = run-to-completion max batch."),
+    mix: str = typer.Option("short=0.5,caption=0.3,long=0.2", help="Class weights."),
+    max_new_tokens: str = typer.Option("short=256,caption=256,long=256", help="Token budget per class (one for "
+                                       "all: what clients that set max_tokens once send)."),
+    backends: str = typer.Option("abc", help="Which of (a) continuous, (b) run-to-completion, (c) transformers."),
+    timeout: float = typer.Option(600.0, help="Seconds after the last arrival before a request counts as lost."),
+    no_stream: bool = typer.Option(False, "--no-stream", help="Skip the streaming check."),
+):
+    """Serving benchmark: throughput, p50/p99 latency and time to first token under mixed open-loop traffic
+    (continuous batching vs run-to-completion batches vs transformers, same weights, same trace)."""
+    from ..bench.serve import check_options, format_report, load_pg, parse_classes, run_serve_bench
+
+    weights = parse_classes(mix, "--mix", float)
+    budgets = parse_classes(max_new_tokens, "--max-new-tokens", int)
+    check_options(n_requests=requests, rate=rate, slots=slots, timeout_s=timeout, backends=backends,
+                  max_new_tokens=budgets)
+    pg = load_pg(model, device, dtype)
+    report = run_serve_bench(pg, n_requests=requests, rate=rate, seed=seed, slots=slots, mix=weights,
+                             max_new_tokens=budgets, backends=backends, timeout_s=timeout, stream=not no_stream,
+                             progress=sys.stderr.isatty())
+    print(format_report(report))
+    print(json.dumps(report))
+
+
+@app.command("bench-train")
+def bench_train(
+    model: str = typer.Option("tiny-pg2", help="Preset name or checkpoint folder (random weights of that shape)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    batch_size: int = typer.Option(8, help="Examples per step."),
+    prefix_len: int = typer.Option(8, help="Prompt tokens (after the image tokens)."),
+    suffix_len: int = typer.Option(16, help="Answer tokens (the loss)."),
+    rank: int = typer.Option(8, help="LoRA rank (alpha = 2 x rank) on the q/k/v/o projections."),
+    steps: int = typer.Option(10, help="Timed optimizer steps (after 2 warm-up steps)."),
+    threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)."),
+):
+    """Training throughput: palikit LoRA against transformers + peft with the same LoRA, weights and batch
+    (samples/s, ms/step, peak memory, each engine in its own process)."""
+    from ..bench.train import format_report, run_train_bench
+
+    report = run_train_bench(model=model, device=device, dtype=dtype, batch_size=batch_size, prefix_len=prefix_len,
+                             suffix_len=suffix_len, rank=rank, steps=steps, threads=threads)
+    print(format_report(report))
     print(json.dumps(report))

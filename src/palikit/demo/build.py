@@ -263,7 +263,7 @@ def build_initial_checkpoint(out: Path, tokenizer, seed: int = 0, spec: DemoSpec
                              warm: str | Path | None = None) -> Path:
     import torch
 
-    from ..engine.bench import random_model
+    from ..testing import random_model
     from ..preprocess import ImageProcessor
     from ..weights.export import save_hub_checkpoint
 

@@ -106,9 +106,8 @@ def _settle(ticket: Ticket, done) -> None:
 @torch.inference_mode()
 def generate_naive(model: PaliGemmaModel, request: Request, max_new_tokens: int, eos_ids=(1,)) -> list[int]:
     """Reference greedy decoding: recompute the whole sequence every step, no cache."""
-    img = model.config.image_token_index
     n_img = 0 if request.image_features is None else request.image_features.shape[0]
-    ids = [img] * n_img + list(request.text_ids)
+    ids = model.config.prompt_row(request.text_ids, n_img)
     ar = [0] * len(ids)
     feats = None if request.image_features is None else request.image_features[None]
     out: list[int] = []

@@ -88,12 +88,11 @@ class SlotBatch:
     def _pack(self, requests):
         """Right-padded [image][text] rows: ids, autoregressive flags, validity [k, P] on the device,
         and each row's length (a host list)."""
-        img_id = self.model.config.image_token_index
         rows = []
         for r in requests:
             n_img = 0 if r.image_features is None else r.image_features.shape[0]
             ar = [0] * n_img + (list(r.ar_mask) if r.ar_mask is not None else [0] * len(r.text_ids))
-            rows.append(([img_id] * n_img + list(r.text_ids), ar))
+            rows.append((self.model.config.prompt_row(r.text_ids, n_img), ar))
         P, k = max(len(ids) for ids, _ in rows), len(rows)
         ids = torch.full((k, P), self.model.config.pad_token_id, dtype=torch.long)
         ar = torch.zeros(k, P, dtype=torch.int32)

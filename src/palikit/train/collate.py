@@ -97,8 +97,7 @@ class Collator:
         loss_mask = torch.zeros(B, T, dtype=torch.long)
         for b, (ids, ar, loss) in enumerate(texts):
             n = N + len(ids)
-            input_ids[b, :N] = cfg.image_token_index
-            input_ids[b, N:n] = torch.tensor(ids)
+            input_ids[b, :n] = torch.tensor(cfg.prompt_row(ids))
             attention[b, :n] = 1
             ar_mask[b, :N] = 0
             ar_mask[b, N:n] = torch.tensor(ar)

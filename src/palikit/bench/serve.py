@@ -6,8 +6,8 @@ lost or failed; plus the short class replayed ALONE (same arrival times, nothing
 batching backends, a streamed-vs-plain time-per-token check, and pass/fail against the targets of
 issue 14. The last line printed is one JSON object with every figure.
 
-    python -m palikit.engine.serve_bench                  # bundled demo model, CPU
-    python -m palikit.engine.serve_bench --model pg1-3b-224 --device cuda   # random full-size weights
+    palikit bench-serve                                     # bundled demo model, CPU
+    palikit bench-serve --model pg1-3b-224 --device cuda    # random full-size weights
 
 Latency and time to first token count from each request's SCHEDULED arrival (open loop: a late
 submitter or a full queue cannot hide waiting). Throughput = completed requests (tokens) divided by
@@ -20,19 +20,17 @@ parsing (boxes, mask decoding) is left out of all of them.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import random
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .serve_backends import BACKENDS, ContinuousBackend, random_paligemma
+from ..testing import random_paligemma
+from .serve_backends import BACKENDS, ContinuousBackend
 
 CLASSES = ("short", "caption", "long")
 DEFAULT_MIX = {"short": 0.5, "caption": 0.3, "long": 0.2}
@@ -284,6 +282,17 @@ def _entry(run: dict) -> dict:
     return entry
 
 
+def check_options(*, n_requests: int, rate: float, slots: int, timeout_s: float, backends: str,
+                  max_new_tokens: dict | None) -> None:
+    """ValueError, naming the option, for what `run_serve_bench` cannot run (checked before a model loads)."""
+    if set(backends) - set(BACKENDS) or not backends:
+        raise ValueError(f"backends must be letters among a, b, c; got {backends!r}")
+    if n_requests < 1 or rate <= 0 or slots < 1 or timeout_s <= 0:
+        raise ValueError("--requests, --rate, --slots and --timeout must be positive")
+    if max_new_tokens and min(max_new_tokens.values()) < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1 per class; got {max_new_tokens}")
+
+
 def run_serve_bench(pg, *, n_requests: int = 480, rate: float = 120.0, seed: int = 0, slots: int = 16,
                     mix: dict | None = None, backends: str = "abc", n_images: int = 32, timeout_s: float = 600.0,
                     stream: bool = True, max_new_tokens: dict | None = None, progress: bool = True,
@@ -291,9 +300,8 @@ def run_serve_bench(pg, *, n_requests: int = 480, rate: float = 120.0, seed: int
     """Replay one trace against each backend in `backends` ("a", "b", "c"), the short class alone on
     (a) and (b), and the streaming check; returns the report (see `format_report`), with every
     request's stamps and text under "records" when `keep_records`."""
-    unknown = set(backends) - set(BACKENDS)
-    if unknown or not backends:
-        raise ValueError(f"backends must be letters among a, b, c; got {backends!r}")
+    check_options(n_requests=n_requests, rate=rate, slots=slots, timeout_s=timeout_s, backends=backends,
+                  max_new_tokens=max_new_tokens)
     skipped = {}
     if "a" in backends and not ContinuousBackend.available(pg):
         skipped["a"] = "this build's PaliGemma has no continuous scheduler (submit / configure_scheduler)"
@@ -429,24 +437,19 @@ def format_report(report: dict) -> str:
 def load_pg(model: str | None, device: str = "auto", dtype: str = "auto"):
     """The bundled demo model (None), random weights of a preset's shape, or a checkpoint folder / Hub id."""
     from ..api import PaliGemma
+    from ..assets import default_model
     from ..config import PRESETS
     from ..runtime import resolve_device, resolve_dtype
 
     if model in PRESETS:
         dev = resolve_device(device)
         return random_paligemma(model, dev, resolve_dtype(dtype, dev))
-    if model is None:
-        from ..cli.predict import DEMO_HINT, bundled_demo_model
-
-        demo = bundled_demo_model()
-        if demo is None:
-            raise ValueError(f"this install has no bundled demo model: pass --model (a preset such as "
-                             f"pg1-3b-224 for random weights, or a checkpoint); {DEMO_HINT}")
-        model = str(demo)
-    return PaliGemma.from_pretrained(model, device=device, dtype=dtype)
+    return PaliGemma.from_pretrained(default_model(model, hint="pass --model (a preset such as pg1-3b-224 for random "
+                                                             "weights, or a checkpoint)"), device=device, dtype=dtype)
 
 
-def _pairs(text: str, what: str, cast) -> dict:
+def parse_classes(text: str, what: str, cast) -> dict:
+    """`short=0.5,caption=0.3` -> {"short": 0.5, "caption": 0.3} (`what`: the option, for the message)."""
     try:
         out = {k.strip(): cast(v) for k, v in (item.split("=") for item in text.split(","))}
     except ValueError:
@@ -454,58 +457,3 @@ def _pairs(text: str, what: str, cast) -> dict:
     if set(out) - set(CLASSES):
         raise ValueError(f"{what}: classes are {', '.join(CLASSES)}; got {', '.join(out)}")
     return out
-
-
-def parser(prog: str = "python -m palikit.engine.serve_bench") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint folder / Hub id, or a preset name (random weights); "
-                   "default: the bundled demo model")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU)")
-    p.add_argument("--requests", type=int, default=480, help="requests in the trace")
-    p.add_argument("--rate", type=float, default=120.0, help="mean arrivals per second (Poisson)")
-    p.add_argument("--seed", type=int, default=0, help="trace seed (same seed, same trace)")
-    p.add_argument("--slots", type=int, default=16, help="scheduler slots = run-to-completion max batch")
-    p.add_argument("--mix", default="short=0.5,caption=0.3,long=0.2", help="class weights")
-    p.add_argument("--max-new-tokens", default="short=256,caption=256,long=256",
-                   help="token budget per class (one for all: what clients that set max_tokens once send)")
-    p.add_argument("--backends", default="abc", help="which of (a) continuous, (b) run-to-completion, (c) transformers")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds after the last arrival before a request "
-                   "counts as lost")
-    p.add_argument("--no-stream", action="store_true", help="skip the streaming check")
-    return p
-
-
-def run_cli(argv: list[str] | None = None, prog: str | None = None) -> dict:
-    """Parse the options, run the benchmark, print the table and then the JSON line. Errors a user can
-    fix raise ValueError / FileNotFoundError (the callers turn them into one-line messages)."""
-    args = (parser(prog) if prog else parser()).parse_args(argv)
-    if args.requests < 1 or args.rate <= 0 or args.slots < 1 or args.timeout <= 0:
-        raise ValueError("--requests, --rate, --slots and --timeout must be positive")
-    mix = _pairs(args.mix, "--mix", float)
-    budgets = _pairs(args.max_new_tokens, "--max-new-tokens", int)
-    if min(budgets.values()) < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1 per class; got {args.max_new_tokens!r}")
-    pg = load_pg(args.model, args.device, args.dtype)
-    report = run_serve_bench(pg, n_requests=args.requests, rate=args.rate, seed=args.seed, slots=args.slots,
-                             mix=mix, max_new_tokens=budgets, backends=args.backends, timeout_s=args.timeout,
-                             stream=not args.no_stream, progress=sys.stderr.isatty())
-    print(format_report(report))
-    print(json.dumps(report))
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        run_cli(argv)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        if os.environ.get("PALIKIT_DEBUG") == "1":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

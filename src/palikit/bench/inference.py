@@ -1,4 +1,4 @@
-"""Inference benchmark: prefill ms, ms per decode step and images/s across batch sizes for palikit,
+"""Inference benchmark (`palikit bench`): prefill ms, ms per decode step and images/s across batch sizes for palikit,
 and for transformers on the SAME random weights in the same run when it is installed. Timings
 include the image encoder (pixel values in, tokens out); image decoding and resizing are excluded
 for both. Every run generates exactly `new_tokens` tokens (EOS ignored) so the two are comparable.
@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..config import PaliGemmaConfig
-from ..testing import hf_model_from, random_model  # re-exported: they lived here before palikit.testing
-from .generate import Engine, GenerationOptions, Request
+from ..engine import Engine, GenerationOptions, Request
+from ..testing import hf_model_from, random_model
 
-__all__ = ["BenchRow", "bench_palikit", "bench_transformers", "hf_model_from", "random_model", "run_bench"]
+__all__ = ["BenchRow", "bench_palikit", "bench_transformers", "run_bench"]
 
 
 @dataclass
@@ -89,11 +89,10 @@ def bench_transformers(model, batch_sizes, new_tokens, prompt_len, repeats, log=
     hf = hf_model_from(model)
     cfg = model.config
     dev = model.language_model.embed_tokens.weight.device
-    N = cfg.vision.num_image_tokens
     text = _prompt(cfg, prompt_len)
     rows = []
     for B in batch_sizes:
-        ids = torch.tensor([[cfg.image_token_index] * N + text] * B, device=dev)
+        ids = torch.tensor([cfg.prompt_row(text)] * B, device=dev)
         pv = (torch.rand(B, 3, cfg.vision.image_size, cfg.vision.image_size, device=dev) * 2 - 1).to(model.language_model.embed_tokens.weight.dtype)
         if log:
             log(f"transformers generate, batch {B}: warm-up, then {repeats} timed runs")

@@ -1,4 +1,4 @@
-"""The three serving backends the serving benchmark (`serve_bench`) replays one trace against, behind
+"""The three serving backends the serving benchmark (`bench/serve.py`) replays one trace against, behind
 one small interface: `submit(request) -> Handle` returns at once; a Handle carries perf_counter stamps
 (t_submit, t_first_token, t_done), the generated token ids and text, or the error.
 
@@ -10,9 +10,6 @@ one small interface: `submit(request) -> Handle` returns at once; a Handle carri
                       (t_first_token = t_done).
   HFSequential        (c) transformers `generate` (greedy, eager attention, same weights) one request at a
                       time in FIFO order; the first token is stamped by a generate streamer.
-
-Also `random_paligemma`: a full-size `PaliGemma` with random weights of a preset's shape (GPU runs
-without downloading anything), with a tokenizer that spans the preset's whole output vocabulary.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ import concurrent.futures
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -209,7 +206,7 @@ class _SlotBatchRunner:
         self._batches: dict[int, Any] = {}
 
     def __call__(self, images, prompts, options) -> list[Any]:
-        from .generate import Request
+        from ..engine import Request
 
         extra = set(options) - {"max_new_tokens"}
         if extra:
@@ -276,7 +273,7 @@ class HFSequential:
     impl = "PaliGemmaForConditionalGeneration.generate, greedy, eager attention"
 
     def __init__(self, pg):
-        from .bench import hf_model_from
+        from ..testing import hf_model_from
 
         self.pg = pg
         self.hf = hf_model_from(pg.model)
@@ -297,8 +294,7 @@ class HFSequential:
         pg, cfg = self.pg, self.pg.model.config
         w = pg.model.language_model.embed_tokens.weight
         pixels = pg.processor.preprocess_with_sizes([image])[0].to(w.device, w.dtype)  # [1, 3, S, S]
-        ids = torch.tensor([[cfg.image_token_index] * cfg.vision.num_image_tokens
-                            + pg.tokenizer.encode_prompt(prompt).ids], device=w.device)  # [1, N + T]
+        ids = torch.tensor([cfg.prompt_row(pg.tokenizer.encode_prompt(prompt).ids)], device=w.device)  # [1, N + T]
         with torch.inference_mode():
             out = self.hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
                                    token_type_ids=torch.zeros_like(ids), max_new_tokens=max_new_tokens,
@@ -332,44 +328,3 @@ class _Tokens:
 
 
 BACKENDS = {"a": ContinuousBackend, "b": RunToCompletion, "c": HFSequential}
-
-
-# ------------------------------------------------------------------------------------- random weights
-def random_tokenizer(cfg, folder):
-    """A PaliGemma-style tokenizer whose ids span `cfg`'s output vocabulary (so every id a random model
-    emits decodes), and the config it fits: a full-size preset keeps its vocabulary (filler words pad
-    the tokenizer up to it; the embedding gets the checkpoints' 64-row padding past <image>), a tiny one
-    takes the tokenizer's size, as `make_tiny_checkpoint` does."""
-    from ..testing import CHARS, WORDS
-    from ..tokenizer import build_tokenizer
-
-    tok = build_tokenizer(WORDS + CHARS, folder / "tokenizer.json")
-    want = cfg.output_vocab_size + 1  # the output ids, then <image> as the last id
-    if want > tok.vocab_size:
-        gap = want - tok.vocab_size
-        filler = [f"zq{i}" for i in range(gap // 2)] + ([" zq"] if gap % 2 else [])  # 2 ids / 1 id each
-        tok = build_tokenizer(WORDS + CHARS + filler, folder / "tokenizer.json")
-        if tok.vocab_size != want or cfg.image_token_index != want - 1:
-            raise ValueError(f"{cfg.name}: cannot build a tokenizer with <image> at id {cfg.image_token_index}")
-        rows = max(cfg.text.vocab_size, (want + 63) // 64 * 64)
-        return tok, replace(cfg, text=replace(cfg.text, vocab_size=rows))
-    text = replace(cfg.text, vocab_size=tok.vocab_size)
-    return tok, replace(cfg, text=text, image_token_index=tok.vocab_size - 1)
-
-
-def random_paligemma(preset: str, device="cpu", dtype=torch.float32, seed: int = 0, folder=None):
-    """A `PaliGemma` with random weights of `preset`'s shape (see `random_tokenizer`); the tokenizer is
-    written to `folder` (a temp dir by default)."""
-    import tempfile
-    from pathlib import Path
-
-    from ..api import PaliGemma
-    from ..weights.resolve import get_config
-    from ..preprocess import ImageProcessor
-    from .bench import random_model
-
-    folder = Path(folder or tempfile.mkdtemp(prefix="palikit-serve-bench-"))
-    tok, cfg = random_tokenizer(get_config(preset), folder)
-    model = random_model(cfg, device, dtype, seed=seed)
-    proc = ImageProcessor(size=cfg.vision.image_size, patch_size=cfg.vision.patch_size)
-    return PaliGemma(model, tok, proc, name=f"{cfg.name}-random")

@@ -1,16 +1,14 @@
-"""Training-throughput benchmark: palikit LoRA fine-tuning against transformers + peft with the
+"""Training-throughput benchmark (`palikit bench-train`): palikit LoRA fine-tuning against transformers + peft with the
 same LoRA config, the same random weights and the same batch, in one run. Each engine runs in its
 own subprocess so its peak memory (GPU: max allocated; CPU: peak RSS) is its own. Prints a table;
 the last stdout line is one JSON document.
 
-    python -m palikit.train.bench --model tiny-pg2 --batch-size 8 --steps 10
-    python -m palikit.train.bench --model pg2-3b-224 --device cuda --batch-size 8 --dtype bfloat16
+    palikit bench-train --model tiny-pg2 --batch-size 8 --steps 10
+    palikit bench-train --model pg2-3b-224 --device cuda --batch-size 8 --dtype bfloat16
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing as mp
 import resource
 import time
@@ -25,8 +23,8 @@ def _batch(cfg, batch_size: int, prefix_len: int, suffix_len: int, device, dtype
     N, S = cfg.vision.num_image_tokens, cfg.vision.image_size
     T = N + prefix_len + suffix_len
     ids = torch.randint(3, min(cfg.output_vocab_size, 256_000) - 1, (batch_size, T), generator=g)
-    ids[:, :N] = cfg.image_token_index
     ids[:, N] = cfg.bos_token_id
+    ids = torch.tensor([cfg.prompt_row(row[N:]) for row in ids.tolist()])  # [B, T]: <image> x N, then text
     ar = torch.zeros(batch_size, T, dtype=torch.long)
     ar[:, N + prefix_len:] = 1
     return {
@@ -39,10 +37,10 @@ def _batch(cfg, batch_size: int, prefix_len: int, suffix_len: int, device, dtype
 def _run(engine: str, args: dict, queue) -> None:
     import torch
 
+    from ..testing import hf_model_from, random_model
+    from ..train.collate import batch_loss, hf_labels
+    from ..train.modes import apply_mode
     from ..weights.resolve import get_config
-    from ..engine.bench import hf_model_from, random_model
-    from .collate import batch_loss, hf_labels
-    from .modes import apply_mode
 
     if args.get("threads"):
         torch.set_num_threads(args["threads"])
@@ -101,7 +99,12 @@ def _run(engine: str, args: dict, queue) -> None:
                "trainable_params": sum(p.numel() for p in params)})
 
 
-def run(args: dict) -> dict:
+def run_train_bench(*, model: str = "tiny-pg2", device: str = "cpu", dtype: str = "float32", batch_size: int = 8,
+                    prefix_len: int = 8, suffix_len: int = 16, rank: int = 8, steps: int = 10, threads: int = 0) -> dict:
+    """Both engines, each in its own spawned process, on `model`'s shape (a preset or a checkpoint's
+    config; random weights); the report repeats the arguments and adds rows, speedup and memory_ratio."""
+    args = dict(model=model, device=device, dtype=dtype, batch_size=batch_size, prefix_len=prefix_len,
+                suffix_len=suffix_len, rank=rank, steps=steps, threads=threads)
     ctx = mp.get_context("spawn")
     rows = []
     for engine in ("palikit", "transformers+peft"):
@@ -115,25 +118,9 @@ def run(args: dict) -> dict:
             "memory_ratio": ours["peak_gib"] / theirs["peak_gib"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny-pg2")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--prefix-len", type=int, default=8)
-    ap.add_argument("--suffix-len", type=int, default=16)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    a = ap.parse_args()
-    report = run({k.replace("-", "_"): v for k, v in vars(a).items()})
-    for r in report["rows"]:
-        print(f"{r['engine']:>18}: {r['samples_per_s']:8.1f} samples/s  {r['step_ms']:8.1f} ms/step  "
-              f"peak {r['peak_gib']:.2f} GiB ({r['peak_kind']})  trainable {r['trainable_params']:,}")
-    print(f"palikit / transformers+peft: {report['speedup']:.2f}x samples/s, {report['memory_ratio']:.2f}x memory")
-    print(json.dumps(report))
-
-
-if __name__ == "__main__":
-    main()
+def format_report(report: dict) -> str:
+    """The human-readable lines (the JSON line is printed after them)."""
+    lines = [f"{r['engine']:>18}: {r['samples_per_s']:8.1f} samples/s  {r['step_ms']:8.1f} ms/step  "
+             f"peak {r['peak_gib']:.2f} GiB ({r['peak_kind']})  trainable {r['trainable_params']:,}" for r in report["rows"]]
+    lines.append(f"palikit / transformers+peft: {report['speedup']:.2f}x samples/s, {report['memory_ratio']:.2f}x memory")
+    return "\n".join(lines)
