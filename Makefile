@@ -31,19 +31,19 @@ system-packages:
 
 # the bundled demo model from scratch: data, reading warm-up, task mix, anneal, scorecard (+ install if it meets every target)
 demo-model: $(VENV)/.installed
-	$(PY) -m palikit.demo.build --out work/demo
-	$(VENV)/bin/palikit train recipes/demo-ocr-warmup.yaml
-	$(VENV)/bin/palikit train recipes/demo.yaml
-	$(VENV)/bin/palikit train recipes/demo-anneal.yaml
-	$(PY) -m palikit.demo.evaluate --model work/demo/anneal/final --data work/demo/data --out work/demo/eval --install
+	$(PY) -m lab.demo.build --out work/demo
+	$(VENV)/bin/palikit train lab/recipes/demo-ocr-warmup.yaml
+	$(VENV)/bin/palikit train lab/recipes/demo.yaml
+	$(VENV)/bin/palikit train lab/recipes/demo-anneal.yaml
+	$(PY) -m lab.demo.evaluate --model work/demo/anneal/final --data work/demo/data --out work/demo/eval --install
 
 # demo model v2 (issue 19): shapes v2 at free positions, started from v1's weights (run demo-model first), the
 # task mix (cosine to 0), scorecard (+ install if it meets every target)
 demo-model-v2: $(VENV)/.installed
 	test -f work/demo/anneal/final/model.safetensors || $(MAKE) demo-model
-	$(PY) -m palikit.demo.build --version 2 --out work/demo2 --train 48000 --warm-start work/demo/anneal/final
-	$(VENV)/bin/palikit train recipes/demo-v2.yaml
-	$(PY) -m palikit.demo.evaluate --version 2 --model work/demo2/run/final --data work/demo2/data --out work/demo2/eval --install
+	$(PY) -m lab.demo.build --version 2 --out work/demo2 --train 48000 --warm-start work/demo/anneal/final
+	$(VENV)/bin/palikit train lab/recipes/demo-v2.yaml
+	$(PY) -m lab.demo.evaluate --version 2 --model work/demo2/run/final --data work/demo2/data --out work/demo2/eval --install
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/palikit bench --compile

@@ -2,7 +2,9 @@
 (label and box IoU >= 0.5, or mask IoU >= 0.5, matched one-to-one), not by labels alone: a box in the
 wrong grid cell with the right label is a miss, the same box in the right cell a hit, and the
 summary line says which rule was used. The planted answers are built from the generator's own
-shapes (moved one grid cell for the wrong ones), never typed in."""
+shapes (moved one grid cell for the wrong ones), never typed in. `palikit demo` runs every task and
+writes annotated PNGs; without `--model` the CLI uses the bundled model and says so in one line (or
+says clearly that none is bundled)."""
 
 from __future__ import annotations
 
@@ -127,3 +129,35 @@ def test_palikit_demo_counts_a_planted_wrong_cell_box_as_a_miss(tmp_path, capsys
     assert "box IoU >= 0.5" in flat and "mask IoU >= 0.5" in flat and "one-to-one" in flat
     assert "MISS" in flat and "IoU 1.00" in flat
     assert (out / "example0-detect.png").is_file()
+
+
+def test_cli_without_model_uses_the_bundled_model_and_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    from palikit import assets
+
+    image = tmp_path / "x.png"
+    make_sample(0, seed=SEED).image.save(image)
+    bundled = make_tiny_checkpoint(tmp_path / "bundled", family="pg2", image_size=112)  # stands in for the real one
+    monkeypatch.setattr(assets, "bundled_demo_model", lambda: bundled)
+    assert main(["caption", str(image), "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    notice = [line for line in captured.err.splitlines() if "bundled demo model" in line]
+    assert len(notice) == 1 and "--model google/paligemma2-3b-mix-224" in notice[0], captured.err
+    assert captured.out.strip()
+
+    monkeypatch.setattr(assets, "bundled_demo_model", lambda: None)
+    assert main(["caption", str(image)]) != 0
+    err = capsys.readouterr().err
+    assert "no bundled demo model" in err and "--model" in err and "Traceback" not in err
+
+
+def test_demo_command_runs_every_task_and_writes_annotated_pngs(tmp_path, capsys):
+    model = make_tiny_checkpoint(tmp_path / "ckpt", family="pg2", image_size=112)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--images", "2", "--model", str(model)]) == 0
+    text = capsys.readouterr().out
+    for task in ("caption", "detect", "segment", "count", "color"):
+        assert task in text
+    assert "answers as expected" in text and "a " in text  # expected captions are printed
+    for i in range(2):
+        assert (out / f"example{i}.png").is_file()
+        assert (out / f"example{i}-detect.png").is_file() and (out / f"example{i}-segment.png").is_file()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from palikit.demo.scenetext import DOMAINS, write_set
+from lab.demo.scenetext import DOMAINS, write_set
 from palikit.eval import evaluate_models
 from palikit.eval.baselines import BaselineError, COCOResults, Tesseract, parse_baseline
 from palikit.eval.metrics import ocr_accuracy
@@ -120,9 +120,9 @@ def test_cli_demo_vs_tesseract_vs_served_demo_one_report(scenetext, demo_server,
 
     # the served demo model answers like the demo model in this process, and its usage gives the cost
     from palikit.api import PaliGemma
-    from palikit.demo.evaluate import ASSET_DIR
+    from palikit.assets import DEMO_MODEL_DIR
 
-    pg = PaliGemma.from_pretrained(ASSET_DIR, device="cpu", dtype="float32")
+    pg = PaliGemma.from_pretrained(DEMO_MODEL_DIR, device="cpu", dtype="float32")
     local = [r.text for r in pg.predict_batch([str(scenetext.parent / r["image"]) for r in rows], ["ocr"] * len(rows),
                                               max_new_tokens=64)]
     served = by["demo (openai API)"]
@@ -180,15 +180,17 @@ def test_chat_prompts_reach_the_endpoint(scenetext, demo_server, tmp_path, monke
 
 def test_caption_through_the_openai_adapter_matches_the_model(demo_server, tmp_path, monkeypatch):
     """Caption (CIDEr) via the served demo model with PaliGemma prompts equals the in-process model."""
+    from lab.demo.evaluate import split_by_task
+    from lab.demo.splits import write_split
     from palikit.api import PaliGemma
-    from palikit.demo.evaluate import ASSET_DIR, split_by_task
-    from palikit.demo.shapes import write_split
+    from palikit.assets import DEMO_MODEL_DIR
+    from palikit.demo import shapes
 
-    d = write_split(tmp_path / "shapes", "test", 4, 112, seg_fn=lambda s: [0] * 16)
+    d = write_split(shapes, tmp_path / "shapes", "test", 4, 112, seg_fn=lambda s: [0] * 16)
     caps = split_by_task(d / "test.jsonl", tmp_path / "splits")["caption"]
     monkeypatch.setenv("EVAL_TEST_KEY", KEY)
     served = parse_baseline(f"openai:{demo_server}/v1#demo?key_env=EVAL_TEST_KEY&prompts=paligemma")
-    pg = PaliGemma.from_pretrained(ASSET_DIR, device="cpu", dtype="float32")
+    pg = PaliGemma.from_pretrained(DEMO_MODEL_DIR, device="cpu", dtype="float32")
     cmp = evaluate_models([pg, served], caps, "caption", out_dir=tmp_path / "cap", progress=False, charts=False)
     local, remote = cmp.reports
     assert [p["text"] for p in remote.per_sample] == [p["text"] for p in local.per_sample]
@@ -252,7 +254,7 @@ def test_every_scenetext_font_draws_every_letter_and_digit():
 
     from PIL import ImageFont
 
-    from palikit.demo.scenetext import font_files
+    from palikit.demo.fonts import font_files
 
     names = set()
     for path in font_files():

@@ -99,8 +99,8 @@ def test_train_source_errors_say_what_to_do():
         TrainConfig(train_data="a.jsonl", train_source="m:f")
     with pytest.raises(ValueError, match=r"train_source='nomodule': use 'package.module:function'"):
         import_hook("nomodule", "train_source")
-    with pytest.raises(ValueError, match=r"train_source='palikit.demo.stream:nothing': cannot import it"):
-        import_hook("palikit.demo.stream:nothing", "train_source")
+    with pytest.raises(ValueError, match=r"train_source='palikit.train.batches:nothing': cannot import it"):
+        import_hook("palikit.train.batches:nothing", "train_source")
 
 
 def test_max_minutes_ends_the_run_as_a_last_step_and_running_again_continues(tmp_path):

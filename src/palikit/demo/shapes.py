@@ -18,11 +18,9 @@ then left-to-right), so exact match is a fair metric. Boxes are encoded by `task
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -45,23 +43,6 @@ class Shape:
     color: str
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
     mask: np.ndarray = field(repr=False)  # bool [H, W], visible part after later shapes are drawn
-
-
-def codec_seg_fn(codec, on_encode=None):
-    """The `seg_fn` of `examples` / `write_split` (both generators): a shape's 16 `<seg>` codes from
-    the mask codec, encoded once per shape (several rows segment one shape); `on_encode()` runs after
-    each encoding (a progress bar)."""
-    from ..tasks.mask_codec import tokens_from_mask
-
-    def seg_fn(shape: Shape) -> list[int]:
-        codes = shape.__dict__.get("_codes")
-        if codes is None:
-            codes = shape.__dict__["_codes"] = tokens_from_mask(codec, shape.mask, shape.box)
-            if on_encode is not None:
-                on_encode()
-        return codes
-
-    return seg_fn
 
 
 @dataclass
@@ -196,33 +177,30 @@ def detect_suffix(shapes: list[Shape], classes: list[str], size: tuple[int, int]
     return " ; ".join(items)
 
 
-def examples(sample: Sample, rng: random.Random, seg_fn=None) -> list[dict]:
-    """Prefix/suffix pairs for one sample (one per task that applies). Detection and segmentation
-    are asked the way `palikit eval` asks a COCO image (every class present, `detect a ; b`), plus one
-    detect prompt over random classes that may be absent (empty answer) so the model learns to say so."""
-    size = sample.image.size
-    present = sorted({s.cls for s in sample.shapes}, key=CLASSES.index)
-    out = [{"prefix": "caption en", "suffix": caption(sample.shapes), "task": "caption"}]
-    out.append({"prefix": "detect " + " ; ".join(present), "suffix": detect_suffix(sample.shapes, present, size),
-                "task": "detect"})
-    asked = sorted(rng.sample(CLASSES, rng.choice((1, 1, 2))), key=CLASSES.index)
-    if rng.random() < 0.5:  # half the time, make sure at least one asked class is present
-        asked = sorted(set(asked[:-1]) | {rng.choice(present)}, key=CLASSES.index)
+def detect_rows(sample: Sample, present: list[str], asked: list[str], rng: random.Random, seg_fn, suffix) -> list[dict]:
+    """The detect row of `asked` when it is not `present` (absent classes answer nothing) and, with
+    `seg_fn`, the segment rows: every present class, then one of them alone when there are several.
+    `suffix`: the generator's `detect_suffix` (both generators)."""
+    size, out = sample.image.size, []
     if asked != present:
-        out.append({"prefix": "detect " + " ; ".join(asked), "suffix": detect_suffix(sample.shapes, asked, size),
+        out.append({"prefix": "detect " + " ; ".join(asked), "suffix": suffix(sample.shapes, asked, size),
                     "task": "detect"})
     if seg_fn is not None:
-        out.append({"prefix": "segment " + " ; ".join(present),
-                    "suffix": detect_suffix(sample.shapes, present, size, seg_fn), "task": "segment"})
+        out.append({"prefix": "segment " + " ; ".join(present), "suffix": suffix(sample.shapes, present, size, seg_fn),
+                    "task": "segment"})
         if len(present) > 1:
-            target = [rng.choice(present)]
-            out.append({"prefix": f"segment {target[0]}", "suffix": detect_suffix(sample.shapes, target, size, seg_fn),
+            one = [rng.choice(present)]
+            out.append({"prefix": f"segment {one[0]}", "suffix": suffix(sample.shapes, one, size, seg_fn),
                         "task": "segment"})
-    if sample.word:
-        out.append({"prefix": "ocr", "suffix": sample.word.upper(), "task": "ocr"})
-    count_cls = rng.choice(CLASSES)
+    return out
+
+
+def answer_rows(sample: Sample, present: list[str], rng: random.Random, classes, plurals) -> list[dict]:
+    """A count question over a random class of `classes` (`plurals`: their plural words) and, when a
+    present class has exactly one instance, its colour (both generators)."""
+    count_cls = rng.choice(classes)
     n = sum(s.cls == count_cls for s in sample.shapes)
-    out.append({"prefix": f"answer en how many {PLURALS[count_cls]} are there", "suffix": str(n), "task": "count"})
+    out = [{"prefix": f"answer en how many {plurals[count_cls]} are there", "suffix": str(n), "task": "count"}]
     singles = [c for c in present if sum(s.cls == c for s in sample.shapes) == 1]
     if singles:
         c = rng.choice(singles)
@@ -231,37 +209,28 @@ def examples(sample: Sample, rng: random.Random, seg_fn=None) -> list[dict]:
     return out
 
 
-def iter_split(split: str, n: int, size: int = 112) -> Iterator[Sample]:
+def examples(sample: Sample, rng: random.Random, seg_fn=None) -> list[dict]:
+    """Prefix/suffix pairs for one sample (one per task that applies). Detection and segmentation
+    are asked the way `palikit eval` asks a COCO image (every class present, `detect a ; b`), plus one
+    detect prompt over random classes that may be absent (empty answer) so the model learns to say so."""
+    size = sample.image.size
+    present = sorted({s.cls for s in sample.shapes}, key=CLASSES.index)
+    out = [{"prefix": "caption en", "suffix": caption(sample.shapes), "task": "caption"},
+           {"prefix": "detect " + " ; ".join(present), "suffix": detect_suffix(sample.shapes, present, size),
+            "task": "detect"}]
+    asked = sorted(rng.sample(CLASSES, rng.choice((1, 1, 2))), key=CLASSES.index)
+    if rng.random() < 0.5:  # half the time, make sure at least one asked class is present
+        asked = sorted(set(asked[:-1]) | {rng.choice(present)}, key=CLASSES.index)
+    out += detect_rows(sample, present, asked, rng, seg_fn, detect_suffix)
+    if sample.word:
+        out.append({"prefix": "ocr", "suffix": sample.word.upper(), "task": "ocr"})
+    return out + answer_rows(sample, present, rng, CLASSES, PLURALS)
+
+
+def iter_split(split: str, n: int, size: int | None = 112, make=None, **options) -> Iterator[Sample]:
+    """The first `n` samples of a split (`make`: the generator's `make_sample`, v1's by default, called
+    with `size` and `options`)."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {', '.join(SPLIT_SEEDS)}, got {split!r}")
     for i in range(n):
-        yield make_sample(i, SPLIT_SEEDS[split], size)
-
-
-def write_split(folder: str | Path, split: str, n: int, size: int = 112, seg_fn=None) -> Path:
-    """Images as PNG, `{split}.jsonl` (image, prefix, suffix, task) and `{split}_coco.json`
-    (detection + instance segmentation ground truth, RLE masks)."""
-    from ..tasks.results import mask_to_rle
-
-    folder = Path(folder)
-    (folder / split).mkdir(parents=True, exist_ok=True)
-    rng = random.Random(SPLIT_SEEDS[split] + 7)
-    lines, images, annotations = [], [], []
-    categories = [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)]
-    for sample in iter_split(split, n, size):
-        rel = f"{split}/{sample.index:06d}.png"
-        sample.image.save(folder / rel)
-        for ex in examples(sample, rng, seg_fn):
-            lines.append(json.dumps({"image": rel, **ex}))
-        images.append({"id": sample.index, "file_name": rel, "width": size, "height": size})
-        for s in sample.shapes:
-            x0, y0, x1, y1 = s.box
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": sample.index, "category_id": CLASSES.index(s.cls) + 1,
-                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(s.mask.sum()), "iscrowd": 0,
-                "segmentation": mask_to_rle(s.mask),
-            })
-    (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    coco = {"images": images, "annotations": annotations, "categories": categories}
-    (folder / f"{split}_coco.json").write_text(json.dumps(coco))
-    return folder
+        yield (make or make_sample)(i, SPLIT_SEEDS[split], size, **options)

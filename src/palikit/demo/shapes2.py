@@ -19,7 +19,7 @@ tight box), and a placement that would hide more than 40 % of an earlier shape i
 v1's four names, each a range of hue / saturation / value (`COLOR_RANGES`; `color_name` inverts them),
 so exact RGB varies. Backgrounds: plain, gradient, noise, stripes, checker, a smooth random field and
 blurred clutter (`palikit.demo.backgrounds`), all muted (saturation < 0.5). Half the images hold one word (v1's words, or a 3-4
-character code one time in four) in a random TrueType face (`scenetext.font_files`), 10-22 % of the
+character code one time in four) in a random TrueType face (`fonts.font_files`), 10-22 % of the
 short side, rotated <= 6 degrees; shapes never cover it.
 
 Tasks (`examples`): v1's caption / detect (incl. absent classes) / segment / ocr / count / color, plus
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import colorsys
 import functools
-import json
 import math
 import random
 from collections.abc import Iterator
@@ -46,7 +45,9 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from ..tasks.labels import plural
 from ..tasks.boxes import encode_box, encode_loc
 from .backgrounds import background
-from .shapes import COLORS, NUMBER_WORDS, PLURALS, SPLIT_SEEDS, WORDS, Sample, Shape
+from . import shapes as shapes_v1
+from .shapes import SPLIT_SEEDS  # noqa: F401 - the generator interface: gen.SPLIT_SEEDS for v1 and v2
+from .shapes import COLORS, NUMBER_WORDS, PLURALS, WORDS, Sample, Shape
 
 CLASSES = ("circle", "square", "triangle", "star", "cross", "hexagon")
 EXTRA_CLASSES = ("ring", "diamond")
@@ -150,9 +151,9 @@ def _raster(polys: list[np.ndarray], x: float, y: float, size: tuple[int, int]) 
 # ------------------------------------------------------------------------------ text
 @functools.lru_cache(maxsize=1)
 def usable_fonts() -> tuple[Path, ...]:
-    """`scenetext.font_files()`: every face there draws all ASCII letters and digits (the words and
+    """`fonts.font_files()`: every face there draws all ASCII letters and digits (the words and
     codes use no other characters)."""
-    from .scenetext import font_files
+    from .fonts import font_files
 
     return font_files()
 
@@ -418,29 +419,11 @@ def examples(sample: Sample, rng: random.Random, seg_fn=None, classes: tuple[str
     asked = set(rng.sample(classes, rng.choice((1, 1, 2, 3))))
     if rng.random() < 0.5:  # half the time, make sure at least one asked class is present
         asked = set(sorted(asked)[:-1]) | {rng.choice(present)}
-    asked = sorted(asked, key=ALL_CLASSES.index)
-    if asked != present:
-        out.append({"prefix": "detect " + " ; ".join(asked), "suffix": detect_suffix(sample.shapes, asked, size),
-                    "task": "detect"})
-    if seg_fn is not None:
-        out.append({"prefix": "segment " + " ; ".join(present),
-                    "suffix": detect_suffix(sample.shapes, present, size, seg_fn), "task": "segment"})
-        if len(present) > 1:
-            one = [rng.choice(present)]
-            out.append({"prefix": f"segment {one[0]}", "suffix": detect_suffix(sample.shapes, one, size, seg_fn),
-                        "task": "segment"})
+    out += shapes_v1.detect_rows(sample, present, sorted(asked, key=ALL_CLASSES.index), rng, seg_fn, detect_suffix)
     out += _refer_examples(sample, rng, classes, seg_fn)
     if sample.word:
         out.append({"prefix": "ocr", "suffix": sample.word, "task": "ocr"})
-    count_cls = rng.choice(classes)
-    n = sum(s.cls == count_cls for s in sample.shapes)
-    out.append({"prefix": f"answer en how many {PLURALS2[count_cls]} are there", "suffix": str(n), "task": "count"})
-    singles = [c for c in present if sum(s.cls == c for s in sample.shapes) == 1]
-    if singles:
-        c = rng.choice(singles)
-        color = next(s.color for s in sample.shapes if s.cls == c)
-        out.append({"prefix": f"answer en what color is the {c}", "suffix": color, "task": "color"})
-    return out
+    return out + shapes_v1.answer_rows(sample, present, rng, classes, PLURALS2)
 
 
 def vocabulary() -> list[str]:
@@ -453,40 +436,4 @@ def vocabulary() -> list[str]:
 
 # ------------------------------------------------------------------------------ splits
 def iter_split(split: str, n: int, size=None, classes: tuple[str, ...] = CLASSES) -> Iterator[Sample]:
-    if split not in SPLIT_SEEDS:
-        raise ValueError(f"split must be one of {', '.join(SPLIT_SEEDS)}, got {split!r}")
-    for i in range(n):
-        yield make_sample(i, SPLIT_SEEDS[split], size, classes=classes)
-
-
-def write_split(folder: str | Path, split: str, n: int, size=None, seg_fn=None,
-                classes: tuple[str, ...] = CLASSES) -> Path:
-    """v1's layout: images as PNG, `{split}.jsonl` (image, prefix, suffix, task; referring rows add
-    "box", and "label" + "mask" as RLE for segment) and `{split}_coco.json` (detection + instance
-    segmentation ground truth, RLE masks, each image's own width and height)."""
-    from ..fileio import atomic_write_bytes, atomic_write_json
-    from ..tasks.results import mask_to_rle
-
-    folder = Path(folder)
-    (folder / split).mkdir(parents=True, exist_ok=True)
-    rng = random.Random(SPLIT_SEEDS[split] + 7)
-    lines, images, annotations = [], [], []
-    categories = [{"id": i + 1, "name": c} for i, c in enumerate(classes)]
-    for sample in iter_split(split, n, size, classes):
-        rel = f"{split}/{sample.index:06d}.png"
-        sample.image.save(folder / rel)
-        for ex in examples(sample, rng, seg_fn, classes):
-            lines.append(json.dumps({"image": rel, **ex}))
-        w, h = sample.image.size
-        images.append({"id": sample.index, "file_name": rel, "width": w, "height": h})
-        for s in sample.shapes:
-            x0, y0, x1, y1 = s.box
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": sample.index, "category_id": classes.index(s.cls) + 1,
-                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(s.mask.sum()), "iscrowd": 0,
-                "segmentation": mask_to_rle(s.mask),
-            })
-    atomic_write_bytes(folder / f"{split}.jsonl", "\n".join(lines) + "\n")
-    coco = {"images": images, "annotations": annotations, "categories": categories}
-    atomic_write_json(folder / f"{split}_coco.json", coco)
-    return folder
+    return shapes_v1.iter_split(split, n, size, make=make_sample, classes=classes)

@@ -1,6 +1,6 @@
 """Judging one detect / segment answer against the expected instances: detections matched to the
 truth one-to-one by IoU (box or mask), the answer right when nothing is missing or extra. What
-`palikit demo` and the demo model's hand-made-image score (`demo.evaluate.handmade_score`) count."""
+`palikit demo` and the demo model's hand-made-image score (the checkout's `lab.demo.evaluate`) count."""
 
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ class TrainConfig:
     final_logit_softcap: str | float | None = None  # PaliGemma 2's final-logit soft-cap while training: None = off (the PaliGemma 2 report's transfer stage; the export records it), auto = the checkpoint's convention, or a number
     tokenizer: str | None = None  # tokenizer.json; default: <model folder>/tokenizer.json
     train_data: str = ""  # .jsonl (big_vision / Roboflow export) or COCO annotation .json
-    train_source: str | None = None  # instead of train_data: "package.module:function" called as fn(config) -> the training examples (a sequence; palikit.demo.stream:shapes2_source makes fresh shapes v2 images on the fly)
+    train_source: str | None = None  # instead of train_data: "package.module:function" called as fn(config) -> the training examples (a sequence; lab.demo.stream:shapes2_source makes fresh shapes v2 images on the fly)
     val_data: str | None = None  # validation data (same formats): val_loss, the task metric and the best checkpoint come from it
     data_format: Literal["auto", "jsonl", "coco"] = "auto"  # auto | jsonl | coco
     coco_images: str | None = None  # image folder for COCO files (default: the json's folder)

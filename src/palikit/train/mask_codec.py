@@ -1,5 +1,5 @@
 """Training a segmentation-mask VQ-VAE (`palikit.tasks.mask_codec.MaskCodec`, the vae-oid.npz
-architecture) on 64x64 masks: what the bundled demo codec is trained with (`palikit.demo.build`)."""
+architecture) on 64x64 masks: what the bundled demo codec is trained with (the checkout's `lab.demo.build`)."""
 
 from __future__ import annotations
 
