@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from palikit.eval import metrics as M
+from palikit.tasks.records import coco_results
 
 
 # ------------------------------------------------------------------------------ OCR
@@ -172,7 +173,7 @@ def test_coco_map_equals_pycocotools_own_result():
                  {"label": "dog", "box": (50, 50, 79, 81), "score": 0.4},  # good but low score
                  {"label": "horse", "box": (0, 0, 5, 5), "score": 0.99}]  # unknown label: dropped
     dets_img2 = [{"label": "cat", "box": (0, 0, 60, 40), "score": None}]  # IoU 0.8, score -> 1.0
-    res = M.predictions_to_coco(1, dets_img1, cats) + M.predictions_to_coco(2, dets_img2, cats)
+    res = coco_results(1, dets_img1, cats, masks="none") + coco_results(2, dets_img2, cats, masks="none")
     assert len(res) == 4 and res[-1]["score"] == 1.0 and res[0]["bbox"] == [12.0, 11.0, 38.0, 41.0]
     ours = M.coco_map(gt, res)
 

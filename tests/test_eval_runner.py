@@ -253,7 +253,7 @@ def test_detection_coco_and_prompt_sensitivity(tmp_path):
 
 # ------------------------------------------------------------------------------ referring segmentation
 def test_referring_segmentation_runner(tmp_path):
-    from palikit.tasks.results import mask_to_rle
+    from palikit.tasks.rle import mask_to_rle
 
     gt = np.zeros((20, 30), bool)
     gt[5:15, 10:20] = True

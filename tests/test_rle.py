@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from palikit.tasks import results
 from palikit.tasks.rle import mask_to_rle, rle_to_mask, segmentation_to_mask
 
 
@@ -35,10 +34,6 @@ def test_rle_equals_pycocotools(i):
     plain = mask_to_rle(m)
     assert np.array_equal(rle_to_mask(plain), m)
     assert np.array_equal(coco_mask.decode(coco_mask.frPyObjects(plain, *plain["size"])), m)
-
-
-def test_results_keeps_the_names():
-    assert results.mask_to_rle is mask_to_rle and results.rle_to_mask is rle_to_mask
 
 
 POLY = [[10, 20, 30, 20, 30, 30, 10, 30]]  # x, y pairs: a 20 x 10 rectangle

@@ -91,7 +91,7 @@ def test_playground_draws_boxes_and_masks(page):
     the canvas pixels back."""
     import numpy as np
 
-    from palikit.tasks.results import mask_to_rle
+    from palikit.tasks.rle import mask_to_rle
 
     mask = np.zeros((80, 120), dtype=bool)
     mask[10:30, 60:100] = True  # rows 10..29, columns 60..99 (box 2)
@@ -128,7 +128,7 @@ def test_a_small_image_is_shown_enlarged_with_legible_labels(page, tmp_path):
     import numpy as np
 
     from palikit.demo.shapes import make_sample
-    from palikit.tasks.results import mask_to_rle
+    from palikit.tasks.rle import mask_to_rle
 
     sample = make_sample(0, seed=2_000_003, size=112)
     path = tmp_path / "shapes.png"

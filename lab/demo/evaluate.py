@@ -98,7 +98,8 @@ def handmade_score(model, folder: str | Path = HANDMADE, out: str | Path | None 
     extra box. Also COCO mAP@0.5 of the same answers against `coco.json`. Per-image verdicts go to
     `out/handmade.json`."""
     from palikit.eval.instances import Expected, judge_instances
-    from palikit.eval.metrics_detection import coco_map, predictions_to_coco
+    from palikit.eval.metrics_detection import coco_map
+    from palikit.tasks.records import coco_results
     from palikit.demo.shapes2 import ALL_CLASSES
 
     folder = Path(folder)
@@ -118,7 +119,7 @@ def handmade_score(model, folder: str | Path = HANDMADE, out: str | Path | None 
         gt = json.loads((folder / "coco.json").read_text())
         ids = {im["file_name"]: im["id"] for im in gt["images"]}
         cats = {c["name"]: c["id"] for c in gt["categories"]}
-        dets = [d for t, a in zip(truth, answers) for d in predictions_to_coco(ids[t["image"]], a.detections, cats)]
+        dets = [d for t, a in zip(truth, answers) for d in coco_results(ids[t["image"]], a.detections, cats, masks="none")]
         scores = coco_map(gt, dets)
         result["map50"], result["map"] = scores["map50"], scores["map"]
     if out is not None:

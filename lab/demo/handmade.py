@@ -26,7 +26,7 @@ from PIL import Image
 
 from palikit.demo.shapes2 import CLASSES, Shape2, detect_suffix
 from palikit.fileio import atomic_write_bytes, atomic_write_json
-from palikit.tasks.results import mask_to_rle
+from palikit.tasks.rle import mask_to_rle
 
 FILLS = {"red": (204, 36, 48), "green": (52, 148, 72), "blue": (32, 92, 198), "yellow": (242, 206, 42)}
 ALT = {"red": (226, 52, 40), "green": (40, 150, 66), "blue": (58, 110, 222), "yellow": (230, 190, 30)}

@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from palikit.demo.fonts import font_files
+from palikit.fileio import atomic_write_bytes
 
 DOMAINS = ("serial", "plate", "sign", "receipt", "container")
 SIGN_WORDS = ["EXIT", "PARKING", "OPEN", "CLOSED", "PHARMACY", "BAKERY", "STOP", "HOTEL", "Main St", "Station Rd",
@@ -144,11 +145,7 @@ def write_set(out: str | Path, n: int = 200, seed: int = 0, domains: tuple[str, 
         img.save(out / rel)
         rows.append({"id": f"{domain}-{i:06d}", "image": rel, "prefix": "ocr", "suffix": text, "domain": domain,
                      "font": font.name, "font_px": px})
-    path = out / "scenetext.jsonl"
-    tmp = path.with_name(".scenetext.jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_bytes(out / "scenetext.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def main(argv: list[str] | None = None) -> int:

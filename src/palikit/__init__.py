@@ -12,13 +12,25 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's, through the package metadata); "0+unknown"
+    when palikit runs from a source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("palikit")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__ = _version()
 
 _LAZY = {
     "PaliGemma": "palikit.api",
     "PaliGemmaConfig": "palikit.config",
     "PRESETS": "palikit.config",
-    "get_config": "palikit.config",
+    "get_config": "palikit.weights.resolve",
     "PaliGemmaModel": "palikit.model",
     "build_model": "palikit.model",
     "Engine": "palikit.engine",

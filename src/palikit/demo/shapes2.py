@@ -395,7 +395,7 @@ def _refer_examples(sample: Sample, rng: random.Random, classes, seg_fn) -> list
     out.append({"prefix": f"detect {pick}", "suffix": instances_suffix(target, size, label=pick),
                 "task": "refer_detect", "box": list(target[0].box) if target else None})
     if seg_fn is not None and present:
-        from ..tasks.results import mask_to_rle
+        from ..tasks.rle import mask_to_rle
 
         pick = rng.choice(present)
         s = exprs[pick][0]

@@ -239,20 +239,18 @@ def detection_columns(result) -> list[dict[str, Any]]:
 
 
 def _write_part(output: Path, rows: list[dict[str, Any]], fmt: str) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    name = f"part-{uuid.uuid4().hex}.{fmt}"
-    tmp = output / f".{name}.tmp"
+    from ..fileio import atomic_write_bytes
+
     if fmt == "jsonl":
-        with open(tmp, "w") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
-            f.flush()
-            os.fsync(f.fileno())
+        data: str | bytes = "".join(json.dumps(r) + "\n" for r in rows)
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, output / name)  # a part is either complete or absent
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows), buf)
+        data = buf.getvalue().to_pybytes()
+    atomic_write_bytes(output / f"part-{uuid.uuid4().hex}.{fmt}", data)  # a part is either complete or absent
 
 
 # ----------------------------------------------------------------------------------- driver

@@ -14,18 +14,8 @@ from . import metrics
 from .compare import Comparison, evaluate_models
 from .prompts_variants import DEFAULT_VARIANTS, SensitivityReport, evaluate_prompt_variants, prompt_variants
 from .report import load_cached_results, markdown_report, save_cached_results, write_charts, write_report
-from .runner import (
-    TASKS,
-    EvalDataset,
-    EvalInterrupted,
-    EvalReport,
-    Sample,
-    evaluate,
-    load_coco,
-    load_dataset,
-    load_jsonl,
-    load_predictions,
-)
+from .datasets import TASKS, EvalDataset, Sample, load_coco, load_dataset, load_jsonl
+from .runner import EvalInterrupted, EvalReport, evaluate, load_predictions
 
 __all__ = [
     "metrics", "evaluate", "evaluate_models", "Comparison", "EvalInterrupted", "EvalReport", "EvalDataset", "Sample", "TASKS", "load_dataset", "load_jsonl", "load_coco",

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .report import _fmt, atomic_write, hardware_line, load_cached_results, normalize_row, write_charts
-from .runner import UNITS, EvalReport, evaluate, load_dataset
+from ..fileio import atomic_write_bytes
+from .datasets import load_dataset
+from .report import _fmt, hardware_line, load_cached_results, normalize_row, write_charts
+from .runner import UNITS, EvalReport, evaluate
 
 FORMULAS = {
     "accuracy": "OCR: mean over samples of 1 - lev(pred, ref) / max(len(pred), len(ref)) x 100, both sides "
@@ -105,9 +107,9 @@ def write(cmp: Comparison, out_dir: str | Path, charts: bool = True) -> dict[str
     if charts:
         rows = [r for r in cmp.rows() if not any(isinstance(v, float) and math.isnan(v) for v in (r.get("accuracy"),))]
         files.update(write_charts(rows, out, title=cmp.task))
-    atomic_write(files["json"], json.dumps({**cmp.to_dict(), "files": {k: str(v) for k, v in files.items()}},
+    atomic_write_bytes(files["json"], json.dumps({**cmp.to_dict(), "files": {k: str(v) for k, v in files.items()}},
                                            indent=2, default=str))
-    atomic_write(files["markdown"], markdown(cmp))
+    atomic_write_bytes(files["markdown"], markdown(cmp))
     return files
 
 
@@ -121,7 +123,7 @@ def evaluate_models(models: Sequence[Any], dataset: Any, task: str, *, out_dir: 
     price rule is `price_per_hour` / `price_per_call`, a baseline's its `price_rule`. Writes the
     combined report to `out_dir` and returns it. Raises `EvalInterrupted` (its report: the model that
     was running) on Ctrl-C / SIGTERM; rerunning resumes every model where it stopped."""
-    from .runner import canonical_task
+    from .datasets import canonical_task
 
     task = canonical_task(task)
     ds = load_dataset(dataset, task, image_root=image_root, strict=strict)

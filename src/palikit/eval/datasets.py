@@ -68,7 +68,7 @@ def _finish(samples: list[Sample], problems: list[Problem], strict: bool, path: 
 
 def _load_mask(value: Any, root: Path) -> np.ndarray:
     if isinstance(value, Mapping):
-        from ..tasks.results import rle_to_mask
+        from ..tasks.rle import rle_to_mask
 
         return rle_to_mask(value)
     from PIL import Image

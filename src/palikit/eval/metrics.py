@@ -7,7 +7,6 @@ from .metrics_detection import (
     box_iou,
     coco_map,
     mask_iou,
-    predictions_to_coco,
     referring_segmentation_scores,
     segmentation_sample_iou,
 )
@@ -32,6 +31,6 @@ from .metrics_text import (
 __all__ = [
     "anls", "box_iou", "caption_tokenize", "cer", "cider_d", "coco_map", "corpus_cer", "count_accuracy",
     "edit_distance", "exact_match", "mask_iou", "mean", "normalize_text", "normalized_edit_distance",
-    "ocr_accuracy", "parse_count", "predictions_to_coco", "referring_segmentation_scores",
+    "ocr_accuracy", "parse_count", "referring_segmentation_scores",
     "segmentation_sample_iou", "vqa_accuracy", "vqa_normalize",
 ]

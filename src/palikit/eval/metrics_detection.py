@@ -3,9 +3,9 @@
 - COCO mAP@[.5:.95] / mAP@0.5 / mAP@0.75 (box or mask) via pycocotools' `COCOeval` (or
   faster-coco-eval's drop-in copy when pycocotools is missing): the standard 101-point interpolated AP,
   maxDets 100, averaged over categories that have ground truth. Our predictions (label, pixel box
-  x0,y0,x1,y1, score, optional mask) are converted to COCO results (`bbox` = [x, y, w, h]); labels are
-  mapped to category ids by name (exact, then case-insensitive); unknown labels are dropped; a missing
-  score counts as 1.0 (PaliGemma gives no score unless log-probs are kept, so the ranking is then
+  x0,y0,x1,y1, score, optional mask) are converted to COCO results (`tasks.records.coco_results`: `bbox`
+  = [x, y, w, h]); labels are mapped to category ids by name (exact, then case-insensitive); unknown
+  labels are dropped; a missing score counts as 1.0 (PaliGemma gives no score unless log-probs are kept, so the ranking is then
   arbitrary and AP is lower than with confidences).
 - Referring segmentation as big_vision scores RefCOCO (`evaluators/proj/paligemma/transfers/
   segmentation.py`): one ground-truth instance per sample, the FIRST predicted instance is scored;
@@ -43,35 +43,6 @@ def _cocoeval_classes():
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
     return obj.get(name, default) if isinstance(obj, Mapping) else getattr(obj, name, default)
-
-
-def predictions_to_coco(image_id: int, detections: Sequence[Any], category_ids: Mapping[str, int], *,
-                        with_masks: bool = False) -> list[dict[str, Any]]:
-    """COCO results entries for one image from detections with `label`, `box` (x0, y0, x1, y1 pixels),
-    `score` (None -> 1.0) and, when `with_masks`, `mask` (bool HxW; detections without one are left
-    out). Objects or dicts are accepted."""
-    lower = {k.lower().strip(): v for k, v in category_ids.items()}
-    out = []
-    for d in detections:
-        label = str(_get(d, "label", ""))
-        cid = category_ids.get(label, lower.get(label.lower().strip()))
-        if cid is None:
-            continue
-        x0, y0, x1, y1 = (float(v) for v in _get(d, "box"))
-        score = _get(d, "score")
-        item: dict[str, Any] = {"image_id": int(image_id), "category_id": int(cid),
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "score": 1.0 if score is None else float(score)}
-        if with_masks:
-            mask = _get(d, "mask")
-            if mask is None:
-                continue
-            from pycocotools import mask as mask_utils  # masks need pycocotools' RLE encoder
-
-            rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
-            rle["counts"] = rle["counts"].decode("ascii")
-            item["segmentation"] = rle
-        out.append(item)
-    return out
 
 
 def coco_map(coco_gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], *, iou_type: str = "bbox",

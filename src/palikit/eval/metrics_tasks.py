@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..tasks.records import coco_results
 from . import metrics_detection as D
 from . import metrics_text as T
 
@@ -153,8 +154,8 @@ def _coco_results(recs, samples, coco, with_masks):
     cats = category_lookup(coco)
     res = []
     for s in samples:
-        res += D.predictions_to_coco(s.meta["image_id"], recs[s.id].get("detections", []), cats,
-                                     with_masks=with_masks)
+        res += coco_results(s.meta["image_id"], recs[s.id].get("detections", []), cats,
+                            masks="only" if with_masks else "none")
     return res
 
 

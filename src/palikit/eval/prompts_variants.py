@@ -95,8 +95,9 @@ def evaluate_prompt_variants(model: Any, dataset: Any, task: str, *, out_dir: st
                              batch_size: int = 8, charts: bool = True, **evaluate_kwargs: Any) -> SensitivityReport:
     """Evaluate every prompt variant (each in `out_dir/<variant>/`, resumable) and write
     sensitivity.json, sensitivity.md and (charts=True) sensitivity.png in `out_dir`."""
-    from .report import atomic_write
-    from .runner import canonical_task, evaluate, load_dataset
+    from ..fileio import atomic_write_bytes
+    from .datasets import canonical_task, load_dataset
+    from .runner import evaluate
 
     task = canonical_task(task)
     ds = load_dataset(dataset, task, image_root=evaluate_kwargs.pop("image_root", None),
@@ -110,8 +111,8 @@ def evaluate_prompt_variants(model: Any, dataset: Any, task: str, *, out_dir: st
                        **evaluate_kwargs)
         scores[name], reports[name] = rep.score, rep
     sens = SensitivityReport(task, reports[next(iter(reports))].primary if reports else "", scores, prompts, reports)
-    sens.files["json"] = str(atomic_write(out / "sensitivity.json", json.dumps(sens.to_dict(), indent=2)))
-    sens.files["markdown"] = str(atomic_write(out / "sensitivity.md", sens.markdown()))
+    sens.files["json"] = str(atomic_write_bytes(out / "sensitivity.json", json.dumps(sens.to_dict(), indent=2)))
+    sens.files["markdown"] = str(atomic_write_bytes(out / "sensitivity.md", sens.markdown()))
     if charts and scores:
         from .report import write_charts
 

@@ -26,11 +26,6 @@ CHARTS = {"accuracy": "Accuracy (score, %)", "speed_efficiency": "Median speed e
           "cost_efficiency": "Cost efficiency (score % / $ per sample)"}
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write `data` to `path` via a temporary file in the same folder and `os.replace`."""
-    return atomic_write_bytes(path, data)
-
-
 def _num(v: Any) -> float | None:
     if v is None or v == "":
         return None
@@ -104,8 +99,8 @@ def save_cached_results(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> 
         w = csv.DictWriter(buf, fieldnames=COLUMNS + ["device", "n", "task"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-        return atomic_write(p, buf.getvalue())
-    return atomic_write(p, json.dumps(rows, indent=2))
+        return atomic_write_bytes(p, buf.getvalue())
+    return atomic_write_bytes(p, json.dumps(rows, indent=2))
 
 
 def comparison_rows(report: Any, cached: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
@@ -213,7 +208,7 @@ def write_charts(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *, size
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi)
         plt.close(fig)
-        out[key] = atomic_write(Path(out_dir) / f"{key}.png", buf.getvalue())
+        out[key] = atomic_write_bytes(Path(out_dir) / f"{key}.png", buf.getvalue())
     return out
 
 
@@ -226,6 +221,6 @@ def write_report(report: Any, out_dir: str | Path, *, cached: Sequence[Mapping[s
     if charts:
         files.update(write_charts(rows, out, title=f"{report.task}: {report.primary}"))
     report.files.update({k: str(v) for k, v in files.items()})
-    atomic_write(files["json"], json.dumps({**report.to_dict(), "comparison": rows}, indent=2, default=str))
-    atomic_write(files["markdown"], markdown_report(report, rows))
+    atomic_write_bytes(files["json"], json.dumps({**report.to_dict(), "comparison": rows}, indent=2, default=str))
+    atomic_write_bytes(files["markdown"], markdown_report(report, rows))
     return files

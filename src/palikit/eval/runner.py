@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import TASKS, EvalDataset, Sample, canonical_task, load_coco, load_dataset, load_jsonl  # noqa: F401
+from .datasets import EvalDataset, Sample, canonical_task, load_dataset
 
 
 def prompt_fields(sample: Sample, lang: str = "en") -> dict[str, str]:
@@ -77,7 +77,7 @@ def failed_record(sample: Sample, error: str) -> dict[str, Any]:
 
 
 def _decode_record(rec: dict[str, Any]) -> dict[str, Any]:
-    from ..tasks.results import rle_to_mask
+    from ..tasks.rle import rle_to_mask
 
     for d in rec.get("detections", []):
         if isinstance(d.get("mask"), Mapping):

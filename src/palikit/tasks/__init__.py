@@ -19,7 +19,8 @@ from .parse import Detection, ParseResult, dedupe, detections_from_ids, parse_de
 from .prompts import LANGUAGES, answer, caption, describe, detect, ocr, question, segment, suggest_prompt
 from .records import PredictionRecord
 from .registry import TASKS, Task, get_task, register
-from .results import Result, mask_to_rle, rle_to_mask
+from .results import Result
+from .rle import mask_to_rle, rle_to_mask
 
 _LAZY = {
     "MaskCodec": "mask_codec", "mask_from_tokens": "mask_codec", "tokens_from_mask": "mask_codec",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from .labels import clean_labels, singular  # noqa: F401 - singular: re-exported for existing imports
+from .labels import clean_labels, singular
 
 # The 35 caption/VQA languages of COCO-35L / XM3600 (big_vision `transfers/coco35l.py`).
 LANGUAGES: tuple[str, ...] = (

@@ -10,6 +10,7 @@ existing outputs still resume:
   [{"label", "box", "score", "mask_score", "mask"}], "error"} ("" when the input succeeded).
 
 Boxes are pixel (x0, y0, x1, y1) floats of the original image; masks COCO RLE ({size, counts}).
+`coco_results` writes detections as COCO results entries (`Result.to_coco`, eval's COCO mAP).
 `from_result` takes a `palikit.tasks.Result` or any object / dict with text, detections (label,
 box, score, mask), errors, timings, usage (baselines and results files).
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PredictionRecord", "detection_record"]
+__all__ = ["PredictionRecord", "coco_results", "detection_record"]
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -39,6 +40,36 @@ def detection_record(d: Any) -> dict[str, Any]:
     return {"label": str(_get(d, "label", "")), "box": [float(v) for v in _get(d, "box")],
             "score": None if score is None else float(score),
             "mask_score": None if mask_score is None else float(mask_score), "mask": mask}
+
+
+def coco_results(image_id: int, detections: Any, category_ids: Mapping[str, int], *,
+                 masks: str = "when-present") -> list[dict[str, Any]]:
+    """COCO results entries {"image_id", "category_id", "bbox": [x, y, w, h] (0.01 px), "score"} (what
+    pycocotools' loadRes reads) of detections with `label`, `box` (x0, y0, x1, y1 pixels), `score` (None ->
+    1.0) and `mask` (bool HxW, COCO RLE or None); objects or dicts. Labels match a category name exactly,
+    then case-insensitively; unknown labels are left out. `masks`: "when-present" adds a compressed-RLE
+    "segmentation" where a detection has a mask, "only" keeps just those (a mask evaluation), "none"."""
+    from .rle import mask_to_rle, rle_to_mask
+
+    if masks not in ("when-present", "only", "none"):
+        raise ValueError(f"masks must be when-present, only or none; got {masks!r}")
+    lower = {k.lower().strip(): v for k, v in category_ids.items()}
+    out = []
+    for d in detections:
+        label = str(_get(d, "label", ""))
+        cid = category_ids.get(label, lower.get(label.lower().strip()))
+        mask = _get(d, "mask") if masks != "none" else None
+        if cid is None or (mask is None and masks == "only"):
+            continue
+        x0, y0, x1, y1 = (float(v) for v in _get(d, "box"))
+        score = _get(d, "score")
+        item: dict[str, Any] = {"image_id": int(image_id), "category_id": int(cid),
+                                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                                "score": 1.0 if score is None else float(score)}
+        if mask is not None:
+            item["segmentation"] = mask_to_rle(rle_to_mask(mask) if isinstance(mask, Mapping) else mask, compressed=True)
+        out.append(item)
+    return out
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Owns: `Result` (text, prompt, image size, detections, parse errors, timings, tokens, log-probs,
 prompt hint) and the optional `supervision` export (imported lazily). Masks travel as COCO RLE
-(`rle.py`; `mask_to_rle` / `rle_to_mask` are re-exported here for existing imports).
+(`rle.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from .parse import Detection, detection_to_dict
 from .rle import mask_to_rle, rle_to_mask
 
-__all__ = ["Result", "mask_to_rle", "rle_to_mask"]
+__all__ = ["Result"]
 
 
 # ------------------------------------------------------------------------------ Result
@@ -83,26 +83,13 @@ class Result:
         return cls.from_dict(json.loads(text))
 
     def to_coco(self, image_id: int, category_ids: Mapping[str, int]) -> list[dict[str, Any]]:
-        """COCO results entries: {"image_id", "category_id", "bbox": [x, y, w, h], "score"} plus a
-        compressed-RLE "segmentation" when a mask is present (loadable by pycocotools' loadRes).
-        Labels are matched exactly, then case-insensitively; unknown labels are left out. A detection
-        without a score gets 1.0."""
-        lower = {k.lower().strip(): v for k, v in category_ids.items()}
-        out = []
-        for d in self.detections:
-            cid = category_ids.get(d.label, lower.get(d.label.lower().strip()))
-            if cid is None:
-                continue
-            x0, y0, x1, y1 = (float(v) for v in d.box)
-            item: dict[str, Any] = {
-                "image_id": image_id, "category_id": int(cid),
-                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                "score": 1.0 if d.score is None else float(d.score),
-            }
-            if d.mask is not None:
-                item["segmentation"] = mask_to_rle(d.mask, compressed=True)
-            out.append(item)
-        return out
+        """COCO results entries (`records.coco_results`): {"image_id", "category_id", "bbox": [x, y, w, h],
+        "score"} plus a compressed-RLE "segmentation" when a mask is present (loadable by pycocotools'
+        loadRes). Labels are matched exactly, then case-insensitively; unknown labels are left out. A
+        detection without a score gets 1.0."""
+        from .records import coco_results
+
+        return coco_results(image_id, self.detections, category_ids)
 
     def to_supervision(self) -> Any:
         """`supervision.Detections` with xyxy, confidence (when every box has a score), masks (when

@@ -28,8 +28,6 @@ import yaml
 
 Mode = Literal["full", "attention", "lora", "qlora"]
 Loss = Literal["big_vision", "hf"]
-MODES = typing.get_args(Mode)
-LOSSES = typing.get_args(Loss)
 
 # Gemma decoder attention projections (what the colab trains and the default LoRA target).
 ATTENTION_REGEX = r"language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"

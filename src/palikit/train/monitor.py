@@ -73,7 +73,7 @@ def _image_size(path) -> tuple[int, int]:
 def score(kind: str, examples: Sequence[Example], answers: Sequence[str]) -> dict[str, float]:
     """The task metric(s) of one kind of example through `palikit.eval.metrics_tasks.corpus_metrics`."""
     from ..eval.metrics_tasks import corpus_metrics
-    from ..eval.runner import Sample
+    from ..eval.datasets import Sample
 
     samples = [Sample(str(i), str(ex.image), ex.prefix, [ex.suffix], meta={"image_id": i})
                for i, ex in enumerate(examples)]

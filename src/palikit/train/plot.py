@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from ..weights.export import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 
 
 def loss_curve_png(train: list[tuple[int, float]], val: list[tuple[int, float]], path: str | Path, title: str = "") -> Path:

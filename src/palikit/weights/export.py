@@ -16,7 +16,7 @@ from ..fileio import atomic_write_bytes, atomic_write_json
 from ..model import PaliGemmaModel
 from .layouts import to_layout
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "hub_key", "hub_state_dict", "save_hub_checkpoint"]
+__all__ = ["hub_key", "hub_state_dict", "save_hub_checkpoint"]
 
 
 def hub_key(name: str) -> str:
