@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, hf_logits, hf_model, make_batch
+from helpers.models import TINY, hf_logits, hf_model, make_batch
 from palikit.weights.big_vision import load_npz_checkpoint, npz_image_size, state_dict_to_npz
 from palikit.weights.conventions import PT_FINAL_SOFTCAP, checkpoint_names, parse_override, stage_from_names
 from palikit.weights.export import save_hub_checkpoint

@@ -6,35 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, hf_model
+from helpers.models import hf_model, requests_for
 from palikit.engine import Engine, GenerationOptions, Request, SamplingOptions, generate_naive
 from palikit.engine.sampling import RowSampling, sample_rows
 from palikit.engine.slots import SlotBatch
-from palikit.weights.hf import load_hf_checkpoint
-from test_parity_hf import _write_layout
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    out = {}
-    for kind in TINY:
-        d = tmp_path_factory.mktemp(kind)
-        _write_layout(kind, "hub", d)
-        out[kind] = load_hf_checkpoint(d)
-    return out
-
-
-def requests_for(model, n=3, seed=0, frames=(1, 2, 1)):
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    S = cfg.vision.image_size
-    out = []
-    for i in range(n):
-        pv = torch.rand(frames[i % len(frames)], 3, S, S, generator=g) * 2 - 1
-        feats = model.embed_images(pv[None])[0].detach()  # [F*N, H]
-        text = [cfg.bos_token_id] + torch.randint(3, 300, (2 + 3 * i,), generator=g).tolist() + [7]
-        out.append(Request(text, feats))
-    return out
 
 
 def test_engine_greedy_equals_naive_recompute(models, kind):
@@ -154,13 +129,26 @@ def test_top_p_and_top_k_filters():
 
 
 def test_beam_search_finds_at_least_the_greedy_score(models, kind):
+    """Where it is a theorem, for every request: no EOS (the stop id is `<image>`, which the model never
+    emits, so every hypothesis has the budget's length) and two new tokens. Greedy's first token is the
+    best, so it is among the beams; the second step's candidates then hold greedy's whole answer, and the
+    best beam (length_penalty 0: the sum of log-probs) can only score as high or higher."""
+    model = models[kind]
+    no_eos = Engine(model, eos_ids=(model.config.image_token_index,))
+    for req in requests_for(model, n=3):
+        greedy = no_eos.generate([req], GenerationOptions(max_new_tokens=2))[0]
+        for k in (2, 4):
+            beam = no_eos.generate([req], GenerationOptions(max_new_tokens=2, num_beams=k, length_penalty=0.0))[0]
+            assert len(beam.tokens) == len(greedy.tokens) == 2
+            assert sum(beam.logprobs) >= sum(greedy.logprobs) - 1e-5, (k, beam.tokens, greedy.tokens)
+    no_eos.close()
+
+
+def test_beam_search_reports_the_models_logprobs(models, kind):
     model = models[kind]
     engine = Engine(model)
     for req in requests_for(model, n=2):
-        greedy = engine.generate([req], GenerationOptions(max_new_tokens=6))[0]
         beam = engine.generate([req], GenerationOptions(max_new_tokens=6, num_beams=4, length_penalty=0.0))[0]
-        if greedy.finished == beam.finished and len(greedy.tokens) == len(beam.tokens):
-            assert sum(beam.logprobs) >= sum(greedy.logprobs) - 1e-5
         # the reported per-token logprobs are the model's for that sequence
         n_img = req.image_features.shape[0]
         ids = torch.tensor([[model.config.image_token_index] * n_img + req.text_ids + beam.tokens])

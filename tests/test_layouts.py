@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import TINY, hf_logits, hf_model, make_batch
+from helpers.models import TINY, hf_logits, hf_model, make_batch
 from palikit.testing import hf_model_from, random_model
 from palikit.weights.export import hub_key, save_hub_checkpoint
 from palikit.weights.layouts import HEAD_KEYS, LAYOUTS, MODULES, detect_layout, internal_key, to_layout

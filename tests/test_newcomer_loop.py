@@ -14,13 +14,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from helpers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +36,6 @@ def readme_block() -> str:
     m = re.fullmatch(r"\s*```bash\n(.*?)```\s*", section, re.S)
     assert m, "the newcomer-loop markers must hold exactly one ```bash block"
     return m.group(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def step_times(trace: str) -> list[tuple[float, str]]:

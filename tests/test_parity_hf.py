@@ -3,7 +3,6 @@ the big_vision .npz format, and export -> reload."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import TINY, hf_logits, hf_model, make_batch
+from helpers.models import TINY, hf_logits, hf_model, make_batch, write_layout
 from palikit.weights.big_vision import load_npz_checkpoint, npz_to_state_dict, state_dict_to_npz
 from palikit.weights.export import save_hub_checkpoint
 from palikit.weights.hf import CheckpointError, load_hf_checkpoint, read_safetensors
@@ -37,51 +36,19 @@ def assert_parity(model, kind, batch=None):
     return diff
 
 
-def _write_layout(kind: str, layout: str, folder) -> None:
-    """Write the HF model's weights in one of the key layouts found in the wild."""
-    hm = hf_model(kind)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(TINY[kind].to_hf_dict()))
-    mem = {k: v.contiguous() for k, v in hm.state_dict().items()}
-    if layout == "hf5-save":
-        hm.save_pretrained(folder)
-        return
-    if layout == "hf5-memory":
-        save_file({k: v.clone() for k, v in mem.items()}, folder / "model.safetensors")
-        return
-
-    def legacy(k):
-        k = k.replace("model.language_model.", "language_model.model.").replace(
-            "model.vision_tower.", "vision_tower.vision_model.").replace("model.multi_modal_projector.", "multi_modal_projector.")
-        return "language_model.lm_head.weight" if k == "lm_head.weight" else k
-
-    hub = {legacy(k): v.clone() for k, v in mem.items()}
-    if layout == "hub-no-head":
-        hub.pop("language_model.lm_head.weight")
-    if layout == "hub-sharded":
-        keys = sorted(hub)
-        halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
-        for name, ks in halves.items():
-            save_file({k: hub[k] for k in ks}, folder / name)
-        index = {"metadata": {}, "weight_map": {k: n for n, ks in halves.items() for k in ks}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-        return
-    save_file(hub, folder / "model.safetensors")
-
-
 LAYOUTS = ["hub", "hub-no-head", "hub-sharded", "hf5-memory", "hf5-save"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_logits_equal_transformers_for_every_layout(kind, layout, tmp_path):
-    _write_layout(kind, layout, tmp_path)
+    write_layout(kind, layout, tmp_path)
     model = load_hf_checkpoint(tmp_path)
     assert_parity(model, kind)
 
 
 def test_softcaps_are_applied_and_matter(tmp_path):
     """Turning either Gemma 2 cap off must break parity: the comparison above has teeth."""
-    _write_layout("pg2", "hub", tmp_path)
+    write_layout("pg2", "hub", tmp_path)
     base = load_hf_checkpoint(tmp_path)
     batch = make_batch(TINY["pg2"])
     ref = hf_logits(hf_model("pg2"), batch)[..., : TINY["pg2"].output_vocab_size]
@@ -94,7 +61,7 @@ def test_softcaps_are_applied_and_matter(tmp_path):
 
 
 def test_unpadded_single_example_and_multi_length(tmp_path):
-    _write_layout("pg1", "hub", tmp_path)
+    write_layout("pg1", "hub", tmp_path)
     model = load_hf_checkpoint(tmp_path)
     cfg = TINY["pg1"]
     assert_parity(model, "pg1", make_batch(cfg, seed=5, pad=(0,), suffix_len=1))
@@ -102,7 +69,7 @@ def test_unpadded_single_example_and_multi_length(tmp_path):
 
 
 def test_npz_big_vision_layout_gives_same_logits(kind, tmp_path):
-    _write_layout(kind, "hub", tmp_path / "hf")
+    write_layout(kind, "hub", tmp_path / "hf")
     model = load_hf_checkpoint(tmp_path / "hf")
     arrays = state_dict_to_npz(model.state_dict(), model.config)
     # real naming and stacked shapes
@@ -118,7 +85,7 @@ def test_npz_big_vision_layout_gives_same_logits(kind, tmp_path):
 
 
 def test_npz_inferred_config_unrolled_layout_and_bf16(tmp_path):
-    _write_layout("pg2", "hub", tmp_path / "hf")
+    write_layout("pg2", "hub", tmp_path / "hf")
     model = load_hf_checkpoint(tmp_path / "hf")
     arrays = state_dict_to_npz(model.state_dict(), model.config)
     # unroll the ViT layers (big_vision's scan=False naming) and store bf16 as raw 2-byte values
@@ -151,7 +118,7 @@ def test_npz_is_read_without_pickle(tmp_path):
 def test_export_reload_is_identity_and_transformers_reads_it(tmp_path):
     from transformers import PaliGemmaForConditionalGeneration
 
-    _write_layout("pg2", "hf5-memory", tmp_path / "src")
+    write_layout("pg2", "hf5-memory", tmp_path / "src")
     model = load_hf_checkpoint(tmp_path / "src")
     save_hub_checkpoint(model, tmp_path / "out", max_shard_bytes=200_000)
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
@@ -169,7 +136,7 @@ def test_export_reload_is_identity_and_transformers_reads_it(tmp_path):
 
 
 def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path):
-    _write_layout("pg1", "hub-no-head", tmp_path)
+    write_layout("pg1", "hub-no-head", tmp_path)
     sd = read_safetensors(tmp_path)
     from palikit.weights.hf import load_state_dict_into
     from palikit.model import build_model
@@ -189,7 +156,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path):
 
 
 def test_untied_head_is_refused(tmp_path):
-    _write_layout("pg1", "hub", tmp_path)
+    write_layout("pg1", "hub", tmp_path)
     from safetensors.torch import load_file
 
     sd = load_file(tmp_path / "model.safetensors")
@@ -202,7 +169,7 @@ def test_untied_head_is_refused(tmp_path):
 def test_multi_frame_input_equals_transformers_multi_image(tmp_path):
     """Frames encoded separately, tokens concatenated (big_vision video / NLVR2) == transformers
     with several images per prompt."""
-    _write_layout("pg2", "hub", tmp_path)
+    write_layout("pg2", "hub", tmp_path)
     model = load_hf_checkpoint(tmp_path)
     cfg = model.config
     N, S = cfg.vision.num_image_tokens, cfg.vision.image_size

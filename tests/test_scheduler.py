@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from test_engine import models, requests_for  # noqa: F401 - fixture
+from helpers.models import requests_for
 
 from palikit.engine import Engine, GenerationOptions, QueueFull, Request, SamplingOptions
 

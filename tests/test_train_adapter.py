@@ -12,7 +12,7 @@ import torch
 from palikit.train.config import TrainConfig
 from palikit.train.data import load_jsonl
 from palikit.train.trainer import Trainer
-from test_train_helpers import SimpleImageProcessor, WordTokenizer, one_thread, tiny_model, write_dataset  # noqa: F401
+from helpers.train import SimpleImageProcessor, WordTokenizer, tiny_model, write_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

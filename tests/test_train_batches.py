@@ -13,9 +13,8 @@ from palikit.train.config import ConfigError, TrainConfig
 from palikit.train.data import Example, load_jsonl
 from palikit.train.loading import import_hook
 from palikit.train.trainer import Trainer
-from test_train_helpers import one_thread  # noqa: F401 - the fixture
-from test_train_helpers import SimpleImageProcessor, WordTokenizer, tiny_model, write_dataset
 
+from helpers.train import SimpleImageProcessor, WordTokenizer, tiny_model, write_dataset
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

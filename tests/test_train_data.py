@@ -9,9 +9,7 @@ import pytest
 
 from palikit.datafiles import DataError
 from palikit.train.data import box_tokens, decode_segmentation, load_coco, load_examples, load_jsonl
-from test_train_helpers import write_dataset, write_images
-
-
+from helpers.train import write_dataset, write_images
 def test_jsonl_relative_paths(tmp_path):
     path = write_dataset(tmp_path)
     ds = load_jsonl(path)
@@ -189,7 +187,7 @@ def test_tasks_filter_selects_rows_by_task_field(tmp_path):
     from palikit.train.config import TrainConfig
     from palikit.train.data import select_tasks
     from palikit.train.trainer import Trainer
-    from test_train_helpers import run_config, run_kwargs, setup_run
+    from helpers.train import run_config, run_kwargs, setup_run
 
     setup_run(tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]

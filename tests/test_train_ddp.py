@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from palikit.train.config import TrainConfig
 from palikit.train.trainer import train
-from test_train_helpers import distributed_worker, free_port, one_thread, run_config, run_kwargs, setup_run  # noqa: F401
+from helpers import free_port
+from helpers.train import distributed_worker, run_config, run_kwargs, setup_run
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: two training processes
 

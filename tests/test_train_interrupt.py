@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from test_train_helpers import one_thread, run_config, write_dataset  # noqa: F401
+from helpers.train import run_config, write_dataset
 
 pytestmark = pytest.mark.slow  # real `palikit train` processes and signals
 

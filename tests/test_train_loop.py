@@ -13,7 +13,7 @@ from palikit.train.collate import load_image
 from palikit.train.data import load_jsonl
 from palikit.train.trainer import train
 from palikit.weights.hf import load_hf_checkpoint
-from test_train_helpers import one_thread, run_config, write_dataset  # noqa: F401
+from helpers.train import run_config, write_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
+from helpers.models import TINY
 from palikit.model import build_model
 from palikit.train.collate import Collator, batch_loss, hf_labels, loss_denominator, loss_terms, token_nll
 from palikit.train.data import load_jsonl
 from palikit.weights.hf import internal_key, load_state_dict_into
-from test_train_helpers import SimpleImageProcessor, WordTokenizer, write_dataset, one_thread  # noqa: F401
+from helpers.train import SimpleImageProcessor, WordTokenizer, write_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

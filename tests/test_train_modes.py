@@ -17,7 +17,7 @@ from palikit.train.config import TrainConfig
 from palikit.train.data import load_jsonl
 from palikit.train.modes import apply_mode, count_trainable
 from palikit.train.trainer import Trainer
-from test_train_helpers import SimpleImageProcessor, WordTokenizer, tiny_model, write_dataset, one_thread  # noqa: F401
+from helpers.train import SimpleImageProcessor, WordTokenizer, tiny_model, write_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,7 @@ import pytest
 from palikit.eval.metrics_text import cider_d
 from palikit.train.data import Example
 from palikit.train.trainer import train
-from test_train_helpers import one_thread, run_config, run_kwargs, setup_run, tiny_model, write_images  # noqa: F401
+from helpers.train import run_config, run_kwargs, setup_run, tiny_model, write_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from palikit.train.qlora import dequantized_weight, is_4bit
 from palikit.train.trainer import Trainer
-from test_train_helpers import one_thread, run_config, run_kwargs, setup_run  # noqa: F401
+from helpers.train import run_config, run_kwargs, setup_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

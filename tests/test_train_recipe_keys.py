@@ -12,7 +12,7 @@ import pytest
 from palikit.cli import main
 from palikit.assets import bundled_demo_model
 from palikit.train.config import TrainConfig
-from test_train_helpers import one_thread, write_dataset  # noqa: F401
+from helpers.train import write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 

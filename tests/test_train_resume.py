@@ -13,7 +13,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from palikit.train.trainer import train
-from test_train_helpers import one_thread, run_config, run_kwargs, setup_run  # noqa: F401
+from helpers.train import run_config, run_kwargs, setup_run
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: training subprocesses, one SIGKILLed
 
@@ -28,7 +28,7 @@ import torch
 torch.set_num_threads(1)
 from palikit.train.config import TrainConfig
 from palikit.train import trainer as T
-from test_train_helpers import WordTokenizer, SimpleImageProcessor
+from helpers.train import SimpleImageProcessor, WordTokenizer
 slow = float(sys.argv[2])
 step = T.Trainer.train_step
 def slow_step(self, s, batches=None):

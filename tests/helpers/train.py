@@ -1,6 +1,6 @@
-"""Shared helpers for the training tests (no tests here): a word-level stand-in with the
-`palikit.tokenizer.Tokenizer.encode_prompt` contract, a minimal image processor with
-`preprocess_with_sizes`, a tiny random model and a tiny JSONL data set on disk."""
+"""Helpers of the training tests: a word-level stand-in with the `palikit.tokenizer.Tokenizer.encode_prompt`
+contract, a minimal image processor with `preprocess_with_sizes`, a tiny random model, a tiny JSONL data
+set on disk, a run's config, and one rank of a spawned gloo group (DDP / FSDP tests)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from palikit.config import PRESETS
@@ -146,24 +145,6 @@ def setup_run(tmp_path, family="pg1"):
 
 def run_kwargs():
     return dict(tokenizer=WordTokenizer(), image_processor=SimpleImageProcessor(28), log=lambda m: None)
-
-
-@pytest.fixture(autouse=False)
-def one_thread():
-    """Tiny models on a shared 2-core machine: 1 intra-op thread is ~10x faster under contention
-    (spinning OpenMP threads) and makes runs reproducible across processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def distributed_worker(rank, world, port, cfg_dicts):
