@@ -181,7 +181,7 @@ def test_chat_prompts_reach_the_endpoint(scenetext, demo_server, tmp_path, monke
 def test_caption_through_the_openai_adapter_matches_the_model(demo_server, tmp_path, monkeypatch):
     """Caption (CIDEr) via the served demo model with PaliGemma prompts equals the in-process model."""
     from lab.demo.evaluate import split_by_task
-    from lab.demo.splits import write_split
+    from palikit.demo.splits import write_split
     from palikit.api import PaliGemma
     from palikit.assets import DEMO_MODEL_DIR
     from palikit.demo import shapes

@@ -33,7 +33,7 @@ from palikit.demo import shapes, shapes2
 from palikit.demo.shapes import CLASSES, COLORS, NUMBER_WORDS, PLURALS, WORDS
 
 from .paths import check_build_dir, default_build_dir
-from .splits import codec_seg_fn, write_split
+from palikit.demo.splits import codec_seg_fn, write_split
 
 IMAGE_SIZE = 112
 TASK_WORDS = ["caption", "en", "detect", "segment", "ocr", "answer", "how", "many", "are", "there", "what", "color",

@@ -18,7 +18,7 @@ from pathlib import Path
 from palikit.demo import shapes2
 from palikit.demo.shapes2 import EXTRA_CLASSES
 
-from .splits import write_split
+from palikit.demo.splits import write_split
 
 
 def write_finetune_set(out: str | Path, n_train: int = 300, n_test: int = 100,

@@ -25,7 +25,7 @@ from pathlib import Path
 from palikit.demo import shapes2
 from palikit.train.data import Example
 
-from .splits import codec_seg_fn
+from palikit.demo.splits import codec_seg_fn
 
 STREAM_SEED = 3_000_017  # not a split seed (0, 1_000_003, 2_000_003)
 SEGMENT_TASKS = ("segment", "refer_segment")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lab.demo.splits import write_split
+from palikit.demo.splits import write_split
 from lab.probes import class_reading
 from palikit.demo import shapes2
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from lab.demo.paths import CHECKOUT
-from lab.demo.splits import write_split
+from palikit.demo.splits import write_split
 from palikit.demo import shapes2
 from palikit.demo.shapes2 import CLASSES, color_name
 

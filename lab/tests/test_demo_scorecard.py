@@ -14,7 +14,7 @@ import pytest
 from palikit.api import PaliGemma
 from palikit.demo import shapes, shapes2
 from lab.demo.evaluate import REQUIRED_FILES, missed_targets, scorecard, target_keys
-from lab.demo.splits import write_split
+from palikit.demo.splits import write_split
 from palikit.assets import DEMO_MODEL_DIR
 from palikit.tasks.mask_codec import tokens_from_mask
 

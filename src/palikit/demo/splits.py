@@ -1,8 +1,9 @@
-"""The demo data on disk, for either shapes generator (`palikit.demo.shapes`, v1, or `shapes2`, v2): a
-split's images as PNG, `{split}.jsonl` rows (image, prefix, suffix, task; v2's referring rows add "box",
-and "label" + "mask" as RLE for segment) and `{split}_coco.json` (detection + instance segmentation ground
+"""A labelled data set on disk from either shapes generator (`shapes`, v1, or `shapes2`, v2): a split's
+images as PNG, `{split}.jsonl` rows (image, prefix, suffix, task; v2's referring rows add "box", and
+"label" + "mask" as RLE for segment) and `{split}_coco.json` (detection + instance segmentation ground
 truth, RLE masks, each image's own width and height), and the `seg_fn` that gives segment rows their
-`<seg>` codes from a mask codec."""
+`<seg>` codes from a mask codec. What the README's newcomer loop fine-tunes on and the checkout's
+demo-model factory (`lab.demo.build`) builds from."""
 
 from __future__ import annotations
 
@@ -11,16 +12,16 @@ import random
 from pathlib import Path
 from types import ModuleType
 
-from palikit.demo.shapes import Shape
-from palikit.fileio import atomic_write_bytes, atomic_write_json
-from palikit.tasks.rle import mask_to_rle
+from ..fileio import atomic_write_bytes, atomic_write_json
+from ..tasks.rle import mask_to_rle
+from .shapes import Shape
 
 
 def codec_seg_fn(codec, on_encode=None):
     """The `seg_fn` of `examples` / `write_split` (both generators): a shape's 16 `<seg>` codes from
     the mask codec, encoded once per shape (several rows segment one shape); `on_encode()` runs after
     each encoding (a progress bar)."""
-    from palikit.tasks.mask_codec import tokens_from_mask
+    from ..tasks.mask_codec import tokens_from_mask
 
     def seg_fn(shape: Shape) -> list[int]:
         codes = shape.__dict__.get("_codes")
@@ -35,16 +36,18 @@ def codec_seg_fn(codec, on_encode=None):
 
 def write_split(generator: ModuleType, folder: str | Path, split: str, n: int, size=None, seg_fn=None,
                 classes: tuple[str, ...] | None = None) -> Path:
-    """The first `n` images of `split` drawn by `generator` at `size` (v2: None = each its own size),
-    their task rows (`generator.examples`, with `seg_fn` the segment rows too) and COCO ground truth over
-    `classes` (default: the generator's own; v2 only takes others), written atomically under `folder`."""
+    """The first `n` images of `split` drawn by `generator` at `size` (None: the generator's default, v1's
+    112 px, v2's own size per image), their task rows (`generator.examples`, with `seg_fn` the segment
+    rows too) and COCO ground truth over `classes` (default: the generator's own; v2 only takes others),
+    written atomically under `folder`."""
     options = {} if classes is None else {"classes": classes}
+    sized = {} if size is None else {"size": size}
     classes = classes or generator.CLASSES
     folder = Path(folder)
     (folder / split).mkdir(parents=True, exist_ok=True)
     rng = random.Random(generator.SPLIT_SEEDS[split] + 7)
     lines, images, annotations = [], [], []
-    for sample in generator.iter_split(split, n, size, **options):
+    for sample in generator.iter_split(split, n, **sized, **options):
         rel = f"{split}/{sample.index:06d}.png"
         sample.image.save(folder / rel)
         lines += [json.dumps({"image": rel, **ex}) for ex in generator.examples(sample, rng, seg_fn, **options)]
