@@ -78,12 +78,17 @@ def test_parquet_output_and_jsonl_input_with_per_row_questions(ckpt, ray_local, 
     del src
 
 
+def _batch_command(ckpt, src, out) -> tuple[list[str], dict[str, str]]:
+    """`palikit batch` OCR over `src` into `out` in its own process (and that process's environment)."""
+    cmd = [sys.executable, "-m", "palikit.cli", "batch", "--input", str(src), "--output", str(out), "--task", "ocr",
+           "--model", str(ckpt), "--batch-size", "2", "--device", "cpu", "--max-new-tokens", "24"]
+    return cmd, {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+
+
 def test_killed_job_resumes_and_writes_every_input_exactly_once(ckpt, tmp_path):
     src = _images(tmp_path / "in", 24)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "palikit.cli", "batch", "--input", str(src), "--output", str(out), "--task", "ocr",
-           "--model", str(ckpt), "--batch-size", "2", "--device", "cpu", "--max-new-tokens", "24"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd, env = _batch_command(ckpt, src, out)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(done_ids(out)) < 4:
@@ -183,9 +188,7 @@ def test_detections_are_structured_columns(ray_local, tmp_path, fmt):
 def test_interrupted_batch_keeps_its_parts_and_exits_130(ckpt, tmp_path):
     src = _images(tmp_path / "in", 24)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "palikit.cli", "batch", "--input", str(src), "--output", str(out), "--task", "ocr",
-           "--model", str(ckpt), "--batch-size", "2", "--device", "cpu", "--max-new-tokens", "24"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd, env = _batch_command(ckpt, src, out)
     # SIGINT as at a terminal even when pytest runs as a background job (which starts with SIGINT ignored)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
