@@ -52,12 +52,15 @@ class PaliGemma:
                         revision: str | None = None, compile: bool = False,
                         final_logit_softcap: str | float | None = "auto",
                         sliding_window: str | int | None = "auto",
-                        adapter: str | os.PathLike | None = None) -> PaliGemma:
+                        adapter: str | os.PathLike | None = None, quantize: str | None = None,
+                        group_size: int | None = None, keep_vision: bool = False) -> PaliGemma:
         """`model`: a Hub-layout folder, a big_vision `.npz` (tokenizer next to it or `tokenizer=`), or a
         Hub id such as `google/paligemma2-3b-mix-224` (cache and HF_HUB_OFFLINE honoured). `adapter`: a
         LoRA adapter folder in PEFT format (`palikit train`'s `output_dir/adapter`), merged into the weights.
         `final_logit_softcap` / `sliding_window`: "auto" (the checkpoint's convention, see README
-        "Conventions"), a number, or None/"off"."""
+        "Conventions"), a number, or None/"off". `quantize`: "int8" / "int4" quantizes the weights at
+        load (`group_size`, `keep_vision` as `palikit quantize`); a folder written by `palikit quantize`
+        loads quantized without it, and an adapter on it stays an unmerged LoRA delta."""
         from .preprocess import ImageProcessor
         from .runtime import resolve_device, resolve_dtype
         from .tokenizer import Tokenizer
@@ -66,8 +69,13 @@ class PaliGemma:
 
         files = resolve(model, tokenizer, mask_codec, revision)
         dev = resolve_device(device)
+        bits = _check_quantize(files, quantize, group_size, keep_vision)
         net = load_checkpoint(files, device=dev, dtype=resolve_dtype(dtype, dev), adapter=adapter,
                               final_logit_softcap=final_logit_softcap, sliding_window=sliding_window)
+        if bits is not None:  # after the adapter is merged into the float weights
+            from .model.quant import plan, quantize_model
+
+            quantize_model(net, plan(net, bits, group_size, keep_vision))
         tok = Tokenizer.from_file(files.tokenizer)
         size = net.config.vision.image_size
         proc = ImageProcessor.from_pretrained(files.preprocessor, default_size=size) if files.preprocessor else ImageProcessor(size=size)
@@ -80,6 +88,12 @@ class PaliGemma:
             codec = MaskCodec.from_npz(files.mask_codec).to(dev).eval()
         name = Path(str(model)).name + (f"+{Path(adapter).resolve().name}" if adapter is not None else "")
         return cls(net, tok, proc, codec, compile=compile, name=name)
+
+    @property
+    def quantization(self) -> str:
+        """"none", "int8" or "int4 (group G)": how the weights are held."""
+        spec = getattr(self.model, "quant_spec", None)
+        return "none" if spec is None else spec.name
 
     def fingerprint(self) -> str:
         """A short hash of the weights (names, shapes, dtypes and a strided sample of each tensor's
@@ -331,3 +345,17 @@ def _image_key(image) -> Any:
     if isinstance(image, bytes):
         return ("bytes", hash(image))
     return ("object", id(image))
+
+
+def _check_quantize(files, quantize, group_size, keep_vision) -> int | None:
+    """`quantize=` as bits (None: none), refused for a folder `palikit quantize` wrote (before loading)."""
+    from .model.quant import parse_quantize
+    from .weights.quantized import folder_spec
+
+    bits = parse_quantize(quantize)
+    if bits is None and (group_size is not None or keep_vision):
+        raise ValueError("group_size / keep_vision apply with quantize='int8' or 'int4' only")
+    spec = folder_spec(files.weights) if bits is not None and files.format == "hf" else None
+    if spec is not None:
+        raise ValueError(f"{files.weights} is already quantized ({spec.name}); load it without --quantize")
+    return bits

@@ -45,11 +45,11 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.language_model.embed_tokens.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.language_model.embed_tokens.weight.dtype
+        return self.model.dtype
 
     def check(self, request: Request) -> None:
         """Refuse a request the model cannot run, with the reason (before it reaches a batch)."""

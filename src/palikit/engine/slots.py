@@ -41,8 +41,7 @@ class SlotBatch:
     def __init__(self, model: PaliGemmaModel, n_slots: int, max_len: int, compile: bool = False):
         self.model = model
         self.n_slots = n_slots
-        w = model.language_model.embed_tokens.weight
-        self.device = w.device
+        self.device = model.device
         self.vocab = model.config.output_vocab_size
         self.cache = model.new_cache(n_slots, length_bucket(max_len))
         z = lambda dtype=torch.int64: torch.zeros(n_slots, dtype=dtype, device=self.device)  # noqa: E731

@@ -164,8 +164,8 @@ class GemmaDecoder(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """E[ids] * sqrt(hidden), the factor rounded to the weight dtype as Gemma does."""
-        w = self.embed_tokens.weight
-        return self.embed_tokens(ids) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=w.dtype, device=w.device)
+        x = self.embed_tokens(ids)  # nn.Embedding or the int8 `model.quant.Int8Embedding`
+        return x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype, device=x.device)
 
     def forward(
         self,

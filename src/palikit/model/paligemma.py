@@ -98,12 +98,24 @@ class PaliGemmaModel(nn.Module):
         return self.logits(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.language_model.embed_tokens.weight[: self.config.output_vocab_size]
-        return softcap(nn.functional.linear(hidden, weight), self.config.text.final_logit_softcapping)
+        emb, rows = self.language_model.embed_tokens, self.config.output_vocab_size
+        if isinstance(emb, nn.Embedding):
+            out = nn.functional.linear(hidden, emb.weight[:rows])
+        else:  # the int8 tied head (`model.quant.Int8Embedding`)
+            out = emb.project(hidden, rows)
+        return softcap(out, self.config.text.final_logit_softcapping)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        w = self.language_model.embed_tokens.weight
-        return KVCache(self.config.text, batch_size, max_len, device=w.device, dtype=dtype or w.dtype)
+        return KVCache(self.config.text, batch_size, max_len, device=self.device, dtype=dtype or self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (a quantized model's weights are integers; its norms keep this)."""
+        return self.language_model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.norm.weight.device
 
     # ------------------------------------------------------------------------------ helpers
     def num_parameters(self) -> int:

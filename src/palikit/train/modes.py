@@ -26,7 +26,10 @@ def all_linear_targets(model: nn.Module) -> list[str]:
     """`lora_targets=all-linear`: every `nn.Linear` of the Gemma decoder (attention q/k/v/o and MLP
     gate/up/down of every layer). The vision tower and the projector are NOT included (name them or
     give a regex to adapt them too); the output head is tied to the embedding and is no Linear."""
-    return [n for n, m in model.named_modules() if n.startswith("language_model.") and isinstance(m, nn.Linear)]
+    from ..model.quant import Int4Linear, Int8Linear
+
+    linear = (nn.Linear, Int8Linear, Int4Linear)  # a quantized base's layers too
+    return [n for n, m in model.named_modules() if n.startswith("language_model.") and isinstance(m, linear)]
 
 
 ATTENTION_PARAM_RE = re.compile(ATTENTION_REGEX + r"\.weight$")
@@ -52,6 +55,12 @@ def apply_mode(
     """Set `requires_grad` for the mode (in place; LoRA injects adapters) and return the trainable
     parameter names. The freeze switches apply on top of `full` (and restrict `attention` / LoRA
     targets to the unfrozen part)."""
+    from ..model.quant import describe, is_quantized
+
+    if is_quantized(model) and mode != "lora":  # a `palikit quantize` folder: integer weights cannot train
+        raise ValueError(f"the model is quantized ({describe(model)}): its weights cannot be fine-tuned "
+                         f"(mode={mode}). Train LoRA adapters on it (mode=lora, QLoRA-style), or fine-tune the "
+                         "float checkpoint and quantize the result.")
     if mode in ("lora", "qlora") and lora_targets == ALL_LINEAR:  # before quantizing turns them into Linear4bit
         lora_targets = all_linear_targets(model)
     if mode == "qlora":  # 4-bit NF4 frozen decoder linears + LoRA adapters
@@ -102,6 +111,12 @@ def inject_lora(model: nn.Module, lora_targets, *, rank: int = 8, alpha: float =
     except ImportError:
         raise ImportError("mode=lora needs peft: pip install peft") from None
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=_targets(lora_targets), bias="none")
+    from ..model.quant import Int4Linear, Int8Linear, is_quantized
+
+    if is_quantized(model):  # peft's own LoRA Linear wraps palikit's quantized layers as base layers (unmerged)
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        cfg._register_custom_module({Int8Linear: LoraLinear, Int4Linear: LoraLinear})
     try:
         inject_adapter_in_model(cfg, model)
     except ValueError as e:
@@ -123,6 +138,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Afterwards the state dict has exactly the original names (exportable as a Hub checkpoint)."""
     from peft.tuners.lora import LoraLayer
 
+    from ..model.quant import QUANT_MODULES, dequantize_model
     from .qlora import dequantize_all, dequantized_weight, is_4bit, to_linear
 
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
@@ -130,9 +146,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
         base = module.get_base_layer()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if is_4bit(base):  # QLoRA: fold into the dequantized weight at full precision (no re-quantizing)
+        quantized = isinstance(base, QUANT_MODULES)
+        if is_4bit(base) or quantized:  # QLoRA: fold into the dequantized weight at full precision (no re-quantizing)
             with torch.no_grad():
-                w = dequantized_weight(base)
+                w = base.dequantized_weight() if quantized else dequantized_weight(base)
                 for adapter in module.active_adapters:
                     w = w + module.get_delta_weight(adapter).float()
             setattr(parent, child, to_linear(base, w))
@@ -141,6 +158,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             module.merge()
         setattr(parent, child, base)
     dequantize_all(model)  # quantized layers without an adapter
+    dequantize_model(model)  # palikit-quantized ones too: the merged model is a float checkpoint
     return model
 
 

@@ -126,7 +126,9 @@ def adapted_linears(model: nn.Module, folder: str | Path, cfg: dict, layers: dic
     when the adapter targets a module the model lacks or its A / B shapes do not fit (another base
     model, another rank)."""
     own = dict(model.named_modules())
-    unknown = [n for n in layers if n not in own or not isinstance(own[n], nn.Linear)]
+    from ..model.quant import Int4Linear, Int8Linear
+
+    unknown = [n for n in layers if n not in own or not isinstance(own[n], (nn.Linear, Int8Linear, Int4Linear))]
     if unknown:
         raise ValueError(f"{folder}: the adapter targets modules this model does not have as Linear layers: "
                          f"{unknown[:3]} (an adapter for another base model?)")
@@ -141,14 +143,40 @@ def adapted_linears(model: nn.Module, folder: str | Path, cfg: dict, layers: dic
     return {n: own[n] for n in layers}
 
 
+class LoRADelta(nn.Module):
+    """An adapter kept as an unmerged delta over a base layer whose weight cannot take it (an int8 /
+    int4 `model.quant` layer): base(x) + scale * B(A(x)). `base` is any Linear-like module."""
+
+    def __init__(self, base: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float):
+        super().__init__()
+        self.base, self.scale = base, scale
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.lora_A = nn.Parameter(lora_A, requires_grad=False)  # [r, in]
+        self.lora_B = nn.Parameter(lora_B, requires_grad=False)  # [out, r]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = nn.functional.linear(nn.functional.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return self.base(x) + (delta * self.scale).to(x.dtype)
+
+
 def merge_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     """Fold a LoRA adapter into the base weights, in place: W += lora_alpha / r * B @ A for every
-    adapted Linear (peft's merge). The model keeps its plain modules: what inference wants."""
+    adapted Linear (peft's merge). The model keeps its plain modules: what inference wants. A
+    quantized layer (`model.quant`) keeps the adapter as an unmerged `LoRADelta` instead (folding
+    into integer weights would re-quantize it away)."""
+    from ..model.quant import QUANT_MODULES
+
     cfg, layers = read_adapter(folder)
     linears = adapted_linears(model, folder, cfg, layers)
     scale = float(cfg["lora_alpha"]) / int(cfg["r"])
     with torch.no_grad():
         for name, lin in linears.items():
-            delta = layers[name]["lora_B"].float() @ layers[name]["lora_A"].float()  # [out, r] @ [r, in]
-            lin.weight.add_((delta * scale).to(lin.weight.device, lin.weight.dtype))
+            A, B = layers[name]["lora_A"].float(), layers[name]["lora_B"].float()  # [r, in], [out, r]
+            if isinstance(lin, QUANT_MODULES):
+                dev = lin.qweight.device
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child,
+                        LoRADelta(lin, A.to(dev), B.to(dev), scale))
+                continue
+            lin.weight.add_(((B @ A) * scale).to(lin.weight.device, lin.weight.dtype))
     return model

@@ -25,6 +25,7 @@ from ..config import PaliGemmaConfig
 from ..model import PaliGemmaModel, build_model
 from .layouts import HEAD_KEYS as _HEAD_KEYS
 from .layouts import internal_key
+from .quantized import folder_spec, load_quantized
 
 __all__ = ["CheckpointError", "check_state_dict", "internal_key", "load_hf_checkpoint", "load_state_dict_into",
            "read_safetensors", "safetensors_files"]
@@ -154,6 +155,9 @@ def load_hf_checkpoint(
 
         config = config_from_json_file(path if path.is_dir() else path.parent,
                                        final_logit_softcap=final_logit_softcap, sliding_window=sliding_window)
+    spec = folder_spec(path)
     sd = read_safetensors(path, device=device, dtype=dtype)
+    if spec is not None:  # a `palikit quantize` folder: int8 / int4 modules
+        return load_quantized(sd, config, spec, path, dtype=dtype)
     model = build_model(config, device="meta")
     return load_state_dict_into(model, sd, str(path)).eval()
