@@ -23,6 +23,7 @@ from . import demo as _demo  # noqa: E402,F401
 from . import evaluate as _evaluate  # noqa: E402,F401
 from . import info as _info  # noqa: E402,F401
 from . import predict as _predict  # noqa: E402,F401
+from . import quantize as _quantize  # noqa: E402,F401
 from . import serve as _serve  # noqa: E402,F401
 from . import train as _train  # noqa: E402,F401
 

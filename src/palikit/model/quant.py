@@ -90,6 +90,12 @@ def dequantize_int4(packed, scales, zeros, dtype=torch.float32) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ kernels
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a copy of it when its data is not 64-byte aligned: the CPU kernels use aligned AVX-512
+    loads and crash on a tensor memory-mapped from an odd offset of a safetensors file."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, kernel_scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (q * s)^T -> [..., N] in x's dtype. `kernel_scales`: `scales` in KERNEL_DTYPE."""
     if torch.is_grad_enabled() and x.requires_grad:  # LoRA training through a frozen base
@@ -154,7 +160,8 @@ class Int8Linear(QuantModule):
     def refresh(self) -> None:
         """Rebuild the kernel's copies of the canonical tensors (after loading or moving)."""
         if self.scales.device.type != "meta":
-            self._kernel_scales = self.scales.to(KERNEL_DTYPE)
+            self.qweight = aligned(self.qweight)
+            self._kernel_scales = aligned(self.scales.to(KERNEL_DTYPE))
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scales, dtype)
@@ -207,7 +214,7 @@ class Int4Linear(QuantModule):
         if dev.type == "meta":
             return
         sz = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
-        self._scales_zeros = sz.to(KERNEL_DTYPE)
+        self._scales_zeros = aligned(sz.to(KERNEL_DTYPE))
         if dev.type == "cpu":
             q = unpack_int4(self.qweight).to(torch.int32)  # [N, K]
             self._packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -265,7 +272,8 @@ class Int8Embedding(QuantModule):
 
     def refresh(self) -> None:
         if self.scales.device.type != "meta":
-            self._kernel_scales = self.scales.to(KERNEL_DTYPE)
+            self.qweight = aligned(self.qweight)
+            self._kernel_scales = aligned(self.scales.to(KERNEL_DTYPE))
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scales, dtype)

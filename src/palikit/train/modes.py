@@ -12,6 +12,7 @@ weights and restores the original module tree, ready for `save_hub_checkpoint`.
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -118,7 +119,9 @@ def inject_lora(model: nn.Module, lora_targets, *, rank: int = 8, alpha: float =
 
         cfg._register_custom_module({Int8Linear: LoraLinear, Int4Linear: LoraLinear})
     try:
-        inject_adapter_in_model(cfg, model)
+        with warnings.catch_warnings():  # peft flags palikit's quantized layers as "unsupported": it wraps them fine
+            warnings.filterwarnings("ignore", message="Unsupported layer type '<class 'palikit.model.quant")
+            inject_adapter_in_model(cfg, model)
     except ValueError as e:
         if "not found" not in str(e):
             raise

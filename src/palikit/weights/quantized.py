@@ -78,7 +78,12 @@ def load_quantized(sd: dict[str, torch.Tensor], config: PaliGemmaConfig, spec: Q
                    dtype: torch.dtype | None = None) -> PaliGemmaModel:
     """A quantized folder's tensors (`hf.read_safetensors`) -> a PaliGemmaModel with quantized
     modules (float parts in `dtype`)."""
-    model = empty_quantized(build_model(config, device="meta", dtype=dtype), spec)
+    try:
+        model = empty_quantized(build_model(config, device="meta", dtype=dtype), spec)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: config.json's quantization block ({spec.name}) disagrees with the tensors "
+                              f"and the architecture: {e}. The folder was edited or mixed up: quantize the float "
+                              "checkpoint again (`palikit quantize`).") from None
     _check_against_block(model, sd, spec, str(path))
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
