@@ -155,3 +155,16 @@ def test_training_a_quantized_base_trains_lora_and_refuses_full_fine_tuning(tiny
     with torch.no_grad():
         merged = model(ids, pv)
     assert float((merged - trained).abs().max() / trained.abs().max()) < 0.03
+
+
+def test_cli_quantize_at_load_and_its_bad_value(tmp_path, capsys):
+    from PIL import Image
+
+    from palikit.cli import main
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (112, 112), (200, 30, 30)).save(image)
+    assert main(["caption", str(image), "--quantize", "int8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"] is not None
+    assert main(["caption", str(image), "--quantize", "int3"]) == 2
+    assert "--quantize 'int3': use int8, int4 or none" in capsys.readouterr().err

@@ -20,6 +20,7 @@ def batch(
     task: str = typer.Option(..., help="ocr | caption | describe | detect | segment | answer | predict"),
     model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder or Hub id (default: bundled demo)."),
     adapter: Path = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format) merged into --model."),
+    quantize: str = typer.Option(None, "--quantize", help="int8 or int4: every worker quantizes the weights at load."),
     labels: str = typer.Option(None, help="Classes for detect/segment, e.g. 'dog ; car'."),
     question: str = typer.Option(None, help="Question for the answer task."),
     prompt: str = typer.Option(None, help="Prompt for the predict task."),
@@ -43,6 +44,7 @@ def batch(
         labels=[x.strip() for x in labels.split(";")] if labels else None, question=question, prompt=prompt,
         lang=lang, fmt=format, batch_size=batch_size, num_workers=workers, device=device, address=address,
         max_new_tokens=max_new_tokens, retry_failed=retry_failed, progress=progress, adapter=adapter,
+        quantize=quantize,
     )
     line = (f"{task}: {summary.written} written ({summary.failed} failed inputs recorded with their error), "
             f"{summary.skipped} already done, {summary.images_per_s:.1f} images/s -> {summary.output}")

@@ -86,7 +86,7 @@ def judge_row(task: str, result, expected: str, truth: list) -> tuple[bool, str]
     return verdict.ok, ", ".join(cells)
 
 
-def _load(model: str | None, out: Path, device: str, console):
+def _load(model: str | None, out: Path, device: str, console, quantize: str | None = None):
     from ..api import PaliGemma
     from ..assets import DEMO_HINT, bundled_demo_model, default_model
 
@@ -97,7 +97,7 @@ def _load(model: str | None, out: Path, device: str, console):
                       "pipeline on a tiny RANDOM checkpoint (real on-disk format), so the answers below are noise. "
                       f"For real answers, {DEMO_HINT}.")
         model = str(make_tiny_checkpoint(out / "random-checkpoint", family="pg2", image_size=112))
-    return PaliGemma.from_pretrained(default_model(model, log=console.print), device=device)
+    return PaliGemma.from_pretrained(default_model(model, log=console.print), device=device, quantize=quantize)
 
 
 @app.command()
@@ -106,6 +106,7 @@ def demo(
     images: int = typer.Option(4, help="How many example images."),
     model: str = typer.Option(None, "--model", "-m", help="Another checkpoint to run the demo with."),
     device: str = typer.Option("auto"),
+    quantize: str = typer.Option(None, "--quantize", help="int8 or int4: quantize the weights at load."),
 ):
     """Run every task on example images, judge each answer against the ground truth, write annotated PNGs."""
     from rich.console import Console
@@ -118,7 +119,7 @@ def demo(
     if not console.is_terminal:
         console.width = 150  # logs and CI: one row per answer instead of wrapped cells
     out.mkdir(parents=True, exist_ok=True)
-    pg = _load(model, out, device, console)
+    pg = _load(model, out, device, console, quantize)
     size = pg.model.config.vision.image_size
     gen = demo_generator(pg)
     table = Table("#", "task", "prompt", "answer", "expected", "ok", "boxes / masks (score, IoU vs expected)",

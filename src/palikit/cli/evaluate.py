@@ -36,6 +36,7 @@ def evaluate(
     task: str = typer.Option(..., help="ocr | vqa | anls | caption | count | exact | detect | segment"),
     model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder or Hub id (default: bundled demo)."),
     adapter: str = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format) merged into --model."),
+    quantize: str = typer.Option(None, "--quantize", help="int8 or int4: quantize --model's weights at load."),
     baseline: list[str] = typer.Option(None, "--baseline", "-b", help=BASELINE_HELP),
     out: Path = typer.Option(Path("out/eval"), help="Output folder (predictions.jsonl, report.md, charts)."),
     images: Path = typer.Option(None, "--images", help="Folder the image paths are relative to (default: the data file's)."),
@@ -67,14 +68,14 @@ def evaluate(
     common = dict(batch_size=batch_size, price_per_hour=price_per_hour, price_per_call=price_per_call,
                   predict_options={"max_new_tokens": max_new_tokens}, limit=limit, image_root=images,
                   strict=not skip_bad_rows, progress=progress)
-    name = (model or "demo") + (f" + adapter {adapter}" if adapter else "")  # before/after rows tell apart
+    name = (model or "demo") + (f" + adapter {adapter}" if adapter else "") + (f" ({quantize})" if quantize else "")  # before/after rows tell apart
     if torch_threads > 0:
         import torch
 
         torch.set_num_threads(torch_threads)
     try:
         with sigterm_interrupts():
-            pg = load_model(model, device, dtype, None, adapter=adapter)
+            pg = load_model(model, device, dtype, None, adapter=adapter, quantize=quantize)
             if baseline:
                 others = [parse_baseline(s, device=device, dtype=dtype) for s in baseline]
                 cmp = evaluate_models([pg, *others], dataset, task, out_dir=out, resume=not fresh, prompt=prompt,

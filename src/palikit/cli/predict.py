@@ -22,12 +22,12 @@ def default_model(model: str | None) -> str:
 
 
 def load_model(model: str | None, device: str, dtype: str, tokenizer: str | None, compile: bool = False,
-               adapter: str | None = None, final_logit_softcap: str = "auto"):
+               adapter: str | None = None, final_logit_softcap: str = "auto", quantize: str | None = None):
     from ..api import PaliGemma
     from ..weights.conventions import parse_override
 
     return PaliGemma.from_pretrained(default_model(model), device=device, dtype=dtype, tokenizer=tokenizer,
-                                     compile=compile, adapter=adapter,
+                                     compile=compile, adapter=adapter, quantize=quantize,
                                      final_logit_softcap=parse_override(final_logit_softcap, "final_logit_softcap"))
 
 
@@ -40,10 +40,11 @@ def _frames(images: list[str], frames: int):
 
 
 def _run(images, prompt_fn, *, model, device, dtype, tokenizer, as_json, out, max_new_tokens, temperature,
-         top_k, top_p, seed, num_beams, frames, adapter=None, final_logit_softcap="auto"):
+         top_k, top_p, seed, num_beams, frames, adapter=None, final_logit_softcap="auto", quantize=None):
     from rich.console import Console
 
-    pg = load_model(model, device, dtype, tokenizer, adapter=adapter, final_logit_softcap=final_logit_softcap)
+    pg = load_model(model, device, dtype, tokenizer, adapter=adapter, final_logit_softcap=final_logit_softcap,
+                    quantize=quantize)
     example = _frames(images, frames)
     from ..tasks.options import PredictOptions
 
@@ -85,6 +86,8 @@ TOKENIZER = typer.Option(None, help="Tokenizer file when it is not next to the w
 ADAPTER = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format, e.g. palikit train's OUTPUT_DIR/adapter).")
 SOFTCAP = typer.Option("auto", "--final-logit-softcap",
                        help="PaliGemma 2's final-logit soft-cap: auto (the checkpoint's convention), off, or a number.")
+QUANTIZE = typer.Option(None, "--quantize", help="int8 or int4: quantize the weights at load (a folder written by "
+                                                  "`palikit quantize` loads quantized without it).")
 JSON = typer.Option(False, "--json", help="Print the Result as JSON.")
 OUT = typer.Option(None, "--out", "-o", help="Write the image with boxes and masks drawn (PNG).")
 MAX_NEW = typer.Option(64, help="Maximum tokens to generate.")
@@ -111,11 +114,11 @@ def _register(app, task) -> None:
                     tokenizer: str = TOKENIZER, as_json: bool = JSON, out: Path = OUT, max_new_tokens: int = MAX_NEW,
                     temperature: float = TEMP, top_k: int = TOPK, top_p: float = TOPP, seed: int = SEED,
                     num_beams: int = BEAMS, frames: int = FRAMES, lang: str = typer.Option("en", help="Language code."),
-                    adapter: str = ADAPTER, final_logit_softcap: str = SOFTCAP):
+                    adapter: str = ADAPTER, final_logit_softcap: str = SOFTCAP, quantize: str = QUANTIZE):
             _run(images, lambda pg, ex, o: build(pg, ex, o, lang, None), model=model, device=device, dtype=dtype,
                  tokenizer=tokenizer, as_json=as_json, out=out, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams, frames=frames, adapter=adapter,
-                 final_logit_softcap=final_logit_softcap)
+                 final_logit_softcap=final_logit_softcap, quantize=quantize)
     else:
         def command(images: list[str] = IMAGES,
                     text: str = typer.Argument(..., metavar=arg.name.upper(), help=help_text),
@@ -123,11 +126,11 @@ def _register(app, task) -> None:
                     as_json: bool = JSON, out: Path = OUT, max_new_tokens: int = MAX_NEW, temperature: float = TEMP,
                     top_k: int = TOPK, top_p: float = TOPP, seed: int = SEED, num_beams: int = BEAMS,
                     frames: int = FRAMES, lang: str = typer.Option("en", help="Language code."),
-                    adapter: str = ADAPTER, final_logit_softcap: str = SOFTCAP):
+                    adapter: str = ADAPTER, final_logit_softcap: str = SOFTCAP, quantize: str = QUANTIZE):
             _run(images, lambda pg, ex, o: build(pg, ex, o, lang, text), model=model, device=device, dtype=dtype,
                  tokenizer=tokenizer, as_json=as_json, out=out, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams, frames=frames, adapter=adapter,
-                 final_logit_softcap=final_logit_softcap)
+                 final_logit_softcap=final_logit_softcap, quantize=quantize)
     command.__doc__ = help_text
     app.command(task.cli)(command)
 

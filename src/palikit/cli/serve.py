@@ -25,6 +25,7 @@ def serve(
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step: CUDA graphs "
                                  "on GPU (default there), fused C++ kernels on CPU (off by default: see README, Speed)."),
     adapter: str = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format) merged into --model."),
+    quantize: str = typer.Option(None, "--quantize", help="int8 or int4: quantize the weights at load."),
     api_key: list[str] = typer.Option(None, "--api-key", help="Accepted Bearer key (repeatable); also env PALIKIT_API_KEYS (comma-separated)."),
     max_batch_size: int = typer.Option(16, help="Engine slots: requests decoding together (continuous batching)."),
     max_queue: int = typer.Option(256, help="Waiting requests beyond which new ones get 503 + Retry-After."),
@@ -82,7 +83,7 @@ def serve(
               file=sys.stderr, flush=True)
         serve_replicas(default_model(model), host=host, port=port, settings=settings, replicas=max(replicas, 1),
                        min_replicas=min_replicas, max_replicas=max_replicas, device=device, dtype=dtype,
-                       address=ray_address)
+                       address=ray_address, quantize=quantize)
         return
     if torch_threads > 0:
         import torch
@@ -96,7 +97,7 @@ def serve(
         print("palikit: compiling the decode step during warm-up (once per cache-length bucket; CUDA graphs on GPU, "
               "the reason it is faster there); /readyz says ready when done. --no-compile skips it.",
               file=sys.stderr, flush=True)
-    pg = load_model(model, device, dtype, tokenizer, compile=compile, adapter=adapter)
+    pg = load_model(model, device, dtype, tokenizer, compile=compile, adapter=adapter, quantize=quantize)
     application = create_app(pg, settings)
     auth = f"{len(keys)} API key(s)" if keys else "no API key"
     served = pg.name + (f" + adapter {adapter}" if adapter else "")

@@ -198,10 +198,10 @@ class _Predictor:
     """Actor: loads the model once, predicts a batch, writes its part file atomically."""
 
     def __init__(self, model: str, device: str, dtype: str, output: str, fmt: str, options: dict, task: str,
-                 adapter: str | None = None):
+                 adapter: str | None = None, quantize: str | None = None):
         from ..api import PaliGemma
 
-        self.pg = PaliGemma.from_pretrained(model, device=device, dtype=dtype, adapter=adapter)
+        self.pg = PaliGemma.from_pretrained(model, device=device, dtype=dtype, adapter=adapter, quantize=quantize)
         self.output, self.fmt, self.options, self.task = Path(output), fmt, options, task
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -274,6 +274,7 @@ def run_batch(
     progress: bool = True,
     retry_failed: bool = False,
     adapter: str | Path | None = None,
+    quantize: str | None = None,
 ) -> BatchSummary:
     """Run `task` over every input not yet written for this task, prompt, options and model (see the
     module docstring); `retry_failed` also reruns inputs whose earlier row is an error. `adapter`: a
@@ -306,7 +307,8 @@ def run_batch(
     for r in rows:
         r["prompt"], requested = prompt_for(task, r, labels=run_labels, question=question, prompt=prompt, lang=lang)
         r["labels"] = json.dumps(requested) if requested else ""  # a plain string column through Ray Data
-        r["key"] = row_key(task, r["prompt"], options, model_id + (f" + {adapter}" if adapter else ""))
+        r["key"] = row_key(task, r["prompt"], options, model_id + (f" + {adapter}" if adapter else "")
+                           + (f" ({quantize})" if quantize else ""))
         if isinstance(r["image"], Path):
             r["image"] = str(r["image"])
     done = done_keys(output, retry_failed=retry_failed)
@@ -314,7 +316,7 @@ def run_batch(
     t0, started = time.perf_counter(), time.time()
     written, failed, stopped = 0, 0, None
     if todo:
-        predictor_args = (model_id, dtype, str(output), fmt, options, task, adapter)
+        predictor_args = (model_id, dtype, str(output), fmt, options, task, adapter, quantize)
         preprocess = _preprocess_fn(image_size, str(files.preprocessor) if files.preprocessor else None)
         with _stop_on_signals() as stop:
             try:
@@ -358,14 +360,14 @@ def _run_pipeline(todo, preprocess, predictor_args, batch_size, num_workers, dev
     init_ray(address)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar of ours instead of Ray's
     use_gpu = device in ("cuda", "auto") and ray.cluster_resources().get("GPU", 0) > 0
-    model_id, dtype, output, fmt, options, task, adapter = predictor_args
+    model_id, dtype, output, fmt, options, task, adapter, quantize = predictor_args
     ds = ray.data.from_items([{"id": r["id"], "key": r["key"], "image": r["image"], "prompt": r["prompt"],
                                "labels": r["labels"]}
                               for r in todo])
     ds = ds.map_batches(preprocess, batch_size=batch_size, batch_format="numpy")
     ds = ds.map_batches(
         _Predictor, fn_constructor_args=(model_id, "cuda" if use_gpu else "cpu", dtype, output, fmt, options, task,
-                                         adapter),
+                                         adapter, quantize),
         batch_size=batch_size, concurrency=num_workers, num_gpus=1 if use_gpu else 0, batch_format="numpy",
     )
     bar = _progress(f"batch {task}", len(todo)) if progress else None

@@ -31,7 +31,7 @@ def proxy_http_options(host: str, port: int, settings=None) -> dict[str, Any]:
 
 def build_application(model: str, *, settings=None, replicas: int = 1, min_replicas: int | None = None,
                       max_replicas: int | None = None, device: str = "auto", dtype: str = "auto",
-                      cpus_per_replica: float = 1.0, name: str = "palikit"):
+                      cpus_per_replica: float = 1.0, name: str = "palikit", quantize: str | None = None):
     """A Ray Serve `Application` ready for `serve.run`. With min/max replicas it autoscales."""
     from ray import serve
 
@@ -45,7 +45,7 @@ def build_application(model: str, *, settings=None, replicas: int = 1, min_repli
         from ..api import PaliGemma
         from ..serve.app import create_app
 
-        pg = PaliGemma.from_pretrained(model, device=device, dtype=dtype)
+        pg = PaliGemma.from_pretrained(model, device=device, dtype=dtype, quantize=quantize)
         app = create_app(pg, settings)
         tag = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -80,7 +80,7 @@ def build_application(model: str, *, settings=None, replicas: int = 1, min_repli
 
 def serve_replicas(model: str, *, host: str = "127.0.0.1", port: int = 8000, settings=None, replicas: int = 1,
                    min_replicas: int | None = None, max_replicas: int | None = None, device: str = "auto",
-                   dtype: str = "auto", address: str | None = None, block: bool = True):
+                   dtype: str = "auto", address: str | None = None, block: bool = True, quantize: str | None = None):
     """Start Ray (local, or join `address`), deploy, and serve HTTP on host:port."""
     import ray
     from ray import serve
@@ -94,7 +94,7 @@ def serve_replicas(model: str, *, host: str = "127.0.0.1", port: int = 8000, set
         init_ray(address)  # a local Ray listens on loopback only
     serve.start(http_options=proxy_http_options(host, port, settings))
     app = build_application(model, settings=settings, replicas=replicas, min_replicas=min_replicas,
-                            max_replicas=max_replicas, device=device, dtype=dtype)
+                            max_replicas=max_replicas, device=device, dtype=dtype, quantize=quantize)
     handle = serve.run(app, name="palikit", route_prefix="/", blocking=False)
     if block:
         import signal
