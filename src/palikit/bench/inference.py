@@ -54,7 +54,7 @@ def bench_palikit(model, batch_sizes, new_tokens, prompt_len, repeats, compile=F
     """B requests submitted together to an engine with max(batch_sizes) slots: B live slots decode
     together (pixels in: the vision tower runs every time, no feature cache)."""
     cfg = model.config
-    dev = model.language_model.embed_tokens.weight.device
+    dev = model.device
     engine = Engine(model, compile=compile, max_slots=max(batch_sizes), max_len=cfg.vision.num_image_tokens
                     + prompt_len + new_tokens)
     text = _prompt(cfg, prompt_len)
@@ -88,12 +88,12 @@ def bench_palikit(model, batch_sizes, new_tokens, prompt_len, repeats, compile=F
 def bench_transformers(model, batch_sizes, new_tokens, prompt_len, repeats, log=None) -> list[BenchRow]:
     hf = hf_model_from(model)
     cfg = model.config
-    dev = model.language_model.embed_tokens.weight.device
+    dev = model.device
     text = _prompt(cfg, prompt_len)
     rows = []
     for B in batch_sizes:
         ids = torch.tensor([cfg.prompt_row(text)] * B, device=dev)
-        pv = (torch.rand(B, 3, cfg.vision.image_size, cfg.vision.image_size, device=dev) * 2 - 1).to(model.language_model.embed_tokens.weight.dtype)
+        pv = (torch.rand(B, 3, cfg.vision.image_size, cfg.vision.image_size, device=dev) * 2 - 1).to(model.dtype)
         if log:
             log(f"transformers generate, batch {B}: warm-up, then {repeats} timed runs")
 

@@ -25,11 +25,25 @@ def bench(
     dtype: str = DTYPE,
     transformers: bool = typer.Option(True, help="Also time transformers in the same run."),
     compile: bool = typer.Option(False, help="torch.compile the decode step (CUDA graphs on GPU)."),
+    quantize: str = typer.Option(None, "--quantize", help="Rows of weight formats at batch 1 in one run, e.g. "
+                                 "none,bf16,int8,int4: ms per decode step and prefill against the memory-read floor (--model defaults "
+                                 "to pg2-3b-224 there)."),
+    layers: int = typer.Option(None, help="--quantize: decoder and tower layers to build (full width and head); "
+                                          "default all."),
+    group_size: int = typer.Option(None, help="--quantize: int4 group size (default 64)."),
+    kernels: bool = typer.Option(False, "--kernels", help="Time the candidate CPU int8/int4 kernels on one layer."),
 ):
     """Inference speed against transformers on the same random weights: prefill ms, ms per decode step
     and images/s across batch sizes."""
     from rich.console import Console
     from rich.table import Table
+
+    if quantize is not None or kernels:
+        from .bench_quant import bench_quantized
+
+        return bench_quantized(model, quantize, layers=layers, group_size=group_size, kernels=kernels,
+                               new_tokens=new_tokens, prompt_len=prompt_len, repeats=repeats, compile=compile,
+                               transformers=transformers)
 
     from ..bench.inference import run_bench
     from ..runtime import resolve_device, resolve_dtype

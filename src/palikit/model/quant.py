@@ -431,11 +431,13 @@ def describe(model: nn.Module) -> str:
     return spec.name if spec is not None else "quantized modules"
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of weights one decode step reads: every matmul weight as the kernels hold it (float
-    weights at their dtype), the embedding / head counted once (the head reads all of it)."""
+def weight_bytes(model: nn.Module, prefix: str = "") -> int:
+    """Bytes of the matmul weights under `prefix` as the kernels read them (float weights at their
+    dtype), the embedding / head counted once (the head reads all of it)."""
     total = 0
     for name, m in model.named_modules():
+        if not name.startswith(prefix):
+            continue
         if isinstance(m, QUANT_MODULES):
             total += m.weight_bytes
         elif isinstance(m, nn.Linear):
