@@ -168,3 +168,16 @@ def test_cli_quantize_at_load_and_its_bad_value(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"] is not None
     assert main(["caption", str(image), "--quantize", "int3"]) == 2
     assert "--quantize 'int3': use int8, int4 or none" in capsys.readouterr().err
+
+
+def test_streaming_and_beam_search_run_on_a_quantized_model():
+    from palikit.demo import shapes
+
+    pg = PaliGemma.from_pretrained("demo", device="cpu", quantize="int4")
+    float_pg = PaliGemma.from_pretrained("demo", device="cpu")
+    image = next(iter(shapes.iter_split("test", 1))).image
+    greedy = pg.predict(image, "caption en", max_new_tokens=16)
+    assert "".join(pg.stream(image, "caption en", max_new_tokens=16)) == greedy.text
+    assert greedy.text == float_pg.predict(image, "caption en", max_new_tokens=16).text  # int4 keeps this answer
+    beams = pg.predict(image, "detect circle ; square ; triangle", num_beams=3, max_new_tokens=24)
+    assert beams.detections and {d.label for d in beams.detections} <= {"circle", "square", "triangle"}

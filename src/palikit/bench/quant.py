@@ -11,7 +11,6 @@ run once per image (prefill, part of time to first token) and are not in a decod
 
 from __future__ import annotations
 
-import copy
 import gc
 import os
 import statistics
@@ -62,20 +61,25 @@ def _row(name, model, timing, bandwidth) -> dict:
 def run_quant_bench(config: PaliGemmaConfig, formats=ROWS, *, new_tokens: int = 16, prompt_len: int = 16,
                     repeats: int = 2, group_size: int | None = None, compile: bool = False,
                     compare_transformers: bool = True, log=print) -> dict:
-    """Rows in the order none (fp32, the CPU default), transformers (fp32), int8, int4, bf16: the float
-    model is quantized from the same fp32 weights and converted to bf16 last (in place)."""
+    """Every row runs the same seeded random weights: none (fp32, the CPU default) and transformers
+    (fp32) on one model, which is then converted to bf16 in place; int8 and int4 each quantize a
+    fresh fp32 copy in place (layer by layer), so at most one float model and one transformers copy
+    are in memory at a time."""
     from ..testing import random_model
     from .inference import bench_palikit, bench_transformers
 
     bandwidth = read_bandwidth_gbs()
     log(f"read bandwidth {bandwidth:.1f} GB/s (2 GiB sum, best of 5); building {config.name} with random weights")
-    torch.manual_seed(0)
-    model = random_model(config, "cpu", torch.float32)
     args = ([1], new_tokens, prompt_len, repeats)
     rows, hf_row = [], None
+
+    def timed(name, model):
+        log(f"{name}: warm-up, then {repeats} timed runs")
+        rows.append(_row(name, model, bench_palikit(model, *args, compile, log)[0], bandwidth))
+
+    model = random_model(config, "cpu", torch.float32, seed=0)
     if "none" in formats:
-        log("none (fp32): warm-up, then timed runs")
-        rows.append(_row("none", model, bench_palikit(model, *args, compile, log)[0], bandwidth))
+        timed("none", model)
     if compare_transformers:
         try:
             t = bench_transformers(model, *args, log)[0]
@@ -83,21 +87,18 @@ def run_quant_bench(config: PaliGemmaConfig, formats=ROWS, *, new_tokens: int = 
         except ImportError:
             log("transformers is not installed: no transformers row")
         gc.collect()
-    for name in ("int8", "int4"):
-        if name in formats:
-            qm = copy.deepcopy(model)
-            Q.quantize_model(qm, Q.plan(qm, int(name[3]), group_size if name == "int4" else None))
-            gc.collect()
-            log(f"{name} ({qm.quant_spec.name}): warm-up, then timed runs")
-            rows.append(_row(name, qm, bench_palikit(qm, *args, compile, log)[0], bandwidth))
-            del qm
-            gc.collect()
     if "bf16" in formats:
-        model.to(torch.bfloat16)
-        log("bf16: warm-up, then timed runs")
-        rows.append(_row("bf16", model, bench_palikit(model, *args, compile, log)[0], bandwidth))
+        timed("bf16", model.to(torch.bfloat16))
     del model
     gc.collect()
+    for name in ("int8", "int4"):
+        if name in formats:
+            model = random_model(config, "cpu", torch.float32, seed=0)
+            Q.quantize_model(model, Q.plan(model, int(name[3]), group_size if name == "int4" else None))
+            gc.collect()
+            timed(f"{name}", model)
+            del model
+            gc.collect()
     rows.sort(key=lambda r: ROWS.index(r["quantize"]))
     by = {r["quantize"]: r for r in rows}
     speedups = {}

@@ -394,14 +394,18 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     """Swap the float Linear layers and the tied embedding for quantized ones, in place (each float
     weight is freed as soon as its layer is swapped). Returns the model."""
     fallback = set(spec.int8_layers)
+    names = [name for name, _ in _targets(model, spec.keep_vision)]  # names only: each float layer is freed once swapped
     with torch.no_grad():
-        for name, linear in _targets(model, spec.keep_vision):
+        for name in names:
+            linear = model.get_submodule(name)
             if spec.bits == 8 or name in fallback:
                 _set(model, name, Int8Linear.from_float(linear).to(linear.weight.device))
             else:
                 _set(model, name, Int4Linear.from_float(linear, spec.group_size).to(linear.weight.device))
+            del linear
         emb = model.get_submodule(EMBEDDING)
         _set(model, EMBEDDING, Int8Embedding.from_float(emb).to(emb.weight.device))
+        del emb
     model.quant_spec = spec
     return model
 
