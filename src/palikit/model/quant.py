@@ -132,11 +132,28 @@ class QuantModule(nn.Module):
         return self
 
 
-class Int8Linear(QuantModule):
-    """A Linear whose weight is int8 per output channel. Attributes as nn.Linear's (in_features,
-    out_features, bias) so LoRA wrappers treat it as a base layer."""
+class Int8Rows(QuantModule):
+    """int8 rows with one scale each (`qweight` [N, K], `scales` [N]): the Linear and the embedding."""
 
     bits = 8
+
+    def refresh(self) -> None:
+        """Rebuild the kernel's copies of the canonical tensors (after loading or moving)."""
+        if self.scales.device.type != "meta":
+            self.qweight = aligned(self.qweight)
+            self._kernel_scales = aligned(self.scales.to(KERNEL_DTYPE))
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scales, dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.qweight.numel() + self.scales.numel() * 2  # what a decode step reads (bf16 scales)
+
+
+class Int8Linear(Int8Rows):
+    """A Linear whose weight is int8 per output channel. Attributes as nn.Linear's (in_features,
+    out_features, bias) so LoRA wrappers treat it as a base layer."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
         super().__init__()
@@ -156,19 +173,6 @@ class Int8Linear(QuantModule):
             m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         m.refresh()
         return m
-
-    def refresh(self) -> None:
-        """Rebuild the kernel's copies of the canonical tensors (after loading or moving)."""
-        if self.scales.device.type != "meta":
-            self.qweight = aligned(self.qweight)
-            self._kernel_scales = aligned(self.scales.to(KERNEL_DTYPE))
-
-    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return dequantize_int8(self.qweight, self.scales, dtype)
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.qweight.numel() + self.scales.numel() * 2  # what a decode step reads (bf16 scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = int8_matmul(x, self.qweight, self.scales, self._kernel_scales)
@@ -248,11 +252,9 @@ class Int4Linear(QuantModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}"
 
 
-class Int8Embedding(QuantModule):
+class Int8Embedding(Int8Rows):
     """The tied embedding / LM head in int8 per row: `forward(ids)` looks rows up (dequantized to the
     model's dtype, the dtype of `scales`), `project(hidden, rows)` is the head over the first `rows`."""
-
-    bits = 8
 
     def __init__(self, num_embeddings: int, embedding_dim: int, device=None):
         super().__init__()
@@ -269,18 +271,6 @@ class Int8Embedding(QuantModule):
         m.qweight, m.scales = q, s.to(emb.weight.dtype)  # scales carry the model's dtype
         m.refresh()
         return m
-
-    def refresh(self) -> None:
-        if self.scales.device.type != "meta":
-            self.qweight = aligned(self.qweight)
-            self._kernel_scales = aligned(self.scales.to(KERNEL_DTYPE))
-
-    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return dequantize_int8(self.qweight, self.scales, dtype)
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.qweight.numel() + self.scales.numel() * 2
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.qweight)  # [..., H] int8
