@@ -46,7 +46,7 @@ def test_int4_rtn_error_is_at_most_half_a_step_per_group_and_packing_round_trips
     assert int(packed[0, 0]) == int(q[0, 0]) * 16 + int(q[0, 1])
 
 
-@pytest.mark.parametrize("rows", [1, 5, Q.DECODE_ROWS + 7])  # decode GEMV kernel and the bf16 GEMM path
+@pytest.mark.parametrize("rows", [1, 5, Q.DECODE_ROWS + 7])  # decode GEMV kernel and the int8 x int8 GEMM (per-token activations)
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_linear_kernels_match_the_dequantized_weight(rows, bias):
     lin = _linear(96, 64, bias=bias)
