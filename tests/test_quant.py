@@ -149,7 +149,7 @@ def _demo_batch(pg, n=4):
     return ids, pv
 
 
-@pytest.mark.parametrize("bits,bound", [(8, 0.02), (4, 0.1)])
+@pytest.mark.parametrize("bits,bound", [(8, 0.03), (4, 0.1)])  # measured 0.016, 0.069
 def test_logit_max_diff_on_the_demo_model(demo, bits, bound):
     ids, pv = _demo_batch(demo)
     with torch.no_grad():

@@ -227,7 +227,7 @@ def hardware(pg) -> dict:
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(),
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev),
-            "dtype": str(pg.model.language_model.embed_tokens.weight.dtype).removeprefix("torch."),
+            "dtype": str(pg.model.dtype).removeprefix("torch."),
             "torch": torch.__version__, "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 

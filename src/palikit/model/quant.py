@@ -12,8 +12,9 @@ Canonical tensors (device-independent; what `state_dict()` holds and a quantized
   torchao and gpt-fast hand to tinygemm), `scales` and `zeros` fp32 [N, K/G]: w = (q - 8) * s + z.
 
 Kernels (chosen by `palikit bench --kernels` on the project's 2-core AVX-512 CPU, one 16384 x 2048
-layer, weights cycled past the L3: fp32 `F.linear` 7.9 ms, bf16 8.1 ms, `_weight_int8pack_mm` with
-bf16 activations 1.7 ms, `_weight_int4pack_mm_for_cpu` 1.0 ms, fbgemm dynamic int8 8.7 ms):
+layer at batch 1, weights cycled past the L3: fp32 `F.linear` 7.3 ms, bf16 4.4 ms,
+`_weight_int8pack_mm` 1.9 ms, `_weight_int4pack_mm_for_cpu` 0.9 ms; README "Quantized weights" says
+why the faster legacy fbgemm dynamic int8, 0.8 ms, is not used):
 - CPU: `torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu` with bf16 activations
   (weight-only at decode). Above `DECODE_ROWS` rows (prefill, the vision tower: compute-bound) int8
   runs `torch._int_mm` with activations quantized to int8 per token (dynamic), 1.6x a bf16 GEMM.
