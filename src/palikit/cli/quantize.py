@@ -80,7 +80,7 @@ def quantize(
 
 
 def _is_bundled_demo(folder: Path) -> bool:
-    from ..demo.paths import bundled_demo_model
+    from ..assets import bundled_demo_model
 
     demo = bundled_demo_model()
     return demo is not None and demo.resolve() == folder.resolve()

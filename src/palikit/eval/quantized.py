@@ -34,12 +34,13 @@ def demo_tasks(folder: str | Path, n_images: int, mask_codec) -> list[QualityTas
     """Write the demo generator's test split (the first `n_images`, deterministic) under `folder`
     and return its six tasks."""
     from ..demo import shapes
-    from ..eval.runner import load_coco
+    from ..demo.splits import write_split
     from ..tasks.mask_codec import tokens_from_mask
+    from .datasets import load_coco
 
     folder = Path(folder)
-    data = shapes.write_split(folder, "test", n_images, 112,
-                              seg_fn=lambda s: tokens_from_mask(mask_codec, s.mask, s.box))
+    data = write_split(shapes, folder, "test", n_images, 112,
+                       seg_fn=lambda s: tokens_from_mask(mask_codec, s.mask, s.box))
     rows: dict[str, list[str]] = {}
     for line in (data / "test.jsonl").read_text().splitlines():
         if line.strip():
