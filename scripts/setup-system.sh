@@ -2,6 +2,7 @@
 # System packages the test suite drives, set up by `make test` before pytest runs:
 #   chromium                        the playground test (Playwright drives /usr/bin/chromium, headless)
 #   tesseract-ocr tesseract-ocr-eng the Tesseract OCR baseline (the real binary and its English data)
+#   libgl1 libglib2.0-0             OpenCV (opencv-python, which the RapidOCR baseline needs) loads libGL / GLib
 # Present: nothing happens. Missing, as root with apt-get: installed (Debian/Ubuntu names). Missing
 # otherwise, or with --check: fails at once, printing the one command to run.
 set -euo pipefail
@@ -13,11 +14,13 @@ present() {
     chromium) [ -x "$CHROMIUM" ] ;;
     tesseract-ocr) command -v tesseract >/dev/null 2>&1 ;;
     tesseract-ocr-eng) command -v tesseract >/dev/null 2>&1 && tesseract --list-langs 2>/dev/null | grep -qx eng ;;
+    libgl1) ldconfig -p | grep -q 'libGL\.so\.1 ' ;;
+    libglib2.0-0) ldconfig -p | grep -q 'libgthread-2\.0\.so\.0 ' ;;
   esac
 }
 
 missing=()
-for pkg in chromium tesseract-ocr tesseract-ocr-eng; do
+for pkg in chromium tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0; do
   present "$pkg" || missing+=("$pkg")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0

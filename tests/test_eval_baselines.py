@@ -235,7 +235,7 @@ def test_coco_results_file_as_detection_baseline(tmp_path):
 @pytest.mark.parametrize("spec, msg", [
     ("tesseract?psm=x", "psm='x' must be a int"), ("tesseract?speed=9", "unknown option 'speed'"),
     ("openai:127.0.0.1:8000/v1#m", "must start with http"), ("openai:http://h/v1", "openai:BASE_URL#MODEL"),
-    ("openai:http://h/v1#m?key_env=NOT_SET_ANYWHERE_42", "NOT_SET_ANYWHERE_42"), ("easyocr", "unknown baseline"),
+    ("openai:http://h/v1#m?key_env=NOT_SET_ANYWHERE_42", "NOT_SET_ANYWHERE_42"), ("paddleocr", "unknown baseline"),
     ("tesseract?lang=klingon", "no 'klingon' language data"),
 ])
 def test_bad_baseline_specs_say_what_to_write(spec, msg):

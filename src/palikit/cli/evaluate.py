@@ -1,5 +1,5 @@
 """`palikit eval`: accuracy, speed efficiency and cost efficiency of a model on a data set, beside
-baselines (Tesseract, any OpenAI-compatible endpoint, another checkpoint, a COCO results file) run on
+baselines (Tesseract, EasyOCR, RapidOCR, any OpenAI-compatible endpoint, another checkpoint, a COCO results file) run on
 the same samples, with an optional prompt-sensitivity sweep; writes predictions JSONL, report.md/json
 and PNG charts. Ctrl-C / SIGTERM keeps the predictions, writes the partial report, prints how to
 resume and exits 130 / 143."""
@@ -14,6 +14,7 @@ import typer
 from . import app
 
 BASELINE_HELP = ("Also run SPEC on the same samples (repeatable): tesseract[?psm=7&lang=eng] | "
+                 "easyocr[?lang=en&model_dir=DIR&venv=PATH&threads=N] | rapidocr[?threads=N&det=1] | "
                  "openai:BASE_URL#MODEL[?key_env=OPENAI_API_KEY&prompts=chat|paligemma&concurrency=4&price_in=$/Mtok"
                  "&price_out=$/Mtok] | palikit:CHECKPOINT | coco-results:FILE (detect).")
 

@@ -16,6 +16,8 @@ The interface (what `evaluate` reads; only `predict_batch` is required):
 Specs (`palikit eval --baseline SPEC`, `parse_baseline`):
 - `tesseract` or `tesseract?psm=7&lang=eng`: Tesseract through pytesseract; psm 7 = "treat the
   image as a single text line", the mode for cropped words and codes;
+- `easyocr[?lang=en&model_dir=DIR&venv=PATH&threads=N]`, `rapidocr[?threads=N&det=1]`: EasyOCR (in a
+  venv of its own) and PaddleOCR's PP-OCR models through RapidOCR (`palikit.eval.baselines_ocr`);
 - `openai:BASE_URL#MODEL` with optional `?key_env=OPENAI_API_KEY&prompts=chat|paligemma&concurrency=4
   &retries=4&timeout=60&max_tokens=64&price_in=2.5&price_out=10` (price_* in $ per million tokens):
   any OpenAI-compatible chat endpoint with image input, through the official `openai` client (its
@@ -36,7 +38,9 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+
+from .baseline_spec import BaselineError, spec_options
+from .baselines_ocr import LocalOCR
 
 CHAT_PROMPTS = {
     "ocr": "Read the text in this image. Reply with the text exactly as written and nothing else.",
@@ -48,17 +52,10 @@ CHAT_PROMPTS = {
 }
 
 
-class BaselineError(ValueError):
-    """A baseline spec or setting that cannot work; the message says what to change."""
-
-
-class Tesseract:
+class Tesseract(LocalOCR):
     """Tesseract OCR via pytesseract. `psm` 7 treats the crop as one text line (cropped words and
     codes); 6 = a block of text, 8 = a single word, 13 = raw line. Lines of the output are joined by
     a space; the runner's normalisation (case, whitespace) is then the same as for every model."""
-
-    timed = True
-    needs_images = True
 
     def __init__(self, psm: int = 7, lang: str = "eng", oem: int | None = None):
         try:
@@ -94,23 +91,12 @@ class Tesseract:
     def fingerprint(self) -> str:
         return f"tesseract-{self.version}-{self.lang}-{self.config}"
 
-    def prompt_template(self, task: str) -> str | None:
-        if task != "ocr":
-            raise BaselineError(f"the tesseract baseline reads text only: use it with --task ocr, not {task}")
-        return None
-
-    def price_rule(self, price_per_hour: float | None) -> dict[str, Any]:
-        return {"price_per_hour": price_per_hour}
-
     def read(self, image: Any) -> str:
         from PIL import Image
 
         img = image if isinstance(image, Image.Image) else Image.open(image)
         text = self._tess.image_to_string(img.convert("RGB"), lang=self.lang, config=self.config)
         return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-    def predict_batch(self, images: Sequence[Any], prompts: Sequence[str], labels=None, **opts) -> list[dict]:
-        return [{"text": self.read(im)} for im in images]
 
 
 def _data_url(image: Any) -> str:
@@ -274,29 +260,21 @@ class COCOResults:
         return [{"text": "", "detections": self._by_image.get(str(im), [])} for im in images]
 
 
-def _options(query: str, allowed: Mapping[str, type], spec: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in parse_qsl(query, keep_blank_values=True):
-        if k not in allowed:
-            raise BaselineError(f"baseline {spec!r}: unknown option {k!r} (options: {', '.join(allowed)})")
-        try:
-            out[k] = allowed[k](v)
-        except ValueError:
-            raise BaselineError(f"baseline {spec!r}: option {k}={v!r} must be a {allowed[k].__name__}") from None
-    return out
-
-
 def parse_baseline(spec: str, *, device: str = "auto", dtype: str = "auto") -> Any:
     """An adapter from a `--baseline` spec (module docstring)."""
     kind, _, rest = spec.partition(":")
     if spec == "tesseract" or spec.startswith("tesseract?"):
-        return Tesseract(**_options(spec.partition("?")[2], {"psm": int, "lang": str, "oem": int}, spec))
+        return Tesseract(**spec_options(spec.partition("?")[2], {"psm": int, "lang": str, "oem": int}, spec))
+    if spec.partition("?")[0] in ("easyocr", "rapidocr"):
+        from .baselines_ocr import parse_engine
+
+        return parse_engine(spec)
     if kind == "openai":
         target, _, query = rest.partition("?")
         base_url, _, model = target.partition("#")
         if not base_url or not model:
             raise BaselineError(f"baseline {spec!r}: write openai:BASE_URL#MODEL, e.g. openai:http://127.0.0.1:8000/v1#demo")
-        opts = _options(query, {"key_env": str, "prompts": str, "concurrency": int, "retries": int, "timeout": float,
+        opts = spec_options(query, {"key_env": str, "prompts": str, "concurrency": int, "retries": int, "timeout": float,
                                 "max_tokens": int, "price_in": float, "price_out": float}, spec)
         return OpenAIChat(base_url, model, **opts)
     if kind == "palikit" and rest:
@@ -307,5 +285,5 @@ def parse_baseline(spec: str, *, device: str = "auto", dtype: str = "auto") -> A
         return pg
     if kind == "coco-results" and rest:
         return COCOResults(rest)
-    raise BaselineError(f"unknown baseline {spec!r}: use tesseract, openai:BASE_URL#MODEL, palikit:PATH or "
-                        "coco-results:FILE")
+    raise BaselineError(f"unknown baseline {spec!r}: use tesseract, easyocr, rapidocr, openai:BASE_URL#MODEL, "
+                        "palikit:PATH or coco-results:FILE")
