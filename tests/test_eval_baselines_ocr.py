@@ -61,8 +61,14 @@ def _rows(path: Path) -> list[dict]:
     ([([[0, 40], [50, 40], [50, 60], [0, 60]], "below", 0.9), ([[70, 0], [99, 0], [99, 20], [70, 20]], "right", 0.9),
       ([[0, 1], [50, 1], [50, 21], [0, 21]], "left", 0.9), ([[0, 80], [9, 80], [9, 90], [0, 90]], "  ", 0.5)],
      "left right below"),
-    # a slightly rotated box whose centre is still inside the line's first box stays on that line
+    # a slightly rotated box overlapping the line stays on it
     ([([[0, 0], [40, 0], [40, 30], [0, 30]], "A1", 0.9), ([[45, 8], [90, 4], [91, 34], [46, 38]], "B2", 0.9)], "A1 B2"),
+    # a tilted container code as EasyOCR found it (its own order: "4 CLNU 158800")
+    ([([[304, 10], [328, 10], [328, 44], [304, 44]], "4", 1.0), ([[1, 32], [114, 32], [114, 88], [1, 88]], "CLNU", 0.99),
+      ([[123.6, 23.5], [283.5, 6.6], [285.4, 57.5], [126.5, 74.4]], "158800", 0.99)], "CLNU 158800 4"),
+    # two stacked lines that do not overlap stay apart, the upper first
+    ([([[0, 25], [60, 25], [60, 45], [0, 45]], "LINE2", 0.9), ([[30, 0], [80, 0], [80, 21], [30, 21]], "LINE1", 0.9)],
+     "LINE1 LINE2"),
 ])
 def test_reading_order(lines, text):
     assert reading_order(lines) == text

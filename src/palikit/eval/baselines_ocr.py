@@ -4,8 +4,9 @@ beside Tesseract. Each runs on the same samples as the model, with the same norm
 
 - `LocalOCR`: the base of every local text-only engine (Tesseract too): the OCR task only, the
   hourly price, `predict_batch` over `read(image)`;
-- `reading_order`: an engine's detected lines (box, text, score) -> one answer, top to bottom and
-  left to right, joined by one space (the way Tesseract's lines are joined);
+- `reading_order`: an engine's detected boxes (box, text, score) -> one answer, lines top to bottom,
+  words left to right, joined by one space (the way Tesseract's lines are joined); the engines' own
+  orders split a tilted line (EasyOCR read a container code `CLNU 158800 4` as `4 CLNU 158800`);
 - `RapidOCR` (`rapidocr?threads=N&det=1&cls=1&text_score=0.5`): PaddleOCR's PP-OCRv4 detector,
   direction classifier and recognizer as ONNX, through `rapidocr_onnxruntime` in this process (its
   wheel carries the weights; `pip install 'palikit[baselines]'`);
@@ -57,9 +58,10 @@ class LocalOCR:
 
 
 def reading_order(lines: Sequence[Sequence[Any]]) -> str:
-    """`[(box, text, score...), ...]` with `box` four (x, y) corners -> the texts in reading order: a
-    box whose vertical centre lies within the first box of the current line joins that line (sorted
-    by left edge); lines top to bottom; empty texts dropped; everything joined by one space."""
+    """`[(box, text, score...), ...]` with `box` four (x, y) corners -> the texts in reading order: a box
+    joins a line when its vertical extent overlaps one of the line's boxes by half the smaller height
+    or more (so the words of a tilted line stay together), else it starts a new line; words left to
+    right, lines top to bottom, empty texts dropped, everything joined by one space."""
     boxes = []
     for box, text, *_ in lines:
         text = str(text).strip()
@@ -67,13 +69,19 @@ def reading_order(lines: Sequence[Sequence[Any]]) -> str:
             ys, xs = [float(p[1]) for p in box], [float(p[0]) for p in box]
             boxes.append((min(ys), max(ys), min(xs), text))
     boxes.sort(key=lambda b: (b[0] + b[1]) / 2)
-    rows: list[tuple[float, float, list[tuple[float, str]]]] = []
-    for top, bottom, left, text in boxes:
-        if rows and rows[-1][0] <= (top + bottom) / 2 <= rows[-1][1]:
-            rows[-1][2].append((left, text))
+
+    def same_line(a, b) -> bool:
+        overlap = min(a[1], b[1]) - max(a[0], b[0])
+        return overlap >= 0.5 * min(a[1] - a[0], b[1] - b[0])
+
+    rows: list[list[tuple[float, float, float, str]]] = []
+    for b in boxes:
+        row = next((r for r in reversed(rows) if any(same_line(b, o) for o in r)), None)
+        if row is None:
+            rows.append([b])
         else:
-            rows.append((top, bottom, [(left, text)]))
-    return " ".join(t for _, _, words in rows for _, t in sorted(words, key=lambda w: w[0]))
+            row.append(b)
+    return " ".join(t for r in rows for *_, t in sorted(r, key=lambda w: w[2]))
 
 
 def _rgb(image: Any):
