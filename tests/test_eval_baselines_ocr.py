@@ -76,6 +76,7 @@ def test_reading_order(lines, text):
 
 @pytest.mark.parametrize("spec, msg", [
     ("rapidocr?det=x", "det='x' must be a int"), ("rapidocr?speed=9", "unknown option 'speed'"),
+    ("rapidocr?threads=999", "threads=999 is more than this machine's"),
     ("easyocr?decoder=best", "decoder must be greedy, beamsearch or wordbeamsearch"),
     ("easyocr?device=tpu", "device must be cpu or cuda"), ("easyocr?gpu=1", "unknown option 'gpu'"),
     ("easyocr?model_dir=/nonexistent/weights", "model_dir /nonexistent/weights is not a folder"),

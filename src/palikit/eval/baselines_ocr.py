@@ -116,7 +116,10 @@ class RapidOCR(LocalOCR):
                                 f"{hint}; import failed: {e}") from e
         from importlib.metadata import version
 
-        self.threads_n = int(threads) if threads and threads > 0 else (os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+        if threads > cpus:  # rapidocr would silently fall back to onnxruntime's default
+            raise BaselineError(f"rapidocr: threads={threads} is more than this machine's {cpus} CPUs")
+        self.threads_n = int(threads) if threads > 0 else cpus
         self.det, self.cls, self.text_score = bool(det), bool(cls), float(text_score)
         self.engine = rapidocr_onnxruntime.RapidOCR(text_score=self.text_score, intra_op_num_threads=self.threads_n)
         self.version, self.ort_version = version("rapidocr-onnxruntime"), onnxruntime.__version__
@@ -166,20 +169,20 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(5)
 
 
-def _cleanup(running: list[subprocess.Popen], log: str) -> None:
+def _cleanup(running: list[subprocess.Popen], log: Any) -> None:
     while running:
         _stop(running.pop())
-    Path(log).unlink(missing_ok=True)
+    log.close()
+    Path(log.name).unlink(missing_ok=True)
 
 
 class EasyOCR(LocalOCR):
     """EasyOCR in a worker process of its own venv (found or named by `easyocr_env.find_python`):
     started once here (loading is not timed), one request per batch, each image read by EasyOCR's
     `readtext` (`det=0`: `recognize`, the whole image as one line; an in-memory image goes as a PNG
-    file). A worker that dies or passes
-    `timeout` seconds per image is stopped, its batch raises (the runner then fails only the images
-    that fail alone) and the next call starts a fresh one. `threads` = torch threads in the worker
-    (0: torch's default)."""
+    file). A worker that dies or passes `timeout` seconds per image is stopped, its batch raises (the
+    runner then fails only the images that fail alone) and the next call starts a fresh one.
+    `threads` = torch threads in the worker (0: torch's default)."""
 
     def __init__(self, lang: str = "en", model_dir: str | None = None, venv: str | None = None, threads: int = 0,
                  det: int = 1, decoder: str = "greedy", timeout: float = 120.0, device: str = "cpu"):
@@ -200,7 +203,7 @@ class EasyOCR(LocalOCR):
         self._proc: subprocess.Popen | None = None
         self._running: list[subprocess.Popen] = []  # what the finalizer stops (at exit or when collected)
         self._log = tempfile.NamedTemporaryFile(prefix="palikit-easyocr-", suffix=".log", delete=False)
-        weakref.finalize(self, _cleanup, self._running, self._log.name)
+        weakref.finalize(self, _cleanup, self._running, self._log)
         self.info = self._start()
         i = self.info
         self.name = "easyocr" + ("" if det else " (no det)")
@@ -217,7 +220,7 @@ class EasyOCR(LocalOCR):
         self._buf = b""
         try:
             hello = self._receive(max(self.timeout, 300.0))
-        except RuntimeError as e:
+        except (RuntimeError, TimeoutError) as e:
             raise BaselineError(f"easyocr: the worker ({self.python}) did not start: {e}") from None
         if "fatal" in hello:
             self.close()
