@@ -2,11 +2,12 @@
 ones too). A unit is a subpackage (`engine`, `train`, ...) or a top-level module (`api`, `config`, ...).
 A unit may import units of LOWER layers only: never a higher layer, never a sibling of its own layer.
 
-    foundation   config, runtime, fileio, assets, datafiles, tokenizer, preprocess, video   (import nothing of palikit)
+    foundation   config, runtime, fileio, assets, tokenizer, preprocess, video   (import nothing of palikit)
     model        model                          the PyTorch PaliGemma
     core         weights, engine, tasks         checkpoints in and out / generation over token ids / prompts,
                                                 parsing, results (independent of each other)
-    api          api, demo                      the PaliGemma object; the shapes generators `palikit demo` draws
+    api          api, demo, datafiles           the PaliGemma object; the shapes generators `palikit demo` draws;
+                                                the JSONL / COCO readers (they apply the task layer's label rule)
     apps         eval, serve, testing           evaluation, the HTTP server, test and benchmark models
     apps+        train, distributed             training (its monitor scores with eval), Ray (serves the app)
     bench        bench                          benchmarks: above everything they measure
@@ -30,10 +31,10 @@ import palikit
 ROOT = Path(palikit.__file__).resolve().parent
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundation", {"config", "runtime", "fileio", "assets", "datafiles", "tokenizer", "preprocess", "video"}),
+    ("foundation", {"config", "runtime", "fileio", "assets", "tokenizer", "preprocess", "video"}),
     ("model", {"model"}),
     ("core", {"weights", "engine", "tasks"}),
-    ("api", {"api", "demo"}),
+    ("api", {"api", "demo", "datafiles"}),
     ("apps", {"eval", "serve", "testing"}),
     ("apps+", {"train", "distributed"}),
     ("bench", {"bench"}),

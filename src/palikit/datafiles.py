@@ -3,6 +3,12 @@ annotation files, read and checked the same way for `palikit train` and `palikit
 number or annotation id, the same message). A problem is never dropped silently: each becomes a
 `Problem`; `DataError` lists them (the callers choose strict or skip-and-report). What a row MEANS
 (a training example, an evaluation sample) is `train/data.py`'s and `eval/datasets.py`'s business.
+
+The checks every caller gets: JSON that is nested too deeply is a problem on its line, not a
+`RecursionError`; COCO category names obey the label rule the server applies to labels
+(`tasks.labels.label_problem`: no ';', newline, '<' or '>', not blank), so `detect tri\nangle` is never
+built from data; `image_problem` reads an image's header (format, size) without decoding it. This module
+sits above `tasks` (it applies the task layer's label rule to files) and below eval / train.
 """
 
 from __future__ import annotations
@@ -12,7 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .tasks.labels import label_problem
+
 MAX_LISTED = 10  # problems listed in a message (all are kept on DataError.problems)
+TOO_DEEP = "JSON nested too deeply (Python's recursion limit); flatten the value"
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,9 @@ def read_jsonl_rows(path: str | Path) -> tuple[list[tuple[int, dict]], list[Prob
         except json.JSONDecodeError as e:
             problems.append(Problem(str(path), f"line {n}", f"invalid JSON ({e.msg} at column {e.colno})"))
             continue
+        except RecursionError:  # '[[[[...' thousands deep: a problem on its line, never a traceback
+            problems.append(Problem(str(path), f"line {n}", TOO_DEEP))
+            continue
         if not isinstance(row, dict):
             problems.append(Problem(str(path), f"line {n}", f"expected a JSON object, got {type(row).__name__}"))
             continue
@@ -76,6 +88,10 @@ def read_coco(path: str | Path) -> dict:
         raise DataError([Problem(str(path), "-", "file not found")], str(path)) from None
     except json.JSONDecodeError as e:
         raise DataError([Problem(str(path), f"line {e.lineno}", f"invalid JSON ({e.msg})")], str(path)) from None
+    except RecursionError:
+        raise DataError([Problem(str(path), "-", TOO_DEEP)], str(path)) from None
+    except UnicodeDecodeError as e:
+        raise DataError([Problem(str(path), f"byte {e.start}", "not UTF-8 text")], str(path)) from None
     missing = [k for k in ("images", "annotations", "categories") if k not in coco] if isinstance(coco, dict) \
         else ["images", "annotations", "categories"]
     if missing:
@@ -90,8 +106,8 @@ def check_annotations(coco: dict, path: str | Path, *, box_tolerance: float = 1.
     with `need_segmentation`, a segmentation. Returns ({image_id: (file_name, W, H)},
     {image_id: [valid annotations]}, problems)."""
     path = str(path)
-    cats = {c["id"] for c in coco["categories"]}
-    problems: list[Problem] = []
+    cats, problems = category_names(coco, path)
+    bad_cats = {c.get("id") for c in coco["categories"] if isinstance(c, dict)} - set(cats)
     images = {}
     for im in coco["images"]:
         try:
@@ -106,6 +122,8 @@ def check_annotations(coco: dict, path: str | Path, *, box_tolerance: float = 1.
             problems.append(Problem(path, where, f"unknown image_id {ann.get('image_id')!r}"))
             continue
         if ann.get("category_id") not in cats:
+            if ann.get("category_id") in bad_cats:
+                continue  # its category is reported once, with the number of annotations it drops
             problems.append(Problem(path, where, f"unknown category_id {ann.get('category_id')!r} "
                                                  f"(categories: {', '.join(map(str, sorted(cats, key=str)))})"))
             continue
@@ -126,3 +144,49 @@ def check_annotations(coco: dict, path: str | Path, *, box_tolerance: float = 1.
             continue
         by_image[ann["image_id"]].append(ann)
     return images, by_image, problems
+
+
+def category_names(coco: dict, path: str | Path) -> tuple[dict, list[Problem]]:
+    """{category id: name} of the categories whose name can sit in a prompt, and a `Problem` for each
+    other one (the label rule, `tasks.labels.label_problem`; a blank or missing name); the annotations
+    of a refused category are counted in its problem, not listed one by one."""
+    path = str(path)
+    good, problems = {}, []
+    for k, c in enumerate(coco["categories"]):
+        if not isinstance(c, dict) or "id" not in c:
+            problems.append(Problem(path, f"category #{k}", "a category needs an id and a name"))
+            continue
+        name = c.get("name")
+        why = label_problem(name) or (None if str(name).strip() else "blank name")
+        if why is None:
+            good[c["id"]] = name
+            continue
+        n = sum(1 for a in coco["annotations"] if isinstance(a, dict) and a.get("category_id") == c["id"])
+        problems.append(Problem(path, f"category id={c['id']}", f"{why} (a detect/segment prompt names it); rename "
+                                                                 f"it: its {n} annotation(s) are left out"))
+    return good, problems
+
+
+def image_problem(path: str | Path) -> str | None:
+    """What keeps the image file at `path` from being read (None: its header is fine): missing, not a
+    format palikit opens, an unreadable or empty header, too many pixels. Reads the header only (no
+    decode: cheap for a whole data set up front); truncated pixel data shows only when decoded."""
+    from PIL import Image
+
+    from .preprocess import DEFAULT_MAX_PIXELS, IMAGE_FORMATS
+
+    path = Path(path)
+    if not path.is_file():
+        return f"image file not found: {path}"
+    try:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
+            w, h = im.size
+    except Image.UnidentifiedImageError:
+        return f"{path} is not an image palikit opens (PNG, JPEG, WebP, GIF, BMP, TIFF) or its header is corrupt"
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        return f"cannot read the image header of {path} ({type(e).__name__}: {e})"
+    if w < 1 or h < 1:
+        return f"{path} is an empty image ({w}x{h})"
+    if w * h > DEFAULT_MAX_PIXELS:
+        return f"{path} is {w}x{h} pixels, more than the {DEFAULT_MAX_PIXELS} palikit decodes; downscale it"
+    return None

@@ -18,8 +18,10 @@ COCO -> PaliGemma targets (one example per image):
   else PIL).
 
 Problems are never dropped silently: every bad line / annotation becomes a `Problem` (file, line or
-annotation id, message). `strict=True` raises a `DataError` listing the first few and the count;
-`strict=False` skips those examples and returns the problems on `Dataset.problems`.
+annotation id, message): a missing image or one whose header cannot be read (`datafiles.image_problem`,
+no decode), a prefix with a newline inside, a COCO category name a prompt cannot hold. `strict=True`
+raises a `DataError` listing the first few and the count; `strict=False` skips those examples and
+returns the problems on `Dataset.problems`.
 
 The reading half (`read_jsonl_rows`, `read_coco`, `check_annotations`, `Problem`, `DataError`) is
 `palikit.datafiles`, shared with `palikit.eval`: a broken line or an unknown category reads the same in
@@ -33,7 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..datafiles import MAX_LISTED, DataError, Problem, check_annotations, read_coco, read_jsonl_rows
+from ..datafiles import (MAX_LISTED, DataError, Problem, category_names, check_annotations, image_problem, read_coco,
+                         read_jsonl_rows)
 from ..tasks.boxes import encode_box
 from ..tasks.rle import segmentation_to_mask as decode_segmentation  # COCO polygons / RLE -> bool mask
 
@@ -93,8 +96,11 @@ def load_jsonl(path: str | Path, *, strict: bool = True, image_root: str | Path 
             continue
         image = Path(row["image"])
         image = image if image.is_absolute() else root / image
-        if not image.is_file():
-            bad(f"image file not found: {image}")
+        if (why := image_problem(image)) is not None:
+            bad(why)
+            continue
+        if "\n" in row["prefix"].removesuffix("\n") or "\r" in row["prefix"]:
+            bad("the prefix contains a newline: '\\n' ends the PaliGemma prompt (the suffix starts after it)")
             continue
         task = row.get("task", "")
         if not isinstance(task, str):
@@ -150,7 +156,7 @@ def load_coco(
             raise ValueError("COCO segmentation targets need the mask codec: set mask_codec (vae-oid.npz)")
         mask_tokenizer = codec_mask_tokenizer(mask_codec)
 
-    cats = {c["id"]: str(c["name"]) for c in coco["categories"]}
+    cats = {k: str(v) for k, v in category_names(coco, path)[0].items()}  # the label rule's refusals: problems
     cat_order = sorted(cats)
     images, by_image, problems = check_annotations(coco, path, box_tolerance=box_tolerance,
                                                    need_segmentation=task == "segment")
@@ -162,8 +168,8 @@ def load_coco(
         image = image if image.is_absolute() else root / image
         if not anns and not include_absent:
             continue
-        if not image.is_file():
-            problems.append(Problem(str(path), f"image id={image_id}", f"image file not found: {image}"))
+        if (why := image_problem(image)) is not None:
+            problems.append(Problem(str(path), f"image id={image_id}", why))
             continue
         present = sorted({a["category_id"] for a in anns})
         listed = cat_order if include_absent else present
