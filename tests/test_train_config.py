@@ -78,3 +78,28 @@ def test_errors_name_the_file_line_or_override_and_the_field(tmp_path):
     cfg = TrainConfig(lr="2e-4", batch_size=4.0, freeze_vision="yes", max_steps="none", tasks="ocr, count")
     assert (cfg.lr, cfg.batch_size, cfg.freeze_vision, cfg.max_steps, cfg.tasks) == (2e-4, 4, True, None, ["ocr", "count"])
     assert type(cfg.batch_size) is int
+
+
+def test_yaml_aliases_are_refused_with_their_line(tmp_path):
+    """issue 38 T7: a 1.3 KB recipe of nested YAML aliases (billion laughs) in lora_targets grew past 4 GB
+    on main and was still running after 90 s; now it is refused at once, naming the line."""
+    import time
+
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    # 10**7 leaves here (main spent seconds and ~100 MB on the repr in its error; two more levels: gigabytes)
+    levels += [f"{c}: &{c} [" + ", ".join([f"*{p}"] * 10) + "]" for p, c in zip("abcdef", "bcdefg")]
+    p = tmp_path / "laughs.yaml"
+    p.write_text("mode: lora\n" + "\n".join(f"# {ln}" for ln in levels) + "\nlora_targets: &t\n"
+                 + "".join(f"  - {ln}\n" for ln in levels) + "val_data: *t\n")
+    assert len(p.read_bytes()) < 2000
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"laughs\.yaml line \d+: YAML aliases \(\*a\) are not allowed"):
+        TrainConfig.from_yaml(p)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_resume_takes_force_and_says_its_forms():
+    assert TrainConfig(resume="force").resume == "force"
+    assert TrainConfig(resume="false").resume is False
+    with pytest.raises(ConfigError, match="resume: cannot use 'forc'; use bool or force"):
+        TrainConfig(resume="forc")

@@ -7,7 +7,8 @@ bounds. One validator (`TrainConfig.validate`, run on every construction) conver
 field from its annotation, plus the one rule between fields (`pad_to_max_len` needs `max_len`).
 Errors name the field and, from YAML, the file and line (`c.yaml line 3: batch_size: cannot use
 'eight' as int`), or the override that set it; an unknown or repeated key is an error, never
-silently ignored.
+silently ignored. YAML aliases (`*name`) are refused with their line: a 1 KB recipe of nested aliases
+("billion laughs") would otherwise expand to gigabytes, and no recipe key needs one.
 
 Why dataclasses and not pydantic: pydantic is in the `serve` extra only, and training is core; the
 field comments are the generated recipe-keys table (`recipe_keys`), which reads the class source.
@@ -85,7 +86,9 @@ class TrainConfig:
     coco_include_absent: bool = False  # list every category in the prefix (absent -> no boxes)
     mask_codec: str | None = None  # vae-oid.npz for coco_task=segment
     tasks: list[str] | None = None  # keep only examples of these tasks (JSONL "task" field; COCO: coco_task), train and val
-    strict_data: bool = True  # True: a bad line raises; False: skipped and reported
+    val_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0  # without val_data: hold out this fraction of train_data's images (seeded) as the validation split; 0 = none
+    strict_data: bool = True  # True: a bad line or an unreadable image raises (found up front, or saved and stopped at run time); False: skipped and reported
+    preflight: Literal["warn", "strict", "off"] = "warn"  # the pre-flight table at the start (palikit check): warn | strict (a warning stops the run) | off
     output_dir: str = "runs/finetune"  # checkpoints/, final/ (Hub layout), adapter/ (PEFT, LoRA modes), loss_curve.png
     # ---- what is trainable
     mode: Mode = "full"  # full | attention | lora | qlora (4-bit NF4 decoder + LoRA, needs bitsandbytes)
@@ -111,8 +114,10 @@ class TrainConfig:
     max_minutes: Annotated[float, Range(gt=0)] | None = None  # wall-clock budget of the training loop: at the first step past it the run ends as at its last step (eval, checkpoint, final export) though the LR schedule spans every step; the same command again resumes for another budget
     warmup: float = 0.05  # fraction of steps (< 1) or a number of steps (>= 1)
     grad_clip: float = 1.0  # global-norm clip; 0 disables
+    max_nonfinite_steps: Count = 3  # a step whose loss or gradient is NaN/inf is skipped (no update); this many in a row stop the run (exit 3, last finite checkpoint kept, nothing exported)
     loss: Loss = "big_vision"  # big_vision (per-example mean, then batch mean) | hf (mean over tokens)
-    max_len: int | None = None  # text tokens per example ([BOS] .. [EOS]); longer ones are cut
+    max_len: Count | None = None  # text tokens per example ([BOS] .. [EOS]); none = the model's limit (its card's max_text_tokens, else its context minus the image tokens)
+    long_rows: Literal["refuse", "truncate"] = "refuse"  # an example longer than max_len: refuse (a data problem with its file and line) | truncate (cut the tail, as big_vision)
     pad_to_max_len: bool = False  # pad every batch to max_len (fixed shapes) instead of the longest
     cache_images: bool = False  # keep preprocessed pixels in RAM after first use (3*S*S*4 bytes per image file)
     data_workers: Annotated[int, Range(ge=0)] = 0  # processes that prepare the next steps' batches (images decoded or generated, tokens, pixels) while this one trains; 0 = in the training process
@@ -125,14 +130,16 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0 = only at the end (when val_data is set)
     save_every: int = 0  # steps; 0 = only at the end
     keep_last: Count = 2  # step checkpoints kept (the best one is always kept too)
+    keep_best: bool = True  # with a validation metric: final/ is the best checkpoint by best_metric and last/ the last step; false: final/ is the last step
     metric: str | None = None  # "package.module:function" called as fn(model, val_examples, trainer)
     task_metric: bool = True  # at every eval, answer a val sample and score it: exact_match (text), detect_map (detect/segment boxes), caption_cider
     task_metric_samples: Count = 64  # val examples answered for the task metric (spread over the val set)
     collapse_warn: Annotated[float, Range(ge=0, le=1, note="a fraction of the sample")] = 0.5  # warn when one answer is given for more than this fraction of a task's sample; 0 disables
-    plateau_patience: Annotated[int, Range(ge=0, note="0 disables the warning")] = 3  # warn when val_loss has not improved (by 0.1%) for this many evals; 0 disables
+    plateau_patience: Annotated[int, Range(ge=0, note="0 disables the warning")] = 3  # warn when val_loss has not improved (by 0.1%), or a task metric stayed at 0, for this many evals; 0 disables
     best_metric: str = "val_loss"  # what picks the best checkpoint (val_loss, exact_match, detect_map, ... or a metric hook's key)
     best_mode: Literal["min", "max"] = "min"  # min | max
-    resume: bool = True  # continue from the latest complete checkpoint in output_dir
+    early_stopping_patience: Annotated[int, Range(ge=0)] = 0  # stop when best_metric has not improved for this many evals (then as a last step: saved, exported); 0 = off
+    resume: bool | Literal["force"] = True  # continue from the newest intact checkpoint in output_dir; a changed recipe is refused (the changed keys listed) unless resume=force
     progress: bool = True  # rich progress bar
     plot: bool = True  # loss_curve.png in output_dir
     export_dtype: str | None = None  # dtype of the final Hub export (default: the training dtype)
@@ -204,6 +211,7 @@ class TrainConfig:
         path = Path(path)
         try:
             text = path.read_text()
+            _refuse_aliases(text, path)
             d = yaml.safe_load(text) or {}
         except FileNotFoundError:
             raise ConfigError(f"No config file at {path}") from None
@@ -230,6 +238,15 @@ def _unknown(key: str, lines: dict[str, int] | None = None) -> str:
     close = difflib.get_close_matches(key, TrainConfig.field_names(), n=1)
     notes = ([f"line {lines[key]}"] if lines and key in lines else []) + ([f"did you mean {close[0]!r}?"] if close else [])
     return f"unknown key {key!r}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _refuse_aliases(text: str, path: Path) -> None:
+    """A YAML alias (`*name`) anywhere in the recipe is an error with its line, found from the event
+    stream before anything is built (nested aliases expand exponentially: "billion laughs")."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(f"{path} line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not "
+                              "allowed in a recipe; write the value out")
 
 
 def _key_lines(text: str, path: Path) -> dict[str, int]:
@@ -281,6 +298,10 @@ def _convert(key: str, value, tp):
                     return _convert(key, value, a)
                 except ConfigError as e:
                     errors.append(e)
+        if len(errors) > 1:  # say every form the value may take: "resume: use true, false or force, not 'forc'"
+            forms = [", ".join(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal
+                     else getattr(a, "__name__", str(a)) for a in args if a is not type(None)]
+            raise ConfigError(f"{key}: cannot use {value!r}; use {' or '.join(forms)}", key)
         raise errors[0] if errors else ConfigError(f"{key}: bad value {value!r}", key)
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(tp) or (str,)
