@@ -112,7 +112,7 @@ def test_bad_arguments_are_clear(ckpt, tmp_path):
         _images(tmp_path / "in", 1)
         run_batch(tmp_path / "in", tmp_path / "o", "detect", str(ckpt), device="cpu")
     (tmp_path / "bad.jsonl").write_text('{"image": "x.png"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:line 2: invalid JSON"):
         run_batch(tmp_path / "bad.jsonl", tmp_path / "o", "ocr", str(ckpt))
 
 

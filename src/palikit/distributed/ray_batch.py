@@ -53,22 +53,23 @@ def read_inputs(source: str | Path) -> list[dict[str, Any]]:
         files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         return [{"id": str(p.relative_to(source)), "image": str(p)} for p in files]
     if source.suffix == ".jsonl":
+        from ..datafiles import DataError, Problem, read_jsonl_rows
+
+        found, problems = read_jsonl_rows(source)
         rows = []
-        for n, line in enumerate(source.read_text().splitlines(), 1):
-            if not line.strip():
+        for n, row in found:
+            why = row_problem(row)
+            if why:
+                problems.append(Problem(str(source), f"line {n}", why))
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{source}:{n}: not valid JSON ({e.msg})") from None
-            if "image" not in row:
-                raise ValueError(f"{source}:{n}: missing the 'image' field")
-            img = row["image"]
-            if isinstance(img, str) and not Path(img).is_absolute():
-                row["image"] = str(source.parent / img)
+            if not Path(row["image"]).is_absolute():
+                row["image"] = str(source.parent / row["image"])
             row.setdefault("id", str(n))
             row["id"] = str(row["id"])
             rows.append(row)
+        if problems:  # every bad row at once, before Ray starts or a model loads
+            raise DataError(sorted(problems, key=lambda p: int(p.where[5:]) if p.where[5:].isdigit() else 0),
+                            f"batch input {source}", hint="correct or remove those rows")
         return rows
     if source.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -80,6 +81,42 @@ def read_inputs(source: str | Path) -> list[dict[str, Any]]:
             row["id"] = str(row.get("id", n))
         return table
     raise ValueError(f"--input must be a folder of images, a .jsonl or a .parquet file; got {source}")
+
+
+ROW_TEXT_FIELDS = ("id", "prompt", "question", "lang")
+
+
+def row_problem(row: dict[str, Any]) -> str | None:
+    """What is wrong with a JSONL input row (None: nothing): `image` must be a path string, `id`,
+    `prompt`, `question` text (an id may be a number), `labels` a string or a list of strings."""
+    if "image" not in row:
+        return "missing the 'image' field (a path to the image file)"
+    if not isinstance(row["image"], str) or not row["image"].strip():
+        return f"'image' must be a path string, got {type(row['image']).__name__} {str(row['image'])[:40]!r}"
+    for key in ROW_TEXT_FIELDS:
+        v = row.get(key)
+        if v is not None and not isinstance(v, str) and not (key == "id" and isinstance(v, int)):
+            return f"'{key}' must be a string, got {type(v).__name__}"
+    labels = row.get("labels")
+    if labels is not None and not (isinstance(labels, str) or (isinstance(labels, list)
+                                                                and all(isinstance(x, str) for x in labels))):
+        return f"'labels' must be a string ('cat ; dog') or a list of strings, got {type(labels).__name__}"
+    return None
+
+
+def check_output(output: str | Path) -> None:
+    """The output folder exists (created) and a file can be written in it: found before Ray starts and
+    the model loads, not after the first batch."""
+    import tempfile
+
+    out = Path(output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".palikit-write-check-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"cannot write results to --output {out} ({e.strerror or e}); choose a folder you can "
+                              "write to") from None
 
 
 def row_key(task: str, prompt: str, options: dict[str, Any], model: str) -> str:
@@ -289,6 +326,7 @@ def run_batch(
     from ..tasks.options import PredictOptions
     from ..weights.resolve import image_size_of, resolve
 
+    check_output(output)
     files = resolve(model)
     image_size = image_size_of(files)  # from config.json or the .npz's shapes (224, 448, 896, ...)
     rows = read_inputs(input)
