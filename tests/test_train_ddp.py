@@ -54,7 +54,7 @@ def test_ddp_with_frozen_params_accumulation_eval_and_resume(tmp_path):
 
     def resumed(prefix):
         half = run_config(tmp_path, f"{prefix}-resume", **dict(over["lora"], max_steps=2)).to_dict()
-        return [half, dict(half, max_steps=3)]
+        return [half, dict(half, max_steps=3, resume="force")]  # a longer run: a changed recipe
 
     runs = [run_config(tmp_path, f"ddp-{m}", **over[m]).to_dict() for m in over] + resumed("ddp")
     mp.spawn(distributed_worker, args=(2, free_port(), runs), nprocs=2, join=True)

@@ -27,7 +27,7 @@ def test_fsdp_matches_single_process_and_resumes_sharded(tmp_path):
     common = dict(loss="hf", plot=False, lr=1e-2, optimizer="sgd", momentum=0.9, val_data=str(tmp_path / "data" / "train.jsonl"))
     full4 = run_config(tmp_path, "fsdp-4", fsdp=True, max_steps=4, **common).to_dict()
     half = run_config(tmp_path, "fsdp-resume", fsdp=True, max_steps=2, **common).to_dict()
-    resumed = dict(half, max_steps=4)  # same output_dir: continues from the step-2 checkpoint
+    resumed = dict(half, max_steps=4, resume="force")  # same output_dir: continues from the step-2 checkpoint
     mp.spawn(distributed_worker, args=(2, free_port(), [full4, half, resumed]), nprocs=2, join=True)
     single = train(run_config(tmp_path, "single-4", max_steps=4, **common), **run_kwargs())
     assert _max_diff(single, tmp_path / "single-4" / "final") == 0.0

@@ -202,6 +202,36 @@ MODEL_CARD = {
 }
 
 
+# What each demo model knows, as its card's `palikit_limits` front matter (`palikit.weights.card`): the
+# pre-flight of `palikit train` / `palikit check` reads it and says what a fine-tune can expect.
+LIMITS = {
+    1: {"summary": "a 3.5M-parameter toy trained only on synthetic shapes at 112 px: it places boxes on a 4x4 grid "
+                   "of 28 px cells and knows 3 shapes, 4 colours and 20 words. A short fine-tune teaches it to read "
+                   "new words (its tokenizer spells them letter by letter); new objects at free positions are "
+                   "beyond it (16 image tokens, positions only on its grid): use real PaliGemma weights for those",
+        "image_size": 112, "grid": 4, "classes": ["circle", "square", "triangle"],
+        "colors": ["red", "green", "blue", "yellow"],
+        "words": ["ART", "BOX", "BUS", "CAT", "CUP", "DOT", "FOX", "GEM", "HAT", "INK", "JAM", "KEY", "MAP", "OAK",
+                  "OWL", "PEN", "SUN", "TOY", "WEB", "ZIP"],
+        "prompts": ["caption en", "detect", "segment", "ocr", "answer en"],
+        "max_text_tokens": 128,  # its longest training rows: 80 tokens (segment, 3 shapes)
+        "vocabulary": "closed"},
+    2: {"summary": "shapes v2 at 224 px: six classes at free positions, sizes and aspect ratios, words in many fonts",
+        "image_size": 224, "grid": None,
+        "classes": ["circle", "square", "triangle", "star", "cross", "hexagon"],  # shapes2.CLASSES
+        "prompts": ["caption en", "detect", "segment", "ocr", "answer en"], "max_text_tokens": 256,
+        "vocabulary": "closed"},
+}
+
+
+def card_front_matter(version: int) -> str:
+    """The card's YAML front matter: Hub metadata and the model's `palikit_limits`."""
+    import yaml
+
+    meta = {"library_name": "palikit", "tags": ["paligemma", "palikit", "demo"], "palikit_limits": LIMITS[version]}
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, width=100, default_flow_style=None) + "---\n\n"
+
+
 def install(model_dir: str | Path, results: dict, dest: str | Path = DEMO_MODEL_DIR, *, n_test: int = 0,
             force: bool = False, version: int = 1) -> Path:
     """Copy a trained demo checkpoint into the package (atomically: `fileio.atomic_dir`) with its
@@ -225,7 +255,7 @@ def install(model_dir: str | Path, results: dict, dest: str | Path = DEMO_MODEL_
             if (model_dir / name).exists():
                 shutil.copy2(model_dir / name, tmp / name)
         (tmp / "scorecard.json").write_text(json.dumps(card, indent=2) + "\n")
-        (tmp / "README.md").write_text(MODEL_CARD[version] + f"Scorecard on {n_test or 'the'} held-out test images "
+        (tmp / "README.md").write_text(card_front_matter(version) + MODEL_CARD[version] + f"Scorecard on {n_test or 'the'} held-out test images "
                                        f"(`python -m lab.demo.evaluate --version {version}`):\n\n"
                                        + markdown(results, version) + "\n" + below)
 

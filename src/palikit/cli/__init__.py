@@ -19,8 +19,10 @@ app = typer.Typer(
 
 from . import batch as _batch  # noqa: E402,F401  (registers commands)
 from . import bench as _bench  # noqa: E402,F401
+from . import check as _check  # noqa: E402,F401
 from . import demo as _demo  # noqa: E402,F401
 from . import evaluate as _evaluate  # noqa: E402,F401
+from . import export as _export  # noqa: E402,F401
 from . import info as _info  # noqa: E402,F401
 from . import predict as _predict  # noqa: E402,F401
 from . import quantize as _quantize  # noqa: E402,F401

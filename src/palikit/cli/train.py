@@ -2,7 +2,8 @@
 
 The recipe keys in `--help` and `--keys` are generated from `TrainConfig` (defaults and the comment
 on each field), never a second hand-written list. Ctrl-C / SIGTERM save a resumable checkpoint at the
-next step boundary, print the resume command and exit 130 / 143.
+next step boundary, print the resume command and exit 130 / 143; a run whose loss stays NaN / inf
+stops with exit 3 (`train/guard.py`); the pre-flight table (`palikit check`) prints first.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def train(
                          "key=value ... (palikit train --keys lists every key)")
     from ..train import TrainConfig, TrainingInterrupted
     from ..train import train as run_train
+    from ..train.guard import TrainingDiverged
 
     command = ["palikit", "train", str(config), *(overrides or [])]
     if re.match(r"\w+=", str(config)) and not config.is_file():  # no YAML: every argument is a key=value override
@@ -54,7 +56,7 @@ def train(
         command = ["torchrun", f"--nproc_per_node={nproc}", "-m", *command]
     try:
         final = run_train(config, list(overrides or []), command=command)
-    except TrainingInterrupted as e:  # the message (what was saved, the resume command) is already printed
+    except (TrainingInterrupted, TrainingDiverged) as e:  # the message (what was saved, what next) is printed
         # SystemExit, not typer.Exit: cli.main() drops the code click returns for Exit in standalone_mode=False
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:  # Ctrl-C outside the step loop (loading the model / data, or the final export)

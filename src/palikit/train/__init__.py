@@ -34,6 +34,8 @@ _LAZY = {
     "load_lora_adapter": "palikit.train.modes",
     "all_linear_targets": "palikit.train.modes",
     "TrainingInterrupted": "palikit.train.interrupt",
+    "TrainingDiverged": "palikit.train.guard",
+    "export_checkpoint": "palikit.train.export",
     "latest_checkpoint": "palikit.train.checkpoint",
     "train_mask_codec": "palikit.train.mask_codec",
     "Trainer": "palikit.train.trainer",

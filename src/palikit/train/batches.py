@@ -6,8 +6,10 @@ Data order: epoch e uses `randperm(N, seed * 1_000_003 + e)`; step s takes batch
 epoch `s // (N // B)` (the remainder is dropped); rank r takes every `world`-th example of it, cut
 into micro-batches of `micro_batch`.
 
-A worker that fails (an unreadable image, a broken generated example) hands its message back and
-the training process raises it as a `ValueError` naming the step: no worker traceback dump.
+An example that cannot be used (`collate.ExampleError`: an unreadable image, a row over max_len) stops
+the run naming its file and line, or with `skip_bad` (strict_data=false) is dropped from its
+micro-batch and reported with the step. A worker that fails hands its message back and the training
+process raises it as a `ValueError` naming the step: no worker traceback dump.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .collate import ExampleError
 from .data import Example
 
 Batch = dict[str, torch.Tensor]
+StepData = tuple[list["Batch"], list[str]]  # a step's micro-batches and the examples skipped from them
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
@@ -53,28 +57,50 @@ class _Failed:
     message: str
 
 
-class _StepBatches(torch.utils.data.Dataset):
-    """Item k: the collated micro-batches of step `start + k` (or a `_Failed` with the error)."""
+def collate_step(plan: StepPlan, collate: Callable[[Sequence[Example]], Batch], step: int,
+                 skip_bad: bool = False) -> StepData:
+    """Step `step`'s collated micro-batches; with `skip_bad` an `ExampleError` drops that example (its
+    message is returned) and the rest of its micro-batch is collated again."""
+    out, skipped = [], []
+    for exs in plan.examples(step):
+        exs = list(exs)
+        while exs:
+            try:
+                out.append(collate(exs))
+                break
+            except ExampleError as e:
+                if not skip_bad:
+                    raise
+                skipped.append(str(e))
+                exs = [x for x in exs if x is not e.example]
+    if not out:
+        raise ValueError(f"every example of step {step + 1} was skipped: {'; '.join(skipped[:3])}")
+    return out, skipped
 
-    def __init__(self, plan: StepPlan, collate: Callable[[Sequence[Example]], Batch], start: int, stop: int):
-        self.plan, self.collate, self.start, self.stop = plan, collate, start, stop
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item k: step `start + k`'s `StepData` (or a `_Failed` with the error)."""
+
+    def __init__(self, plan: StepPlan, collate: Callable[[Sequence[Example]], Batch], start: int, stop: int,
+                 skip_bad: bool = False):
+        self.plan, self.collate, self.start, self.stop, self.skip_bad = plan, collate, start, stop, skip_bad
 
     def __len__(self) -> int:
         return max(self.stop - self.start, 0)
 
     def __getitem__(self, k: int):
         try:
-            return [self.collate(exs) for exs in self.plan.examples(self.start + k)]
+            return collate_step(self.plan, self.collate, self.start + k, self.skip_bad)
         except Exception as e:  # noqa: BLE001 - carried to the training process as a message
             return _Failed(f"step {self.start + k + 1}: {e}")
 
 
 def step_batches(plan: StepPlan, collate: Callable[[Sequence[Example]], Batch], start: int, stop: int,
-                 workers: int = 0, prefetch: int = 2) -> Iterator[list[Batch]]:
-    """The micro-batches of steps start .. stop-1, in order. `workers` > 0: made by that many
-    processes, each `prefetch` steps ahead (each worker runs torch on one thread, and keeps its own
-    `cache_images` cache)."""
-    steps = _StepBatches(plan, collate, start, stop)
+                 workers: int = 0, prefetch: int = 2, skip_bad: bool = False) -> Iterator[StepData]:
+    """The micro-batches (and skipped examples) of steps start .. stop-1, in order. `workers` > 0: made
+    by that many processes, each `prefetch` steps ahead (each worker runs torch on one thread, and keeps
+    its own `cache_images` cache)."""
+    steps = _StepBatches(plan, collate, start, stop, skip_bad)
     if workers <= 0:
         source = (steps[k] for k in range(len(steps)))
     else:

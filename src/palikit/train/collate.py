@@ -32,6 +32,33 @@ from .data import Example
 BATCH_KEYS = ("input_ids", "attention_mask", "ar_mask", "loss_mask")
 
 
+class ExampleError(ValueError):
+    """One example cannot be used (an unreadable image, a row longer than max_len with long_rows=refuse):
+    the message starts with its origin (`file:line`); `example` is the example, so a caller that skips
+    bad examples (strict_data=false) can drop it from its batch."""
+
+    def __init__(self, example: Example, message: str):
+        super().__init__(message)
+        self.example = example
+
+
+def text_length(tokenizer, ex: Example) -> int:
+    """Text tokens of an example: `[BOS] prefix "\\n" suffix [EOS]` (the image tokens come on top)."""
+    return len(tokenizer.encode_prompt(ex.prefix, ex.suffix).ids)
+
+
+def too_long(ex: Example, n: int, max_len: int) -> str:
+    return (f"{ex.source}: {n} text tokens, more than max_len={max_len}: shorten the row, raise max_len, or set "
+            "long_rows=truncate to cut its tail")
+
+
+def long_rows(tokenizer, examples: Sequence[Example], max_len: int) -> tuple[list[int], list[str]]:
+    """(the text length of every example, a message for each one longer than `max_len`). One tokenizer
+    pass; a 100,000-character row costs its tokens, never an attention matrix."""
+    lengths = [text_length(tokenizer, ex) for ex in examples]
+    return lengths, [too_long(ex, n, max_len) for ex, n in zip(examples, lengths) if n > max_len]
+
+
 def load_image(path):
     """palikit's loader when available (EXIF, modes, clear errors), else PIL -> RGB."""
     try:
@@ -66,6 +93,9 @@ class Collator:
     `pad_to_max_len` pads every batch to `N + max_len` (fixed shapes), else to the longest row.
     `cache_images` keeps each file's preprocessed pixels in memory after its first use (3 x S x S
     float32 per image: 150 KB at 112 px), which takes image decoding off every later step.
+    `refuse_longer`: an example longer than `max_len` raises `ExampleError` instead of being cut
+    (`long_rows=refuse`; file data is checked up front, this catches what a `train_source` hook makes).
+    An unreadable image raises `ExampleError` too.
     """
 
     tokenizer: object
@@ -74,10 +104,16 @@ class Collator:
     max_len: int | None = None
     pad_to_max_len: bool = False
     cache_images: bool = False
+    refuse_longer: bool = False
     _pixels: dict = field(default_factory=dict, repr=False)  # image path -> [3, S, S] float32
 
     def encode_text(self, ex: Example) -> tuple[list[int], list[int], list[int]]:
-        pt = self.tokenizer.encode_prompt(ex.prefix, ex.suffix, max_len=self.max_len)
+        if self.refuse_longer and self.max_len is not None:
+            pt = self.tokenizer.encode_prompt(ex.prefix, ex.suffix)
+            if len(pt.ids) > self.max_len:
+                raise ExampleError(ex, too_long(ex, len(pt.ids), self.max_len))
+        else:
+            pt = self.tokenizer.encode_prompt(ex.prefix, ex.suffix, max_len=self.max_len)
         ids, ar, loss = list(pt.ids), list(pt.ar_mask), list(pt.loss_mask)
         if self.max_len is not None and len(ids) > self.max_len:  # the tokenizer should cut; make sure
             ids, ar, loss = ids[: self.max_len], ar[: self.max_len], loss[: self.max_len]
@@ -118,7 +154,7 @@ class Collator:
             try:
                 images.append(load_image(ex.image))
             except Exception as e:  # noqa: BLE001 - reported with the example's origin
-                raise ValueError(f"{ex.source}: cannot read image {ex.image}: {e}") from None
+                raise ExampleError(ex, f"{ex.source}: cannot read image {ex.image}: {e}") from None
         fresh = []
         if images:
             values, _ = self.image_processor.preprocess_with_sizes(images)

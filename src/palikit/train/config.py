@@ -159,6 +159,9 @@ class TrainConfig:
         if self.train_source and self.train_data:
             raise ConfigError("set train_data (files) or train_source (a hook that makes the examples), not both",
                               "train_source")
+        if self.val_fraction and (self.val_data or self.train_source):
+            raise ConfigError("val_fraction holds out part of train_data files: not with val_data (already a "
+                              "validation split) or train_source", "val_fraction")
 
     @property
     def optimizer_reason(self) -> str:
@@ -284,6 +287,8 @@ def _convert(key: str, value, tp):
         return value
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("off" if not value else "on") in choices:  # YAML reads `off` as false
+            value = "on" if value else "off"
         if value not in choices:
             raise ConfigError(f"{key}={value!r}: must be one of {', '.join(choices)}", key)
         return value

@@ -234,3 +234,18 @@ def load_examples(
         return load_jsonl(path, strict=strict, image_root=coco_images)
     return load_coco(path, task=coco_task, image_root=coco_images, include_absent=include_absent,
                      strict=strict, mask_codec=mask_codec)
+
+
+def holdout(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example], int, int]:
+    """(train, validation, validation images, images) with `fraction` of the distinct images (at least
+    one, seeded) held out: every example of a held-out image goes to validation, so no image is in both
+    (several tasks per image would otherwise leak answers into the validation score)."""
+    import random
+
+    images = sorted({ex.image for ex in examples})
+    if len(images) < 2:
+        raise ValueError(f"val_fraction={fraction:g} needs at least 2 distinct images; the data has {len(images)}")
+    n_val = min(max(1, round(fraction * len(images))), len(images) - 1)
+    held = set(random.Random(seed).sample(images, n_val))
+    return ([ex for ex in examples if ex.image not in held], [ex for ex in examples if ex.image in held],
+            n_val, len(images))

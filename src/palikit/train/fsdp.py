@@ -74,11 +74,9 @@ def load_sharded_checkpoint(path, model: nn.Module, optimizer, scheduler) -> dic
     and optimizer state into the shards, the scheduler and RNG state; returns its state.json."""
     import json
 
-    from safetensors.torch import load_file
+    from .checkpoint import read_trainable, set_rng_state
 
-    from .checkpoint import set_rng_state
-
-    params = load_file(path / "trainable.safetensors")
+    params = read_trainable(path)
     own = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != own:
         raise ValueError(f"{path} does not match this model/mode (was it written with another mode or lora_targets?)")

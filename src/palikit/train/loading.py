@@ -1,6 +1,7 @@
 """What a training run loads before the loop: the base model (a Hub-layout folder, a big_vision
 `.npz`, or `demo` / nothing = the bundled demo model, resolved as the CLI does when `--model` is
-omitted) through the one loader, its tokenizer, and the optional hooks (`train_source`, metrics)."""
+omitted) through the one loader, its tokenizer, what its card says it knows (`weights.card`), the
+text length it takes (`text_limit`) and the optional hooks (`train_source`, metrics)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,43 @@ def load_model(path: str, device="cpu", dtype=torch.float32, final_logit_softcap
 
     files = resolve(path, need_tokenizer=False)
     return load_checkpoint(files, dtype=dtype, final_logit_softcap=final_logit_softcap).to(device)
+
+
+GEMMA_CONTEXT = 8192  # Gemma / Gemma 2's max_position_embeddings: PaliGemma 1 and 2's text + image context
+
+
+def model_dir(model: str) -> Path | None:
+    """The folder of a model path (a `.npz`'s folder), None when it is not local."""
+    p = Path(model)
+    return p if p.is_dir() else p.parent if p.exists() else None
+
+
+def model_limits(model: str) -> dict:
+    """The `palikit_limits` of the model's card (`weights.card`; {} when it has none)."""
+    from ..weights.card import read_limits
+
+    return read_limits(model_dir(model))
+
+
+def text_limit(model: str, image_tokens: int) -> tuple[int, str]:
+    """(text tokens per example the model takes, where that figure comes from): its card's
+    `max_text_tokens`, else config.json's `text_config.max_position_embeddings`, else Gemma's 8192
+    context, less the image tokens."""
+    limits = model_limits(model)
+    if isinstance(limits.get("max_text_tokens"), int):
+        return limits["max_text_tokens"], "the model card's max_text_tokens"
+    folder = model_dir(model)
+    ctx, why = GEMMA_CONTEXT, "Gemma's 8192-token context"
+    if folder is not None and (folder / "config.json").is_file():
+        import json
+
+        try:
+            text = json.loads((folder / "config.json").read_text()).get("text_config") or {}
+            if isinstance(text.get("max_position_embeddings"), int):
+                ctx, why = text["max_position_embeddings"], "config.json's max_position_embeddings"
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    return ctx - image_tokens, f"{why} less {image_tokens} image tokens"
 
 
 def load_tokenizer(cfg: TrainConfig):

@@ -7,8 +7,15 @@ the answers are scored through `palikit.eval`'s metrics, by task:
 | caption / describe                         | `caption_cider`  | CIDEr-D against the target                   |
 | everything else (ocr, vqa, count, ...)     | `exact_match`    | case/space-normalised exact match            |
 
-Plain warnings: predictions collapse (one answer for more than `collapse_warn` of a task's sample
-while the targets are more varied) and val loss stops improving for `plateau_patience` evaluations.
+Plain warnings, each saying what to try that the run does not already do:
+- predictions collapse (one answer for more than `collapse_warn` of a task's sample while the targets
+  are more varied);
+- val loss stops improving for `plateau_patience` evaluations;
+- overfitting: the train loss (mean of the steps since the last evaluation) is far below the val loss
+  (`OVERFIT_RATIO`) while val loss rises from its best;
+- a task metric stuck at 0 for `plateau_patience` evaluations, with the pre-flight's warnings (the
+  reasons palikit found before the run: words the tokenizer spells piece by piece, boxes off the
+  model's grid...) repeated.
 `summary()` is the run's last line: steps, best val loss, each task metric first -> last.
 """
 
@@ -25,6 +32,7 @@ from .data import Example
 DETECT, CAPTION, EXACT = "detect", "caption", "exact"
 TASK_KEYS = ("exact_match", "detect_map", "detect_map50", "caption_cider")
 MIN_IMPROVEMENT = 1e-3  # relative: val loss must drop by 0.1 % to count as improving
+OVERFIT_RATIO = 1.3  # val loss / recent train loss above this, with val loss up 2 % from its best: overfitting
 
 
 def task_kind(ex: Example) -> str:
@@ -104,7 +112,20 @@ def score(kind: str, examples: Sequence[Example], answers: Sequence[str]) -> dic
     return {"detect_map": m["map"], "detect_map50": m["map50"]}
 
 
-def collapse_warning(kind: str, examples: Sequence[Example], answers: Sequence[str], fraction: float) -> str | None:
+def remedies(config) -> str:
+    """What to try against a run that does not learn, leaving out what `config` already does."""
+    tips = ["more steps", "a higher lr" + (f" (now {config.lr:g})" if config is not None else "")]
+    if config is None or config.mode != "full":
+        tips.append("mode=full")
+    if config is None or (config.mode in ("lora", "qlora") and config.lora_targets != "all-linear"):
+        tips.append("lora_targets=all-linear")
+    if config is not None and (config.freeze_vision or config.freeze_decoder):
+        tips.append("unfreezing the " + ("vision tower" if config.freeze_vision else "decoder"))
+    return ", ".join(tips[:-1]) + " or " + tips[-1]
+
+
+def collapse_warning(kind: str, examples: Sequence[Example], answers: Sequence[str], fraction: float,
+                     config=None) -> str | None:
     """A warning when one answer covers more than `fraction` of the sample and the targets do not."""
     if fraction <= 0 or len(answers) < 4:
         return None
@@ -115,16 +136,19 @@ def collapse_warning(kind: str, examples: Sequence[Example], answers: Sequence[s
     distinct = len({ex.suffix for ex in examples})
     return (f"predictions collapsed ({kind} examples): {n} of {len(answers)} validation answers are {top!r} while "
             f"the targets hold {distinct} different answers: the model answers the same whatever the image. "
-            "Try more steps, a higher lr, or mode=full / lora_targets=all-linear.")
+            f"Try {remedies(config)}.")
 
 
 class LearningMonitor:
     """Task metric + warnings over the evaluations of one run (`history` holds what it measured)."""
 
-    def __init__(self, val_set: Sequence[Example], n_samples: int, collapse_warn: float, plateau_patience: int):
+    def __init__(self, val_set: Sequence[Example], n_samples: int, collapse_warn: float, plateau_patience: int,
+                 config=None):
         self.sample = spread_sample(val_set, n_samples)
         self.collapse_warn = collapse_warn
         self.patience = plateau_patience
+        self.config = config  # the run's TrainConfig: warnings never suggest what it already does
+        self.preflight = None  # the run's pre-flight report: its warnings explain a metric stuck at 0
         self.val_losses: list[tuple[int, float]] = []
         self.history: list[dict[str, float]] = []
 
@@ -154,10 +178,49 @@ class LearningMonitor:
                 continue
             exs, ans = [self.sample[i] for i in idx], [answers[i] for i in idx]
             metrics.update(score(kind, exs, ans))
-            if (w := collapse_warning(kind, exs, ans, self.collapse_warn)) is not None:
+            if (w := collapse_warning(kind, exs, ans, self.collapse_warn, self.config)) is not None:
                 warnings.append(w)
         self.history.append(metrics)
+        warnings += self.stuck_warnings()
         return metrics, warnings
+
+    def stuck_warnings(self) -> list[str]:
+        """A task metric at 0 for the last `patience` evaluations (said once, when it reaches `patience`,
+        then every `patience` evaluations), with the pre-flight's reasons."""
+        out = []
+        for key in (k for k in TASK_KEYS if k in (self.history[-1] if self.history else {})):
+            run = 0
+            for h in reversed(self.history):
+                if h.get(key, 1.0) != 0.0:
+                    break
+                run += 1
+            if self.patience <= 0 or run < self.patience or run % self.patience:
+                continue
+            why = ""
+            if self.preflight is not None and self.preflight.warnings:
+                why = " The pre-flight warned: " + " ".join(f"{w.check}: {w.finding}." for w in self.preflight.warnings)
+            out.append(f"{key} has been 0 for {run} evaluations: the model does not produce one right answer.{why} "
+                       f"Try {remedies(self.config)}, or check that the data can be learned from this base model "
+                       "(palikit check).")
+        return out
+
+    def overfit_warning(self, step: int, val_loss: float, train_losses: Sequence[float]) -> str | None:
+        """Train loss far below val loss while val loss rises from its best: the model learns the training
+        examples, not the task."""
+        if not train_losses or len(self.val_losses) < 2:
+            return None
+        train = sum(train_losses) / len(train_losses)
+        best = min(v for _, v in self.val_losses)
+        if not (val_loss > OVERFIT_RATIO * train and val_loss > best * 1.02):
+            return None
+        c = self.config
+        tips = ["early_stopping_patience=3" if c is None or not c.early_stopping_patience else None,
+                "fewer steps", "more data", "a lower lr" + (f" (now {c.lr:g})" if c is not None else ""),
+                "mode=lora" if c is not None and c.mode == "full" else None,
+                "weight_decay=0.01" if c is not None and not c.weight_decay else None]
+        return (f"overfitting: train loss {train:.4f} against val loss {val_loss:.4f} at step {step} (best val "
+                f"{best:.4f}); the model is memorising the training examples. final/ keeps the best checkpoint "
+                f"(keep_best); try {', '.join(t for t in tips if t)}.")
 
     def plateau_warning(self, step: int, val_loss: float) -> str | None:
         """A warning when val loss has not improved by 0.1 % for `patience` evaluations (repeated every

@@ -45,11 +45,13 @@ from .batches import StepPlan, step_batches
 from .collate import Collator, default_image_processor, loss_denominator, loss_terms, to_device, token_nll
 from .config import TrainConfig
 from .data import Dataset, Example, load_examples, select_tasks
+from .guard import NonFiniteGuard, TrainingDiverged
 from .interrupt import StopSignals, TrainingInterrupted, interrupted_message, resume_command, time_budget_message
-from .loading import TRAIN_HINT, import_hook, load_model, load_tokenizer
+from .loading import TRAIN_HINT, import_hook, load_model, load_tokenizer, text_limit
 from .modes import apply_mode, count_trainable
 from .monitor import LearningMonitor
 from .parallel import LossForward, _Dist, data_parallel
+from .prepare import check_lengths, split_validation
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -135,6 +137,7 @@ class Trainer:
         """Load the model, make the mode's parameters trainable, then shard it (fsdp) or wrap its
         loss forward in DistributedDataParallel (world > 1)."""
         cfg = self.cfg
+        self.model_given = model is not None  # the best checkpoint is then exported from a copy (export.py)
         if model is None:
             cfg.model = default_model(cfg.model, self.log, hint=TRAIN_HINT)
         seed_everything(cfg.seed)
@@ -187,19 +190,34 @@ class Trainer:
                 self.train_set = select_tasks(self.train_set, cfg.tasks, cfg.train_data or "training data")
             if self.val_set:
                 self.val_set = select_tasks(self.val_set, cfg.tasks, cfg.val_data or "validation data")
+        if not from_hook:
+            self.train_set, self.val_set = split_validation(cfg, self.train_set, self.val_set, self.log)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+        n_image = self.model.config.vision.num_image_tokens
+        self.max_len, self.max_len_source = (cfg.max_len, "max_len") if cfg.max_len else text_limit(cfg.model, n_image)
+        self.lengths: list[int] = []  # text tokens of each file example (the pre-flight's figures)
+        if not from_hook:
+            self.train_set, self.lengths = check_lengths(cfg, tokenizer, self.train_set, self.max_len,
+                                                         cfg.train_data or "training data", self.log)
+        if self.val_set:
+            self.val_set = check_lengths(cfg, tokenizer, self.val_set, self.max_len,
+                                         cfg.val_data or "validation data", self.log)[0]
         self.collator = Collator(
-            tokenizer if tokenizer is not None else load_tokenizer(cfg),
+            tokenizer,
             image_processor if image_processor is not None else default_image_processor(
                 self.model.config, cfg.model if cfg.model and Path(cfg.model).is_dir() else None),
-            self.model.config, cfg.max_len, cfg.pad_to_max_len, cfg.cache_images,
+            self.model.config, self.max_len, cfg.pad_to_max_len, cfg.cache_images,
+            refuse_longer=cfg.long_rows == "refuse",
         )
+        self.skipped: list[str] = []  # examples skipped at run time (strict_data=false)
 
     def _init_eval(self, metric_fn) -> None:
         """The metric hook and the learning monitor (task metric on a val sample; not with fsdp)."""
         cfg = self.cfg
         self.metric_fn = metric_fn or (import_hook(cfg.metric, "metric") if cfg.metric else None)
         self.monitor = LearningMonitor(self.val_set if cfg.task_metric and not self.fsdp else [],
-                                       cfg.task_metric_samples, cfg.collapse_warn, cfg.plateau_patience)
+                                       cfg.task_metric_samples, cfg.collapse_warn, cfg.plateau_patience, config=cfg)
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps)
         if self.fsdp and self.metric_fn is not None:
             raise ValueError("metric hooks run on rank 0 alone, which a sharded (fsdp) model cannot do; "
                              "use val_loss as best_metric with fsdp=true, or evaluate the exported checkpoint.")
@@ -271,11 +289,13 @@ class Trainer:
         else:
             gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        loss = float(self.dist.all_sum(total) / denom)  # every rank sees the same loss and norm: they agree
+        rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm}
+        if NonFiniteGuard.finite(rec):
+            self.optimizer.step()
+        self.scheduler.step()  # a skipped update still moves the schedule (as a loss scaler's skip does)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = float(self.dist.all_sum(total) / denom)
-        return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm}
+        return rec
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -305,6 +325,10 @@ class Trainer:
             out.update(task)
             if (w := self.monitor.plateau_warning(self.step, out["val_loss"])) is not None:
                 warnings.append(w)
+            since = max((h["step"] for h in self.history if "val_loss" in h), default=0)
+            recent = [h["loss"] for h in self.history if "loss" in h and h["step"] > since and math.isfinite(h["loss"])]
+            if (w := self.monitor.overfit_warning(self.step, out["val_loss"], recent)) is not None:
+                warnings.append(w)
             self.warnings = warnings
         if self.metric_fn is not None and self.is_main:
             res = self.metric_fn(self.model, self.val_set, self)
@@ -325,7 +349,8 @@ class Trainer:
 
             full = {"params": full_trainable_state(self.model), "optimizer_state": full_optimizer_state(self.model, self.optimizer)}
         if self.is_main:
-            path = ck.save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler, self._info(), **full)
+            path = ck.save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler, self._info(),
+                                      config=self.cfg.to_dict(), **full)
             self._saved_step = self.step
             keep = {f"{ck.PREFIX}{self.best['step']:08d}"} if self.best else set()
             ck.prune_checkpoints(self.out, self.cfg.keep_last, keep)
@@ -333,15 +358,21 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        path = ck.latest_checkpoint(self.out)
-        if path is None:
-            return False
-        if self.fsdp:
-            from .fsdp import load_sharded_checkpoint
+        """Continue from the newest intact checkpoint of this recipe (`resume.py`: broken ones skipped with
+        their reason, another recipe refused unless resume=force)."""
+        from .resume import resume_from
 
-            state = load_sharded_checkpoint(path, self.model, self.optimizer, self.scheduler)
-        else:
-            state = ck.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        def load(path):
+            if self.fsdp:
+                from .fsdp import load_sharded_checkpoint
+
+                return load_sharded_checkpoint(path, self.model, self.optimizer, self.scheduler)
+            return ck.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+
+        found = resume_from(self.out, self.cfg.to_dict(), self.cfg.resume, load, self.log)
+        if found is None:
+            return False
+        path, state = found
         self.step = state["step"]
         self.history = state.get("history", [])
         self.best = state.get("best")
@@ -362,13 +393,15 @@ class Trainer:
     # -------------------------------------------------------------------------------- loop
     def fit(self) -> Path:
         cfg = self.cfg
+        self.preflight()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             ck.clean_partial(self.out)
-            atomic_write_json(self.out / "train_config.json", cfg.to_dict())
         self.dist.barrier()
         if cfg.resume:
-            self.resume()
+            self.resume()  # before train_config.json is rewritten: an older checkpoint's recipe may be read from it
+        if self.is_main:
+            atomic_write_json(self.out / ck.CONFIG, cfg.to_dict())
         self.log(f"training {count_trainable(self.model):,} parameters ({cfg.mode}"
                  f"{', vision frozen' if cfg.freeze_vision else ''}{', decoder frozen' if cfg.freeze_decoder else ''}), "
                  f"{len(self.train_set)} examples, {self.total_steps} steps of {cfg.batch_size}, "
@@ -383,6 +416,11 @@ class Trainer:
                     self._loop(progress, stop)
                 except KeyboardInterrupt:  # a second Ctrl-C while stopping: no checkpoint
                     stop.signum, hard = signal.SIGINT, True
+                except TrainingDiverged:
+                    raise
+                except Exception:
+                    self._save_before_dying()
+                    raise
         finally:
             if progress:
                 progress[0].stop()
@@ -393,18 +431,29 @@ class Trainer:
         final = self.export()
         self.plot()
         losses = [h["loss"] for h in self.history if "loss" in h]
+        if self.skipped:
+            self.log(f"{len(self.skipped)} example(s) were skipped at run time (strict_data=false), e.g. {self.skipped[0]}")
         self.log(self.monitor.summary(self.step, losses[-1] if losses else None))
         self.dist.barrier()
         return final
 
     def _loop(self, progress, stop: StopSignals) -> None:
         t0 = time.time()
-        steps = step_batches(self.plan, self.collator, self.step, self.total_steps, self.cfg.data_workers)
+        steps = step_batches(self.plan, self.collator, self.step, self.total_steps, self.cfg.data_workers,
+                             skip_bad=not self.cfg.strict_data)
         try:
             while self.step < self.total_steps and not self._should_stop(stop):
-                rec = self.train_step(self.step, next(steps))
+                batches, skipped = next(steps)
+                for msg in skipped:  # strict_data=false: an unreadable example left out of its batch
+                    self.log(f"step {self.step + 1}: skipped {msg}")
+                self.skipped += skipped
+                rec = self.train_step(self.step, batches)
                 self.step += 1
                 self.history.append(rec)
+                if (warning := self.guard.note(rec)) is not None:
+                    self.log(f"warning: {warning}")
+                    if self.guard.tripped:
+                        self._diverged()
                 if progress:
                     progress[0].update(progress[1], completed=self.step, description=f"loss {rec['loss']:.4f}")
                 out_of_time = self.step < self.total_steps and self._out_of_time(t0)
@@ -413,8 +462,46 @@ class Trainer:
                     self.log(time_budget_message(self.cfg.max_minutes, time.time() - t0, self.step, self.total_steps,
                                                  bool(self.val_set), resume_command(self.command, self.cfg.resume)))
                     break
+                if self.step < self.total_steps and self._early_stop():
+                    break
         finally:
             steps.close()  # stops the data workers
+
+    def _early_stop(self) -> bool:
+        """`early_stopping_patience` evaluations without a better `best_metric`: end here as at a last step."""
+        n = self.cfg.early_stopping_patience
+        evals = [h for h in self.history if self.cfg.best_metric in h]
+        if not n or self.best is None or len(evals) <= n or evals[-1]["step"] != self.step:
+            return False
+        if sum(1 for h in evals if h["step"] > self.best["step"]) < n:
+            return False
+        self.log(f"early stopping at step {self.step}/{self.total_steps}: {self.best['metric']} has not improved for "
+                 f"{n} evaluations (best {self.best['value']:.5g} at step {self.best['step']}; "
+                 "early_stopping_patience=0 turns this off)")
+        if self._saved_step != self.step and (path := self.save()) is not None:
+            self.log(f"saved {path}")
+        return True
+
+    def _diverged(self) -> None:
+        """Stop: the loss / gradient stayed non-finite (`guard.py`). Nothing saved from this state."""
+        last = ck.latest_checkpoint(self.out)
+        bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.device.type == "cuda")
+        msg = self.guard.message(self.total_steps, self.cfg, last, bf16)
+        self.log(msg)
+        raise TrainingDiverged(msg, last)
+
+    def _save_before_dying(self) -> None:
+        """An error in the loop (a bad example with strict_data, a full disk...): keep the steps made so far
+        in a checkpoint when one can be written (a single process; not after a non-finite state)."""
+        if self.dist.world > 1 or self.step == 0 or self._saved_step == self.step or self.guard.run:
+            return
+        try:
+            path = self.save()
+        except Exception as e:  # noqa: BLE001 - the original error is the one raised
+            self.log(f"could not save a checkpoint before stopping ({type(e).__name__}: {e})")
+            return
+        self.log(f"error at step {self.step + 1}: saved {path} first; fix the problem and run the same command to "
+                 "resume from it")
 
     def _out_of_time(self, t0: float) -> bool:
         """Is the `max_minutes` budget spent (on any rank: all ranks stop at the same step)?"""
@@ -482,10 +569,23 @@ class Trainer:
         return p, task
 
     def export(self) -> Path:
-        """Hub-layout export of the final weights (LoRA merged; the adapter saved in PEFT format)."""
-        from .export import export_final
+        """Hub-layout export: final/ (the best checkpoint with keep_best) and last/ (`export.export_run`)."""
+        from .export import export_run
 
-        return export_final(self)
+        return export_run(self)
+
+    def preflight(self):
+        """The pre-flight table (`preflight.py`) before anything is trained; `preflight=strict` stops on a warning."""
+        if self.cfg.preflight == "off" or not self.is_main:
+            return None
+        from .preflight import check_run
+
+        report = check_run(self)
+        self.monitor.preflight = report
+        for line in report.text_lines():
+            self.log(line)
+        report.raise_if_failed(strict=self.cfg.preflight == "strict", how="preflight=warn")
+        return report
 
     def plot(self) -> Path | None:
         if not (self.cfg.plot and self.is_main):

@@ -55,10 +55,7 @@ def resolve(model: str | os.PathLike | None, tokenizer=None, mask_codec=None, re
             if len(npz) == 1:
                 path = npz[0]
             else:
-                raise FileNotFoundError(
-                    f"{path} has no config.json (Hub layout) and no single big_vision .npz; point --model at the "
-                    "checkpoint folder or the .npz file."
-                )
+                raise FileNotFoundError(_not_a_model(path))
     fmt = "npz" if path.suffix == ".npz" else "hf"
     tok = Path(tokenizer) if tokenizer else _first_existing(folder, TOKENIZER_FILES)
     if tok is None and need_tokenizer:
@@ -69,6 +66,20 @@ def resolve(model: str | os.PathLike | None, tokenizer=None, mask_codec=None, re
     codec = Path(mask_codec) if mask_codec else _first_existing(folder, CODEC_FILES)
     pre = folder if (folder / "preprocessor_config.json").exists() else None
     return ModelFiles(path, fmt, tok, pre, codec)
+
+
+def _not_a_model(path: Path) -> str:
+    """What to do with a folder that holds no model: a trainer checkpoint, a run folder, anything else."""
+    if (path / "trainable.safetensors").is_file() and (path / "state.json").is_file():
+        run = path.parent.parent
+        return (f"{path} is a training checkpoint (the trained parameters and optimizer state only), not a model "
+                f"folder: turn it into one with `palikit export {path} --out DIR`"
+                + (f", or use the run's exported model {run / 'final'}" if (run / "final").is_dir() else "") + ".")
+    if (path / "checkpoints").is_dir() or (path / "final" / "config.json").is_file():
+        return (f"{path} is a training run folder: point --model at {path / 'final'} (its exported model), or turn a "
+                f"checkpoint into a model with `palikit export {path} --out DIR`.")
+    return (f"{path} has no config.json (Hub layout) and no single big_vision .npz; point --model at the checkpoint "
+            "folder or the .npz file.")
 
 
 def image_size_of(files: ModelFiles) -> int:
