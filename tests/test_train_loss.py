@@ -136,7 +136,7 @@ def test_label_smoothing_equals_the_smoothed_cross_entropy(tmp_path):
 
 def test_kernel_only_weight_decay_spares_norms_biases_and_embeddings():
     from palikit.train.config import ConfigError, TrainConfig
-    from palikit.train.trainer import param_groups
+    from palikit.train.optim import param_groups
 
     _, model, _ = _pair("pg2")
     trainable = list(model.parameters())

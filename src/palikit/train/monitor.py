@@ -139,6 +139,12 @@ def collapse_warning(kind: str, examples: Sequence[Example], answers: Sequence[s
             f"Try {remedies(config)}.")
 
 
+def early_stop_due(history: Sequence[dict], best: dict, step: int, patience: int) -> bool:
+    """Has `best["metric"]` gone `patience` evaluations (the last one at `step`) without improving?"""
+    evals = [h for h in history if best["metric"] in h]
+    return bool(evals) and evals[-1]["step"] == step and sum(h["step"] > best["step"] for h in evals) >= patience
+
+
 class LearningMonitor:
     """Task metric + warnings over the evaluations of one run (`history` holds what it measured)."""
 

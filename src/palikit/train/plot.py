@@ -75,3 +75,14 @@ def _pil(train, val, title) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def progress_bar(total: int, completed: int = 0):
+    """A started rich progress bar for the training steps: (progress, task id)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                 TimeRemainingColumn())
+    task = p.add_task("training", total=total, completed=completed)
+    p.start()
+    return p, task

@@ -1,41 +1,39 @@
 """The fine-tuning loop: `train(config) -> final checkpoint folder`.
 
-- Optimizer: AdamW (b1, b2, eps 1e-8, decoupled weight decay on every weight or, `weight_decay_on=kernels`,
-  on Linear/Conv kernels only, as big_vision) or plain SGD (the colab's
-  attention-only recipe: `mode=attention` picks SGD unless `optimizer=` says otherwise).
-- Schedule: linear warmup from 0, then cosine decay to 0 (big_vision's `decay_type="cosine"`).
-- Steps: `batch_size` examples per optimizer step, split over ranks and `grad_accum` micro-batches;
-  the loss numerator / denominator split (see `collate.py`) makes the step's gradient equal to the
-  full-batch gradient whatever the split. Gradient-norm clipping, bf16 autocast on CUDA.
-- Data: `train_data` files or a `train_source` hook (`fn(config)` -> examples); order and batches
-  in `batches.py` (resuming needs only the step; `data_workers` > 0: made in worker processes).
+- Before a step: the examples (`train_data` files, or a `train_source` hook `fn(config)` -> examples),
+  a validation split (`val_data`, or `val_fraction` held out: `prepare.py`), rows longer than `max_len`
+  refused (`prepare.py`), and the pre-flight table (`preflight.py`).
+- Optimizer and schedule: `optim.py`. Steps: `batch_size` examples per optimizer step, split over ranks
+  and `grad_accum` micro-batches; the loss numerator / denominator split (see `collate.py`) makes the
+  step's gradient equal to the full-batch gradient whatever the split. Gradient-norm clipping, bf16
+  autocast on CUDA. A step with a NaN / inf loss or gradient is skipped; `max_nonfinite_steps` in a
+  row stop the run (`guard.py`). Order and batches: `batches.py` (resuming needs only the step;
+  `data_workers` > 0: made in worker processes; strict_data=false skips an unreadable example).
 - Distributed: under `torchrun` (`WORLD_SIZE > 1`) the process group is initialised (nccl on GPU,
   gloo on CPU), each rank takes every `world`-th example of the step's batch, and the loss forward
   runs in `DistributedDataParallel` (gradients averaged over the ranks in the last micro-batch's
   backward, `no_sync()` for the others) or, with `fsdp=true`, on the FSDP2-sharded model
   (`fsdp.py`); only rank 0 writes files.
 - Eval every `eval_every` steps and at the end: val loss (same loss as training), the task metric
-  on a validation sample with its "not learning" warnings (`monitor.py`) and an optional metric
-  hook; the best checkpoint (by `best_metric`) is kept and recorded in `best.json`. The run ends
-  with a one-line `summary:`.
-- Checkpoints every `save_every` steps, at the end, and on SIGINT / SIGTERM at the next step
-  boundary (`interrupt.py`: then `TrainingInterrupted` with the resume command); atomic, see
-  `checkpoint.py`; `resume=true` continues from the latest complete one. The final model is
-  exported in the Hub layout to `output_dir/final` (`export.py`: LoRA merged; the adapter is also
-  saved to `output_dir/adapter` in PEFT format).
+  on a validation sample with its warnings (`monitor.py`) and an optional metric hook; the best
+  checkpoint (by `best_metric`) is kept and recorded in `best.json`; `early_stopping_patience`
+  ends the run when it stops improving. The run ends with a one-line `summary:`.
+- Checkpoints every `save_every` steps, at the end, before dying on an error, and on SIGINT / SIGTERM
+  at the next step boundary (`interrupt.py`: then `TrainingInterrupted` with the resume command);
+  atomic and verified (`checkpoint.py`); `resume=true` continues from the newest intact one of the
+  same recipe (`resume.py`). The model is exported in the Hub layout (`export.py`): `final/` (the
+  best checkpoint) and `last/`, LoRA merged, the adapter saved to `output_dir/adapter` in PEFT format.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..assets import default_model
@@ -46,49 +44,18 @@ from .collate import Collator, default_image_processor, loss_denominator, loss_t
 from .config import TrainConfig
 from .data import Dataset, Example, load_examples, select_tasks
 from .guard import NonFiniteGuard, TrainingDiverged
-from .interrupt import StopSignals, TrainingInterrupted, interrupted_message, resume_command, time_budget_message
+from .interrupt import StopSignals, resume_command, time_budget_message
 from .loading import TRAIN_HINT, import_hook, load_model, load_tokenizer, text_limit
 from .modes import apply_mode, count_trainable
 from .monitor import LearningMonitor
+from .optim import build_optimizer, seed_everything
 from .parallel import LossForward, _Dist, data_parallel
 from .prepare import check_lengths, split_validation
-
-
-# ------------------------------------------------------------------------------------ helpers
-def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR multiplier for optimizer step `s` (0-based): linear warmup to 1, cosine decay to 0."""
-
-    def f(s: int) -> float:
-        if warmup_steps and s < warmup_steps:
-            return (s + 1) / warmup_steps
-        progress = (s - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return f
-
-
-def param_groups(model: torch.nn.Module, trainable: list[torch.nn.Parameter], weight_decay: float,
-                 on: str = "all") -> list[dict]:
-    """Optimizer groups of `trainable` (parameters of `model`). `on="all"`: one group, decay everywhere.
-    `on="kernels"` (big_vision's rule): decay only the weights of Linear / Conv layers (LoRA's included);
-    norms, biases, embeddings and position embeddings get none."""
-    if on == "all" or weight_decay == 0:
-        return [{"params": trainable}]
-    kernels = {id(m.weight) for m in model.modules()
-               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and getattr(m, "weight", None) is not None}
-    decay = [p for p in trainable if id(p) in kernels]
-    rest = [p for p in trainable if id(p) not in kernels]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from .stopping import Stopping
 
 
 # ------------------------------------------------------------------------------------ trainer
-class Trainer:
+class Trainer(Stopping):
     def __init__(
         self,
         config: TrainConfig,
@@ -240,15 +207,9 @@ class Trainer:
         self.plan = StepPlan(self.train_set, cfg.batch_size, self.micro_batch, cfg.seed, self.dist.rank, self.dist.world)
 
     def _init_optimizer(self) -> None:
-        """AdamW or SGD over the trainable parameters, and the warmup + cosine schedule."""
-        cfg = self.cfg
-        groups = param_groups(self.model, self.params, cfg.weight_decay, cfg.weight_decay_on)
-        if cfg.optimizer_name == "sgd":
-            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                                               weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(self.total_steps, self.warmup_steps))
+        """AdamW or SGD over the trainable parameters, and the warmup + cosine schedule (`optim.py`)."""
+        self.optimizer, self.scheduler = build_optimizer(self.cfg, self.model, self.params, self.total_steps,
+                                                         self.warmup_steps)
 
     # -------------------------------------------------------------------------------- utils
     def log(self, msg: str) -> None:
@@ -467,51 +428,6 @@ class Trainer:
         finally:
             steps.close()  # stops the data workers
 
-    def _early_stop(self) -> bool:
-        """`early_stopping_patience` evaluations without a better `best_metric`: end here as at a last step."""
-        n = self.cfg.early_stopping_patience
-        evals = [h for h in self.history if self.cfg.best_metric in h]
-        if not n or self.best is None or len(evals) <= n or evals[-1]["step"] != self.step:
-            return False
-        if sum(1 for h in evals if h["step"] > self.best["step"]) < n:
-            return False
-        self.log(f"early stopping at step {self.step}/{self.total_steps}: {self.best['metric']} has not improved for "
-                 f"{n} evaluations (best {self.best['value']:.5g} at step {self.best['step']}; "
-                 "early_stopping_patience=0 turns this off)")
-        if self._saved_step != self.step and (path := self.save()) is not None:
-            self.log(f"saved {path}")
-        return True
-
-    def _diverged(self) -> None:
-        """Stop: the loss / gradient stayed non-finite (`guard.py`). Nothing saved from this state."""
-        last = ck.latest_checkpoint(self.out)
-        bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.device.type == "cuda")
-        msg = self.guard.message(self.total_steps, self.cfg, last, bf16)
-        self.log(msg)
-        raise TrainingDiverged(msg, last)
-
-    def _save_before_dying(self) -> None:
-        """An error in the loop (a bad example with strict_data, a full disk...): keep the steps made so far
-        in a checkpoint when one can be written (a single process; not after a non-finite state)."""
-        if self.dist.world > 1 or self.step == 0 or self._saved_step == self.step or self.guard.run:
-            return
-        try:
-            path = self.save()
-        except Exception as e:  # noqa: BLE001 - the original error is the one raised
-            self.log(f"could not save a checkpoint before stopping ({type(e).__name__}: {e})")
-            return
-        self.log(f"error at step {self.step + 1}: saved {path} first; fix the problem and run the same command to "
-                 "resume from it")
-
-    def _out_of_time(self, t0: float) -> bool:
-        """Is the `max_minutes` budget spent (on any rank: all ranks stop at the same step)?"""
-        if self.cfg.max_minutes is None:
-            return False
-        over = time.time() - t0 >= self.cfg.max_minutes * 60
-        if self.dist.world > 1:
-            over = bool(self.dist.all_sum(torch.tensor([float(over)], device=self.device)).item())
-        return over
-
     def _after_step(self, rec: dict, t0: float, last: bool) -> None:
         """The loss line, evaluation and checkpoint due after step `self.step` (`last`: the run ends here)."""
         cfg = self.cfg
@@ -533,40 +449,12 @@ class Trainer:
             if evaluated and self.is_main:
                 atomic_write_json(self.out / "best.json", {**self.best, "checkpoint": f"{ck.CKPT_DIR}/{ck.PREFIX}{self.step:08d}"})
 
-    def _should_stop(self, stop: StopSignals) -> bool:
-        """At a step boundary: did a signal arrive (on any rank: all ranks stop at the same step)?"""
-        if self.dist.world > 1:
-            flag = torch.tensor([float(stop.signum or 0)], device=self.device)
-            got = int(self.dist.all_sum(flag).item())
-            if got and stop.signum is None:
-                stop.signum = signal.SIGTERM if got % int(signal.SIGINT) else signal.SIGINT
-        return stop.signum is not None
-
-    def _interrupted(self, signum: int, hard: bool) -> None:
-        """Save a resumable checkpoint (unless one exists for this step or `hard`), say what was saved
-        and how to resume, raise TrainingInterrupted (exit status 128 + signum in `palikit train`)."""
-        saved, error = None, None
-        if not hard and self.step > 0:
-            try:
-                saved = ck.latest_checkpoint(self.out) if self._saved_step == self.step else self.save()
-            except Exception as e:  # noqa: BLE001 - reported to the user with what survives
-                error = e
-        last = None if saved is not None else ck.latest_checkpoint(self.out)
-        msg = interrupted_message(signum, self.step, self.total_steps, saved, error, last,
-                                  resume_command(self.command, self.cfg.resume), self.out, hard=hard)
-        self.log(msg)
-        raise TrainingInterrupted(signum, msg, saved)
-
     def _progress(self):
         if not (self.cfg.progress and self.is_main):
             return None
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        from .plot import progress_bar
 
-        p = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                     TimeRemainingColumn())
-        task = p.add_task("training", total=self.total_steps, completed=self.step)
-        p.start()
-        return p, task
+        return progress_bar(self.total_steps, self.step)
 
     def export(self) -> Path:
         """Hub-layout export: final/ (the best checkpoint with keep_best) and last/ (`export.export_run`)."""
