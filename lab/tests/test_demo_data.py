@@ -119,3 +119,17 @@ def test_palikit_eval_scores_the_handmade_set(tmp_path):
     assert code in (0, None)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["n"] == 20 and 0.0 <= report["metrics"]["map50"] <= 1.0
+
+
+def test_finetune_set_writes_three_splits_of_the_new_classes(tmp_path):
+    """issue 37: `finetune_set` crashed with `ValueError: Sample larger than population` (shapes2 sampled
+    up to 3 of its 2 classes); the recipe needs a validation split too."""
+    from lab.demo.finetune_set import main
+
+    main(["--out", str(tmp_path), "--train", "6", "--val", "3", "--test", "2"])
+    for split, n in (("train", 6), ("validation", 3), ("test", 2)):
+        coco = json.loads((tmp_path / f"{split}_coco.json").read_text())
+        assert len(coco["images"]) == n and [c["name"] for c in coco["categories"]] == ["ring", "diamond"]
+        rows = [json.loads(x) for x in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
+        detect = [r for r in rows if r["task"] == "detect"]
+        assert detect and all(set(r["prefix"].split(" ", 1)[1].split(" ; ")) <= {"ring", "diamond"} for r in detect)

@@ -416,7 +416,7 @@ def examples(sample: Sample, rng: random.Random, seg_fn=None, classes: tuple[str
     out = [{"prefix": "caption en", "suffix": caption(sample.shapes), "task": "caption"},
            {"prefix": "detect " + " ; ".join(present), "suffix": detect_suffix(sample.shapes, present, size),
             "task": "detect"}]
-    asked = set(rng.sample(classes, rng.choice((1, 1, 2, 3))))
+    asked = set(rng.sample(classes, min(rng.choice((1, 1, 2, 3)), len(classes))))  # 2 classes: at most 2
     if rng.random() < 0.5:  # half the time, make sure at least one asked class is present
         asked = set(sorted(asked)[:-1]) | {rng.choice(present)}
     out += shapes_v1.detect_rows(sample, present, sorted(asked, key=ALL_CLASSES.index), rng, seg_fn, detect_suffix)
