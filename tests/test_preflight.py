@@ -100,3 +100,19 @@ def test_train_prints_the_table_first_and_strict_stops_before_a_step(rings):
         train(cfg, log=logs.append)
     assert any("pre-flight" in m for m in logs) and not any(m.startswith("step 1/") for m in logs)
     assert not (rings / "run" / "checkpoints").exists()
+
+
+def test_codes_seen_once_cannot_be_read_by_the_bundled_model(tmp_path):
+    """The newcomer's OCR of 4-character codes ran to exact match 0.000 with "ready" from nothing: the
+    bundled card says it recognises words as wholes (`reading: words`), so answers seen once are a warning;
+    ten words seen many times (the README's loop, 70.8 % exact match) are not."""
+    from palikit.cli.check import run_check
+
+    codes = [{"prefix": "ocr", "suffix": f"{i:04d}X"} for i in range(20)]
+    words = [{"prefix": "ocr", "suffix": w} for w in ("DOG", "CAR", "BEE", "COW") * 5]
+    for rows, level in ((codes, "warn"), (words, "ok")):
+        cfg = TrainConfig(train_data=str(_rows(tmp_path, rows)), batch_size=2, max_steps=10)
+        got = _findings(run_check(cfg, lambda m: None))
+        assert got["reading"][0] == level, got["reading"]
+    assert "20 of 20 text answers appear once" in _findings(run_check(
+        TrainConfig(train_data=str(_rows(tmp_path, codes)), batch_size=2), lambda m: None))["reading"][1]

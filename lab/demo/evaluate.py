@@ -206,9 +206,11 @@ MODEL_CARD = {
 # pre-flight of `palikit train` / `palikit check` reads it and says what a fine-tune can expect.
 LIMITS = {
     1: {"summary": "a 3.5M-parameter toy trained only on synthetic shapes at 112 px: it places boxes on a 4x4 grid "
-                   "of 28 px cells and knows 3 shapes, 4 colours and 20 words. A short fine-tune teaches it to read "
-                   "new words (its tokenizer spells them letter by letter); new objects at free positions are "
-                   "beyond it (16 image tokens, positions only on its grid): use real PaliGemma weights for those",
+                   "of 28 px cells and knows 3 shapes, 4 colours and 20 words. A short fine-tune teaches it new "
+                   "words it sees many times (recognised as wholes; its tokenizer spells them letter by letter); "
+                   "text it never saw twice (codes, serial numbers) and new objects at free positions are beyond it "
+                   "(16 image tokens, boxes only on its grid): use real PaliGemma weights for those",
+        "reading": "words",  # it recognises rendered words it was trained on as wholes; it does not read characters
         "image_size": 112, "grid": 4, "classes": ["circle", "square", "triangle"],
         "colors": ["red", "green", "blue", "yellow"],
         "words": ["ART", "BOX", "BUS", "CAT", "CUP", "DOT", "FOX", "GEM", "HAT", "INK", "JAM", "KEY", "MAP", "OAK",

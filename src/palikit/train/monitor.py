@@ -191,24 +191,28 @@ class LearningMonitor:
         return metrics, warnings
 
     def stuck_warnings(self) -> list[str]:
-        """A task metric at 0 for the last `patience` evaluations (said once, when it reaches `patience`,
-        then every `patience` evaluations), with the pre-flight's reasons."""
-        out = []
-        for key in (k for k in TASK_KEYS if k in (self.history[-1] if self.history else {})):
-            run = 0
+        """One warning when task metrics have been 0 for the last `patience` evaluations (said when the run
+        reaches `patience`, then every `patience` evaluations), with the pre-flight's reasons."""
+        if self.patience <= 0 or not self.history:
+            return []
+        stuck, run = [], 0
+        for key in (k for k in TASK_KEYS if k in self.history[-1]):
+            n = 0
             for h in reversed(self.history):
                 if h.get(key, 1.0) != 0.0:
                     break
-                run += 1
-            if self.patience <= 0 or run < self.patience or run % self.patience:
-                continue
-            why = ""
-            if self.preflight is not None and self.preflight.warnings:
-                why = " The pre-flight warned: " + " ".join(f"{w.check}: {w.finding}." for w in self.preflight.warnings)
-            out.append(f"{key} has been 0 for {run} evaluations: the model does not produce one right answer.{why} "
-                       f"Try {remedies(self.config)}, or check that the data can be learned from this base model "
-                       "(palikit check).")
-        return out
+                n += 1
+            if n >= self.patience:
+                stuck.append(key)
+                run = max(run, n)
+        if not stuck or run % self.patience:
+            return []
+        why = ""
+        if self.preflight is not None and self.preflight.warnings:
+            why = " The pre-flight warned: " + " ".join(f"{w.check}: {w.finding}." for w in self.preflight.warnings)
+        return [f"{' and '.join(stuck)} {'has' if len(stuck) == 1 else 'have'} been 0 for {run} evaluations: the "
+                f"model does not give one right answer.{why} Try {remedies(self.config)}, or check that this base "
+                "model can learn the data at all (palikit check)."]
 
     def overfit_warning(self, step: int, val_loss: float, train_losses: Sequence[float]) -> str | None:
         """Train loss far below val loss while val loss rises from its best: the model learns the training

@@ -6,6 +6,7 @@ line (the start of `palikit train`, and `palikit check DATA --model M` alone). E
 | prompts        | the task words the prefixes start with, against the prompts the model card lists        |
 | labels         | class names: pieces per name in the base tokenizer, `<unk>`, classes the model knows     |
 | answers        | the words of text answers: pieces, `<unk>`, words the model reads                        |
+| reading        | answers seen once in training, for a model that reads words as wholes (card: `reading`) |
 | model          | its card's `palikit_limits` (`weights.card`): resolution, summary                       |
 | positions      | boxes against the grid the model's boxes lie on (card: `grid`)                          |
 | box sizes      | boxes in model-input pixels against its patch size                                      |
@@ -203,6 +204,24 @@ def _boxes(examples: Sequence[Example]):
     return out
 
 
+def _check_reading(examples: Sequence[Example], limits: dict, report: Report) -> None:
+    """Text answers that appear once in the training data have to be READ (character by character); a
+    model whose card says it recognises words as wholes (`reading: words`) cannot learn that in a run."""
+    answers = Counter(ex.suffix for ex in examples if task_kind(ex) == EXACT)
+    total = sum(answers.values())
+    if limits.get("reading") != "words" or total < 10:
+        return
+    once = sum(1 for n in answers.values() if n == 1)
+    if once / total <= 0.5:
+        report.add("reading", f"{total - once} of {total} text answers repeat in the training data: learnable as "
+                              "wholes", "ok")
+        return
+    report.add("reading", f"{once} of {total} text answers appear once in the training data (e.g. "
+                          f"{', '.join(repr(a) for a in list(answers)[:EXAMPLES])}): they must be read character by "
+                          "character, and this model recognises words it saw many times as wholes; it will not "
+                          "learn to read them in a fine-tune (expect exact match near 0)", "warn")
+
+
 def _check_boxes(boxes, limits: dict, image_size: int, patch: int, report: Report) -> None:
     if not boxes:
         return
@@ -303,6 +322,7 @@ def preflight(train: Sequence[Example], val: Sequence[Example], tokenizer, *, li
     answers.pop("", None)
     words = {w for w in limits.get("words", [])} | set(limits.get("classes", [])) | set(limits.get("colors", []))
     _coverage(tokenizer, answers, words or None, "answers", closed, report, codes_ok=True)
+    _check_reading(train, limits, report)
     if limits:
         report.add("model", f"{image_size} px input, {patch} px patches. Its card: {limits.get('summary', '-')}",
                    "info")

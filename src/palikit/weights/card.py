@@ -10,6 +10,7 @@
       prompts: [caption en, ...] # the task prompts it was trained with
       max_text_tokens: 128       # prompt + answer tokens per example it was trained near (training's max_len default)
       vocabulary: closed         # closed: its tokenizer holds whole pieces only for its own words
+      reading: words             # words: it recognises rendered words it saw many times as wholes, not characters
       summary: "..."             # one sentence for people
 
 A card without the block (or without front matter) has no limits: `read_limits` returns {}.
