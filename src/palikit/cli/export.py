@@ -8,7 +8,6 @@ checkpoint's weights (LoRA merged), its tokenizer, preprocessor and codec files
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -16,27 +15,6 @@ import typer
 from . import app
 
 FORMATS = ("hub",)
-
-
-def pick_checkpoint(path: Path) -> Path:
-    """A step folder as given; a run folder's best checkpoint (best.json) or else its newest."""
-    from ..train import checkpoint as ck
-    from ..train.export import is_trainer_checkpoint
-
-    if is_trainer_checkpoint(path):
-        return path
-    if (path / ck.CKPT_DIR).is_dir():
-        best = path / "best.json"
-        if best.is_file():
-            chosen = path / json.loads(best.read_text())["checkpoint"]
-            if chosen.is_dir():
-                return chosen
-        found = ck.step_folders(path)
-        if found:
-            return found[-1]
-    raise FileNotFoundError(f"{path} is not a trainer checkpoint (output_dir/checkpoints/step-N with "
-                            "trainable.safetensors and state.json) nor a run folder holding checkpoints/; a model "
-                            "folder (config.json + safetensors) is already loadable as it is")
 
 
 @app.command()
@@ -51,12 +29,16 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
 ):
     """Turn a trainer checkpoint into a model folder palikit, transformers and vLLM load."""
-    from ..train.export import export_checkpoint
+    from ..train.export import export_checkpoint, trainer_checkpoint
 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")
-    step = pick_checkpoint(checkpoint)
+    step = trainer_checkpoint(checkpoint)
+    if step is None:
+        raise FileNotFoundError(f"{checkpoint} is not a trainer checkpoint (output_dir/checkpoints/step-N with "
+                                "trainable.safetensors and state.json) nor a run folder holding checkpoints/; a model "
+                                "folder (config.json + safetensors) is already loadable as it is")
     done = export_checkpoint(step, out, model=base_model, dtype=dtype, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"wrote {done} (Hub layout, from {step}): palikit predict IMG --model {done}")

@@ -167,6 +167,24 @@ def is_trainer_checkpoint(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / "trainable.safetensors").is_file() and (p / "state.json").is_file()
 
 
+def trainer_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The checkpoint `palikit export PATH` means: a step folder as given, a run folder's best checkpoint
+    (best.json) or else its newest; None when PATH is neither (a model folder, a Hub id...)."""
+    p = Path(path)
+    if is_trainer_checkpoint(p):
+        return p
+    if (p / ck.CKPT_DIR).is_dir():
+        best = p / "best.json"
+        if best.is_file():
+            chosen = p / json.loads(best.read_text())["checkpoint"]
+            if chosen.is_dir():
+                return chosen
+        found = ck.step_folders(p)
+        if found:
+            return found[-1]
+    return None
+
+
 def copy_side_files(cfg, tokenizer, dst: Path, image_tokens: int, log=print) -> None:
     """Tokenizer and preprocessor files next to the exported weights, so the folder is a complete
     palikit / transformers checkpoint."""
