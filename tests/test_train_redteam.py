@@ -57,6 +57,11 @@ def test_a_diverging_run_stops_nonzero_and_exports_nothing(tmp_path):
     assert any(m.startswith("warning: step") and "update skipped (1 of 2" in m for m in logs), logs
     out = tmp_path / "out"
     assert not (out / "final").exists() and not (out / "last").exists()
+    streak = [int(m.split()[2].rstrip(":")) for m in logs if m.startswith("warning: step")]
+    assert streak == list(range(streak[0], streak[0] + 2)), logs
+    kept = [int(p.name[5:]) for p in ck.step_folders(out)]
+    assert all(k < streak[0] - 1 for k in kept), (kept, streak)  # none whose weights gave the NaN loss
+    assert sorted(p.name for p in (out / "checkpoints").glob("diverged-step-*"))  # moved aside, not deleted
     for step in ck.step_folders(out):  # every checkpoint left is finite and verifies
         ck.verify_checkpoint(step)
         ck.read_trainable(step)

@@ -1,9 +1,11 @@
 """A run that diverges stops instead of training on NaN: every step's loss and gradient norm are
 checked; a non-finite one skips that step's update (the weights stay as they were, the LR schedule
 moves on, as a mixed-precision loss scaler does) and `max_nonfinite_steps` of them in a row stop the
-run with `TrainingDiverged`: nothing is saved or exported from the broken state, the checkpoints
-already written (all finite: `checkpoint.save_checkpoint` refuses NaN / inf) stay, and the message
-names the steps, the last finite checkpoint and what to try. `palikit train` exits 3.
+run with `TrainingDiverged`: nothing is saved or exported from the broken state, nor saved during a
+streak; checkpoints whose weights gave the non-finite loss are moved aside (`diverged-step-N`), the
+others (all finite: `checkpoint.save_checkpoint` refuses NaN / inf) stay, and the message names the
+steps, the last good checkpoint and what to try. A run that ends inside a streak stops the same way.
+`palikit train` exits 3.
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ class NonFiniteGuard:
     def tripped(self) -> bool:
         return len(self.run) >= self.limit
 
-    def message(self, total: int, cfg, last: Path | None, bf16: bool = False) -> str:
+    def message(self, total: int, cfg, last: Path | None, bf16: bool = False, moved: list[str] = ()) -> str:
         first, end = self.run[0]["step"], self.run[-1]["step"]
         steps = f"step {first}" if first == end else f"steps {first}-{end}"
-        keep = (f"the last finite checkpoint is {last} (resume=true continues from it after you change the recipe "
-                "with resume=force)" if last is not None else "no checkpoint was written before it diverged")
+        aside = (f"; {', '.join(moved)} (whose weights gave that loss) moved to checkpoints/diverged-*" if moved else "")
+        keep = (f"the last good checkpoint is {last} (to continue from it with a changed recipe: the same command with "
+                "resume=force)" if last is not None else
+                "no checkpoint from before it diverged exists (start again from the base model)") + aside
         tips = [f"a lower lr (now {cfg.lr:g})"]
         if not cfg.grad_clip:
             tips.append("grad_clip=1.0 (now off)")

@@ -32,10 +32,19 @@ class Stopping:
         return True
 
     def _diverged(self) -> None:
-        """Stop: the loss / gradient stayed non-finite (`guard.py`). Nothing saved from this state."""
+        """Stop: the loss / gradient stayed non-finite (`guard.py`). Nothing is saved from this state, and
+        the checkpoints whose weights gave a non-finite loss (step >= the streak's first step - 1) are moved
+        aside to `checkpoints/diverged-step-N` so that no resume starts from them."""
+        bad_from = self.guard.run[0]["step"] - 1
+        moved = []
+        if self.is_main:
+            for p in ck.step_folders(self.out):
+                if int(p.name[len(ck.PREFIX):]) >= bad_from:
+                    p.rename(p.parent / f"diverged-{p.name}")
+                    moved.append(p.name)
         last = ck.latest_checkpoint(self.out)
         bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.device.type == "cuda")
-        msg = self.guard.message(self.total_steps, self.cfg, last, bf16)
+        msg = self.guard.message(self.total_steps, self.cfg, last, bf16, moved)
         self.log(msg)
         raise TrainingDiverged(msg, last)
 

@@ -413,7 +413,7 @@ class Trainer(Stopping):
                 self.history.append(rec)
                 if (warning := self.guard.note(rec)) is not None:
                     self.log(f"warning: {warning}")
-                    if self.guard.tripped:
+                    if self.guard.tripped or self.step == self.total_steps:  # never export a streak's weights
                         self._diverged()
                 if progress:
                     progress[0].update(progress[1], completed=self.step, description=f"loss {rec['loss']:.4f}")
@@ -442,8 +442,8 @@ class Trainer(Stopping):
             self.log(f"eval step {self.step}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()))
             for w in self.warnings:
                 self.log(f"warning: {w}")
-        if (cfg.save_every and self.step % cfg.save_every == 0) or last or evaluated:
-            path = self.save()
+        if ((cfg.save_every and self.step % cfg.save_every == 0) or last or evaluated) and not self.guard.run:
+            path = self.save()  # not inside a non-finite streak: those weights gave a NaN / inf loss
             if path is not None:
                 self.log(f"saved {path}")
             if evaluated and self.is_main:
