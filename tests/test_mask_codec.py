@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from palikit.tasks.mask_codec import MaskCodec, make_random_codec, mask_from_tokens, tokens_from_mask
+from palikit.tasks.mask_codec import MaskCodec, make_random_codec, mask_from_tokens, masks_from_tokens, tokens_from_mask
 from palikit.train.mask_codec import train_mask_codec
 
 
@@ -157,6 +157,33 @@ def test_trained_codec_reconstructs_held_out_shapes(trained):
     ious = [iou(r, h) for r, h in zip(rec, held_out > 0.5)]
     assert float(np.mean(ious)) >= 0.8, np.mean(ious)
     assert len(torch.unique(trained.encode(held_out))) > 32  # the codebook is actually used
+
+
+def test_the_masks_of_a_result_decode_in_one_call_equal_to_one_by_one(monkeypatch):
+    from PIL import Image
+
+    codec = make_random_codec(seed=3, embed_dim=32)
+    rng = np.random.default_rng(0)
+    seg_ids = [rng.integers(0, 128, 16).tolist() for _ in range(4)]
+    boxes = [(3.7, 5.2, 60.9, 40.1), (0, 0, 80, 50), (10, 10, 10.5, 40), (50.5, 20.2, 79.9, 49.9)]
+    size = (80, 50)
+    expected = []
+    for ids, (x0, y0, x1, y1) in zip(seg_ids, boxes):  # the per-instance reference, written out
+        m64 = codec.decode(torch.tensor([ids]))[0].numpy()
+        mask = np.zeros((50, 80), dtype=bool)
+        x0, y0, x1, y1 = int(x0), int(y0), int(x1), int(y1)
+        if x1 > x0 and y1 > y0:
+            mask[y0:y1, x0:x1] = np.asarray(Image.fromarray(m64, mode="F").resize((x1 - x0, y1 - y0),
+                                                                                 Image.BILINEAR)) > 0
+        expected.append(mask)
+    calls = []
+    real = codec.decode
+    monkeypatch.setattr(codec, "decode", lambda ids: calls.append(tuple(ids.shape)) or real(ids))
+    got = masks_from_tokens(codec, seg_ids, boxes, size)
+    assert calls == [(4, 16)]  # one codec call for the whole result
+    assert all(np.array_equal(g, e) for g, e in zip(got, expected)) and len(got) == 4
+    assert expected[0].any() and not expected[2].any()  # a real mask, and an empty box
+    assert masks_from_tokens(codec, [], [], size) == []
 
 
 @pytest.mark.slow  # trains a codec (the `trained` fixture)

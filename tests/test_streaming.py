@@ -1,6 +1,8 @@
 """Streaming is one more consumer of the continuous-batching loop: streamed text equals the
 non-streamed text (also while other requests decode beside it), detokenization is incremental
-(a bounded number of window decodes per token, whatever the length), and submit() stamps are ordered."""
+(a bounded number of window decodes per token, whatever the length), a streamed request's Result is
+built from the stream's own per-token texts (the ids are not decoded a second time) and equals the
+plain Result, and submit() stamps are ordered."""
 
 from __future__ import annotations
 
@@ -63,3 +65,18 @@ def test_submit_stamps_are_ordered(pg):
     result = pending.result(timeout=60)
     assert pending.t_submit <= pending.t_first_token <= pending.t_done
     assert result.tokens == pending.ticket.tokens
+
+
+def test_a_streamed_result_reuses_the_streams_texts_and_equals_the_plain_result(pg, monkeypatch):
+    plain = pg.predict(_image(3), "caption en", max_new_tokens=12)
+    calls = []
+    for name in ("decode", "token_texts"):
+        real = getattr(pg.tokenizer, name)
+        monkeypatch.setattr(pg.tokenizer, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
+    pieces = []
+    streamed = pg.submit(_image(3), "caption en", max_new_tokens=12, on_text=pieces.append).result(timeout=60)
+    assert calls == []  # the stream turned each id into text once; the Result reused those texts
+    assert "".join(pieces) == streamed.text
+    assert (streamed.text, streamed.tokens, streamed.detections, streamed.errors) == \
+        (plain.text, plain.tokens, plain.detections, plain.errors)
+    assert streamed.token_logprobs == pytest.approx(plain.token_logprobs, abs=1e-5)

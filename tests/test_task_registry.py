@@ -165,14 +165,18 @@ def test_singular_plural_round_trip(one, many):
 
 
 def test_predict_options_is_the_one_converter():
-    from palikit.api import _split_options
+    from palikit.api import _engine_options, _options
 
-    gen, parse = _split_options({"temperature": 0.5, "top_k": 3, "max_new_tokens": 7, "dedupe_iou": 0.6})
+    opts = _options(None, {"temperature": 0.5, "top_k": 3, "max_new_tokens": 7, "dedupe_iou": 0.6})
+    gen = _engine_options(opts)
     assert (gen.max_new_tokens, gen.sampling.temperature, gen.sampling.top_k) == (7, 0.5, 3)
-    assert parse == {"coord_denominator": 1024, "dedupe_iou": 0.6}
-    assert _split_options(PredictOptions(max_new_tokens=7, temperature=0.5, top_k=3, dedupe_iou=0.6)) == (gen, parse)
+    assert (opts.coord_denominator, opts.dedupe_iou) == (1024, 0.6)  # the parser's, kept on the options
+    given = PredictOptions(max_new_tokens=7, temperature=0.5, top_k=3, dedupe_iou=0.6)
+    assert _options(given, {}) is given and _engine_options(given) == gen  # travels as is, no dict in between
+    with pytest.raises(ValueError, match="not both"):
+        _options(given, {"temperature": 0.1})
     with pytest.raises(ValueError, match="unknown option"):
-        _split_options({"temprature": 1})
+        _options(None, {"temprature": 1})
     with pytest.raises(ValueError, match="1024"):
         PredictOptions(coord_denominator=1000)
     assert hash(PredictOptions()) == hash(PredictOptions.from_kwargs(PredictOptions().as_kwargs()))
@@ -185,3 +189,4 @@ def test_eval_refuses_an_unknown_option_before_the_run(pg, tmp_path):
         evaluate(pg, [Sample("a", "nope.png", "", ["x"])], "ocr", out_dir=tmp_path, progress=False, charts=False,
                  predict_options={"temprature": 1.0})
     assert not (tmp_path / "predictions.jsonl").exists() or not (tmp_path / "predictions.jsonl").read_text()
+

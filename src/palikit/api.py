@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
-from .engine import Engine, GenerationOptions, Request
+from .engine import Engine, GenerationOptions, Request, SamplingOptions
 from .model import PaliGemmaModel
+from .tasks.labels import requested_labels
+from .tasks.options import PredictOptions
 
 MAX_PROMPT_TOKENS = 1024
 
@@ -133,36 +135,43 @@ class PaliGemma:
 
     # ------------------------------------------------------------------------------ predict
     def predict(self, image, prompt: str, **options) -> Any:
-        """Run one prompt on one image (or a list of frames). Options (`tasks.options.PredictOptions`):
-        max_new_tokens, temperature, top_k, top_p, seed, num_beams, length_penalty, coord_denominator
-        (1024 or 1023), dedupe_iou; and labels (the requested labels)."""
+        """Run one prompt on one image (or a list of frames). Options (`tasks.options.PredictOptions`,
+        as keywords or as `options=PredictOptions(...)`): max_new_tokens, temperature, top_k, top_p,
+        seed, num_beams, length_penalty, coord_denominator (1024 or 1023), dedupe_iou; and labels (the
+        requested labels: a list, or one string split by the label rule)."""
         return self.predict_batch([image], [prompt], **options)[0]
 
-    def submit(self, image, prompt: str, *, labels: Sequence[str] | None = None, on_text=None, **options) -> Pending:
+    def submit(self, image, prompt: str, *, labels: Sequence[str] | str | None = None, on_text=None,
+               options: PredictOptions | None = None, prompt_ids: Sequence[int] | None = None, **kwargs) -> Pending:
         """Queue one prompt on the continuous-batching engine and return at once (thread-safe).
         `Pending.result()` is the Result; `on_text(piece)` is called (on the engine thread) with
-        each new piece of text as it is generated."""
+        each new piece of text as it is generated. Options: a `PredictOptions` as `options=`, or
+        keywords. `prompt_ids`: the prompt already tokenized by `encode_prompt` (the server checks
+        its length before decoding the image, and the prompt is tokenized once)."""
+        opts = _options(options, kwargs)
         t0 = time.perf_counter()
         (pixel_values, key, size), = self._prepare([image])
         image_ms = (time.perf_counter() - t0) * 1e3
-        request = Request(self._prompt_ids(prompt), pixel_values=pixel_values, pixel_key=key)
-        return self._submit(request, prompt, size, labels, _split_options(options), image_ms, on_text)
+        ids = self.encode_prompt(prompt) if prompt_ids is None else _checked_ids(prompt_ids)
+        request = Request(ids, pixel_values=pixel_values, pixel_key=key)
+        return self._submit(request, prompt, size, requested_labels(labels), opts, _engine_options(opts), image_ms,
+                            on_text)
 
-    def _submit(self, request, prompt, size, labels, options, image_ms, on_text=None) -> Pending:
-        gen_opts, parse_opts = options
-        on_token = None
-        if on_text is not None:
+    def _submit(self, request, prompt, size, labels, opts, gen_opts, image_ms, on_text=None) -> Pending:
+        on_token, texts = None, None
+        if on_text is not None:  # the stream's per-token texts are the parser's too: the ids are decoded once
             from .tokenizer import TextStream
 
-            text = TextStream(self.tokenizer)
+            stream, texts = TextStream(self.tokenizer), []
 
             def on_token(token_id, _logprob):
-                piece = text.push(token_id)
-                if piece:
-                    on_text(piece)
+                texts.append(stream.push(token_id))
+                if texts[-1]:
+                    on_text(texts[-1])
 
         ticket = self.engine.submit(request, gen_opts, on_token)
-        return Pending(self, ticket, prompt, size, labels, parse_opts, image_ms)
+        streamed = None if texts is None else (texts, stream.flush)
+        return Pending(self, ticket, prompt, size, labels, opts, image_ms, streamed)
 
     def predict_batch(self, images: Sequence[Any], prompts: Sequence[str], *, batch_size: int = 16,
                       labels: Sequence[Sequence[str] | None] | None = None, **options) -> list[Any]:
@@ -170,8 +179,9 @@ class PaliGemma:
         engine; `batch_size` bounds how many images are preprocessed ahead (memory), not the batch."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image.")
-        opts = _split_options(options)
-        labels = list(labels) if labels is not None else [None] * len(prompts)
+        opts = _options(options.pop("options", None), options)
+        gen_opts = _engine_options(opts)
+        labels = [requested_labels(x) for x in labels] if labels is not None else [None] * len(prompts)
         window = max(batch_size, 2 * self.engine.scheduler.max_slots)
         pending: list[Pending] = []
         waited = 0
@@ -183,8 +193,8 @@ class PaliGemma:
             prepared = self._prepare(images[start:start + window])
             image_ms = (time.perf_counter() - t0) * 1e3 / max(len(prepared), 1)
             for i, (pv, key, size) in enumerate(prepared, start):
-                request = Request(self._prompt_ids(prompts[i]), pixel_values=pv, pixel_key=key)
-                pending.append(self._submit(request, prompts[i], size, labels[i], opts, image_ms))
+                request = Request(self.encode_prompt(prompts[i]), pixel_values=pv, pixel_key=key)
+                pending.append(self._submit(request, prompts[i], size, labels[i], opts, gen_opts, image_ms))
         return [p.result() for p in pending]
 
     def predict_pixels(self, pixel_values: torch.Tensor, sizes: Sequence[tuple[int, int]], prompts: Sequence[str], *,
@@ -195,13 +205,14 @@ class PaliGemma:
 
         if not (len(pixel_values) == len(sizes) == len(prompts)):
             raise ValueError("pixel_values, sizes and prompts must have the same length")
-        opts = _split_options(options)
-        labels = list(labels) if labels is not None else [None] * len(prompts)
+        opts = _options(options.pop("options", None), options)
+        gen_opts = _engine_options(opts)
+        labels = [requested_labels(x) for x in labels] if labels is not None else [None] * len(prompts)
         pending = []
         for pv, size, prompt, lab in zip(pixel_values, sizes, prompts, labels):
             pv = pv if pv.ndim == 4 else pv[None]  # [F, 3, S, S]
-            request = Request(self._prompt_ids(prompt), pixel_values=pv, pixel_key=pixel_key(pv))
-            pending.append(self._submit(request, prompt, tuple(size), lab, opts, 0.0))
+            request = Request(self.encode_prompt(prompt), pixel_values=pv, pixel_key=pixel_key(pv))
+            pending.append(self._submit(request, prompt, tuple(size), lab, opts, gen_opts, 0.0))
         return [p.result() for p in pending]
 
     def stream(self, image, prompt: str, **options) -> Iterator[str]:
@@ -225,38 +236,46 @@ class PaliGemma:
         when nothing is running."""
         self.engine.configure(**settings)
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The prompt's token ids ([BOS] prompt "\\n"), refused (ValueError) beyond MAX_PROMPT_TOKENS:
+        what `submit(prompt_ids=)` takes from a caller that checks the prompt before the image."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        ids = self.tokenizer.encode_prompt(prompt).ids
-        if len(ids) > MAX_PROMPT_TOKENS:
-            raise ValueError(f"prompt is {len(ids)} tokens; the limit is {MAX_PROMPT_TOKENS}. Shorten it.")
-        return ids
+        return _checked_ids(self.tokenizer.encode_prompt(prompt).ids)
 
-    def _result(self, prompt, size, gen, labels, parse_opts, image_ms):
+    def _result(self, prompt, size, gen, labels, opts: PredictOptions, image_ms, streamed=None):
+        """The Result of one generation: the ids turned into text once, by the parser (the stream's
+        per-token texts when it was streamed), the masks of all instances in one codec call."""
         from .tasks import Result, suggest_prompt
         from .tasks.parse import detections_from_ids
 
+        texts = None
+        if streamed is not None and len(streamed[0]) == len(gen.tokens):  # (beam search streams nothing)
+            pieces, flush = streamed
+            texts = list(pieces)
+            if texts:
+                texts[-1] += flush()  # a character still held back belongs to the last token (token_texts)
         parsed = detections_from_ids(gen.tokens, gen.logprobs, self.tokenizer, size, requested_labels=labels,
-                                     coord_denominator=parse_opts["coord_denominator"])
-        text = self.tokenizer.decode(gen.tokens)
+                                     coord_denominator=opts.coord_denominator, token_texts=texts)
         detections = parsed.detections
         errors = list(parsed.errors)
-        if any(d.seg_tokens for d in detections):
+        with_masks = [d for d in detections if d.seg_tokens]
+        if with_masks:
             if self.mask_codec is None:
                 errors.append("output has <seg> tokens but no mask codec is loaded (vae-oid.npz): masks not decoded")
             else:
-                from .tasks.mask_codec import mask_from_tokens
+                from .tasks.mask_codec import masks_from_tokens
 
-                for d in detections:
-                    if d.seg_tokens:
-                        d.mask = mask_from_tokens(self.mask_codec, d.seg_tokens, d.box, size)
-        if parse_opts["dedupe_iou"] is not None:
+                masks = masks_from_tokens(self.mask_codec, [d.seg_tokens for d in with_masks],
+                                          [d.box for d in with_masks], size)
+                for d, mask in zip(with_masks, masks):
+                    d.mask = mask
+        if opts.dedupe_iou is not None:
             from .tasks import dedupe
 
-            detections = dedupe(detections, parse_opts["dedupe_iou"])
+            detections = dedupe(detections, opts.dedupe_iou)
         timings = {"image_ms": image_ms, **gen.timings}
-        return Result(text=text, prompt=prompt, image_size=size, detections=detections, errors=errors,
+        return Result(text=parsed.decoded, prompt=prompt, image_size=size, detections=detections, errors=errors,
                       timings=timings, tokens=list(gen.tokens), token_logprobs=list(gen.logprobs),
                       hint=suggest_prompt(prompt))
 
@@ -311,9 +330,9 @@ class Pending:
     """A submitted prompt: `result()` waits for it and builds its Result (parsing, masks) in the
     calling thread; `t_submit`, `t_first_token`, `t_done` are perf_counter stamps from the engine."""
 
-    def __init__(self, pg: PaliGemma, ticket, prompt, size, labels, parse_opts, image_ms):
+    def __init__(self, pg: PaliGemma, ticket, prompt, size, labels, opts, image_ms, streamed=None):
         self._pg, self.ticket = pg, ticket
-        self._args = (prompt, size, ticket, labels, parse_opts, image_ms)
+        self._args = (prompt, size, ticket, labels, opts, image_ms, streamed)
 
     @property
     def future(self):
@@ -327,16 +346,33 @@ class Pending:
         self.ticket.cancel()
 
     def result(self, timeout: float | None = None):
-        prompt, size, ticket, labels, parse_opts, image_ms = self._args
-        return self._pg._result(prompt, size, ticket.result(timeout), labels, parse_opts, image_ms)
+        prompt, size, ticket, labels, opts, image_ms, streamed = self._args
+        return self._pg._result(prompt, size, ticket.result(timeout), labels, opts, image_ms, streamed)
 
 
-def _split_options(options) -> tuple[GenerationOptions, dict]:
-    """The one converter from user keyword options (or a `PredictOptions`) to (GenerationOptions,
-    parse options); see `tasks/options.py`."""
-    from .tasks.options import PredictOptions
+def _options(options: PredictOptions | None, kwargs: dict) -> PredictOptions:
+    """The caller's options: a `PredictOptions` as is, or keyword options converted once."""
+    if options is None:
+        return PredictOptions.from_kwargs(kwargs)
+    if kwargs:
+        raise ValueError(f"give options= or keyword options ({', '.join(sorted(kwargs))}), not both")
+    if not isinstance(options, PredictOptions):
+        raise ValueError(f"options= takes a PredictOptions, got {type(options).__name__}; or pass keywords")
+    return options
 
-    return PredictOptions.from_kwargs(options).split()
+
+def _engine_options(opts: PredictOptions) -> GenerationOptions:
+    """`PredictOptions` -> the engine's `GenerationOptions` (the parsing options stay with the Result)."""
+    sampling = SamplingOptions(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed)
+    return GenerationOptions(max_new_tokens=opts.max_new_tokens, sampling=sampling, num_beams=opts.num_beams,
+                             length_penalty=opts.length_penalty)
+
+
+def _checked_ids(ids: Sequence[int]) -> list[int]:
+    ids = list(ids)
+    if len(ids) > MAX_PROMPT_TOKENS:
+        raise ValueError(f"prompt is {len(ids)} tokens; the limit is {MAX_PROMPT_TOKENS}. Shorten it.")
+    return ids
 
 
 def _image_key(image) -> Any:

@@ -364,7 +364,8 @@ class ImageProcessor:
 
     def preprocess_with_sizes(self, images: ImageInput | list[ImageInput]) -> tuple[Any, list[tuple[int, int]]]:
         """(pixel_values `[B, 3, S, S]`, original (width, height) of each image after EXIF rotation: the
-        size boxes are scaled back to)."""
+        size boxes are scaled back to). An image `model_ready` made is already loaded (RGB, upright,
+        checked: the server's intake loaded it) and is not loaded again."""
         import torch
 
         if isinstance(images, (list, tuple)):
@@ -377,7 +378,8 @@ class ImageProcessor:
             raise ValueError("No images given; pass one image or a non-empty list.")
         arrays, sizes = [], []
         for x in items:
-            img = load_image(x, max_pixels=self.max_pixels)
+            ready = isinstance(x, Image.Image) and x.mode == "RGB" and SOURCE_SIZE in x.info
+            img = x if ready else load_image(x, max_pixels=self.max_pixels)
             sizes.append(tuple(img.info.get(SOURCE_SIZE, img.size)))
             arrays.append(self._process(img))
         return torch.from_numpy(np.stack(arrays)), sizes

@@ -8,6 +8,11 @@ Owns:
 - `clean_labels`: `split_labels` + the checks a PaliGemma prompt needs (`label_problem`: no newline, no ';'
   or '<'/'>' inside a label; none blank, at least one); whitespace is collapsed. Raises ValueError saying
   what to fix.
+- `requested_labels`: the lenient form for the labels a caller says it asked for (the parser's
+  "requested" flag): pieces no prompt could hold are dropped, never raises; None = no preference.
+- `Labels`: what both return, a list the rule already ran on: `clean_labels` / `requested_labels` take
+  one back as is, so labels are cleaned once on their way from the edge through the prompt builder,
+  `PaliGemma` and the parser (not re-split, not re-checked).
 - `singular` / `plural` and `label_forms` (the spellings a label may come back in: "dog", "dogs").
 """
 
@@ -17,7 +22,13 @@ import json
 import re
 from collections.abc import Sequence
 
-__all__ = ["split_labels", "clean_labels", "label_problem", "singular", "plural", "label_forms", "normalize_label"]
+__all__ = ["Labels", "split_labels", "clean_labels", "requested_labels", "label_problem", "singular", "plural", "label_forms", "normalize_label"]
+
+
+class Labels(list):
+    """A label list the label rule and the prompt's checks already ran on (`clean_labels`,
+    `requested_labels`): each a non-blank string with single spaces and no ';', '<', '>' or newline.
+    Treat it as read-only; those functions hand it back as is."""
 
 
 def split_labels(value: str | Sequence[str] | None, limit: int | None = None) -> list[str]:
@@ -60,8 +71,13 @@ def label_problem(item) -> str | None:
     return None
 
 
-def clean_labels(value: str | Sequence[str], limit: int | None = None) -> list[str]:
-    """`split_labels` then the prompt's checks; whitespace inside a label collapsed."""
+def clean_labels(value: str | Sequence[str], limit: int | None = None) -> Labels:
+    """`split_labels` then the prompt's checks; whitespace inside a label collapsed. A `Labels` comes
+    back as is (its count still checked against `limit`)."""
+    if isinstance(value, Labels):
+        if limit is not None and len(value) > limit:
+            raise ValueError(f"{len(value)} labels; at most {limit} per request")
+        return value
     items = split_labels(value, limit)
     if not items:
         raise ValueError("no labels given: detect/segment need at least one object name, e.g. detect('dog')")
@@ -74,7 +90,21 @@ def clean_labels(value: str | Sequence[str], limit: int | None = None) -> list[s
         if not label:
             raise ValueError(f"blank label in {list(items)!r}")
         out.append(label)
-    return out
+    return Labels(out)
+
+
+def requested_labels(value: str | Sequence[str] | None) -> Labels | None:
+    """The labels a caller asked for, leniently (never raises): the label rule, then pieces no prompt
+    could hold (`label_problem`, blank) dropped and whitespace collapsed; None when nothing is left or
+    the value is unreadable ("no preference"). A `Labels` comes back as is."""
+    if value is None or isinstance(value, Labels):
+        return value or None
+    try:
+        items = split_labels(value)
+    except ValueError:
+        return None
+    out = [" ".join(x.split()) for x in map(str, items) if x.strip() and not label_problem(x)]
+    return Labels(out) if out else None
 
 
 def normalize_label(label: str) -> str:

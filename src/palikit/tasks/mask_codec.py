@@ -200,19 +200,29 @@ class MaskCodec(nn.Module):
 def mask_from_tokens(codec: MaskCodec, seg_ids: Sequence[int], box_xyxy: Sequence[float],
                      image_size: tuple[int, int], threshold: float = 0.0) -> np.ndarray:
     """Bool [H, W] mask: decode 16 codes, resize into the floored pixel box (PIL bilinear), > threshold."""
+    return masks_from_tokens(codec, [seg_ids], [box_xyxy], image_size, threshold)[0]
+
+
+def masks_from_tokens(codec: MaskCodec, seg_ids: Sequence[Sequence[int]], boxes_xyxy: Sequence[Sequence[float]],
+                      image_size: tuple[int, int], threshold: float = 0.0) -> list[np.ndarray]:
+    """`mask_from_tokens` for the instances of one result: their codes decoded in ONE codec call."""
     from PIL import Image
 
+    if not seg_ids:
+        return []
     w, h = (int(v) for v in image_size)
-    out = np.zeros((h, w), dtype=bool)
-    x0, y0, x1, y1 = (int(v) for v in box_xyxy)
-    x0, x1 = min(max(x0, 0), w), min(max(x1, 0), w)
-    y0, y1 = min(max(y0, 0), h), min(max(y1, 0), h)
-    if x1 <= x0 or y1 <= y0:
-        return out
-    m64 = codec.decode(torch.as_tensor(list(seg_ids), dtype=torch.long)[None])[0]  # [64, 64]
+    m64 = codec.decode(torch.as_tensor([list(s) for s in seg_ids], dtype=torch.long))  # [N, 64, 64]
     m64 = m64.detach().float().cpu().numpy()
-    resized = np.asarray(Image.fromarray(m64, mode="F").resize((x1 - x0, y1 - y0), Image.BILINEAR))
-    out[y0:y1, x0:x1] = resized > threshold
+    out = []
+    for m, box in zip(m64, boxes_xyxy):
+        mask = np.zeros((h, w), dtype=bool)
+        x0, y0, x1, y1 = (int(v) for v in box)
+        x0, x1 = min(max(x0, 0), w), min(max(x1, 0), w)
+        y0, y1 = min(max(y0, 0), h), min(max(y1, 0), h)
+        if x1 > x0 and y1 > y0:
+            resized = np.asarray(Image.fromarray(m, mode="F").resize((x1 - x0, y1 - y0), Image.BILINEAR))
+            mask[y0:y1, x0:x1] = resized > threshold
+        out.append(mask)
     return out
 
 

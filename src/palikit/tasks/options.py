@@ -1,11 +1,12 @@
 """`PredictOptions`: the one type for a prediction's generation and parsing options.
 
-Every edge converts once into it: the library's keyword options (`PaliGemma.predict(..., temperature=...)`
-go through `PredictOptions.from_kwargs`, which refuses unknown names), the HTTP schema
-(`serve/schemas.gen_options` applies the server's limits, then builds one), the CLI flags
-(`cli/predict.py`), Ray batch and eval (keyword dicts). `split()` gives what the layers below take:
-the engine's `GenerationOptions` (with its `SamplingOptions`) and the parser's options
-(`coord_denominator`, `dedupe_iou`). Frozen and hashable: the server groups requests by it.
+Every edge converts once into it and it travels as is down to `PaliGemma` (no dict in between):
+the library's keyword options (`PaliGemma.predict(..., temperature=...)` go through
+`PredictOptions.from_kwargs`, which refuses unknown names), the HTTP schema (`serve/schemas.gen_options`
+applies the server's limits, then builds one and the server passes it as `options=`), the CLI flags
+(`cli/predict.py`), Ray batch and eval (keyword dicts). `PaliGemma` turns it into the engine's
+`GenerationOptions` (api.py: the layer that owns both; tasks/ sits below the engine and imports none
+of it) and hands `coord_denominator` / `dedupe_iou` to the parser. Frozen and hashable.
 """
 
 from __future__ import annotations
@@ -48,15 +49,6 @@ class PredictOptions:
     def as_kwargs(self) -> dict[str, Any]:
         """Keyword form (what `PaliGemma.predict(**...)` takes back)."""
         return asdict(self)
-
-    def split(self) -> tuple[Any, dict[str, Any]]:
-        """(engine `GenerationOptions`, parse options {"coord_denominator", "dedupe_iou"})."""
-        from ..engine import GenerationOptions, SamplingOptions
-
-        sampling = SamplingOptions(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
-        gen = GenerationOptions(max_new_tokens=self.max_new_tokens, sampling=sampling, num_beams=self.num_beams,
-                                length_penalty=self.length_penalty)
-        return gen, {"coord_denominator": self.coord_denominator, "dedupe_iou": self.dedupe_iou}
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(PredictOptions))

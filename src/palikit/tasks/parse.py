@@ -19,9 +19,10 @@ interrupted), boxes with y1 <= y0 or x1 <= x0 (degenerate: dropped), seg runs sh
 kept, mask dropped), more than 16 segs (first 16 kept), out-of-range or malformed tokens, segs outside
 an instance. Text before the first loc token and other plain text end up in `ParseResult.text`.
 
-Confidence. When `token_texts` (the text each generated token contributed, joining to `text`) and
-`token_logprobs` (natural-log probability of each generated token) are given, every character span is
-mapped back to the tokens that overlap it, and
+Confidence. From token ids (`detections_from_ids`) every `<loc>`/`<seg>` is its own token, scored by
+its index; the label's character span is mapped back to the tokens that wrote it. From text, when
+`token_texts` (the text each generated token contributed, joining to `text`) and `token_logprobs`
+(natural-log probability of each generated token) are given, every span is mapped back that way. Then
 
     score      = exp(mean log-prob of the 4 loc tokens and the tokens of the label)
     mask_score = exp(mean log-prob of the 16 seg tokens)
@@ -43,7 +44,7 @@ import numpy as np
 from .boxes import box_iou, check_denominator, decode_loc
 from .labels import label_forms as _forms
 from .labels import normalize_label as _norm
-from .labels import label_problem, split_labels
+from .labels import requested_labels as _requested
 
 __all__ = ["Detection", "ParseResult", "box_iou", "dedupe", "detection_to_dict", "detections_from_ids",
            "parse_detections"]
@@ -75,35 +76,25 @@ class Detection:
 class ParseResult:
     detections: list[Detection]
     errors: list[str]
-    text: str
+    text: str  # the plain text: the output without its <loc>/<seg> tokens
+    decoded: str = ""  # the whole output as text (from ids: the token texts joined; the Result's text)
 
 
 @dataclass
 class _Instance:
-    locs: list[tuple[int, int, int]] = field(default_factory=list)  # (value, start, end)
-    segs: list[tuple[int, int, int]] = field(default_factory=list)
+    locs: list[tuple[int, int, int, int | None]] = field(default_factory=list)  # (value, start, end, token)
+    segs: list[tuple[int, int, int, int | None]] = field(default_factory=list)
     label: list[tuple[str, int]] = field(default_factory=list)  # (text piece, start)
     extra_segs: int = 0
     stray: int = 0
-
-
-def _requested(labels: str | Sequence[str] | None) -> list[str] | None:
-    if labels is None:
-        return None
-    try:
-        items = split_labels(labels)
-    except ValueError:  # parsing never raises: an unreadable request is "no preference"
-        return None
-    # a piece no prompt could hold (';', '<', '>', a newline: `label_problem`) is not a label: dropped
-    out = [" ".join(x.split()) for x in map(str, items) if x.strip() and not label_problem(x)]
-    return out or None  # an empty list means "no preference", like None
 
 
 class _Scorer:
     """Maps character spans of `text` to generated tokens and averages their log-probs."""
 
     def __init__(self, text: str, token_texts: Sequence[str] | None, token_logprobs: Sequence[float] | None,
-                 errors: list[str]):
+                 errors: list[str], joined: bool = False):
+        """`joined`: `text` was made by joining `token_texts` (from ids), nothing to check."""
         self.ok = False
         if token_texts is None or token_logprobs is None:
             return
@@ -116,7 +107,7 @@ class _Scorer:
         if len(texts) != len(lps):
             errors.append(f"{len(texts)} token_texts but {len(lps)} token_logprobs; scores not computed")
             return
-        if "".join(texts) != text:
+        if not joined and "".join(texts) != text:
             errors.append("token_texts do not join to the text; scores not computed")
             return
         self.starts, pos = [], 0
@@ -139,12 +130,13 @@ class _Scorer:
             i += 1
         return out
 
-    def score(self, spans: list[tuple[int, int]]) -> float | None:
+    def score(self, spans: list[tuple[int, int, int | None]]) -> float | None:
+        """exp(mean log-prob) of the tokens of `spans` (start, end, token index or None: by the span)."""
         if not self.ok:
             return None
         idx: set[int] = set()
-        for s, e in spans:
-            idx |= self.tokens(s, e)
+        for s, e, tok in spans:
+            idx |= {tok} if tok is not None else self.tokens(s, e)
         vals = [self.lps[i] for i in idx if math.isfinite(self.lps[i])]
         if not vals:
             return None
@@ -179,19 +171,24 @@ def detections_from_ids(
     *,
     requested_labels: str | Sequence[str] | None = None,
     coord_denominator: int = 1024,
+    token_texts: Sequence[str] | None = None,
 ) -> ParseResult:
     """`parse_detections` for generated token ids and their log-probs (what `PaliGemma` uses): the
-    `<loc>`/`<seg>` values come from the ids (`tokenizer.loc_value` / `seg_value`), never from text;
-    only the runs of other tokens (labels, ';', stray text) are lexed, from their token texts; scores
-    average the log-probs of the tokens an instance spans. Same result as `parse_detections(
-    tokenizer.decode(ids), ..., token_texts=tokenizer.token_texts(ids), token_logprobs=...)` (tested)."""
+    `<loc>`/`<seg>` values come from the ids (`tokenizer.loc_value` / `seg_value`), never from text,
+    and are scored by their token index; only the runs of other tokens (labels, ';', stray text) are
+    lexed, from their token texts. The ids are turned into text once, here (`tokenizer.token_texts`,
+    unless the caller has them: a streamed request's texts): `decoded` is that text, joined. Same
+    result as `parse_detections(tokenizer.decode(ids), ..., token_texts=tokenizer.token_texts(ids),
+    token_logprobs=...)` (tested)."""
     w, h = _size(image_size)
     check_denominator(coord_denominator)
     ids = [int(i) for i in ids]
-    texts = tokenizer.token_texts(ids)  # the text each token adds; joins to tokenizer.decode(ids)
+    texts = list(token_texts) if token_texts is not None else tokenizer.token_texts(ids)  # joins to decode(ids)
+    if len(texts) != len(ids):
+        raise ValueError(f"{len(ids)} ids but {len(texts)} token_texts")
     text = "".join(texts)
     errors: list[str] = []
-    scorer = _Scorer(text, texts, token_logprobs, errors)
+    scorer = _Scorer(text, texts, token_logprobs, errors, joined=True)
     return _assemble(_id_events(ids, texts, tokenizer), text, (w, h), requested_labels, coord_denominator, scorer,
                      errors)
 
@@ -206,19 +203,21 @@ def _size(image_size) -> tuple[int, int]:
     return w, h
 
 
-def _lex(text: str, offset: int = 0) -> Iterator[tuple[str, str, int, int]]:
-    """(kind, raw, start, end) events of `text` (loc/seg: raw = the digits), offsets shifted by `offset`."""
+def _lex(text: str, offset: int = 0) -> Iterator[tuple[str, str, int, int, None]]:
+    """(kind, raw, start, end, None) events of `text` (loc/seg: raw = the digits), offsets shifted by
+    `offset`; the last field is the token index, which text does not know."""
     for m in _LEX.finditer(text):
         kind = m.lastgroup
         raw = m.group(kind) if kind in ("loc", "seg", "bad") else m.group()
-        yield kind, raw, m.start() + offset, m.end() + offset
+        yield kind, raw, m.start() + offset, m.end() + offset, None
 
 
-def _id_events(ids: list[int], texts: list[str], tokenizer: Any) -> Iterator[tuple[str, str, int, int]]:
-    """Events from token ids: a loc/seg id is its own event; a run of other tokens is lexed as text
-    (every lexer match ends before a '<', so no match spans a loc/seg token: same events as the text)."""
+def _id_events(ids: list[int], texts: list[str], tokenizer: Any) -> Iterator[tuple[str, str, int, int, int | None]]:
+    """Events from token ids: a loc/seg id is its own event, with its token index; a run of other
+    tokens is lexed as text (every lexer match ends before a '<', so no match spans a loc/seg token:
+    same events as the text)."""
     pos, run_start, run = 0, 0, []
-    for i, t in zip(ids, texts):
+    for n, (i, t) in enumerate(zip(ids, texts)):
         loc, seg = tokenizer.loc_value(i), tokenizer.seg_value(i)
         if loc is None and seg is None:
             if not run:
@@ -229,7 +228,7 @@ def _id_events(ids: list[int], texts: list[str], tokenizer: Any) -> Iterator[tup
                 yield from _lex("".join(run), run_start)
                 run = []
             raw = ("loc", f"{loc:04d}") if loc is not None else ("seg", f"{seg:03d}")
-            yield (*raw, pos, pos + len(t))
+            yield (*raw, pos, pos + len(t), n)
         pos += len(t)
     if run:
         yield from _lex("".join(run), run_start)
@@ -246,7 +245,7 @@ def _assemble(events, text: str, size: tuple[int, int], requested_labels, coord_
     stray_segs = 0
     specials: list[str] = []
 
-    for kind, raw, start, end in events:
+    for kind, raw, start, end, tok in events:
         if kind == "loc":
             v = int(raw)
             if v > 1023:
@@ -257,14 +256,14 @@ def _assemble(events, text: str, size: tuple[int, int], requested_labels, coord_
                 cur = None
             if cur is None:
                 cur = _Instance()
-            cur.locs.append((v, start, end))
+            cur.locs.append((v, start, end, tok))
         elif kind == "seg":
             v = int(raw)
             if v > 127:
                 errors.append(f"<seg{raw}> is out of range (0..127); ignored")
             elif cur is not None and len(cur.locs) == 4 and not cur.label:
                 if len(cur.segs) < 16:
-                    cur.segs.append((v, start, end))
+                    cur.segs.append((v, start, end, tok))
                 else:
                     cur.extra_segs += 1
             else:
@@ -297,7 +296,7 @@ def _assemble(events, text: str, size: tuple[int, int], requested_labels, coord_
         if len(inst.locs) < 4:
             errors.append(f"instance {n}: only {len(inst.locs)} of 4 <loc> tokens (truncated or malformed); skipped")
             continue
-        y0, x0, y1, x1 = (v for v, _, _ in inst.locs)
+        y0, x0, y1, x1 = (v for v, *_ in inst.locs)
         if y1 <= y0 or x1 <= x0:
             errors.append(f"instance {n} ({label or 'no label'}): degenerate box y0={y0} x0={x0} y1={y1} x1={x1}; "
                           "skipped")
@@ -307,22 +306,22 @@ def _assemble(events, text: str, size: tuple[int, int], requested_labels, coord_
             errors.append(f"instance {n} ({label or 'no label'}): only {len(inst.segs)} of 16 <seg> tokens; "
                           "box kept, mask dropped")
         elif inst.segs:
-            seg = tuple(v for v, _, _ in inst.segs)
+            seg = tuple(v for v, *_ in inst.segs)
         if inst.extra_segs:
             errors.append(f"instance {n}: {inst.extra_segs} <seg> token(s) beyond 16; ignored")
         if not label and requested and len(requested) == 1:
             label = requested[0]
         box = decode_loc((y0, x0, y1, x1), (w, h), coord_denominator)
-        spans = [(s, e) for _, s, e in inst.locs]
-        if raw_label.strip():
+        spans = [(s, e, tok) for _, s, e, tok in inst.locs]
+        if raw_label.strip():  # the label is text: its span maps back to the tokens that wrote it
             start = inst.label[0][1] + (len(raw_label) - len(raw_label.lstrip()))
-            spans.append((start, start + len(raw_label.strip())))
+            spans.append((start, start + len(raw_label.strip()), None))
         detections.append(Detection(
             label=label, box=box, loc=(y0, x0, y1, x1), score=scorer.score(spans), seg_tokens=seg,
             requested=requested is None or bool(_forms(label) & wanted),
-            mask_score=scorer.score([(s, e) for _, s, e in inst.segs]) if seg is not None else None,
+            mask_score=scorer.score([(s, e, tok) for _, s, e, tok in inst.segs]) if seg is not None else None,
         ))
-    return ParseResult(detections, errors, re.sub(r"[ \t]{2,}", " ", _TOKEN.sub("", text)).strip())
+    return ParseResult(detections, errors, re.sub(r"[ \t]{2,}", " ", _TOKEN.sub("", text)).strip(), text)
 
 
 def dedupe(detections: Sequence[Detection], iou_threshold: float = 0.7) -> list[Detection]:

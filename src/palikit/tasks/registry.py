@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .prompts import answer, caption, describe, detect, ocr, question, segment
-from .labels import clean_labels, split_labels
+from .labels import clean_labels, requested_labels, split_labels
 
 __all__ = ["Arg", "EvalSpec", "Task", "TASKS", "register", "get_task", "tasks_where", "eval_task", "EVAL_ALIASES"]
 
@@ -87,7 +87,8 @@ class Task:
     def prompt(self, values: Mapping[str, Any], lang: str = "en",
                max_labels: int | None = None) -> tuple[str, list[str] | None]:
         """(prompt, requested labels or None) from argument values (missing optional args: None).
-        Label arguments go through the label rule; bad values raise ValueError saying what to fix."""
+        Label arguments go through the label rule once (a `Labels`, which the builder, `PaliGemma` and
+        the parser take as is); bad values raise ValueError saying what to fix."""
         kwargs: dict[str, Any] = {}
         labels: list[str] | None = None
         for a in self.args:
@@ -95,7 +96,7 @@ class Task:
             if a.kind == "labels":
                 if v is None and not a.required:
                     continue
-                v = clean_labels(v, max_labels) if a.required else (split_labels(v, max_labels) or None)
+                v = clean_labels(v, max_labels) if a.required else requested_labels(split_labels(v, max_labels))
                 if v is None:
                     continue
                 labels = v
