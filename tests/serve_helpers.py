@@ -1,7 +1,9 @@
-"""Helpers for the server tests: a tiny random checkpoint, a REAL `palikit serve` process on a free
-loopback port (shared by the test files of one pytest run), test images, and RSS readings.
+"""Helpers for the server tests, in one place: a tiny random checkpoint, a REAL `palikit serve` process
+on a free loopback port (`free_port`), the fixtures that start one (`server`: one server shared by the
+test files of one pytest run; `server_fixture(*flags)`: a module's own), test images, and RSS readings.
 
-Not a test module (no `test_` prefix); the server test files import it.
+Not a test module (no `test_` prefix); the server test files import it (fixtures too:
+`from serve_helpers import server`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 API_KEY = "sk-test-palikit-0123456789"
@@ -114,7 +117,7 @@ class Server:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=self.headers, timeout=60, **kw)
+        return httpx.Client(base_url=self.url, headers=self.headers, **{"timeout": 60, **kw})
 
     def log(self) -> str:
         try:
@@ -149,6 +152,30 @@ def shared_server() -> Server:
     if srv is None or not srv.alive():
         srv = _cache["server"] = Server("--max-upload-mb", "2")
     return srv
+
+
+@pytest.fixture(scope="module")
+def server() -> Server:
+    """The shared server (`shared_server`)."""
+    return shared_server()
+
+
+@pytest.fixture(scope="module")
+def pg():
+    """The server's checkpoint loaded in the test process (`reference_model`)."""
+    return reference_model()
+
+
+def server_fixture(*flags: str):
+    """A module-scoped fixture: a server of the module's own with these `palikit serve` flags, stopped
+    after the module. `server = server_fixture("--max-slots", "4")`."""
+    @pytest.fixture(scope="module")
+    def own_server():
+        srv = Server(*flags)
+        yield srv
+        srv.stop()
+
+    return own_server
 
 
 # ------------------------------------------------------------------------------ images

@@ -15,7 +15,8 @@ from PIL import Image
 
 from palikit.preprocess import SOURCE_SIZE, ImageError, ImageProcessor, load_image
 from palikit.serve.images import PixelBudget, decode_image
-from palikit.serve.schemas import ApiError, ServerSettings
+from palikit.serve import ServerSettings
+from palikit.serve.errors import ApiError
 
 
 def _enc(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from serve_helpers import free_port
 
 from helpers import free_port
 

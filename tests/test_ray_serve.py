@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
 import time
 
@@ -15,20 +14,15 @@ import pytest
 import ray
 from PIL import Image
 from ray import serve
+from serve_helpers import free_port
 
 from palikit.api import PaliGemma
 from palikit.distributed.ray_serve import PROXY_TIMEOUT_MARGIN_S, REPLICA_HEADER, build_application, proxy_http_options
-from palikit.serve.schemas import ServerSettings
+from palikit.serve import ServerSettings
 from palikit.testing import make_tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # a real Ray cluster
 REQUEST_TIMEOUT_S = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(seed: int) -> bytes:
@@ -41,8 +35,8 @@ def _png(seed: int) -> bytes:
 def deployed(tmp_path_factory):
     ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("serve-tiny"), family="pg1")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    port = _free_port()
-    settings = ServerSettings(warmup=False, max_batch_size=4, request_timeout_s=REQUEST_TIMEOUT_S)
+    port = free_port()
+    settings = ServerSettings(warmup=False, max_slots=4, request_timeout_s=REQUEST_TIMEOUT_S)
     serve.start(http_options=proxy_http_options("127.0.0.1", port, settings))
     serve.run(build_application(str(ckpt), settings=settings, replicas=2, device="cpu", cpus_per_replica=0.5),
               name="palikit", route_prefix="/", blocking=False)

@@ -11,21 +11,12 @@ import httpx
 
 import pytest
 from PIL import Image
-from serve_helpers import assert_same_result, b64, metric_samples, one_thread, png_bytes, reference_model, shared_server
+from serve_helpers import assert_same_result, b64, metric_samples, one_thread, png_bytes, shared_server
+from serve_helpers import pg, server  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow  # a real server process
 
 MNT = 10
-
-
-@pytest.fixture(scope="module")
-def server():
-    return shared_server()
-
-
-@pytest.fixture(scope="module")
-def pg():
-    return reference_model()
 
 
 def _img(data: bytes) -> Image.Image:

@@ -12,7 +12,8 @@ import json
 import httpx
 import pytest
 from PIL import Image
-from serve_helpers import API_KEY, b64, bomb_png, one_thread, png_bytes, reference_model, shared_server
+from serve_helpers import API_KEY, b64, bomb_png, one_thread, png_bytes, reference_model
+from serve_helpers import server  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow  # a real server process
 
@@ -180,11 +181,6 @@ MATRIX = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server():
-    return shared_server()
-
-
 @pytest.mark.parametrize("case", MATRIX, ids=[m[0] for m in MATRIX])
 def test_bad_input_gets_a_clear_4xx(server, case):
     _, path, kwargs, headers, status, kind, fragment = case
@@ -233,7 +229,7 @@ def test_non_loopback_bind_without_key_warns_loudly(capfd, monkeypatch):
         main,
         serve,  # noqa: F401  (registers the command)
     )
-    from palikit.serve.app import is_loopback
+    from palikit.serve.settings import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")

@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
-from serve_helpers import CHROMIUM, CHROMIUM_FLAGS as FLAGS, shared_server
+from serve_helpers import CHROMIUM, CHROMIUM_FLAGS as FLAGS
+from serve_helpers import server  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow  # a real server process and chromium
 
-
-
-@pytest.fixture(scope="module")
-def server():
-    return shared_server()
 
 
 @pytest.fixture()

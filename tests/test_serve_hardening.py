@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from serve_helpers import API_KEY, Server, metric_samples, png_bytes
+from serve_helpers import API_KEY, metric_samples, png_bytes, server_fixture
 
 pytestmark = pytest.mark.slow  # real server processes under hostile load
 
@@ -36,11 +36,7 @@ def _status_kb(pid: int, field: str) -> int:
     raise RuntimeError(field)
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = Server("--max-upload-mb", "4")
-    yield srv
-    srv.stop()
+server = server_fixture("--max-upload-mb", "4")
 
 
 def _caption(c: httpx.Client, data: bytes, name: str = "x.png") -> httpx.Response:
@@ -137,11 +133,7 @@ def test_normal_request_is_fast_while_extreme_aspect_uploads_are_in_flight(serve
         assert x.status_code in (200, 429), x.text
 
 
-@pytest.fixture(scope="module")
-def guarded():
-    srv = Server("--header-timeout", "2", "--log-level", "info", "--allowed-hosts", "api.example.com,127.0.0.1")
-    yield srv
-    srv.stop()
+guarded = server_fixture("--header-timeout", "2", "--log-level", "info", "--allowed-hosts", "api.example.com,127.0.0.1")
 
 
 def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"", t0: float | None = None) -> float | None:

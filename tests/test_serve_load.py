@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import Server, b64, data_url, metric_samples, one_thread, png_bytes, reference_model
+from serve_helpers import b64, data_url, metric_samples, one_thread, png_bytes, reference_model, server_fixture
 
 pytestmark = pytest.mark.slow  # real server processes under load
 
@@ -23,11 +23,7 @@ WARMUP = 200           # requests before the first RSS reading
 MAX_RSS_GROWTH_MB = 48  # after warm-up; a leak of a few KB per request would exceed it
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = Server("--max-batch-size", "16")
-    yield srv
-    srv.stop()
+server = server_fixture("--max-slots", "16")
 
 
 def _specs(pg):

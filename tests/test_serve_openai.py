@@ -9,24 +9,15 @@ import io
 import openai
 import pytest
 from PIL import Image
-from serve_helpers import data_url, one_thread, png_bytes, reference_model, shared_server
+from serve_helpers import data_url, one_thread, png_bytes
+from serve_helpers import pg, server  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow  # a real server process
 
 
 @pytest.fixture(scope="module")
-def server():
-    return shared_server()
-
-
-@pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def pg():
-    return reference_model()
 
 
 def _msg(text: str, data: bytes) -> list[dict]:

@@ -11,16 +11,12 @@ import re
 import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
-from serve_helpers import API_KEY, CHROMIUM, one_thread, png_bytes, reference_model, shared_server
+from serve_helpers import API_KEY, CHROMIUM, one_thread, png_bytes, reference_model
 from serve_helpers import CHROMIUM_FLAGS as FLAGS
+from serve_helpers import server  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow  # a real server process and chromium
 
-
-
-@pytest.fixture(scope="module")
-def server():
-    return shared_server()
 
 
 @pytest.fixture(scope="module")

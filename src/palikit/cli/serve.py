@@ -11,14 +11,17 @@ import sys
 
 import typer
 
+from ..serve.settings import ServerSettings
 from . import app
+
+_D = ServerSettings()  # the defaults (one home: every flag below that mirrors a setting reads it here)
 
 
 @app.command("serve")
 def serve(
     model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder, big_vision .npz or Hub id (default: bundled demo)."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind. Anything but loopback exposes the server: set --api-key."),
-    port: int = typer.Option(8000, help="Port to bind (0 = any free port)."),
+    host: str = typer.Option(_D.host, help="Address to bind. Anything but loopback exposes the server: set --api-key."),
+    port: int = typer.Option(_D.port, help="Port to bind (0 = any free port)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (bf16 on GPU)."),
     tokenizer: str = typer.Option(None, help="Tokenizer file when it is not next to the weights."),
@@ -27,21 +30,27 @@ def serve(
     adapter: str = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format) merged into --model."),
     quantize: str = typer.Option(None, "--quantize", help="int8 or int4: quantize the weights at load."),
     api_key: list[str] = typer.Option(None, "--api-key", help="Accepted Bearer key (repeatable); also env PALIKIT_API_KEYS (comma-separated)."),
-    max_batch_size: int = typer.Option(16, help="Engine slots: requests decoding together (continuous batching)."),
-    max_queue: int = typer.Option(256, help="Waiting requests beyond which new ones get 503 + Retry-After."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request (queue + generation) before 504."),
-    max_upload_mb: float = typer.Option(20.0, help="Largest image file accepted (MB)."),
-    max_image_pixels: int = typer.Option(40_000_000, help="Largest image accepted, width x height (decompression bombs)."),
-    max_aspect_ratio: float = typer.Option(100.0, help="Most elongated image accepted (longer side / shorter side)."),
-    decode_budget_mpx: float = typer.Option(64.0, help="Decoded image pixels in flight, all requests together "
-                                            "(millions; beyond: 429 + Retry-After)."),
+    max_slots: int = typer.Option(_D.max_slots, help="Engine slots: requests decoding together (continuous batching)."),
+    max_batch_size: int = typer.Option(None, hidden=True, help="Deprecated name of --max-slots."),
+    max_queue: int = typer.Option(_D.max_queue, help="Requests waiting for a slot beyond which new ones get 503 + "
+                                  "Retry-After."),
+    timeout: float = typer.Option(_D.request_timeout_s, "--timeout", help="Seconds per request (queue + generation) "
+                                  "before 504."),
+    max_upload_mb: float = typer.Option(_D.max_upload_bytes / 2**20, help="Largest image file accepted (MB)."),
+    max_image_pixels: int = typer.Option(_D.max_image_pixels, help="Largest image accepted, width x height "
+                                         "(decompression bombs)."),
+    max_aspect_ratio: float = typer.Option(_D.max_aspect_ratio, help="Most elongated image accepted (longer side / "
+                                           "shorter side)."),
+    decode_budget_mpx: float = typer.Option(_D.decode_budget_pixels / 1e6, help="Decoded image pixels in flight, all "
+                                            "requests together (millions; beyond: 429 + Retry-After)."),
     allowed_hosts: str = typer.Option(None, help="Comma-separated Host names served ('*' = any). Default: loopback "
                                       "names when bound to loopback, any otherwise."),
-    header_timeout: float = typer.Option(10.0, help="Seconds a connection has to send complete request headers."),
-    keep_alive: int = typer.Option(5, help="Seconds an idle keep-alive connection stays open."),
-    max_new_tokens_limit: int = typer.Option(512, help="Largest max_new_tokens a client may ask for."),
-    max_prompt_chars: int = typer.Option(2000, help="Longest prompt accepted (characters)."),
-    warmup: bool = typer.Option(True, help="Run one tiny prediction before /readyz reports ready."),
+    header_timeout: float = typer.Option(_D.header_timeout_s, help="Seconds a connection has to send complete request "
+                                         "headers."),
+    keep_alive: int = typer.Option(_D.keep_alive_s, help="Seconds an idle keep-alive connection stays open."),
+    max_new_tokens_limit: int = typer.Option(_D.max_new_tokens_limit, help="Largest max_new_tokens a client may ask for."),
+    max_prompt_chars: int = typer.Option(_D.max_prompt_chars, help="Longest prompt accepted (characters)."),
+    warmup: bool = typer.Option(_D.warmup, help="Run one tiny prediction before /readyz reports ready."),
     torch_threads: int = typer.Option(0, help="torch intra-op threads (0 = torch's default; 1 is fastest for tiny models)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     replicas: int = typer.Option(0, help="Serve N replicas with Ray Serve (one per GPU when there are GPUs); 0 = one process."),
@@ -54,19 +63,25 @@ def serve(
     try:
         import uvicorn
 
-        from ..serve import ServerSettings, create_app
-        from ..serve.app import is_loopback
+        from ..serve import create_app
     except ImportError as e:
         raise ImportError(f"the server needs extra packages ({e.name} is missing): "
                           "pip install fastapi uvicorn python-multipart prometheus-client") from None
+    from ..serve.settings import is_loopback
     from .predict import load_model
 
+    if max_batch_size is not None:
+        if max_slots not in (_D.max_slots, max_batch_size):
+            raise ValueError("--max-batch-size is the old name of --max-slots: give one of them.")
+        print("palikit: --max-batch-size is deprecated (it sets the engine's slots): use --max-slots.",
+              file=sys.stderr, flush=True)
+        max_slots = max_batch_size
     keys = tuple(api_key or ()) + ServerSettings.keys_from_env()
     if not is_loopback(host) and not keys:
         bar = "!" * 78
         print(f"{bar}\nWARNING: binding to {host} with NO API key: anyone who can reach this address can use the "
               f"model.\nSet --api-key or PALIKIT_API_KEYS, or bind to 127.0.0.1.\n{bar}", file=sys.stderr)
-    settings = ServerSettings(host=host, port=port, api_keys=keys, max_batch_size=max_batch_size,
+    settings = ServerSettings(host=host, port=port, api_keys=keys, max_slots=max_slots,
                               max_queue=max_queue, request_timeout_s=timeout,
                               max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
                               max_new_tokens_limit=max_new_tokens_limit, max_prompt_chars=max_prompt_chars,

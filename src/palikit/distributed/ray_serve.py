@@ -23,7 +23,7 @@ def proxy_http_options(host: str, port: int, settings=None) -> dict[str, Any]:
     """`serve.start`'s http_options: where the proxy listens, and an end-to-end bound on every request.
     The app answers 504 at `request_timeout_s`; the proxy's bound (that plus a margin) covers what the
     app cannot see, a request that was on a replica when the replica died."""
-    from ..serve.schemas import ServerSettings
+    from ..serve.settings import ServerSettings
 
     settings = settings or ServerSettings()
     return {"host": host, "port": port, "request_timeout_s": settings.request_timeout_s + PROXY_TIMEOUT_MARGIN_S}
@@ -35,7 +35,7 @@ def build_application(model: str, *, settings=None, replicas: int = 1, min_repli
     """A Ray Serve `Application` ready for `serve.run`. With min/max replicas it autoscales."""
     from ray import serve
 
-    from ..serve.schemas import ServerSettings
+    from ..serve.settings import ServerSettings
 
     settings = settings or ServerSettings()
 
@@ -62,14 +62,14 @@ def build_application(model: str, *, settings=None, replicas: int = 1, min_repli
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": 1 if use_gpu else 0},
-                               "max_ongoing_requests": settings.max_queue + settings.max_batch_size}
+                               "max_ongoing_requests": settings.max_queue + settings.max_slots}
     if min_replicas is not None or max_replicas is not None:
         lo = min_replicas if min_replicas is not None else 1
         hi = max_replicas if max_replicas is not None else max(lo, replicas)
         if not 0 <= lo <= hi:
             raise ValueError(f"autoscaling bounds must satisfy 0 <= min ({lo}) <= max ({hi})")
         options["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, min(replicas, hi)),
-                                         "target_ongoing_requests": max(2, settings.max_batch_size // 2)}
+                                         "target_ongoing_requests": max(2, settings.max_slots // 2)}
     else:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
@@ -85,7 +85,7 @@ def serve_replicas(model: str, *, host: str = "127.0.0.1", port: int = 8000, set
     import ray
     from ray import serve
 
-    from ..serve.schemas import ServerSettings
+    from ..serve.settings import ServerSettings
 
     settings = replace(settings or ServerSettings(), host=host, port=port)
     if not ray.is_initialized():

@@ -1,12 +1,13 @@
 """Continuous batching: one scheduler thread owns the model and runs every generation.
 
-Requests wait in one bounded FIFO. Between decode steps the scheduler admits as many as there are
-free slots (and `max_prefill_tokens` allows), when admitting is worth a prefill: fewer than half the
-slots are decoding, at least `min_admit` requests can join at once (a quarter of the slots by
-default), or requests have waited `max_waiting_steps` decode steps (TGI's `max_waiting_tokens` rule). That keeps one-request
-prefills from eating the decode time under load (a prefill costs about a decode step when the model
-is small), at a cost of a few steps of first-token latency. Admitted
-requests' images go through the vision tower as one batch
+Requests wait in one bounded FIFO: at most `max_queue` beyond the `max_slots` that decode (the only
+admission bound, the HTTP server's too; a refusal carries a Retry-After estimate). Between decode
+steps the scheduler admits as many as there are free slots (and `max_prefill_tokens` allows), when
+admitting is worth a prefill: fewer than half the slots are decoding, at least `min_admit` requests
+can join at once (a quarter of the slots by default), or requests have waited `max_waiting_steps`
+decode steps (TGI's `max_waiting_tokens` rule). That keeps one-request prefills from eating the
+decode time under load (a prefill costs about a decode step when the model is small), at a cost of
+a few steps of first-token latency. Admitted requests' images go through the vision tower as one batch
 (cached by content), their prompts through one batched prefill into the free cache rows, and their
 first tokens are sampled. Then one decode step advances every live slot; a sequence that produced
 a stop token or reached its `max_new_tokens` is finished and its slot freed at once, so a short
@@ -120,14 +121,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------ public
     def submit(self, request, options, on_token=None) -> Ticket:
-        """Queue one request (thread-safe, returns at once). Raises QueueFull when the queue is full."""
+        """Queue one request (thread-safe, returns at once). Admission (the one bound: the server adds
+        none): refused with QueueFull and a Retry-After estimate when `max_queue` requests already
+        wait beyond the `max_slots` that decode, i.e. when the engine holds `max_slots + max_queue`;
+        Closed after `close()`."""
         stop = frozenset(() if options.ignore_eos else (*self.engine.eos_ids, *options.stop_ids))
         seed = options.sampling.seed if options.sampling.seed is not None else random.getrandbits(63)
         ticket = Ticket(request, options, on_token, stop, seed)
         with self._cv:
             if self._closed:
                 raise Closed("the engine is shut down")
-            if len(self._queue) >= self.max_queue:
+            if len(self._queue) + len(self._live) >= self.max_slots + self.max_queue:
                 raise QueueFull(self.retry_after())
             self._queue.append(ticket)
             self._ensure_thread()
@@ -146,6 +150,8 @@ class Scheduler:
         return fut
 
     def retry_after(self) -> int:
+        """Seconds until a refused request would likely find room: the waves of slot-sized groups
+        ahead of it times the recent service time of one request (a moving average)."""
         waves = len(self._queue) / self.max_slots + 1
         return max(1, math.ceil(waves * self._service_s))
 

@@ -1,6 +1,25 @@
 """The FastAPI app: `create_app(pg, settings)` -> task endpoints, OpenAI-compatible chat, health,
 metrics and the browser playground, in front of one `PaliGemma` and its continuous-batching engine.
 
+Life of a request (`POST /v1/detect`, JSON or multipart):
+1. `ServerMiddleware` (pure ASGI, on the event loop): request id, Host allowlist, API key, the body cap
+   counted while reading; at the end the status, latency and a client abort go to the metrics.
+2. The task route (`task_route`): `read_fields` reads the body; the task's request model (built from
+   the task table) validates it; `gen_options` makes the one `PredictOptions` (server limits
+   applied); `Task.prompt` builds the prompt and cleans the labels once; `State.prompt_ids` tokenizes
+   the prompt once and checks its length. All of this before the image is touched.
+3. `State.decode` (worker thread): the bounded image intake of `images.py` loads the image once and
+   keeps it at model size (the original size rides along for the boxes).
+4. `EngineFront.submit` (worker thread): `PaliGemma.submit` turns that image into pixels and queues
+   ids + pixels + options on the engine scheduler, the one admission point (full: 503 + Retry-After).
+5. The scheduler thread admits it into a slot between decode steps, prefills it with the others, and
+   decodes until EOS or `max_new_tokens` (tokens stream out through `on_text` for streaming chat).
+6. `EngineFront.result` (worker thread, within the request timeout): `Pending.result` turns the ids
+   into text once while parsing boxes and masks (scores per token; the masks of a result in one
+   codec call); the route answers `Result.to_dict()`.
+Any exception on the way becomes its HTTP error in one place, `errors.api_error` (the app's exception
+handlers, and the error event of a streaming chat).
+
 Images come only as bytes: a multipart upload, base64 or a data URL. The server never fetches a
 URL and never opens a path a client names; images go through the bounded intake of `images.py`
 (format allowlist, header checks, decoded-pixel budget, model-size pixels while waiting). Every
@@ -26,22 +45,21 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..tasks.options import PredictOptions
 from ..tasks.registry import get_task, tasks_where
 from . import openai_compat
-from .batcher import EngineFront, QueueFull, Stopped
 from .docs import mount_docs
+from .errors import ApiError, api_error, bad_request, handled_exceptions
+from .front import EngineFront, Item
 from .images import PixelBudget, decode_image, image_bytes_from_string
 from .metrics import Metrics
 from .parsing import _openapi_body, build_prompt, prompt_param, read_fields
-from .schemas import (ApiError, ChatRequest, Item, Options, ServerSettings, bad_request, clean_message, gen_options,
-                      is_loopback, parse_model, request_model)
+from .schemas import ChatRequest, Options, gen_options, parse_model, request_model
+from .settings import ServerSettings
 
 log = logging.getLogger("palikit.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -64,14 +82,10 @@ class State:
         self.settings = settings
         self.metrics = Metrics()
         self.ready = False
-        self.batcher = EngineFront(pg, max_slots=settings.max_batch_size, max_queue=settings.max_queue,
-                                   on_done=self._done)
+        self.front = EngineFront(pg, max_slots=settings.max_slots, max_queue=settings.max_queue, on_done=self._done)
         self.name = getattr(pg, "name", "paligemma")
         self.tasks = [t.name for t in tasks_where("http")]  # POST /v1/<task>, from the task table
         self.endpoints = ENDPOINTS | {f"/v1/{t}" for t in self.tasks}  # metric labels
-        from ..api import MAX_PROMPT_TOKENS
-
-        self.max_prompt_tokens = MAX_PROMPT_TOKENS
         # decoding runs in worker threads (never on the model thread): a few at once, within the pixel budget
         self.decode_limiter = anyio.CapacityLimiter(max(2, min(8, os.cpu_count() or 2)))
         self.pixel_budget = PixelBudget(settings.decode_budget_pixels)
@@ -91,7 +105,8 @@ class State:
     def _done(self, result, seconds: float) -> None:
         self.metrics.observe_generation(len(result.tokens), seconds)
 
-    def prompt_tokens(self, prompt: str, param: str = "prompt") -> int:
+    def prompt_ids(self, prompt: str, param: str = "prompt") -> list[int]:
+        """The prompt's token ids (tokenized here, once: the engine gets these), or a 400 naming `param`."""
         s = self.settings
         if len(prompt) > s.max_prompt_chars:
             raise bad_request(f"prompt is {len(prompt)} characters; this server accepts at most {s.max_prompt_chars}.",
@@ -99,28 +114,20 @@ class State:
         if not prompt.strip():
             raise bad_request("prompt is empty: e.g. 'caption en', 'ocr', 'answer en what is this', 'detect cat'.",
                               param)
-        n = len(self.pg.tokenizer.encode_prompt(prompt).ids)
-        if n > self.max_prompt_tokens:
-            raise bad_request(f"prompt is {n} tokens; the limit is {self.max_prompt_tokens}.", param)
-        return n
-
-    async def run(self, opts: PredictOptions, item: Item, on_text=None, timeout_s: float | None = None) -> Any:
         try:
-            return await self.batcher.run(item.image, item.prompt, item.labels, opts.as_kwargs(),
-                                          timeout_s or self.settings.request_timeout_s, on_text)
-        except QueueFull as e:
-            raise ApiError(503, "overloaded", "the server is busy (request queue full); retry shortly.",
-                           headers={"Retry-After": str(e.retry_after_s)}) from None
-        except Stopped:
-            raise ApiError(503, "unavailable", "the server is shutting down.", headers={"Retry-After": "1"}) from None
-        except asyncio.TimeoutError:
-            raise ApiError(504, "timeout", f"the request did not finish within {self.settings.request_timeout_s:g} s; "
-                           "retry later or ask for fewer tokens.") from None
-        except ApiError:
-            raise
-        except ValueError as e:  # the library's user-facing errors (bad option, prompt too long, bad image)
-            kind = "invalid_image" if type(e).__name__ == "ImageError" else "invalid_request"
-            raise ApiError(400, kind, clean_message(str(e))) from None
+            return self.pg.encode_prompt(prompt)
+        except ValueError as e:
+            raise bad_request(str(e), param) from None
+
+    async def run(self, opts: PredictOptions, item: Item, timeout_s: float | None = None) -> Any:
+        return await self.front.run(item, opts, timeout_s or self.settings.request_timeout_s)
+
+    def error(self, e: BaseException, request: Request | None = None) -> ApiError:
+        """`errors.api_error` with this server's timeout and the request's id, method and path."""
+        if request is None:
+            return api_error(e, timeout_s=self.settings.request_timeout_s)
+        return api_error(e, timeout_s=self.settings.request_timeout_s, method=request.method,
+                         path=request.url.path, request_id=request.scope.get("state", {}).get("request_id", "?"))
 
     def check_key(self, header: str | None) -> bool:
         keys = self.settings.api_keys
@@ -241,45 +248,30 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        await state.batcher.start()
+        await state.front.start()
         warm = asyncio.create_task(_warmup(state))
         try:
             yield
         finally:
             state.ready = False
             warm.cancel()
-            await state.batcher.stop()
+            await state.front.stop()
 
     app = FastAPI(title="palikit", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="PaliGemma server: task endpoints with structured results, OpenAI-compatible chat, "
-                              "micro-batching. Images as multipart uploads, base64 or data URLs (never URLs).")
+                              "continuous batching. Images as multipart uploads, base64 or data URLs (never URLs).")
     app.state.palikit = state
 
-    # ---------------------------------------------------------------- errors
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError):
-        return error_response(e)
+    # ---------------------------------------------------------------- errors: one mapping (errors.api_error)
+    async def _error(request: Request, e: Exception):
+        return error_response(state.error(e, request))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        msg = {404: f"no such endpoint: {request.url.path[:100]} (see /docs).",
-               405: f"method {request.method} is not allowed here (see /docs)."}.get(e.status_code, str(e.detail))
-        return error_response(ApiError(e.status_code, kind, msg, headers=dict(e.headers or {})))
+    for exc in handled_exceptions():
+        app.add_exception_handler(exc, _error)
 
     @app.exception_handler(ClientDisconnect)
     async def _client_gone(request: Request, e: ClientDisconnect):
         return Response(status_code=CLIENT_GONE)  # nobody reads it; the middleware logs and counts the abort
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, e: RequestValidationError):
-        return error_response(bad_request("invalid request (see /docs)."))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
-        rid = request.scope.get("state", {}).get("request_id", "?")
-        log.exception("request %s failed", rid)
-        return error_response(ApiError(500, "internal_error", f"internal server error (request id {rid})."))
 
     # ---------------------------------------------------------------- health, metrics, playground
     @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers.")
@@ -290,11 +282,11 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
     async def readyz():
         if not state.ready:
             return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
-        return {"status": "ready", "model": state.name, "queue_depth": state.batcher.depth}
+        return {"status": "ready", "model": state.name, "queue_depth": state.front.depth}
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics.", response_class=PlainTextResponse)
     async def metrics():
-        state.metrics.queue_depth.set(state.batcher.depth)
+        state.metrics.queue_depth.set(state.front.depth)
         engine = getattr(pg, "engine", None)
         if engine is not None:
             state.metrics.observe_engine(engine.scheduler.stats())
@@ -308,33 +300,10 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
     mount_docs(app)
 
     # ---------------------------------------------------------------- task endpoints
-    def task_route(task: str):
-        model = request_model(task)
-        param = prompt_param(task)
-
-        async def endpoint(request: Request):
-            fields, upload, is_json = await read_fields(request, settings)
-            req = parse_model(model, fields, strict=is_json)
-            opts = gen_options(req, settings)
-            prompt, labels = build_prompt(task, req, settings.max_labels)
-            state.prompt_tokens(prompt, param)
-            data = upload if upload is not None else image_bytes_from_string(req.image, settings)
-            del fields, upload, req
-            image = await state.decode(data)
-            del data  # while it waits for the model, the request holds only the model-size image
-            t0 = time.perf_counter()
-            result = await state.run(opts, Item(image, prompt, labels))
-            body = result.to_dict()
-            body["model"] = state.name
-            return JSONResponse(body, headers={"X-Server-Ms": f"{(time.perf_counter() - t0) * 1e3:.1f}"})
-
-        endpoint.__name__ = f"v1_{task}"
-        app.post(f"/v1/{task}", tags=["tasks"], summary=get_task(task).summary, openapi_extra=_openapi_body(model),
-                 responses={400: {"description": "invalid input"}, 413: {"description": "too large"},
-                            503: {"description": "queue full"}, 504: {"description": "timeout"}})(endpoint)
-
     for t in state.tasks:
-        task_route(t)
+        app.post(f"/v1/{t}", tags=["tasks"], summary=get_task(t).summary, openapi_extra=_openapi_body(request_model(t)),
+                 responses={400: {"description": "invalid input"}, 413: {"description": "too large"},
+                            503: {"description": "queue full"}, 504: {"description": "timeout"}})(task_route(state, t))
 
     # ---------------------------------------------------------------- OpenAI compatible
     @app.get("/v1/models", tags=["openai"], summary="The served model (OpenAI format).")
@@ -343,40 +312,9 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
 
     chat_schema = ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     chat_defs = chat_schema.pop("$defs", {})
-
-    @app.post("/v1/chat/completions", tags=["openai"], summary="OpenAI-compatible chat completions (image as data URL).",
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": chat_schema}}}})
-    async def chat(request: Request):
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise ApiError(415, "unsupported_media_type", "send the chat request as application/json.")
-        fields, _, _ = await read_fields(request, settings)
-        call = openai_compat.parse_chat(parse_model(ChatRequest, fields, strict=True))
-        if len(call.images) > settings.max_images_per_request:
-            raise bad_request(f"{len(call.images)} images; at most {settings.max_images_per_request} per request.",
-                              "messages")
-        opts = gen_options(Options(**call.options), settings)
-        n_prompt = state.prompt_tokens(call.prompt, "messages")
-        datas = [image_bytes_from_string(u, settings, "messages") for u in call.images]
-        call.images, fields = [], None
-        frames = []
-        while datas:
-            frames.append(await state.decode(datas.pop(0), "messages"))
-        image = frames[0] if len(frames) == 1 else frames
-        n_prompt += _image_tokens(pg) * len(frames)
-        cid = openai_compat.new_id()
-        mnt = opts.max_new_tokens
-        if not call.stream:
-            result = await state.run(opts, Item(image, call.prompt, None))
-            n = len(result.tokens)
-            return openai_compat.completion(cid, state.name, result.text, "length" if n >= mnt else "stop",
-                                            openai_compat.usage(n_prompt, n))
-        try:
-            state.batcher.admit()
-        except (QueueFull, Stopped) as e:
-            raise openai_compat.stream_error(e, state) from None
-        return StreamingResponse(openai_compat.stream(state, cid, image, call, opts, n_prompt), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    app.post("/v1/chat/completions", tags=["openai"], summary="OpenAI-compatible chat completions (image as data URL).",
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": chat_schema}}}}
+             )(openai_compat.chat_completions)
 
     base_openapi = app.openapi
 
@@ -392,11 +330,30 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
     return app
 
 
-def _image_tokens(pg) -> int:
-    try:
-        return int(pg.model.config.vision.num_image_tokens)
-    except Exception:  # noqa: BLE001
-        return 0
+def task_route(state: State, task: str):
+    """The endpoint `POST /v1/<task>` (steps 2-6 of the life of a request, module docstring)."""
+    model = request_model(task)
+    param = prompt_param(task)
+    settings = state.settings
+
+    async def endpoint(request: Request):
+        fields, upload, is_json = await read_fields(request, settings)
+        req = parse_model(model, fields, strict=is_json)
+        opts = gen_options(req, settings)
+        prompt, labels = build_prompt(task, req, settings.max_labels)
+        ids = state.prompt_ids(prompt, param)
+        data = upload if upload is not None else image_bytes_from_string(req.image, settings)
+        del fields, upload, req
+        image = await state.decode(data)
+        del data  # while it waits for the model, the request holds only the model-size image
+        t0 = time.perf_counter()
+        result = await state.run(opts, Item(image, prompt, ids, labels))
+        body = result.to_dict()
+        body["model"] = state.name
+        return JSONResponse(body, headers={"X-Server-Ms": f"{(time.perf_counter() - t0) * 1e3:.1f}"})
+
+    endpoint.__name__ = f"v1_{task}"
+    return endpoint
 
 
 async def _warmup(state: State) -> None:
@@ -405,8 +362,11 @@ async def _warmup(state: State) -> None:
         from PIL import Image
 
         opts = gen_options(Options(max_new_tokens=2), state.settings)
+        image = Image.new("RGB", (32, 32), (128, 128, 128))
         try:
-            await state.run(opts, Item(Image.new("RGB", (32, 32), (128, 128, 128)), "caption en", None),
+            if state.processor is not None:
+                image = state.processor.model_ready(image)
+            await state.run(opts, Item(image, "caption en", state.prompt_ids("caption en"), None),
                             timeout_s=state.settings.request_timeout_s * 5)
         except asyncio.CancelledError:
             raise
@@ -416,4 +376,4 @@ async def _warmup(state: State) -> None:
     state.ready = True
 
 
-__all__ = ["ServerSettings", "create_app", "decode_image", "image_bytes_from_string", "is_loopback"]
+__all__ = ["ServerSettings", "create_app", "decode_image", "image_bytes_from_string"]

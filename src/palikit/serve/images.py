@@ -22,7 +22,8 @@ import re
 import threading
 from contextlib import contextmanager, nullcontext
 
-from .schemas import ApiError, ServerSettings, bad_request
+from .errors import ApiError, bad_request
+from .schemas import ServerSettings
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,", re.IGNORECASE)
 

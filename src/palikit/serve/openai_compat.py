@@ -23,8 +23,10 @@ mapping, documented for users of OpenAI clients:
   as prompt tokens.
 - `stream: true` sends Server-Sent Events (`chat.completion.chunk`, then `data: [DONE]`), one chunk per
   new piece of text, decoded on the continuous-batching engine with every other request; a client
-  that disconnects frees its slot at the next step. `stream_options.include_usage` adds the usage chunk. An error after the stream started
-  arrives as one `data: {"error": ...}` event.
+  that disconnects frees its slot at the next step. `stream_options.include_usage` adds the usage
+  chunk. A refusal (queue full, shutting down) comes before the stream starts, as the same HTTP error
+  as on every route (503 + Retry-After); an error after it started arrives as one `data: {"error": ...}`
+  event.
 """
 
 from __future__ import annotations
@@ -37,8 +39,15 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .batcher import QueueFull, Stopped
-from .schemas import ApiError, ChatRequest, Item, bad_request, clean_message
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from .errors import ApiError, bad_request
+from .front import Item
+from .images import image_bytes_from_string
+from .parsing import read_fields
+from .schemas import ChatRequest, Options, gen_options, parse_model
 
 log = logging.getLogger("palikit.serve")
 
@@ -155,15 +164,61 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-# ------------------------------------------------------------------------------ streaming
-async def stream(state, cid: str, image, call, opts, n_prompt: int):
-    """SSE chunks of an OpenAI streaming chat completion: the request decodes on the engine with
-    everything else, and each new piece of text (incremental detokenization) becomes a chunk."""
+# ------------------------------------------------------------------------------ the endpoint
+async def chat_completions(request: Request):
+    """`POST /v1/chat/completions`: the chat mapped onto one prompt and its image(s) (module docstring),
+    then the same path as a task endpoint (`app.py`, life of a request). A streaming chat is queued on
+    the engine BEFORE the response starts, so a refusal (queue full, shutting down) is a plain HTTP
+    error with its headers (Retry-After), like every other route's."""
+    state = request.app.state.palikit
+    settings = state.settings
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the chat request as application/json.")
+    fields, _, _ = await read_fields(request, settings)
+    call = parse_chat(parse_model(ChatRequest, fields, strict=True))
+    if len(call.images) > settings.max_images_per_request:
+        raise bad_request(f"{len(call.images)} images; at most {settings.max_images_per_request} per request.",
+                          "messages")
+    opts = gen_options(Options(**call.options), settings)
+    ids = state.prompt_ids(call.prompt, "messages")
+    datas = [image_bytes_from_string(u, settings, "messages") for u in call.images]
+    call.images, fields = [], None
+    frames = []
+    while datas:
+        frames.append(await state.decode(datas.pop(0), "messages"))
+    item = Item(frames[0] if len(frames) == 1 else frames, call.prompt, ids, None)
+    n_prompt = len(ids) + _image_tokens(state.pg) * len(frames)
+    cid = new_id()
+    if not call.stream:
+        result = await state.run(opts, item)
+        n = len(result.tokens)
+        return completion(cid, state.name, result.text, "length" if n >= opts.max_new_tokens else "stop",
+                          usage(n_prompt, n))
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
-    on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)  # noqa: E731 - engine thread
+    pending = await state.front.submit(item, opts, lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+    # background: cancel it even when the client left before the stream started (then `stream` never runs)
+    return StreamingResponse(stream(state, cid, pending, pieces, call, opts, n_prompt), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                             background=BackgroundTask(pending.cancel))
+
+
+def _image_tokens(pg) -> int:
+    try:
+        return int(pg.model.config.vision.num_image_tokens)
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+# ------------------------------------------------------------------------------ streaming
+async def stream(state, cid: str, pending, pieces: asyncio.Queue, call, opts, n_prompt: int):
+    """SSE chunks of an OpenAI streaming chat completion for a request already queued on the engine:
+    each new piece of text (incremental detokenization, put on `pieces` from the engine thread)
+    becomes a chunk; an error after the stream started is one `data: {"error": ...}` event
+    (`errors.api_error`, as on every route)."""
     created = int(time.time())
-    job = asyncio.ensure_future(state.run(opts, Item(image, call.prompt, None), on_text))
+    job = asyncio.ensure_future(state.front.result(pending, state.settings.request_timeout_s))
     sent = []
     try:
         yield chunk(cid, state.name, created, {"role": "assistant", "content": ""})
@@ -182,8 +237,7 @@ async def stream(state, cid: str, image, call, opts, n_prompt: int):
         try:
             result = job.result()
         except Exception as e:  # noqa: BLE001
-            err = e if isinstance(e, ApiError) else stream_error(e, state)
-            yield f"data: {json.dumps(err.body())}\n\n"
+            yield f"data: {json.dumps(state.error(e).body())}\n\n"
             return
         streamed = "".join(sent)
         if result.text != streamed and result.text.startswith(streamed):  # held-back tail (or beam search)
@@ -197,16 +251,3 @@ async def stream(state, cid: str, image, call, opts, n_prompt: int):
     finally:
         if not job.done():
             job.cancel()  # the client went away: the engine frees its slot
-
-
-def stream_error(e: BaseException, state) -> ApiError:
-    if isinstance(e, QueueFull):
-        return ApiError(503, "overloaded", "the server is busy (request queue full); retry shortly.")
-    if isinstance(e, Stopped):
-        return ApiError(503, "unavailable", "the server is shutting down.")
-    if isinstance(e, asyncio.TimeoutError):
-        return ApiError(504, "timeout", f"the request did not finish within {state.settings.request_timeout_s:g} s.")
-    if isinstance(e, ValueError):
-        return ApiError(400, "invalid_request", clean_message(str(e)))
-    log.error("streaming generation failed: %r", e)
-    return ApiError(500, "internal_error", "internal server error during generation.")

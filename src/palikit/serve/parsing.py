@@ -12,7 +12,8 @@ from typing import Any
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
-from .schemas import ApiError, ServerSettings, bad_request, clean_message
+from .errors import ApiError, bad_request, clean_message
+from .schemas import ServerSettings
 
 
 async def read_fields(request: Request, settings: ServerSettings) -> tuple[dict[str, Any], bytes | None, bool]:

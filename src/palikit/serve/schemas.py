@@ -1,135 +1,18 @@
-"""Request bodies, server settings and the one error shape of the HTTP server.
-
-Every client error is `{"error": {"type", "message"[, "param"]}}` with a 4xx status; messages say
-what to change and never echo internals (no tracebacks, paths or huge inputs). JSON bodies are
-validated strictly ("temperature": "0.5" is refused); multipart form fields are strings, so they
-are validated leniently ("0.5" is a number there).
+"""Request bodies of the HTTP server. JSON bodies are validated strictly ("temperature": "0.5" is
+refused); multipart form fields are strings, so they are validated leniently ("0.5" is a number
+there). `gen_options` is the HTTP edge's one conversion of the request's options into
+`PredictOptions` (the server's limits and defaults applied). Settings: `settings.py`; errors: `errors.py`.
 """
 
 from __future__ import annotations
 
-import os
-import re
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ..tasks.options import PredictOptions
-
-
-# ------------------------------------------------------------------------------ settings
-@dataclass
-class ServerSettings:
-    """Everything `create_app` needs besides the model; `palikit serve` flags map one-to-one."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys: tuple[str, ...] = ()           # Bearer keys; empty = no auth (fine on loopback only)
-    max_batch_size: int = 16                 # engine slots: requests decoding together (continuous batching)
-    max_queue: int = 256                     # requests waiting for a slot beyond which new ones get 503
-    request_timeout_s: float = 60.0          # queue wait + generation; past it: 504
-    max_upload_bytes: int = 20 * 1024 * 1024  # per image, after base64 decoding
-    max_image_pixels: int = 40_000_000       # width * height read from the header, before decoding
-    max_aspect_ratio: float = 100.0          # longer side / shorter side, from the header
-    decode_budget_pixels: int = 64_000_000   # decoded pixels in flight, all requests together (~190 MB RGB)
-    decode_wait_s: float = 1.0               # wait for that budget at most this long, then 429 + Retry-After
-    max_json_depth: int = 32                 # nesting of a JSON body (deeper: 400)
-    max_labels: int = 64                     # labels per request, every endpoint
-    allowed_hosts: tuple[str, ...] | None = None  # Host header names served (None: any; see default_allowed_hosts)
-    header_timeout_s: float = 10.0           # a connection must send complete request headers within this
-    keep_alive_s: int = 5                    # idle keep-alive connections are closed after this
-    max_images_per_request: int = 8          # frames of one example (chat messages with several images)
-    max_prompt_chars: int = 2000
-    max_new_tokens_limit: int = 512
-    default_max_new_tokens: int = 64
-    max_num_beams: int = 4
-    warmup: bool = True                      # one tiny prediction before /readyz says ready
-    cors_origins: tuple[str, ...] = ()
-
-    @property
-    def max_body_bytes(self) -> int:
-        # base64 is 4/3 larger; room for several frames in one chat request and the JSON around them
-        return (self.max_upload_bytes * 4 // 3 + 64 * 1024) * max(1, min(self.max_images_per_request, 4))
-
-    def body_limit(self, path: str) -> int:
-        """Bytes a request body to `path` may have (applied while reading)."""
-        if path == "/v1/chat/completions":
-            return self.max_body_bytes
-        if path.startswith("/v1/"):
-            return self.max_upload_bytes * 4 // 3 + 64 * 1024  # one image as base64 plus the fields
-        return 64 * 1024
-
-    def host_allowlist(self) -> tuple[str, ...] | None:
-        """Names the Host header may carry (lower case, no port); None = any."""
-        if self.allowed_hosts is None:
-            return None
-        names = tuple(h.strip().lower() for h in self.allowed_hosts if h.strip())
-        return None if "*" in names else names
-
-    @staticmethod
-    def default_allowed_hosts(host: str) -> tuple[str, ...] | None:
-        """What `palikit serve` allows without --allowed-hosts: the loopback names on a loopback bind (a
-        web page's DNS-rebinding request carries its own name), any name otherwise (use API keys)."""
-        return ("localhost", "127.0.0.1", "::1") if is_loopback(host) else None
-
-    @staticmethod
-    def keys_from_env(value: str | None = None) -> tuple[str, ...]:
-        raw = os.environ.get("PALIKIT_API_KEYS", "") if value is None else value
-        return tuple(k.strip() for k in raw.split(",") if k.strip())
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-# ------------------------------------------------------------------------------ errors
-class ApiError(Exception):
-    """A client-facing error: HTTP status, machine-readable type, human message."""
-
-    def __init__(self, status: int, type: str, message: str, *, param: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.type, self.message, self.param = status, type, message, param
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        err: dict[str, Any] = {"type": self.type, "message": self.message}
-        if self.param is not None:
-            err["param"] = self.param
-        return {"error": err}
-
-
-def bad_request(message: str, param: str | None = None, type: str = "invalid_request") -> ApiError:
-    return ApiError(400, type, message, param=param)
-
-
-def clean_message(msg: str) -> str:
-    """Library messages are user-facing, but never let a path or a huge value through."""
-    msg = re.sub(r"(/[\w.@+-]+){2,}", "<path>", msg)
-    return msg[:500]
-
-
-def validation_message(e: ValidationError) -> tuple[str, str | None]:
-    """One readable line per problem ("temperature: Input should be a valid number"), never the input."""
-    parts, first = [], None
-    for err in e.errors(include_url=False, include_input=False)[:5]:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        first = first or loc or None
-        msg = err.get("msg", "invalid value")
-        if err.get("type") == "extra_forbidden":
-            msg = "unknown field (check the spelling; see /docs for the accepted fields)"
-        elif err.get("type") == "missing":
-            msg = "field required"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts), first
+from .errors import bad_request, validation_message
+from .settings import ServerSettings
 
 
 # ------------------------------------------------------------------------------ requests
@@ -181,7 +64,6 @@ def request_model(task: str) -> type[BaseModel]:
     return model
 
 
-OPTION_FIELDS = tuple(Options.model_fields)
 GREEDY_BELOW = 1e-5  # temperature or top_p below this: greedy decoding
 
 
@@ -210,9 +92,6 @@ def gen_options(opts: Options, settings: ServerSettings) -> PredictOptions:
     return PredictOptions(max_new_tokens=mnt, temperature=temperature, top_k=top_k, top_p=top_p, seed=opts.seed,
                           num_beams=opts.num_beams, coord_denominator=opts.coord_denominator,
                           dedupe_iou=opts.dedupe_iou)
-
-
-GenOptions = PredictOptions  # the name the server used before PredictOptions was the one options type
 
 
 # ------------------------------------------------------------------------------ chat (OpenAI)
@@ -294,11 +173,3 @@ def parse_model(model: type[BaseModel], data: Any, *, strict: bool) -> Any:
         msg, param = validation_message(e)
         raise bad_request(msg, param) from None
 
-
-@dataclass
-class Item:
-    """One generation request after parsing: what the engine front runs."""
-
-    image: Any  # decoded PIL image, or a list of them (frames)
-    prompt: str
-    labels: list[str] | None
