@@ -190,3 +190,21 @@ def test_eval_refuses_an_unknown_option_before_the_run(pg, tmp_path):
                  predict_options={"temprature": 1.0})
     assert not (tmp_path / "predictions.jsonl").exists() or not (tmp_path / "predictions.jsonl").read_text()
 
+
+@pytest.mark.parametrize("given", ["circle, square", "circle ; square", '["circle", "square"]'])
+def test_palikit_batch_and_palikit_detect_split_labels_alike(given, monkeypatch):
+    import palikit.distributed.ray_batch as ray_batch
+    from palikit.cli import main
+
+    seen = {}
+
+    def fake_run_batch(*args, labels=None, **kw):
+        seen["labels"] = labels
+        raise ValueError("stop here")  # nothing else of the run is needed
+
+    monkeypatch.setattr(ray_batch, "run_batch", fake_run_batch)
+    monkeypatch.setattr("palikit.cli.predict.default_model", lambda m: "unused")
+    assert main(["batch", "-i", "in", "-o", "out", "--task", "detect", "--labels", given]) == 2
+    batch_prompt = ray_batch.prompt_for("detect", {"image": "x.png"}, labels=seen["labels"])
+    detect_prompt = get_task("detect").prompt({"labels": given})  # what `palikit detect IMAGE LABELS` builds
+    assert batch_prompt == detect_prompt == ("detect circle ; square", ["circle", "square"])

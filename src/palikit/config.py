@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 PALIGEMMA_VOCAB = 257_152  # 256000 + 1024 <loc> + 128 <seg>
-LOC_TOKEN_BASE = 256_000
-SEG_TOKEN_BASE = 257_024
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ def batch(
     model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder or Hub id (default: bundled demo)."),
     adapter: Path = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format) merged into --model."),
     quantize: str = typer.Option(None, "--quantize", help="int8 or int4: every worker quantizes the weights at load."),
-    labels: str = typer.Option(None, help="Classes for detect/segment, e.g. 'dog ; car'."),
+    labels: str = typer.Option(None, help="Classes for detect/segment, e.g. 'dog ; car' (commas also separate when "
+                               "there is no ';', as in `palikit detect`)."),
     question: str = typer.Option(None, help="Question for the answer task."),
     prompt: str = typer.Option(None, help="Prompt for the predict task."),
     lang: str = typer.Option("en", help="Language code for caption/answer."),
@@ -41,7 +42,7 @@ def batch(
 
     summary = run_batch(
         input, output, task, default_model(model),
-        labels=[x.strip() for x in labels.split(";")] if labels else None, question=question, prompt=prompt,
+        labels=labels, question=question, prompt=prompt,  # split by the one label rule (tasks.labels), per row
         lang=lang, fmt=format, batch_size=batch_size, num_workers=workers, device=device, address=address,
         max_new_tokens=max_new_tokens, retry_failed=retry_failed, progress=progress, adapter=adapter,
         quantize=quantize,

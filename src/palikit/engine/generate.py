@@ -59,8 +59,6 @@ class Engine:
         bad = [t for t in request.text_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
-        if request.ar_mask is not None and len(request.ar_mask) != len(request.text_ids):
-            raise ValueError("ar_mask must have one flag per text token")
 
     def submit(self, request: Request, options: GenerationOptions = GenerationOptions(), on_token=None) -> Ticket:
         """Queue one request; the Ticket's `result()` is its Generation. `on_token(id, logprob)` is

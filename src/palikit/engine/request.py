@@ -11,12 +11,12 @@ from .sampling import SamplingOptions
 
 @dataclass
 class Request:
-    """One prompt: text ids ([BOS] prefix "\\n" [forced suffix start]) and its image, either as
-    features [F*N, H] or as pixels [F, 3, S, S] with a content key (the engine runs the tower)."""
+    """One prompt: text ids ([BOS] prefix "\\n" [forced suffix start]), all attended as one prefix, and
+    its image, either as features [F*N, H] or as pixels [F, 3, S, S] with a content key (the engine
+    runs the tower)."""
 
     text_ids: list[int]
     image_features: torch.Tensor | None = None
-    ar_mask: list[int] | None = None  # per text token; default: all prefix
     pixel_values: torch.Tensor | None = None
     pixel_key: str | None = None
 

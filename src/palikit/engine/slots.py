@@ -90,7 +90,7 @@ class SlotBatch:
         rows = []
         for r in requests:
             n_img = 0 if r.image_features is None else r.image_features.shape[0]
-            ar = [0] * n_img + (list(r.ar_mask) if r.ar_mask is not None else [0] * len(r.text_ids))
+            ar = [0] * (n_img + len(r.text_ids))  # the whole prompt is one bidirectional prefix
             rows.append((self.model.config.prompt_row(r.text_ids, n_img), ar))
         P, k = max(len(ids) for ids, _ in rows), len(rows)
         ids = torch.full((k, P), self.model.config.pad_token_id, dtype=torch.long)
