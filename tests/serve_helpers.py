@@ -1,5 +1,5 @@
 """Helpers for the server tests, in one place: a tiny random checkpoint, a REAL `palikit serve` process
-on a free loopback port (`free_port`), the fixtures that start one (`server`: one server shared by the
+on a free loopback port (`helpers.free_port`), the fixtures that start one (`server`: one server shared by the
 test files of one pytest run; `server_fixture(*flags)`: a module's own), test images, and RSS readings.
 
 Not a test module (no `test_` prefix); the server test files import it (fixtures too:
@@ -14,7 +14,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from helpers import free_port
 from PIL import Image
 
 API_KEY = "sk-test-palikit-0123456789"
@@ -70,12 +70,6 @@ class one_thread:
 CHROMIUM = "/usr/bin/chromium"  # Debian's (scripts/setup-system.sh installs it)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -14,7 +14,7 @@ A unit may import units of LOWER layers only: never a higher layer, never a sibl
     cli          cli                            the typer commands, over everything
     entry        __main__                       `python -m palikit`
 
-Upward pairs allowed: the one in `EXCEPTIONS` (named, with the reason). The root `palikit/__init__.py`
+Upward pairs allowed: those in `EXCEPTIONS` (named, with the reason; none today). The root `palikit/__init__.py`
 names its exports as strings (lazy), so it imports nothing; `lab/` (the demo-model factory, outside the
 package) imports palikit and is never imported by it. A separate test keeps the module graph free of
 cycles. A package importing a sibling module through itself (`from . import x`) is not an edge.
@@ -42,11 +42,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("entry", {"__main__"}),
 ]
 # (importer, imported): why. Each must still occur (a fixed one is removed from here).
-EXCEPTIONS = {
-    # tasks/options.py builds the engine's GenerationOptions / SamplingOptions from PredictOptions; issue 31's
-    # straight request path (the other half of the issue) moves that conversion out of tasks: remove at merge.
-    ("tasks", "engine"): "tasks/options.py converts PredictOptions to engine types",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}  # none: every import goes down (the last, tasks -> engine, went in issue 31)
 
 
 def _modules() -> dict[str, Path]:

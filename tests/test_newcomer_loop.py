@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-from serve_helpers import free_port
 
 from helpers import free_port
 

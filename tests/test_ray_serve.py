@@ -12,9 +12,9 @@ import httpx
 import numpy as np
 import pytest
 import ray
+from helpers import free_port
 from PIL import Image
 from ray import serve
-from serve_helpers import free_port
 
 from palikit.api import PaliGemma
 from palikit.distributed.ray_serve import PROXY_TIMEOUT_MARGIN_S, REPLICA_HEADER, build_application, proxy_http_options

@@ -18,7 +18,7 @@ from serve_helpers import assert_same_result, b64
 import palikit.preprocess
 import palikit.tasks.labels
 from palikit.api import PaliGemma
-from palikit.demo.paths import bundled_demo_model
+from palikit.assets import bundled_demo_model
 from palikit.demo.shapes import SPLIT_SEEDS, make_sample
 from palikit.serve import ServerSettings, create_app
 from palikit.tasks.options import PredictOptions
