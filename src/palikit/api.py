@@ -158,20 +158,20 @@ class PaliGemma:
                             on_text)
 
     def _submit(self, request, prompt, size, labels, opts, gen_opts, image_ms, on_text=None) -> Pending:
-        on_token, texts = None, None
-        if on_text is not None:  # the stream's per-token texts are the parser's too: the ids are decoded once
-            from .tokenizer import TextStream
+        if on_text is None:
+            ticket = self.engine.submit(request, gen_opts)
+            return Pending(self, ticket, prompt, size, labels, opts, image_ms)
+        from .tokenizer import TextStream
 
-            stream, texts = TextStream(self.tokenizer), []
+        stream, texts = TextStream(self.tokenizer), []  # the stream's per-token texts: the parser's too
 
-            def on_token(token_id, _logprob):
-                texts.append(stream.push(token_id))
-                if texts[-1]:
-                    on_text(texts[-1])
+        def on_token(token_id, _logprob):
+            texts.append(stream.push(token_id))
+            if texts[-1]:
+                on_text(texts[-1])
 
         ticket = self.engine.submit(request, gen_opts, on_token)
-        streamed = None if texts is None else (texts, stream.flush)
-        return Pending(self, ticket, prompt, size, labels, opts, image_ms, streamed)
+        return Pending(self, ticket, prompt, size, labels, opts, image_ms, (texts, stream.flush))
 
     def predict_batch(self, images: Sequence[Any], prompts: Sequence[str], *, batch_size: int = 16,
                       labels: Sequence[Sequence[str] | None] | None = None, **options) -> list[Any]:
