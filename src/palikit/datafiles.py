@@ -99,6 +99,44 @@ def read_coco(path: str | Path) -> dict:
     return coco
 
 
+def as_text(value, what: str) -> str:
+    """A label or reference answer read from a data file, as text: a string as is, a number as its text
+    (`5` -> "5", `2.5` -> "2.5"). Anything else (a boolean, null, a list, an object) raises ValueError
+    saying what was there and what to write instead."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, bool):
+        fix = f'a boolean: write the answer as text, e.g. "{"yes" if value else "no"}"'
+    else:
+        fix = 'give a string or a number, e.g. "square" or 5'
+    raise ValueError(f"{what} is {json.dumps(value)[:60]}: {fix}")
+
+
+def as_texts(value, what: str) -> list[str]:
+    """One or several reference answers: a string or a number is ONE answer (`"square"` -> ["square"],
+    never its letters), a list holds several (each a string or a number). Anything else raises ValueError."""
+    if isinstance(value, list):
+        return [as_text(v, f"{what}[{i}]") for i, v in enumerate(value)]
+    return [as_text(value, what)]
+
+
+def category_names(coco: dict, path: str | Path) -> tuple[dict, list[Problem]]:
+    """{category id: name as text} of a COCO dict (`as_text`: a category named 5 is "5"), and a `Problem`
+    for each category whose name is missing or neither text nor a number (those are left out)."""
+    names, problems = {}, []
+    for k, c in enumerate(coco["categories"]):
+        cid = c.get("id") if isinstance(c, dict) and isinstance(c.get("id"), (int, str)) else None
+        try:
+            if not isinstance(c, dict) or not isinstance(c.get("id"), (int, str)):
+                raise ValueError('a category needs an "id" (a number) and a "name"')
+            names[c["id"]] = as_text(c.get("name"), 'its "name"')
+        except ValueError as e:
+            problems.append(Problem(str(path), f"category id={cid if cid is not None else f'#{k}'}", str(e)))
+    return names, problems
+
+
 def check_annotations(coco: dict, path: str | Path, *, box_tolerance: float = 1.0, need_segmentation: bool = False
                       ) -> tuple[dict, dict[int, list[dict]], list[Problem]]:
     """Validate a COCO dict: images need id, file_name, width, height; annotations a known image_id,

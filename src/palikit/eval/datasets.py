@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..datafiles import DataError, Problem, check_annotations, read_coco, read_jsonl_rows
+from ..datafiles import DataError, Problem, as_texts, category_names, check_annotations, read_coco, read_jsonl_rows
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,14 @@ def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def _refs(row: Mapping[str, Any]) -> list[str]:
-    if "answers" in row:
-        return [str(a) for a in row["answers"]]
-    if "captions" in row:
-        return [str(c) for c in row["captions"]]
-    ref = row.get("suffix", row.get("answer", row.get("text", row.get("caption"))))
-    return [] if ref is None else [str(ref)]
+    """The reference texts of a row: "answers" / "captions", else "suffix" / "answer" / "text" /
+    "caption" (`datafiles.as_texts`: a string or a number is one reference, a list several). A wrong
+    type raises ValueError."""
+    if "answers" in row or "captions" in row:
+        key = "answers" if "answers" in row else "captions"
+        return as_texts(row[key], f'"{key}"')
+    key = next((k for k in ("suffix", "answer", "text", "caption") if row.get(k) is not None), None)
+    return [] if key is None else as_texts(row[key], f'"{key}"')
 
 
 def load_jsonl(path: str | Path, task: str, *, image_root: str | Path | None = None,
@@ -114,7 +116,11 @@ def load_jsonl(path: str | Path, task: str, *, image_root: str | Path | None = N
         if not isinstance(row.get("image"), str) or not row["image"]:
             problems.append(Problem(str(path), where, 'needs an "image" (a path string)'))
             continue
-        refs = _refs(row)
+        try:
+            refs = _refs(row)
+        except ValueError as e:
+            problems.append(Problem(str(path), where, str(e)))
+            continue
         if needs_refs and not refs:
             problems.append(Problem(str(path), where, "no reference: give suffix, text, answer, answers or captions"))
             continue
@@ -131,7 +137,11 @@ def load_jsonl(path: str | Path, task: str, *, image_root: str | Path | None = N
                 problems.append(Problem(str(path), where, f"cannot read the mask: {e!r}"))
                 continue
             meta.update(gt_mask=mask, gt_box=tuple(row["box"]) if "box" in row else _mask_box(mask))
-            labels = [row["label"]] if "label" in row else None
+            try:
+                labels = as_texts(row["label"], '"label"') if "label" in row else None
+            except ValueError as e:
+                problems.append(Problem(str(path), where, str(e)))
+                continue
         seen[sid] = n
         samples.append(Sample(sid, str(root / row["image"]), str(row.get("prefix", "")), refs, labels, meta))
     problems.sort(key=lambda p: int(p.where[5:]) if p.where[5:].isdigit() else 0)
@@ -152,13 +162,16 @@ def load_coco(path: str | Path, task: str = "detect", *, image_root: str | Path 
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     coco = read_coco(path)
-    images, by_image, problems = check_annotations(coco, path, need_segmentation=masks)
+    names, problems = category_names(coco, path)  # a category named 5 is "5"; bad names are problems
+    coco = {**coco, "categories": [{**c, "name": names[c["id"]]} for c in coco["categories"]
+                                   if isinstance(c, Mapping) and c.get("id") in names]}
+    images, by_image, more = check_annotations(coco, path, need_segmentation=masks)
+    problems += more
     if problems and strict:
         raise DataError(problems, f"evaluation data {path}", hint=SKIP_HINT)
     # the ground truth the metrics see: only the annotations that passed the checks
     coco = {**coco, "images": [im for im in coco["images"] if im.get("id") in images],
             "annotations": [a for anns in by_image.values() for a in anns]}
-    names = {c["id"]: c["name"] for c in coco["categories"]}
     order = list(names)
     samples = []
     for img in coco["images"]:

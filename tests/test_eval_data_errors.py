@@ -1,0 +1,118 @@
+"""Evaluation data a user gets wrong (issues 37 and 38, eval side), each read the way `palikit eval`
+reads it: label and answer TYPES (a string is one answer, numbers are their text, anything else is a
+clear error), JSON errors with line and column, eval's own flags in eval's hints, missing and
+unreadable images (skipped with --skip-bad-rows, failed samples without it, --images suggested for a
+classic COCO layout), and the exit status past --max-failed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from palikit.datafiles import DataError, as_text, as_texts
+from palikit.eval import evaluate, load_coco, load_jsonl
+
+
+class Echo:
+    """Answers every image with its file stem; detect: one box per requested label."""
+
+    name = "echo"
+
+    def predict_batch(self, images, prompts, labels=None, **opts):
+        labels = labels or [None] * len(images)
+        return [{"text": Path(i).stem, "detections": [{"label": lab, "box": [2, 2, 12, 12], "score": 0.9}
+                                                      for lab in (ls or [])]}
+                for i, ls in zip(images, labels)]
+
+
+def _png(path: Path, size=(32, 32)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, "white").save(path)
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        if isinstance(r, dict) and "image" in r and not (path.parent / r["image"]).exists():
+            _png(path.parent / r["image"])
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _coco(folder: Path, *, names=("star", "moon"), file_prefix="") -> dict:
+    return {"images": [{"id": i, "file_name": f"{file_prefix}{i}.png", "width": 32, "height": 32} for i in (1, 2)],
+            "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "area": 100,
+                             "iscrowd": 0},
+                            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [2, 2, 10, 10], "area": 100,
+                             "iscrowd": 0}]}
+
+
+# ------------------------------------------------------------------------------ T5: label and answer types
+@pytest.mark.parametrize("value, expected", [
+    ("square", ["square"]), (5, ["5"]), (2.5, ["2.5"]), (["a", 3], ["a", "3"]), ([], []),
+])
+def test_answers_a_string_is_one_answer_numbers_are_their_text(value, expected):
+    assert as_texts(value, '"answers"') == expected
+
+
+@pytest.mark.parametrize("value, match", [
+    (True, r'"answers" is true: a boolean: write the answer as text, e.g. "yes"'),
+    (None, r'"answers" is null: give a string or a number'),
+    ({"a": 1}, r'"answers" is \{"a": 1\}: give a string or a number'),
+    ([["x"]], r'"answers"\[0\] is \["x"\]: give a string or a number'),
+])
+def test_answers_of_other_types_are_clear_errors(value, match):
+    with pytest.raises(ValueError, match=match):
+        as_texts(value, '"answers"')
+    with pytest.raises(ValueError):
+        as_text([1], "x")
+
+
+def test_eval_scores_a_string_answer_as_one_answer_and_numbers_as_text(tmp_path):
+    data = _jsonl(tmp_path / "d" / "qa.jsonl", [
+        {"image": "square.png", "question": "what shape", "answers": "square"},
+        {"image": "5.png", "question": "how many", "answers": 5},
+        {"image": "7.png", "question": "how many", "answer": 7},
+    ])
+    ds = load_jsonl(data, "vqa")
+    assert [s.refs for s in ds.samples] == [["square"], ["5"], ["7"]]  # main: ['s','q','u','a','r','e'], crash
+    rep = evaluate(Echo(), data, "exact", out_dir=tmp_path / "o", progress=False, charts=False)
+    assert rep.score == pytest.approx(100.0)
+
+
+def test_bad_answer_types_are_row_problems_with_line_numbers(tmp_path):
+    data = _jsonl(tmp_path / "d" / "qa.jsonl", [
+        {"image": "a.png", "question": "q", "answers": "yes"},
+        {"image": "b.png", "question": "q", "answers": {"text": "no"}},
+        {"image": "c.png", "question": "q", "answers": True},
+    ])
+    with pytest.raises(DataError) as e:
+        load_jsonl(data, "vqa")
+    msg = str(e.value)
+    assert 'line 2: "answers" is {"text": "no"}' in msg and 'line 3: "answers" is true' in msg
+    assert "--skip-bad-rows" in msg and "strict_data" not in msg
+    assert [s.refs for s in load_jsonl(data, "vqa", strict=False).samples] == [["yes"]]
+
+
+def test_coco_category_named_with_a_number_is_its_text(tmp_path):
+    for i in (1, 2):
+        _png(tmp_path / f"{i}.png")
+    (tmp_path / "gt.json").write_text(json.dumps(_coco(tmp_path, names=(5, "moon"))))
+    ds = load_coco(tmp_path / "gt.json", "detect")
+    assert [s.labels for s in ds.samples] == [["5"], ["moon"]]  # main: AttributeError traceback
+    rep = evaluate(Echo(), ds, "detect", out_dir=tmp_path / "o", progress=False, charts=False)
+    assert rep.metrics["map50"] == pytest.approx(1.0)
+
+
+def test_coco_category_name_of_a_wrong_type_is_a_clear_error(tmp_path):
+    for i in (1, 2):
+        _png(tmp_path / f"{i}.png")
+    (tmp_path / "gt.json").write_text(json.dumps(_coco(tmp_path, names=(["star"], "moon"))))
+    with pytest.raises(DataError, match=r'category id=1: its "name" is \["star"\]: give a string or a number'):
+        load_coco(tmp_path / "gt.json", "detect")
+    ds = load_coco(tmp_path / "gt.json", "detect", strict=False)  # --skip-bad-rows: that category goes
+    assert [s.labels for s in ds.samples] == [["moon"]]
