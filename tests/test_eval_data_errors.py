@@ -116,3 +116,28 @@ def test_coco_category_name_of_a_wrong_type_is_a_clear_error(tmp_path):
         load_coco(tmp_path / "gt.json", "detect")
     ds = load_coco(tmp_path / "gt.json", "detect", strict=False)  # --skip-bad-rows: that category goes
     assert [s.labels for s in ds.samples] == [["moon"]]
+
+
+# ------------------------------------------------------------------------------ JSON errors, eval's hints
+def test_truncated_coco_file_names_line_column_and_says_it_is_cut_off(tmp_path):
+    text = json.dumps(_coco(tmp_path), indent=1)
+    cut = text[:text.index('"file_name"') + 16]  # inside the string "1.png"
+    (tmp_path / "gt.json").write_text(cut)
+    with pytest.raises(DataError) as e:
+        load_coco(tmp_path / "gt.json", "detect")
+    msg = str(e.value)
+    line = cut.count("\n") + 1
+    assert f"invalid JSON: Unterminated string starting at line {line}, column " in msg  # main: position cut off
+    assert "looks truncated" in msg and "download the whole file again" in msg
+    assert "strict_data" not in msg and "--skip-bad-rows" not in msg  # skipping cannot help a file that does not parse
+
+
+def test_broken_jsonl_line_gives_its_column_and_eval_file_errors_name_no_train_key(tmp_path):
+    data = _jsonl(tmp_path / "d" / "o.jsonl", [{"image": "a.png", "text": "x"}, '{"image": "b.png", "text": "y'])
+    with pytest.raises(DataError, match=r"line 2: invalid JSON: Unterminated string starting at column 28"):
+        load_jsonl(data, "ocr")
+    for missing in (tmp_path / "none.jsonl", tmp_path / "none.json"):
+        with pytest.raises(DataError) as e:
+            load_jsonl(missing, "ocr") if missing.suffix == ".jsonl" else load_coco(missing)
+        assert "file not found" in str(e.value) and "check the path" in str(e.value)
+        assert "strict_data" not in str(e.value)

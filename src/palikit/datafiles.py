@@ -52,12 +52,7 @@ def read_jsonl_rows(path: str | Path) -> tuple[list[tuple[int, dict]], list[Prob
     """Every non-blank line of a JSONL file as (1-based line number, JSON object). Lines that are not
     a JSON object become `Problem`s with their real line number. A missing file raises `DataError`."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError([Problem(str(path), "-", "file not found")], str(path)) from None
-    except UnicodeDecodeError as e:
-        raise DataError([Problem(str(path), f"byte {e.start}", "not UTF-8 text")], str(path)) from None
+    text = _read_text(path)
     rows: list[tuple[int, dict]] = []
     problems: list[Problem] = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -66,7 +61,7 @@ def read_jsonl_rows(path: str | Path) -> tuple[list[tuple[int, dict]], list[Prob
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            problems.append(Problem(str(path), f"line {n}", f"invalid JSON ({e.msg} at column {e.colno})"))
+            problems.append(Problem(str(path), f"line {n}", f"invalid JSON: {_at(e.msg)} column {e.colno}"))
             continue
         except RecursionError:  # '[[[[...' thousands deep: a problem on its line, never a traceback
             problems.append(Problem(str(path), f"line {n}", TOO_DEEP))
@@ -82,21 +77,49 @@ def read_coco(path: str | Path) -> dict:
     """A COCO json file as a dict with `images`, `annotations` and `categories`; a missing file, bad
     JSON (with its line) or a missing section raises `DataError`."""
     path = Path(path)
+    text = _read_text(path)
     try:
-        coco = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError([Problem(str(path), "-", "file not found")], str(path)) from None
+        coco = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError([Problem(str(path), f"line {e.lineno}", f"invalid JSON ({e.msg})")], str(path)) from None
+        raise _json_error(path, text, e) from None
     except RecursionError:
         raise DataError([Problem(str(path), "-", TOO_DEEP)], str(path)) from None
-    except UnicodeDecodeError as e:
-        raise DataError([Problem(str(path), f"byte {e.start}", "not UTF-8 text")], str(path)) from None
     missing = [k for k in ("images", "annotations", "categories") if k not in coco] if isinstance(coco, dict) \
         else ["images", "annotations", "categories"]
     if missing:
-        raise DataError([Problem(str(path), "-", f"not a COCO file: missing {', '.join(missing)}")], str(path))
+        raise DataError([Problem(str(path), "-", f"not a COCO file: missing {', '.join(missing)}")], str(path),
+                        hint="give a COCO instances file (images, annotations, categories) or a .jsonl of rows")
     return coco
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as text; a missing file or one that is not UTF-8 is a `DataError` (file-level:
+    skipping rows cannot help, so the hint says what to do with the file)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError([Problem(str(path), "-", "file not found")], str(path),
+                        hint="check the path (a relative path starts from the current folder)") from None
+    except UnicodeDecodeError as e:
+        raise DataError([Problem(str(path), f"byte {e.start}", "not UTF-8 text")], str(path),
+                        hint="save it as UTF-8 text") from None
+
+
+def _at(msg: str) -> str:
+    """json's message followed by 'at' once ("Expecting value at", "Unterminated string starting at")."""
+    return msg if msg.endswith(" at") else msg + " at"
+
+
+def _json_error(path: Path, text: str, e: json.JSONDecodeError) -> DataError:
+    """A JSON document that does not parse, with its line and column (and character offset); a
+    document cut off before its end (an interrupted download or copy) is said to be so."""
+    cut = e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip())
+    where = f"line {e.lineno}, column {e.colno}"
+    msg = (f"invalid JSON: {_at(e.msg)} {where} (character {e.pos} of "
+           f"{len(text)})" + ("; the file ends before the JSON does: it looks truncated" if cut else ""))
+    hint = ("copy or download the whole file again" if cut else "fix the JSON at that place") + \
+        " (skipping rows cannot help: the file does not parse)"
+    return DataError([Problem(str(path), where, msg)], str(path), hint=hint)
 
 
 def as_text(value, what: str) -> str:
