@@ -141,3 +141,69 @@ def test_broken_jsonl_line_gives_its_column_and_eval_file_errors_name_no_train_k
             load_jsonl(missing, "ocr") if missing.suffix == ".jsonl" else load_coco(missing)
         assert "file not found" in str(e.value) and "check the path" in str(e.value)
         assert "strict_data" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------ images, --images, --max-failed
+@pytest.fixture
+def fake_model(monkeypatch):
+    """`palikit eval` in process with the Echo model in place of a checkpoint (the CLI's own logic)."""
+    import palikit.cli.predict
+
+    monkeypatch.setattr(palikit.cli.predict, "load_model", lambda *a, **k: Echo())
+
+
+def _eval(args, capsys) -> tuple[int, str, str]:
+    from palikit.cli import main
+
+    try:
+        code = main(["eval", *map(str, args), "--device", "cpu", "--no-progress"])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _classic_coco(root: Path) -> Path:
+    """annotations/instances.json beside images/ (file_name relative to images/): COCO's own layout."""
+    (root / "annotations").mkdir(parents=True)
+    for i in (1, 2):
+        _png(root / "images" / f"{i}.png")
+    (root / "annotations" / "instances.json").write_text(json.dumps(_coco(root)))
+    return root / "annotations" / "instances.json"
+
+
+def test_classic_coco_layout_without_images_flag_says_which_folder(tmp_path, capsys, fake_model):
+    gt = _classic_coco(tmp_path)
+    code, out, err = _eval([gt, "--task", "detect", "--out", tmp_path / "o"], capsys)
+    assert code == 2, err  # main: "2 images, 2 failed", exit 0, the reason only in report.md
+    assert "none of its 2 images can be read" in err and "image file not found" in err
+    assert f"pass --images {tmp_path / 'images'}" in err and "Traceback" not in err
+    code, out, err = _eval([gt, "--task", "detect", "--images", tmp_path / "images", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert "(2 images, 0 failed)" in out
+
+
+def test_failed_samples_past_max_failed_exit_1_with_the_first_reasons(tmp_path, capsys, fake_model):
+    rows = [{"image": f"w{i}.png", "text": f"w{i}"} for i in range(6)]
+    data = _jsonl(tmp_path / "d" / "ocr.jsonl", rows)
+    (tmp_path / "d" / "w1.png").unlink()
+    (tmp_path / "d" / "w4.png").write_bytes(b"not an image")
+    out_dir = tmp_path / "o"
+    code, out, err = _eval([data, "--task", "ocr", "--out", out_dir], capsys)
+    assert code == 1, err  # main: exit 0
+    assert "2 of 6 samples failed (more than --max-failed 0)" in err
+    assert "sample 1: image file not found" in err and "sample 4: not a readable image" in err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["failed"] == 2 and report["n"] == 6  # the report is still written
+    assert "sample 1: image file not found" in (out_dir / "report.md").read_text()
+
+    code, out, err = _eval([data, "--task", "ocr", "--out", out_dir, "--max-failed", "2"], capsys)
+    assert code == 0 and "(6 images, 2 failed)" in out
+
+    code, out, err = _eval([data, "--task", "ocr", "--out", tmp_path / "skip", "--skip-bad-rows"], capsys)
+    assert code == 0, err  # main: --skip-bad-rows changed nothing for missing images
+    report = json.loads((tmp_path / "skip" / "report.json").read_text())
+    assert report["n"] == 4 and report["failed"] == 0 and report["score"] == pytest.approx(100.0)
+    assert [s["where"] for s in report["skipped"]] == ["sample 1", "sample 4"]
+    assert "(4 images, 0 failed, 2 skipped)" in out
+    assert "2 bad row(s) / image(s) skipped" in (tmp_path / "skip" / "report.md").read_text()

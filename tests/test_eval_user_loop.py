@@ -185,4 +185,6 @@ def test_cli_images_dir_for_coco_units_device_threads_and_progress(tmp_path):
 
     missing = subprocess.run([sys.executable, "-c", CLI, "eval", str(gt), "--task", "detect", "--device", "cpu",
                               "--out", str(tmp_path / "out2")], capture_output=True, text=True, env=_env(), timeout=600)
-    assert missing.returncode == 0 and json.loads((tmp_path / "out2" / "report.json").read_text())["failed"] == 2
+    # without --images no image is found: said before the model loads, with the folder to pass (issue 37)
+    assert missing.returncode == 2 and "none of its 2 images can be read" in missing.stderr
+    assert f"pass --images {imgs}" in missing.stderr and "Traceback" not in missing.stderr

@@ -22,13 +22,36 @@ BASELINE_HELP = ("Also run SPEC on the same samples (repeatable): tesseract[?psm
 def headline(r) -> str:
     """One line per model: the primary metric in percent, latency per image with the device, efficiencies."""
     med = r.speed.get("median_s")
-    parts = [f"{r.model}: {r.task} {r.primary} {r.score:.2f}% ({r.n} images, {r.failed} failed)"]
+    skipped = f", {len(r.skipped)} skipped" if r.skipped else ""
+    parts = [f"{r.model}: {r.task} {r.primary} {r.score:.2f}% ({r.n} images, {r.failed} failed{skipped})"]
     if med is not None:
         parts.append(f"median {med:.4f} s/image on {r.hardware.get('device')}, "
                      f"speed efficiency {r.speed_efficiency:.2f} %/s")
     if r.cost_efficiency:
         parts.append(f"cost efficiency {r.cost_efficiency:,.0f} %/$ ({r.cost.get('price')})")
     return " | ".join(parts)
+
+
+def exit_on_failures(reports, max_failed: int, ds) -> None:
+    """Exit with status 1, the first reasons on stderr, when a model failed on more than `max_failed`
+    samples (a missing image: the folder that holds them, if one is near)."""
+    from ..eval.datasets import locate_images
+    from ..eval.report import failure_lines
+
+    over = [r for r in reports if r.failed > max_failed]
+    if not over:
+        return
+    for r in over:
+        print(f"palikit eval: {r.model}: {r.failed} of {r.n} samples failed (more than --max-failed {max_failed}); "
+              "the first:", file=sys.stderr)
+        print("\n".join(f"  {line}" for line in failure_lines(r)), file=sys.stderr)
+        found = locate_images(ds) if any(f["error"].startswith("image file not found") for f in r.failures) else None
+        if found is not None:
+            print(f"  the missing images are in {found}: pass --images {found}", file=sys.stderr)
+    print("The report is written. Fix them and run the same command again (only the failed samples are predicted "
+          "again), pass --skip-bad-rows to leave out samples whose image cannot be read, or raise --max-failed.",
+          file=sys.stderr)
+    raise SystemExit(1)
 
 
 @app.command("eval")
@@ -41,7 +64,10 @@ def evaluate(
     baseline: list[str] = typer.Option(None, "--baseline", "-b", help=BASELINE_HELP),
     out: Path = typer.Option(Path("out/eval"), help="Output folder (predictions.jsonl, report.md, charts)."),
     images: Path = typer.Option(None, "--images", help="Folder the image paths are relative to (default: the data file's)."),
-    skip_bad_rows: bool = typer.Option(False, help="Skip (and report) bad rows instead of stopping."),
+    skip_bad_rows: bool = typer.Option(False, help="Skip (and report) bad rows and samples whose image is missing "
+                                                   "or unreadable, instead of stopping / counting them as failed."),
+    max_failed: int = typer.Option(0, help="Exit with status 1 (the first reasons on stderr) when more samples than "
+                                           "this fail (a missing image, a call that kept failing)."),
     batch_size: int = typer.Option(8),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
@@ -64,6 +90,7 @@ def evaluate(
     from ..eval.compare import evaluate_models
     from ..eval.runner import EvalInterrupted, sigterm_interrupts
     from ..datafiles import DataError
+    from ..eval.datasets import check_images, load_dataset
     from .predict import load_model
 
     common = dict(batch_size=batch_size, price_per_hour=price_per_hour, price_per_call=price_per_call,
@@ -76,21 +103,26 @@ def evaluate(
         torch.set_num_threads(torch_threads)
     try:
         with sigterm_interrupts():
+            # the data first: a bad file or a wrong image folder is said before a model loads
+            ds = check_images(load_dataset(dataset, task, image_root=images, strict=not skip_bad_rows),
+                              strict=not skip_bad_rows)
             pg = load_model(model, device, dtype, None, adapter=adapter, quantize=quantize)
             if baseline:
                 others = [parse_baseline(s, device=device, dtype=dtype) for s in baseline]
-                cmp = evaluate_models([pg, *others], dataset, task, out_dir=out, resume=not fresh, prompt=prompt,
+                cmp = evaluate_models([pg, *others], ds, task, out_dir=out, resume=not fresh, prompt=prompt,
                                       compare_with=compare_with, names=[name, *[None] * len(others)],
                                       **common)
+                reports = cmp.reports
                 for r in cmp.reports:
                     typer.echo(headline(r))
                 typer.echo(f"-> {out / 'report.md'}")
             else:
-                report = run_eval(pg, dataset, task, out_dir=out, resume=not fresh, prompt=prompt,
+                report = run_eval(pg, ds, task, out_dir=out, resume=not fresh, prompt=prompt,
                                   compare_with=compare_with, model_name=name, **common)
+                reports = [report]
                 typer.echo(headline(report) + f" -> {out / 'report.md'}")
             if sensitivity:
-                sens = evaluate_prompt_variants(pg, dataset, task, out_dir=out / "sensitivity", model_name=name,
+                sens = evaluate_prompt_variants(pg, ds, task, out_dir=out / "sensitivity", model_name=name,
                                                 **common)
                 typer.echo(sens.markdown())
     except EvalInterrupted as e:
@@ -110,3 +142,4 @@ def evaluate(
     except (DataError, BaselineError, FileNotFoundError, ValueError) as e:
         print(f"palikit eval: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    exit_on_failures(reports, max_failed, ds)

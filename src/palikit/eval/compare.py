@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_bytes
-from .datasets import load_dataset
+from .datasets import check_images, load_dataset
 from .report import _fmt, hardware_line, load_cached_results, normalize_row, write_charts
 from .runner import UNITS, EvalReport, evaluate
 
@@ -127,6 +127,8 @@ def evaluate_models(models: Sequence[Any], dataset: Any, task: str, *, out_dir: 
 
     task = canonical_task(task)
     ds = load_dataset(dataset, task, image_root=image_root, strict=strict)
+    if any(getattr(m, "needs_images", True) for m in models):
+        ds = check_images(ds, strict=strict)
     out = Path(out_dir)
     names = list(names or [None] * len(models))
     reports = []
@@ -146,7 +148,7 @@ def evaluate_models(models: Sequence[Any], dataset: Any, task: str, *, out_dir: 
         opts = dict(predict_options or {}) if i == 0 or not hasattr(model, "prompt_template") else {}
         reports.append(evaluate(model, ds, task, out_dir=sub, batch_size=getattr(model, "batch_size", batch_size)
                                 if i else batch_size, prompt=tmpl, predict_options=opts, limit=limit, resume=resume,
-                                progress=progress, model_name=name, charts=False, **prices))
+                                progress=progress, model_name=name, charts=False, strict=strict, **prices))
     cached = load_cached_results(compare_with) if compare_with else []
     cmp = Comparison(task, str(ds.path), reports, cached, str(out))
     write(cmp, out, charts=charts)

@@ -4,8 +4,11 @@ The file-level reading is shared with training (`palikit.datafiles`: `read_jsonl
 `check_annotations`), so a broken line, an unknown category or a bad box reads the same in
 `palikit train` and `palikit eval`: the real line number / annotation id, the same message. A bad row
 raises `DataError` listing every problem (`strict=True`, the default) or is skipped and reported
-(`strict=False`, `palikit eval --skip-bad-rows`). Image files are NOT checked here: a missing image
-is a failed sample of the run (recorded and counted), it does not stop the evaluation.
+(`strict=False`, `palikit eval --skip-bad-rows`). Image files are checked by `check_images` (file and
+header, no decoding): with strict=False a missing or unreadable image is skipped and reported like a
+bad row; otherwise it is a failed sample of the run (recorded and counted). When no image exists at
+all, the data set points at the wrong folder: `check_images` raises, naming the folder that holds them
+when one is near (`--images`: a classic COCO layout keeps annotations/ and images/ side by side).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class EvalDataset:
     path: str = ""
     coco: dict[str, Any] | None = None  # COCO ground truth (detect / segment from COCO json)
     problems: list[Problem] = field(default_factory=list)  # rows skipped with strict=False
+    images_checked: bool = False  # `check_images` ran (it runs once per data set)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -143,6 +147,7 @@ def load_jsonl(path: str | Path, task: str, *, image_root: str | Path | None = N
                 problems.append(Problem(str(path), where, str(e)))
                 continue
         seen[sid] = n
+        meta["file"] = row["image"]
         samples.append(Sample(sid, str(root / row["image"]), str(row.get("prefix", "")), refs, labels, meta))
     problems.sort(key=lambda p: int(p.where[5:]) if p.where[5:].isdigit() else 0)
     return _finish(samples, problems, strict, path)
@@ -185,7 +190,8 @@ def load_coco(path: str | Path, task: str = "detect", *, image_root: str | Path 
         else:
             labels = list(categories)
         samples.append(Sample(str(img["id"]), str(root / img["file_name"]), "", [], labels,
-                              {"image_id": img["id"], "width": img.get("width"), "height": img.get("height")}))
+                              {"image_id": img["id"], "width": img.get("width"), "height": img.get("height"),
+                               "file": img["file_name"]}))
     return _finish(samples, problems, False, path, coco)
 
 
@@ -200,3 +206,69 @@ def load_dataset(dataset: str | Path | EvalDataset | Sequence[Sample], task: str
             return load_coco(p, task, image_root=image_root, strict=strict)
         return load_jsonl(p, task, image_root=image_root, strict=strict)
     return EvalDataset(list(dataset))
+
+
+# ------------------------------------------------------------------------------ image files
+def image_problem(image: Any) -> str | None:
+    """What keeps `image` (a path) from being read: not found, or not an image (the header is read, the
+    pixels are not); None when it reads, or when it is not a path (an image object)."""
+    if not isinstance(image, (str, Path)):
+        return None
+    if not Path(image).is_file():
+        return f"image file not found: {image}"
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as im:
+            im.size  # noqa: B018 - the header is parsed on open; size proves it
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        return f"not a readable image: {image} ({type(e).__name__}: {e})"
+    return None
+
+
+def locate_images(ds: EvalDataset, tries: int = 5) -> Path | None:
+    """A folder near the data file under which the missing images' relative paths exist (the first
+    `tries` missing samples must all be found there): the data file's own sub-folders, its parent's
+    (a classic COCO layout: annotations/ beside images/ or val2017/) and their sub-folders."""
+    missing = [s for s in ds.samples if isinstance(s.meta.get("file"), str) and not Path(s.image).is_file()][:tries]
+    if not missing or not ds.path:
+        return None
+    here = Path(ds.path).resolve().parent
+    candidates: list[Path] = []
+    for base in (here, here.parent):
+        subs = sorted(p for p in base.iterdir() if p.is_dir())[:200] if base.is_dir() else []
+        candidates += [base, *subs, *(q for p in subs for q in sorted(p.iterdir())[:50] if q.is_dir())]
+    for folder in dict.fromkeys(candidates):
+        if all((folder / s.meta["file"]).is_file() for s in missing):
+            return folder
+    return None
+
+
+def images_hint(ds: EvalDataset) -> str:
+    """What to pass when images are missing: `--images DIR` with the folder that holds them, if found."""
+    found = locate_images(ds)
+    if found is not None:
+        return f"pass --images {found} (image_root= in Python): the images are there"
+    return ("pass --images DIR (image_root= in Python), the folder the image paths of the data file are relative "
+            "to (default: the data file's folder)")
+
+
+def check_images(ds: EvalDataset, *, strict: bool = True) -> EvalDataset:
+    """Check every sample's image file (exists, header reads) once. No image readable at all raises
+    `DataError` with `images_hint`. strict=False (`--skip-bad-rows`): samples with a missing or unreadable
+    image are dropped and reported in `problems`; strict=True keeps them (each becomes a failed sample)."""
+    if ds.images_checked or not ds.samples:
+        return ds
+    bad = {s.id: p for s in ds.samples if (p := image_problem(s.image)) is not None}
+    ds.images_checked = True
+    if bad and len(bad) == len(ds.samples):
+        first = ds.samples[0]
+        raise DataError([Problem(ds.path, f"sample {first.id}", bad[first.id])],
+                        f"evaluation data {ds.path} (none of its {len(ds.samples)} images can be read)",
+                        hint=images_hint(ds))
+    if bad and not strict:
+        ds.problems += [Problem(ds.path, f"sample {sid}", why) for sid, why in bad.items()]
+        ds.samples = [s for s in ds.samples if s.id not in bad]
+        log.warning("skipped %d sample(s) of %s whose image cannot be read (kept %d); first: %s", len(bad), ds.path,
+                    len(ds.samples), next(iter(bad.values())))
+    return ds

@@ -96,12 +96,13 @@ def evaluate_prompt_variants(model: Any, dataset: Any, task: str, *, out_dir: st
     """Evaluate every prompt variant (each in `out_dir/<variant>/`, resumable) and write
     sensitivity.json, sensitivity.md and (charts=True) sensitivity.png in `out_dir`."""
     from ..fileio import atomic_write_bytes
-    from .datasets import canonical_task, load_dataset
+    from .datasets import canonical_task, check_images, load_dataset
     from .runner import evaluate
 
     task = canonical_task(task)
-    ds = load_dataset(dataset, task, image_root=evaluate_kwargs.pop("image_root", None),
-                      strict=evaluate_kwargs.pop("strict", True))
+    strict = evaluate_kwargs.pop("strict", True)
+    ds = check_images(load_dataset(dataset, task, image_root=evaluate_kwargs.pop("image_root", None), strict=strict),
+                      strict=strict)
     prompts = prompt_variants(task, variants=variants, langs=langs)
     out = Path(out_dir)
     scores, reports = {}, {}

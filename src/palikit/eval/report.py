@@ -149,13 +149,22 @@ def hardware_line(hw: Mapping[str, Any]) -> str:
             "if > 0)")
 
 
+FIRST_REASONS = 5  # failed samples listed by reason in report.md and on stderr
+
+
+def failure_lines(report: Any, limit: int = FIRST_REASONS) -> list[str]:
+    """'sample ID: reason' for the first `limit` failed samples of `report`."""
+    return [f"sample {f['id']}: {f['error']}" for f in report.failures[:limit]]
+
+
 def markdown_report(report: Any, rows: Sequence[Mapping[str, Any]] | None = None) -> str:
     rows = list(rows) if rows is not None else comparison_rows(report)
     sp, cost = report.speed, report.cost
     head = f"# Evaluation: {report.model} on {report.task}" + (" (INTERRUPTED: partial)" if report.interrupted else "")
     out = [head, "",
            f"- dataset: `{report.dataset}` ({report.n} of {report.total or report.n} samples; "
-           f"{report.predicted_now} predicted in this call; {report.failed} failed)",
+           f"{report.predicted_now} predicted in this call; {report.failed} failed"
+           + (f"; {len(report.skipped)} skipped)" if report.skipped else ")"),
            f"- prompt: `{report.prompt}`",
            "- units: every score is x100 (percent for accuracies; CIDEr / mAP / mIoU on the same x100 scale); "
            "latencies are seconds per sample unless a row says per batch", "",
@@ -163,8 +172,12 @@ def markdown_report(report: Any, rows: Sequence[Mapping[str, Any]] | None = None
     out += [f"| {k}{' (primary)' if k == report.primary else ''} | {_fmt(100 * v, 2)} |"
             for k, v in report.metrics.items()]
     if report.failed:
-        out += ["", f"{report.failed} failed sample(s) scored as empty answers, e.g. "
-                    f"`{report.failures[0]['id']}`: {report.failures[0]['error']}"]
+        out += ["", f"{report.failed} failed sample(s) scored as empty answers; the first:", ""]
+        out += [f"- {line}" for line in failure_lines(report)]
+    if report.skipped:
+        out += ["", f"{len(report.skipped)} bad row(s) / image(s) skipped (--skip-bad-rows), not scored; the first:",
+                ""]
+        out += [f"- {p['where']}: {p['error']}" for p in report.skipped[:FIRST_REASONS]]
     out += ["", "## Speed", "", f"- {hardware_line(report.hardware)}", "", "| | value |", "|---|---|"]
     out += [f"| {SPEED_LABELS.get(k, k)} | {_fmt(v, 4)} |" for k, v in sp.items()]
     out += ["", f"- speed efficiency = score / median s per sample = {_fmt(report.score)} / "

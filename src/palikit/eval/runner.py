@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import EvalDataset, Sample, canonical_task, load_dataset
+from .datasets import EvalDataset, Sample, canonical_task, check_images, image_problem, load_dataset
 
 
 def prompt_fields(sample: Sample, lang: str = "en") -> dict[str, str]:
@@ -143,6 +143,7 @@ class EvalReport:
     total: int = 0  # samples asked for (n < total when interrupted)
     failed: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # bad rows / images left out (--skip-bad-rows)
     hardware: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # the model / adapter's choices (psm, endpoint...)
     interrupted: bool = False
@@ -178,7 +179,7 @@ class EvalReport:
                 "speed": self.speed, "hardware": self.hardware, "cost": self.cost,
                 "speed_efficiency": self.speed_efficiency, "cost_efficiency": self.cost_efficiency,
                 "settings": self.settings, "predicted_now": self.predicted_now, "files": self.files,
-                "failures": self.failures, "per_sample": self.per_sample}
+                "failures": self.failures, "skipped": self.skipped, "per_sample": self.per_sample}
 
 
 def speed_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -294,12 +295,6 @@ def _check_same_model(out: Path, model: Any, name: str, resuming: bool) -> None:
     atomic_write_bytes(marker, json.dumps({"name": name, "fingerprint": fp}))
 
 
-def _image_problem(image: Any) -> str | None:
-    if isinstance(image, (str, Path)) and not Path(image).is_file():
-        return f"image file not found: {image}"
-    return None
-
-
 def _predict(model: Any, batch: Sequence[Sample], opts: Mapping[str, Any], timed: bool) -> list[dict[str, Any]]:
     """Records for one batch. Missing images become failed records without a call (unless the model
     needs no images: a results file); when the batch call raises, each sample is tried alone so one
@@ -307,7 +302,7 @@ def _predict(model: Any, batch: Sequence[Sample], opts: Mapping[str, Any], timed
     import time
 
     check = getattr(model, "needs_images", True)
-    problems = {s.id: _image_problem(s.image) if check else None for s in batch}
+    problems = {s.id: image_problem(s.image) if check else None for s in batch}
     ok = [s for s in batch if problems[s.id] is None]
     recs = {s.id: failed_record(s, problems[s.id]) for s in batch if problems[s.id] is not None}
 
@@ -352,7 +347,8 @@ def _build_report(model, name, task, ds, samples, recs, template, out, pred_path
                       per_sample=per_sample,
                       prompt=template if isinstance(template, str) else getattr(template, "__name__", "callable"),
                       out_dir=str(out), files={"predictions": str(pred_path)}, predicted_now=predicted_now,
-                      total=len(samples), failed=len(failures), failures=failures, hardware=hardware(model),
+                      total=len(samples), failed=len(failures), failures=failures,
+                      skipped=[{"where": p.where, "error": p.message} for p in ds.problems], hardware=hardware(model),
                       settings=settings, interrupted=interrupted)
 
 
@@ -370,7 +366,8 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
     starts afresh). `prompt` overrides the task's template (fields: {question} {prefix} {lang} {labels}
     {labels_singular} {labels_plural} {labels_natural}) or is a callable(sample) -> str; rows with a
     "prefix" keep it unless `prompt` is given. A missing image or a failing call fails only its sample
-    (scored as an empty answer, counted in `failed`). Ctrl-C / SIGTERM (`sigterm_interrupts`) writes
+    (scored as an empty answer, counted in `failed`); with strict=False a missing or unreadable image
+    is skipped up front and listed in `skipped` (`datasets.check_images`). Ctrl-C / SIGTERM (`sigterm_interrupts`) writes
     the report of the samples done and raises `EvalInterrupted`. Writes report.json, report.md and
     (charts=True, matplotlib) PNG charts, with the rows of `compare_with` (a cached-results file or
     another palikit report.json) side by side."""
@@ -380,6 +377,8 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
 
     task = canonical_task(task)
     ds = load_dataset(dataset, task, image_root=image_root, strict=strict)
+    if getattr(model, "needs_images", True):
+        ds = check_images(ds, strict=strict)
     samples = ds.samples[:limit] if limit is not None else list(ds.samples)
     template = prompt if prompt is not None else default_prompt(task)
     samples = [s if (prompt is None and s.prompt) else replace(s, prompt=render_prompt(template, s, lang))
