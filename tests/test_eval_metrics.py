@@ -191,6 +191,21 @@ def test_coco_map_equals_pycocotools_own_result():
     # By hand at IoU .5: cat AP = 1 (both found, top scores); dog: the FP (0.8) ranks above the TP (0.4):
     # precision at recall 1 is 0.5 -> AP .5; mean = 0.75.
     assert ours["map50"] == pytest.approx(0.75, abs=1e-6)
+    # per class (issue 37): cat 1.0 and dog 0.5 at IoU .5, their mean the map50 above; each class's AP
+    # equals pycocotools' on that class alone
+    per = M.coco_map(gt, res, per_class=True)
+    assert per["class/cat/map50"] == pytest.approx(1.0) and per["class/dog/map50"] == pytest.approx(0.5)
+    for name, cid in cats.items():
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev = COCOeval(cgt, cgt.loadRes(res), "bbox")
+            ev.params.catIds = [cid]
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        assert per[f"class/{name}/map"] == pytest.approx(ev.stats[0])
+    # no object is larger than 96x96 px: COCO's -1 is None (not defined), never a -1 / -100 in a report
+    assert ours["map_large"] is None and ours["map_medium"] is not None
+    assert M.coco_map(gt, [])["map_large"] is None and M.coco_map(gt, [])["map_medium"] == 0.0
 
 
 # ------------------------------------------------------------------------------ segmentation

@@ -27,6 +27,8 @@ def headline(r) -> str:
     if med is not None:
         parts.append(f"median {med:.4f} s/image on {r.hardware.get('device')}, "
                      f"speed efficiency {r.speed_efficiency:.2f} %/s")
+    if r.metrics.get("negatives_fp_rate") is not None:
+        parts.append(f"boxes for absent classes in {100 * r.metrics['negatives_fp_rate']:.1f}% of their queries")
     if r.cost_efficiency:
         parts.append(f"cost efficiency {r.cost_efficiency:,.0f} %/$ ({r.cost.get('price')})")
     return " | ".join(parts)
@@ -66,6 +68,8 @@ def evaluate(
     images: Path = typer.Option(None, "--images", help="Folder the image paths are relative to (default: the data file's)."),
     skip_bad_rows: bool = typer.Option(False, help="Skip (and report) bad rows and samples whose image is missing "
                                                    "or unreadable, instead of stopping / counting them as failed."),
+    negatives: int = typer.Option(0, help="detect/segment (COCO): also ask each image for N classes it does not "
+                                          "hold; boxes for them are false positives (rate in the report)."),
     max_failed: int = typer.Option(0, help="Exit with status 1 (the first reasons on stderr) when more samples than "
                                            "this fail (a missing image, a call that kept failing)."),
     batch_size: int = typer.Option(8),
@@ -104,8 +108,8 @@ def evaluate(
     try:
         with sigterm_interrupts():
             # the data first: a bad file or a wrong image folder is said before a model loads
-            ds = check_images(load_dataset(dataset, task, image_root=images, strict=not skip_bad_rows),
-                              strict=not skip_bad_rows)
+            ds = check_images(load_dataset(dataset, task, image_root=images, strict=not skip_bad_rows,
+                                           negatives=negatives), strict=not skip_bad_rows)
             pg = load_model(model, device, dtype, None, adapter=adapter, quantize=quantize)
             if baseline:
                 others = [parse_baseline(s, device=device, dtype=dtype) for s in baseline]

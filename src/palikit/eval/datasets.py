@@ -14,6 +14,7 @@ when one is near (`--images`: a classic COCO layout keeps annotations/ and image
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,13 +155,20 @@ def load_jsonl(path: str | Path, task: str, *, image_root: str | Path | None = N
 
 
 def load_coco(path: str | Path, task: str = "detect", *, image_root: str | Path | None = None,
-              categories: str | Sequence[str] = "present", strict: bool = True) -> EvalDataset:
+              categories: str | Sequence[str] = "present", strict: bool = True, negatives: int = 0,
+              seed: int = 0) -> EvalDataset:
     """COCO instances json -> one sample per image (`id` = str(image id)). `categories="present"`
     asks each image only for the categories it contains (images without annotations are skipped): it
-    measures localisation, not hallucination of absent classes. `"all"` (or a list of names) asks every
-    image for every category: closer to standard COCO mAP, but long prompts (80 classes). Detections
+    measures localisation, not hallucination of absent classes; `negatives=N` also asks each image for
+    N categories it does not contain (drawn per image from `seed`; images without annotations are kept
+    then, asked for N absent ones), so boxes given for absent classes count as false positives in the
+    mAP and in the false-positive rate (`metrics_tasks.negatives_fp`). `"all"` (or a list of names)
+    asks every image for every category: closer to standard COCO mAP, but long prompts (80 classes).
+    The labels asked for are in category order; `meta["negatives"]` holds the absent ones. Detections
     are mapped back to categories by name (singular / plural spellings accepted). Image paths are
     relative to `image_root` (default: the json's folder; `palikit eval --images DIR`)."""
+    if not isinstance(negatives, int) or isinstance(negatives, bool) or negatives < 0:
+        raise ValueError(f"negatives must be a whole number >= 0, got {negatives!r}")
     from ..tasks.registry import eval_task
 
     masks = eval_task(task).eval.metric == "segment"  # instance masks are scored: annotations need them
@@ -182,28 +190,35 @@ def load_coco(path: str | Path, task: str = "detect", *, image_root: str | Path 
     for img in coco["images"]:
         present = {a["category_id"] for a in by_image[img["id"]]}
         if categories == "present":
-            labels = [names[c] for c in sorted(present, key=order.index)]
+            absent = [c for c in order if c not in present]
+            asked = present | set(random.Random(f"{seed}:{img['id']}").sample(absent, min(negatives, len(absent))))
+            labels = [names[c] for c in order if c in asked]
             if not labels:
                 continue  # nothing to ask for: COCOeval ignores images without GT of a category anyway
         elif categories == "all":
             labels = list(names.values())
         else:
             labels = list(categories)
+        negs = [lab for lab in labels if lab not in {names[c] for c in present}]
         samples.append(Sample(str(img["id"]), str(root / img["file_name"]), "", [], labels,
                               {"image_id": img["id"], "width": img.get("width"), "height": img.get("height"),
-                               "file": img["file_name"]}))
+                               "file": img["file_name"], "negatives": negs}))
     return _finish(samples, problems, False, path, coco)
 
 
 def load_dataset(dataset: str | Path | EvalDataset | Sequence[Sample], task: str, *,
-                 image_root: str | Path | None = None, strict: bool = True) -> EvalDataset:
-    """A path (.json -> `load_coco`, else `load_jsonl`), an `EvalDataset` or a list of `Sample`s."""
+                 image_root: str | Path | None = None, strict: bool = True, negatives: int = 0) -> EvalDataset:
+    """A path (.json -> `load_coco`, else `load_jsonl`), an `EvalDataset` or a list of `Sample`s.
+    `negatives` (COCO detect / segment only): absent classes asked per image (`load_coco`)."""
     if isinstance(dataset, EvalDataset):
         return dataset
     if isinstance(dataset, (str, Path)):
         p = Path(dataset)
         if p.suffix == ".json":
-            return load_coco(p, task, image_root=image_root, strict=strict)
+            return load_coco(p, task, image_root=image_root, strict=strict, negatives=negatives)
+        if negatives:
+            raise ValueError("--negatives (absent classes asked per image) needs a COCO .json data set with "
+                             "categories; a .jsonl has no list of classes to draw from")
         return load_jsonl(p, task, image_root=image_root, strict=strict)
     return EvalDataset(list(dataset))
 

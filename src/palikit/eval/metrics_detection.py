@@ -46,11 +46,13 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
 
 
 def coco_map(coco_gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], *, iou_type: str = "bbox",
-             image_ids: Sequence[int] | None = None) -> dict[str, float]:
+             image_ids: Sequence[int] | None = None, per_class: bool = False) -> dict[str, float | None]:
     """COCO AP of `results` (COCO results entries) against the ground-truth dict `coco_gt` (a loaded
     instances json). Returns {"map": AP@[.5:.95], "map50", "map75", "map_small", "map_medium",
-    "map_large", "mar100"}; -1 entries of COCOeval (no ground truth in a bucket) are kept as -1.
-    No results at all scores 0.0. `image_ids` restricts the evaluation (e.g. to predicted images)."""
+    "map_large", "mar1", "mar10", "mar100"}; COCOeval's -1 (no ground truth in that bucket, e.g. no
+    large objects) is None: not defined, never a number. No results at all scores 0.0 (None where
+    undefined). `image_ids` restricts the evaluation (e.g. to predicted images). `per_class` adds
+    "class/<name>/map" and "class/<name>/map50" for every category (None: no ground truth of it)."""
     if iou_type not in ("bbox", "segm"):
         raise ValueError("iou_type must be 'bbox' or 'segm'")
     COCO, COCOeval = _cocoeval_classes()
@@ -65,7 +67,7 @@ def coco_map(coco_gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], *
             a["area"] = float(a["bbox"][2] * a["bbox"][3])
     keys = ["map", "map50", "map75", "map_small", "map_medium", "map_large", "mar1", "mar10", "mar100"]
     if not results:
-        return {k: 0.0 for k in keys}
+        return _no_results(gt, keys, image_ids, per_class)
     with contextlib.redirect_stdout(io.StringIO()):
         cgt = COCO()
         cgt.dataset = gt
@@ -77,8 +79,35 @@ def coco_map(coco_gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], *
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = [float(s) for s in ev.stats[:9]]
-    return dict(zip(keys, stats))
+    out = {k: _defined(s) for k, s in zip(keys, ev.stats[:9])}
+    if per_class:
+        names = {c["id"]: c["name"] for c in gt.get("categories", [])}
+        precision = np.asarray(ev.eval["precision"])  # [T iou thresholds, R recall points, K classes, A areas, M maxDets]
+        for k, cid in enumerate(ev.params.catIds):
+            every, at50 = precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]  # area "all", maxDets 100
+            out[f"class/{names.get(cid, cid)}/map"] = float(every[every > -1].mean()) if (every > -1).any() else None
+            out[f"class/{names.get(cid, cid)}/map50"] = float(at50[at50 > -1].mean()) if (at50 > -1).any() else None
+    return out
+
+
+def _defined(stat: float) -> float | None:
+    """COCOeval's summary value, or None for its -1 ("no ground truth of this kind")."""
+    return None if float(stat) == -1.0 else float(stat)
+
+
+def _no_results(gt, keys, image_ids, per_class) -> dict[str, float | None]:
+    """Scores without any detection: 0.0 where ground truth exists (every object missed), else None."""
+    ids = None if image_ids is None else {int(i) for i in image_ids}
+    anns = [a for a in gt.get("annotations", []) if ids is None or a["image_id"] in ids]
+    out: dict[str, float | None] = {k: (0.0 if anns else None) for k in keys}
+    for k, lo, hi in (("map_small", 0, 32 ** 2), ("map_medium", 32 ** 2, 96 ** 2), ("map_large", 96 ** 2, 1e10)):
+        out[k] = 0.0 if any(lo <= a["area"] <= hi for a in anns) else None  # COCOeval's areaRng, inclusive
+    if per_class:
+        have = {a["category_id"] for a in anns}
+        for c in gt.get("categories", []):
+            for key in ("map", "map50"):
+                out[f"class/{c['name']}/{key}"] = 0.0 if c["id"] in have else None
+    return out
 
 
 # ------------------------------------------------------------------------------ segmentation

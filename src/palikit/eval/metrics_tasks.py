@@ -76,7 +76,61 @@ def _detect_corpus(recs, samples, coco):
     if coco is None:
         raise ValueError("detection needs a COCO ground truth (a COCO json dataset)")
     ids = [s.meta["image_id"] for s in samples]
-    return D.coco_map(coco, _coco_results(recs, samples, coco, False), image_ids=ids)
+    return {**D.coco_map(coco, _coco_results(recs, samples, coco, False), image_ids=ids, per_class=True),
+            **negatives_fp(recs, samples, coco)}
+
+
+def _said(rec, cats) -> dict[int, int]:
+    """Category id -> boxes of that category in one record (labels mapped by name, as for mAP)."""
+    out: dict[int, int] = {}
+    for d in rec.get("detections", []):
+        cid = cats.get(str(d.get("label")), cats.get(str(d.get("label")).lower()))
+        if cid is not None:
+            out[cid] = out.get(cid, 0) + 1
+    return out
+
+
+def negatives_fp(recs, samples, coco) -> dict[str, float]:
+    """The field report's "hallucinated result": over the classes asked for but absent from the image
+    (`Sample.meta["negatives"]`: `--negatives N`, or every absent class with categories="all"), the
+    fraction answered with at least one box ("negatives_fp_rate"), also per class
+    ("class/<name>/fp_rate"). Empty when no sample asked for an absent class."""
+    cats, names = category_lookup(coco), {c["id"]: c["name"] for c in coco["categories"]}
+    asked: dict[int, list[int]] = {}  # category id -> [queries, answered with a box]
+    for s in samples:
+        negs = s.meta.get("negatives") or []
+        said = _said(recs[s.id], cats) if negs else {}
+        for lab in negs:
+            q = asked.setdefault(cats[lab], [0, 0])
+            q[0] += 1
+            q[1] += int(said.get(cats[lab], 0) > 0)
+    if not asked:
+        return {}
+    out = {"negatives_fp_rate": sum(h for _, h in asked.values()) / sum(q for q, _ in asked.values())}
+    out.update({f"class/{names[c]}/fp_rate": h / q for c, (q, h) in asked.items()})
+    return out
+
+
+def counts(task: str, recs, samples, coco) -> dict[str, Any]:
+    """The counts behind detect / segment rates (COCO ground truth only): ground-truth instances per
+    class and, per class, how often it was asked for where absent and answered with a box."""
+    if coco is None or metric_of(task).primary not in ("map", "miou"):
+        return {}
+    cats, names = category_lookup(coco), {c["id"]: c["name"] for c in coco["categories"]}
+    ids = {s.meta.get("image_id") for s in samples}
+    per: dict[str, dict[str, int]] = {n: {"instances": 0, "negative_queries": 0, "false_positive_queries": 0}
+                                      for n in names.values()}
+    for a in coco["annotations"]:
+        if a["image_id"] in ids:
+            per[names[a["category_id"]]]["instances"] += 1
+    for s in samples:
+        negs = s.meta.get("negatives") or []
+        said = _said(recs[s.id], cats) if negs else {}
+        for lab in negs:
+            row = per[names[cats[lab]]]
+            row["negative_queries"] += 1
+            row["false_positive_queries"] += int(said.get(cats[lab], 0) > 0)
+    return {"per_class": per}
 
 
 def _segment_sample(rec, sample):
@@ -88,10 +142,14 @@ def _segment_sample(rec, sample):
 def _segment_corpus(recs, samples, coco):
     if coco is not None:
         ids = [s.meta["image_id"] for s in samples]
-        box = D.coco_map(coco, _coco_results(recs, samples, coco, False), image_ids=ids)
-        segm = D.coco_map(coco, _coco_results(recs, samples, coco, True), iou_type="segm", image_ids=ids)
+        box = D.coco_map(coco, _coco_results(recs, samples, coco, False), image_ids=ids, per_class=True)
+        segm = D.coco_map(coco, _coco_results(recs, samples, coco, True), iou_type="segm", image_ids=ids,
+                          per_class=True)
+        per_class = {k: v for k, v in box.items() if k.startswith("class/")}
+        per_class.update({k.replace("/map", "/mask_map"): v for k, v in segm.items() if k.startswith("class/")})
         return {"miou": _coco_miou(recs, samples, coco), "map": box["map"], "map50": box["map50"],
-                "mask_map": segm["map"], "mask_map50": segm["map50"]}
+                "mask_map": segm["map"], "mask_map50": segm["map50"], **per_class,
+                **negatives_fp(recs, samples, coco)}
     pm, pb = [], []
     for s in samples:
         dets = recs[s.id].get("detections", [])

@@ -152,6 +152,37 @@ def hardware_line(hw: Mapping[str, Any]) -> str:
 FIRST_REASONS = 5  # failed samples listed by reason in report.md and on stderr
 
 
+def _pct(v: Any) -> str:
+    """A metric fraction as x100 text; None (not defined on this data) is "n/a", never -100."""
+    return "n/a" if v is None else _fmt(100 * float(v), 2)
+
+
+def per_class_table(report: Any) -> list[str]:
+    """Markdown lines of the per-class table (detect / segment on COCO): AP, AP@0.5 (and mask AP), ground-
+    truth instances and, with negatives, how often the class was asked where absent and got a box."""
+    metrics, per = report.metrics, report.counts.get("per_class", {})
+    names = list(dict.fromkeys([k[6:].rsplit("/", 1)[0] for k in metrics if k.startswith("class/")] + list(per)))
+    if not names:
+        return []
+    cols = [c for c in ("map", "map50", "mask_map", "mask_map50") if any(f"class/{n}/{c}" in metrics for n in names)]
+    negatives = any(p.get("negative_queries") for p in per.values())
+    head = ["class", *cols, "instances"] + (["asked where absent", "answered with a box", "FP rate"] if negatives else [])
+    lines = ["", "## Per class (x100)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        p = per.get(n, {})
+        cells = [n, *[_pct(metrics.get(f"class/{n}/{c}")) for c in cols], str(p.get("instances", "–"))]
+        if negatives:
+            q, h = p.get("negative_queries", 0), p.get("false_positive_queries", 0)
+            cells += [str(q), str(h), _pct(h / q) if q else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if negatives:
+        q = sum(p.get("negative_queries", 0) for p in per.values())
+        h = sum(p.get("false_positive_queries", 0) for p in per.values())
+        lines += ["", f"- false-positive rate on absent classes (`--negatives`): {h} of {q} queries for a class the "
+                      f"image does not hold were answered with a box = **{_pct(h / q if q else None)}%**"]
+    return lines
+
+
 def failure_lines(report: Any, limit: int = FIRST_REASONS) -> list[str]:
     """'sample ID: reason' for the first `limit` failed samples of `report`."""
     return [f"sample {f['id']}: {f['error']}" for f in report.failures[:limit]]
@@ -169,8 +200,12 @@ def markdown_report(report: Any, rows: Sequence[Mapping[str, Any]] | None = None
            "- units: every score is x100 (percent for accuracies; CIDEr / mAP / mIoU on the same x100 scale); "
            "latencies are seconds per sample unless a row says per batch", "",
            "## Accuracy (x100)", "", "| metric | value |", "|---|---|"]
-    out += [f"| {k}{' (primary)' if k == report.primary else ''} | {_fmt(100 * v, 2)} |"
-            for k, v in report.metrics.items()]
+    out += [f"| {k}{' (primary)' if k == report.primary else ''} | {_pct(v)} |"
+            for k, v in report.metrics.items() if not k.startswith("class/")]
+    if any(v is None for k, v in report.metrics.items() if not k.startswith("class/")):
+        out += ["", "n/a: not defined on this data (COCO's -1: no ground-truth objects of that kind, e.g. no "
+                    "large objects for map_large)."]
+    out += per_class_table(report)
     if report.failed:
         out += ["", f"{report.failed} failed sample(s) scored as empty answers; the first:", ""]
         out += [f"- {line}" for line in failure_lines(report)]

@@ -144,13 +144,15 @@ class EvalReport:
     failed: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # bad rows / images left out (--skip-bad-rows)
+    counts: dict[str, Any] = field(default_factory=dict)  # detect / segment: per-class instances, negatives asked
     hardware: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # the model / adapter's choices (psm, endpoint...)
     interrupted: bool = False
 
     @property
     def score(self) -> float:
-        return 100.0 * float(self.metrics.get(self.primary, float("nan")))
+        v = self.metrics.get(self.primary)
+        return float("nan") if v is None else 100.0 * float(v)
 
     @property
     def speed_efficiency(self) -> float:
@@ -179,7 +181,8 @@ class EvalReport:
                 "speed": self.speed, "hardware": self.hardware, "cost": self.cost,
                 "speed_efficiency": self.speed_efficiency, "cost_efficiency": self.cost_efficiency,
                 "settings": self.settings, "predicted_now": self.predicted_now, "files": self.files,
-                "failures": self.failures, "skipped": self.skipped, "per_sample": self.per_sample}
+                "failures": self.failures, "skipped": self.skipped, "counts": self.counts,
+                "per_sample": self.per_sample}
 
 
 def speed_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -348,7 +351,8 @@ def _build_report(model, name, task, ds, samples, recs, template, out, pred_path
                       prompt=template if isinstance(template, str) else getattr(template, "__name__", "callable"),
                       out_dir=str(out), files={"predictions": str(pred_path)}, predicted_now=predicted_now,
                       total=len(samples), failed=len(failures), failures=failures,
-                      skipped=[{"where": p.where, "error": p.message} for p in ds.problems], hardware=hardware(model),
+                      skipped=[{"where": p.where, "error": p.message} for p in ds.problems],
+                      counts=MT.counts(task, recs, done, ds.coco) if done else {}, hardware=hardware(model),
                       settings=settings, interrupted=interrupted)
 
 
