@@ -96,3 +96,40 @@ def test_no_sentinel_minus_100_in_reports(coco, tmp_path):
     md = (tmp_path / "o" / "report.md").read_text()
     assert "-100" not in md and "| map_large | n/a |" in md
     assert json.loads((tmp_path / "o" / "report.json").read_text())["metrics"]["map_large"] is None
+
+
+def test_gallery_of_the_worst_predictions_linked_from_the_report(coco, tmp_path):
+    ds = load_coco(coco, "detect", negatives=2)
+    rep = evaluate(Boxer(hallucinate={"circle", "square"}), ds, "detect", out_dir=tmp_path / "g", progress=False,
+                   charts=False)
+    wrong = {s.id for s in ds.samples if {"circle", "square"} & set(s.meta["negatives"])}
+    assert wrong and {w["id"] for w in rep.worst} == wrong  # exactly the images that got a box for an absent class
+    assert all(w["score"] < 1 and "of an absent class" in w["why"] for w in rep.worst)
+    assert [w["score"] for w in rep.worst] == sorted(w["score"] for w in rep.worst)  # worst first
+    with Image.open(rep.files["gallery"]) as im:
+        cols = min(4, len(wrong))
+        assert im.size == (cols * 256 + (cols - 1) * 4, -(-len(wrong) // cols) * (256 + 64 + 4) - 4)
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 20)) > 10  # drawn, not blank
+    md = (tmp_path / "g" / "report.md").read_text()
+    assert "[![worst predictions](worst.png)](worst.png)" in md and f"## Worst predictions ({len(wrong)})" in md
+
+    perfect = evaluate(Boxer(), ds, "detect", out_dir=tmp_path / "g", progress=False, charts=False, resume=False)
+    assert not perfect.worst and "gallery" not in perfect.files and not (tmp_path / "g" / "worst.png").exists()
+    assert "Worst predictions" not in (tmp_path / "g" / "report.md").read_text()
+
+
+def test_gallery_ranks_text_answers_by_their_score(tmp_path):
+    rows = [{"image": f"{w}.png", "text": t} for w, t in (("STOP", "STOP"), ("EXIT", "EXIT"), ("OPEN", "OPEN"),
+                                                          ("CAFE", "CAKE"), ("BUS", "TAXI"))]
+    for r in rows:
+        Image.new("RGB", (30, 12), "white").save(tmp_path / r["image"])
+    (tmp_path / "o.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    class Stem:
+        def predict_batch(self, images, prompts, labels=None, **o):
+            return [{"text": Path(i).stem} for i in images]
+
+    rep = evaluate(Stem(), tmp_path / "o.jsonl", "ocr", out_dir=tmp_path / "r", progress=False, charts=False)
+    assert [w["id"] for w in rep.worst] == ["4", "3"]  # BUS vs TAXI (0.0), then CAFE vs CAKE (0.75)
+    assert rep.worst[0]["why"] == "answer: 'BUS'; expected: 'TAXI'"
+    assert Path(rep.files["gallery"]).is_file()

@@ -70,6 +70,8 @@ def evaluate(
                                                    "or unreadable, instead of stopping / counting them as failed."),
     negatives: int = typer.Option(0, help="detect/segment (COCO): also ask each image for N classes it does not "
                                           "hold; boxes for them are false positives (rate in the report)."),
+    gallery: int = typer.Option(12, help="Draw the N worst predictions into worst.png, linked from report.md "
+                                         "(0: none)."),
     max_failed: int = typer.Option(0, help="Exit with status 1 (the first reasons on stderr) when more samples than "
                                            "this fail (a missing image, a call that kept failing)."),
     batch_size: int = typer.Option(8),
@@ -99,7 +101,7 @@ def evaluate(
 
     common = dict(batch_size=batch_size, price_per_hour=price_per_hour, price_per_call=price_per_call,
                   predict_options={"max_new_tokens": max_new_tokens}, limit=limit, image_root=images,
-                  strict=not skip_bad_rows, progress=progress)
+                  strict=not skip_bad_rows, progress=progress, gallery=gallery)
     name = (model or "demo") + (f" + adapter {adapter}" if adapter else "") + (f" ({quantize})" if quantize else "")  # before/after rows tell apart
     if torch_threads > 0:
         import torch

@@ -91,12 +91,25 @@ def markdown(cmp: Comparison) -> str:
                   f"- cost: {c.get('price', 'no price given')} = {_fmt(c.get('cost_per_sample'), 6)} $ / image; "
                   f"cost efficiency = {_fmt(r.score)} / {_fmt(c.get('cost_per_sample'), 6)} = "
                   f"**{_fmt(r.cost_efficiency)}** %/$",
-                  f"- settings: `{r.settings}`" if r.settings else "- settings: -", f"- prompt: `{r.prompt}`", ""]
+                  f"- settings: `{r.settings}`" if r.settings else "- settings: -", f"- prompt: `{r.prompt}`",
+                  *_gallery_link(r, cmp.out_dir), ""]
     if cmp.cached:
         from .report import markdown_table
 
         lines += ["## Cached results (--compare-with)", "", markdown_table(cmp.cached), ""]
     return "\n".join(lines)
+
+
+def _gallery_link(r: EvalReport, out_dir: str) -> list[str]:
+    """The line linking a model's worst-predictions gallery (relative to the combined report)."""
+    path = r.files.get("gallery")
+    if not path:
+        return []
+    try:
+        rel = Path(path).resolve().relative_to(Path(out_dir).resolve()).as_posix()
+    except ValueError:
+        rel = path
+    return [f"- worst predictions: [{rel}]({rel}) ({len(r.worst)} samples, worst first)"]
 
 
 def write(cmp: Comparison, out_dir: str | Path, charts: bool = True) -> dict[str, Path]:
@@ -118,7 +131,7 @@ def evaluate_models(models: Sequence[Any], dataset: Any, task: str, *, out_dir: 
                     batch_size: int = 8, prompt: str | None = None, predict_options: Mapping[str, Any] | None = None,
                     image_root: str | Path | None = None, strict: bool = True, limit: int | None = None,
                     resume: bool = True, progress: bool = True, compare_with: str | Path | None = None,
-                    charts: bool = True, names: Sequence[str | None] | None = None) -> Comparison:
+                    charts: bool = True, names: Sequence[str | None] | None = None, gallery: int = 12) -> Comparison:
     """Evaluate every model (PaliGemma or a baseline adapter) on the same samples; the first model's
     price rule is `price_per_hour` / `price_per_call`, a baseline's its `price_rule`. Writes the
     combined report to `out_dir` and returns it. Raises `EvalInterrupted` (its report: the model that
@@ -148,7 +161,8 @@ def evaluate_models(models: Sequence[Any], dataset: Any, task: str, *, out_dir: 
         opts = dict(predict_options or {}) if i == 0 or not hasattr(model, "prompt_template") else {}
         reports.append(evaluate(model, ds, task, out_dir=sub, batch_size=getattr(model, "batch_size", batch_size)
                                 if i else batch_size, prompt=tmpl, predict_options=opts, limit=limit, resume=resume,
-                                progress=progress, model_name=name, charts=False, strict=strict, **prices))
+                                progress=progress, model_name=name, charts=False, strict=strict, gallery=gallery,
+                                **prices))
     cached = load_cached_results(compare_with) if compare_with else []
     cmp = Comparison(task, str(ds.path), reports, cached, str(out))
     write(cmp, out, charts=charts)

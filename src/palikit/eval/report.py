@@ -183,6 +183,18 @@ def per_class_table(report: Any) -> list[str]:
     return lines
 
 
+def worst_section(report: Any, rel: str = "") -> list[str]:
+    """Markdown lines linking the worst-predictions gallery (`eval.gallery`), with its samples listed;
+    `rel`: the gallery's folder relative to the report's."""
+    if not report.files.get("gallery"):
+        return []
+    name = rel + Path(report.files["gallery"]).name
+    lines = ["", f"## Worst predictions ({len(report.worst)})", "", f"[![worst predictions]({name})]({name})", "",
+             "White outlines: the ground truth; coloured: the model's boxes and masks.", "",
+             "| sample | score (x100) | what went wrong |", "|---|---|---|"]
+    return lines + [f"| {w['id']} | {_fmt(100 * w['score'])} | {w['why']} |" for w in report.worst]
+
+
 def failure_lines(report: Any, limit: int = FIRST_REASONS) -> list[str]:
     """'sample ID: reason' for the first `limit` failed samples of `report`."""
     return [f"sample {f['id']}: {f['error']}" for f in report.failures[:limit]]
@@ -213,6 +225,7 @@ def markdown_report(report: Any, rows: Sequence[Mapping[str, Any]] | None = None
         out += ["", f"{len(report.skipped)} bad row(s) / image(s) skipped (--skip-bad-rows), not scored; the first:",
                 ""]
         out += [f"- {p['where']}: {p['error']}" for p in report.skipped[:FIRST_REASONS]]
+    out += worst_section(report)
     out += ["", "## Speed", "", f"- {hardware_line(report.hardware)}", "", "| | value |", "|---|---|"]
     out += [f"| {SPEED_LABELS.get(k, k)} | {_fmt(v, 4)} |" for k, v in sp.items()]
     out += ["", f"- speed efficiency = score / median s per sample = {_fmt(report.score)} / "

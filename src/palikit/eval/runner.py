@@ -145,6 +145,7 @@ class EvalReport:
     failures: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # bad rows / images left out (--skip-bad-rows)
     counts: dict[str, Any] = field(default_factory=dict)  # detect / segment: per-class instances, negatives asked
+    worst: list[dict[str, Any]] = field(default_factory=list)  # the gallery's samples (files["gallery"]), worst first
     hardware: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # the model / adapter's choices (psm, endpoint...)
     interrupted: bool = False
@@ -181,7 +182,7 @@ class EvalReport:
                 "speed": self.speed, "hardware": self.hardware, "cost": self.cost,
                 "speed_efficiency": self.speed_efficiency, "cost_efficiency": self.cost_efficiency,
                 "settings": self.settings, "predicted_now": self.predicted_now, "files": self.files,
-                "failures": self.failures, "skipped": self.skipped, "counts": self.counts,
+                "failures": self.failures, "skipped": self.skipped, "counts": self.counts, "worst": self.worst,
                 "per_sample": self.per_sample}
 
 
@@ -356,13 +357,26 @@ def _build_report(model, name, task, ds, samples, recs, template, out, pred_path
                       settings=settings, interrupted=interrupted)
 
 
+def _write_gallery(report: EvalReport, task, samples, recs, coco, path: Path, n: int) -> None:
+    """worst.png of the `n` worst predictions (a stale one from an earlier run is removed when no
+    sample is wrong now), listed in `report.worst` and linked as `report.files["gallery"]`."""
+    from .gallery import write_gallery
+
+    worst = write_gallery(task, samples, recs, coco, path, n)
+    if not worst:
+        path.unlink(missing_ok=True)
+        return
+    report.files["gallery"] = str(path)
+    report.worst = [{"id": e.sample.id, "score": e.score, "why": "; ".join(e.lines)} for e in worst]
+
+
 def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], task: str, *, batch_size: int = 8,
              out_dir: str | Path, price_per_hour: float | None = None, price_per_call: float | None = None,
              price_per_mtok: Sequence[float] | None = None,
              resume: bool = True, progress: bool = True, prompt: str | Callable[[Sample], str] | None = None,
              lang: str = "en", model_name: str | None = None, predict_options: Mapping[str, Any] | None = None,
              image_root: str | Path | None = None, limit: int | None = None, strict: bool = True,
-             compare_with: str | Path | None = None, charts: bool = True) -> EvalReport:
+             compare_with: str | Path | None = None, charts: bool = True, gallery: int = 12) -> EvalReport:
     """Evaluate `model` (anything with `predict_batch(images, prompts, labels=None, **opts)`; see
     `palikit.eval.baselines` for Tesseract, OpenAI-compatible endpoints and COCO results files) on
     `dataset` for `task` (see `TASKS`). Predictions are appended to `out_dir/predictions.jsonl` as they
@@ -374,7 +388,8 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
     is skipped up front and listed in `skipped` (`datasets.check_images`). Ctrl-C / SIGTERM (`sigterm_interrupts`) writes
     the report of the samples done and raises `EvalInterrupted`. Writes report.json, report.md and
     (charts=True, matplotlib) PNG charts, with the rows of `compare_with` (a cached-results file or
-    another palikit report.json) side by side."""
+    another palikit report.json) side by side, and (`gallery` > 0) worst.png, the `gallery` worst
+    predictions drawn (`eval.gallery`)."""
     from . import metrics_tasks as MT
     from . import report as R
     from .progress import progress as make_progress
@@ -443,6 +458,8 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
             prog.stop()
 
     report = _build_report(model, name, task, ds, samples, recs, template, out, pred_path, prices, predicted_now)
+    if gallery:
+        _write_gallery(report, task, samples, recs, ds.coco, out / "worst.png", gallery)
     cached = R.load_cached_results(compare_with) if compare_with else []
     R.write_report(report, out, cached=cached, charts=charts)
     return report
