@@ -240,10 +240,14 @@ def test_detection_coco_and_prompt_sensitivity(tmp_path):
     assert prompt_variants("vqa", langs=("fr",))["keyword@fr"] == "answer fr {question}"
     sens = evaluate_prompt_variants(FakeModel(_coco_answer), tmp_path / "coco.json", "detect",
                                     out_dir=tmp_path / "sens", progress=False)
-    assert sens.scores["singular"] == pytest.approx(100.0) and sens.scores["plural"] == pytest.approx(100.0)
-    assert sens.scores["natural"] == 0.0
-    assert sens.spread == pytest.approx(100.0) and sens.std == pytest.approx(np.std([100, 100, 0]))
-    assert sens.worst == "natural"
+    # this fake model answers only prompts that start with "detect": the natural wording and the
+    # capitalised / upper-case keyword get no box (issue 37: case and separator variants)
+    assert {k: round(v, 6) for k, v in sens.scores.items()} == {
+        "default": 100.0, "singular": 100.0, "plural": 100.0, "natural": 0.0, "case-capitalised": 0.0,
+        "case-upper": 0.0, "case-labels": 100.0, "sep-comma": 100.0, "sep-and": 100.0, "sep-tight": 100.0}
+    assert sens.prompts["case-upper"] == "DETECT {labels_upper}" and sens.prompts["sep-and"] == "detect {labels_and}"
+    assert sens.spread == pytest.approx(100.0) and sens.std == pytest.approx(np.std(list(sens.scores.values())))
+    assert sens.worst == "natural" and sens.spread_by_kind() == {"wording": 100.0, "case": 100.0, "separator": 0.0}
     preds = load_predictions(tmp_path / "sens" / "plural" / "predictions.jsonl")
     assert preds["1"]["prompt"] == "detect dogs ; boxes"
     assert (tmp_path / "sens" / "sensitivity.md").read_text().count("|") > 10

@@ -56,6 +56,19 @@ def exit_on_failures(reports, max_failed: int, ds) -> None:
     raise SystemExit(1)
 
 
+def sweep(pg, ds, task: str, out: Path, name: str, user_variants: dict, common: dict) -> None:
+    """The prompt-sensitivity sweep in out/sensitivity, printed and linked from out/report.md."""
+    from ..eval import evaluate_prompt_variants
+    from ..eval.report import attach_section
+
+    sens = evaluate_prompt_variants(pg, ds, task, out_dir=out / "sensitivity", model_name=name, user=user_variants,
+                                    **common)
+    attach_section(out, "sensitivity", sens.summary_lines("sensitivity"),
+                   {"files": sens.files, "spread": sens.spread, "scores": sens.scores})
+    typer.echo(sens.markdown())
+    typer.echo(f"-> {out / 'sensitivity' / 'sensitivity.md'} (linked from {out / 'report.md'})")
+
+
 @app.command("eval")
 def evaluate(
     dataset: Path = typer.Argument(..., help="JSONL (ocr/vqa/anls/caption/count/exact) or COCO json (detect/segment)."),
@@ -82,7 +95,11 @@ def evaluate(
     compare_with: Path = typer.Option(None, help="Cached results (JSON/CSV) or a palikit report.json, side by side."),
     prompt: str = typer.Option(None, help="Prompt template overriding the task's, e.g. 'answer en {question}'."),
     limit: int = typer.Option(None, help="Only the first N samples."),
-    sensitivity: bool = typer.Option(False, help="Also run the prompt-variant sweep and report the spread."),
+    sensitivity: bool = typer.Option(False, help="Also run the prompt-variant sweep (wording, case and separator "
+                                                 "variants of the prompt) and report the spread."),
+    variant: list[str] = typer.Option(None, "--variant", help="Another prompt for the sweep, 'TEMPLATE' or "
+                                      "'NAME=TEMPLATE' (repeatable; implies --sensitivity), e.g. "
+                                      "--variant 'detect {labels}'; fields as for --prompt."),
     fresh: bool = typer.Option(False, help="Ignore saved predictions instead of resuming."),
     progress: bool = typer.Option(True, help="Progress on stderr (a bar on a terminal, lines otherwise)."),
     max_new_tokens: int = typer.Option(64),
@@ -91,12 +108,12 @@ def evaluate(
 ):
     """Evaluate; an interrupted run resumes from the saved predictions (rerun the same command)."""
     from ..eval import evaluate as run_eval
-    from ..eval import evaluate_prompt_variants
     from ..eval.baselines import BaselineError, parse_baseline
     from ..eval.compare import evaluate_models
-    from ..eval.runner import EvalInterrupted, sigterm_interrupts
     from ..datafiles import DataError
     from ..eval.datasets import check_images, load_dataset
+    from ..eval.prompts_variants import parse_user_variants
+    from ..eval.runner import EvalInterrupted, check_template, sigterm_interrupts
     from .predict import load_model
 
     common = dict(batch_size=batch_size, price_per_hour=price_per_hour, price_per_call=price_per_call,
@@ -109,7 +126,11 @@ def evaluate(
         torch.set_num_threads(torch_threads)
     try:
         with sigterm_interrupts():
-            # the data first: a bad file or a wrong image folder is said before a model loads
+            # the data and the prompts first: a bad file, a wrong image folder or a bad template is said
+            # before a model loads
+            user_variants = parse_user_variants(variant or [])
+            if prompt is not None:
+                check_template(prompt)
             ds = check_images(load_dataset(dataset, task, image_root=images, strict=not skip_bad_rows,
                                            negatives=negatives), strict=not skip_bad_rows)
             pg = load_model(model, device, dtype, None, adapter=adapter, quantize=quantize)
@@ -127,10 +148,8 @@ def evaluate(
                                   compare_with=compare_with, model_name=name, **common)
                 reports = [report]
                 typer.echo(headline(report) + f" -> {out / 'report.md'}")
-            if sensitivity:
-                sens = evaluate_prompt_variants(pg, ds, task, out_dir=out / "sensitivity", model_name=name,
-                                                **common)
-                typer.echo(sens.markdown())
+            if sensitivity or variant:
+                sweep(pg, ds, task, out, name, user_variants, common)
     except EvalInterrupted as e:
         r = e.report
         what = "SIGTERM" if e.signum == 15 else "Ctrl-C"

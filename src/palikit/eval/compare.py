@@ -119,7 +119,7 @@ def write(cmp: Comparison, out_dir: str | Path, charts: bool = True) -> dict[str
     files = {"json": out / "report.json", "markdown": out / "report.md"}
     if charts:
         rows = [r for r in cmp.rows() if not any(isinstance(v, float) and math.isnan(v) for v in (r.get("accuracy"),))]
-        files.update(write_charts(rows, out, title=cmp.task))
+        files.update(write_charts(rows, out, title=cmp.task, metric=cmp.reports[0].primary if cmp.reports else ""))
     atomic_write_bytes(files["json"], json.dumps({**cmp.to_dict(), "files": {k: str(v) for k, v in files.items()}},
                                            indent=2, default=str))
     atomic_write_bytes(files["markdown"], markdown(cmp))

@@ -11,7 +11,8 @@ from typing import Any
 
 
 class LineProgress:
-    """'eval NAME: 40/200 (20%) accuracy 51.2%' on stderr, at most every `every_s` seconds and at the end."""
+    """'LABEL: 40/200 (20%) accuracy 51.2%' on stderr (LABEL: 'eval NAME', or what the caller names the
+    run, e.g. a sensitivity variant), at most every `every_s` seconds and at the end."""
 
     def __init__(self, name: str, total: int, done: int, every_s: float = 5.0):
         self.name, self.total, self.done, self.every_s = name, total, done, every_s
@@ -25,7 +26,7 @@ class LineProgress:
             return
         self._last = now
         pct = 100 * self.done / self.total if self.total else 100.0
-        print(f"eval {self.name}: {self.done}/{self.total} ({pct:.0f}%) {self.metric}".rstrip(), file=sys.stderr,
+        print(f"{self.name}: {self.done}/{self.total} ({pct:.0f}%) {self.metric}".rstrip(), file=sys.stderr,
               flush=True)
 
     def update(self, advance: int, metric: str = "") -> None:
@@ -41,13 +42,14 @@ class LineProgress:
 class RichProgress:
     def __init__(self, name: str, total: int, done: int):
         from rich.console import Console
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[metric]}"), TimeRemainingColumn(),
                            console=Console(stderr=True), transient=False)
         self._p.start()
-        self._id = self._p.add_task(f"eval {name}", total=total, completed=done, metric="")
+        self._id = self._p.add_task(escape(name), total=total, completed=done, metric="")
 
     def update(self, advance: int, metric: str = "") -> None:
         self._p.update(self._id, advance=advance, metric=metric)
@@ -56,8 +58,10 @@ class RichProgress:
         self._p.stop()
 
 
-def progress(enabled: bool, name: str, total: int, done: int) -> Any:
-    """A progress reporter with `update(advance, metric)` / `stop()`, or None when disabled."""
+def progress(enabled: bool, name: str, total: int, done: int, label: str | None = None) -> Any:
+    """A progress reporter with `update(advance, metric)` / `stop()`, or None when disabled; it reads
+    `label`, by default 'eval NAME'."""
+    name = label or f"eval {name}"
     if not enabled:
         return None
     return RichProgress(name, total, done) if sys.stderr.isatty() else LineProgress(name, total, done)

@@ -237,10 +237,7 @@ def markdown_report(report: Any, rows: Sequence[Mapping[str, Any]] | None = None
     return "\n".join(out)
 
 
-def write_charts(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *, size: tuple[float, float] = (8, 4.5),
-                 dpi: int = 100, title: str = "") -> dict[str, Path]:
-    """One horizontal bar chart per column of `CHARTS` (PNG, `size` inches x `dpi`); a chart whose
-    column is empty for every row is skipped. Needs matplotlib (Agg backend)."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -248,28 +245,56 @@ def write_charts(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *, size
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("charts need matplotlib: pip install matplotlib (or pass charts=False)") from e
+    return plt
+
+
+def bar_chart(names: Sequence[str], values: Sequence[float], path: str | Path, *, xlabel: str, title: str = "",
+              colors: Sequence[str] | None = None, size: tuple[float, float] = (8, 4.5), dpi: int = 100) -> Path:
+    """A horizontal bar chart (first name on top, each bar's value printed beside it) as a PNG of
+    `size` inches x `dpi`, written atomically. Needs matplotlib (Agg backend)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=size, dpi=dpi)
+    vals = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in values]
+    ax.barh(range(len(vals)), vals, color=list(colors) if colors else "tab:blue")
+    ax.set_yticks(range(len(vals)), list(names))
+    ax.invert_yaxis()
+    ax.margins(x=0.15)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title or xlabel, fontsize=10)
+    for i, v in enumerate(values):
+        ax.text(vals[i], i, f" {_fmt(v if v is None else float(v))}", va="center", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def chart_labels(metric: str = "") -> dict[str, str]:
+    """The x-axis label of each chart of `CHARTS`; the score chart names the metric unless it is an accuracy."""
+    labels = dict(CHARTS)
+    if metric and metric not in ("accuracy", "exact_match"):
+        labels["accuracy"] = f"Score ({metric} x100)"
+        labels["speed_efficiency"] = f"Median speed efficiency ({metric} x100 / median s per sample)"
+        labels["cost_efficiency"] = f"Cost efficiency ({metric} x100 / $ per sample)"
+    return labels
+
+
+def write_charts(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *, size: tuple[float, float] = (8, 4.5),
+                 dpi: int = 100, title: str = "", metric: str = "") -> dict[str, Path]:
+    """One horizontal bar chart per column of `CHARTS` (PNG, `size` inches x `dpi`), its axis named after
+    `metric` (`chart_labels`); a chart whose column is empty for every row is skipped. Needs matplotlib."""
+    _pyplot()
     out: dict[str, Path] = {}
-    for key, label in CHARTS.items():
+    for key, label in chart_labels(metric).items():
         pts = [(f"{r['model']}" + ("" if r.get("source") != "this run" else " *"), r[key]) for r in rows
                if r.get(key) is not None]
         if not pts:
             continue
-        fig, ax = plt.subplots(figsize=size, dpi=dpi)
         names, vals = zip(*pts)
         colors = ["tab:orange" if n.endswith(" *") else "tab:blue" for n in names]
-        ax.barh(range(len(vals)), vals, color=colors)
-        ax.set_yticks(range(len(vals)), names)
-        ax.invert_yaxis()
-        ax.margins(x=0.15)
-        ax.set_xlabel(label)
-        ax.set_title(f"{title}: {label}" if title else label, fontsize=10)
-        for i, v in enumerate(vals):
-            ax.text(v, i, f" {_fmt(float(v))}", va="center", fontsize=8)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=dpi)
-        plt.close(fig)
-        out[key] = atomic_write_bytes(Path(out_dir) / f"{key}.png", buf.getvalue())
+        out[key] = bar_chart(names, vals, Path(out_dir) / f"{key}.png", xlabel=label, size=size, dpi=dpi,
+                             title=f"{title}: {label}" if title else label, colors=colors)
     return out
 
 
@@ -280,8 +305,24 @@ def write_report(report: Any, out_dir: str | Path, *, cached: Sequence[Mapping[s
     rows = comparison_rows(report, cached)
     files = {"json": out / "report.json", "markdown": out / "report.md"}
     if charts:
-        files.update(write_charts(rows, out, title=f"{report.task}: {report.primary}"))
+        files.update(write_charts(rows, out, title=f"{report.task}: {report.primary}", metric=report.primary))
     report.files.update({k: str(v) for k, v in files.items()})
     atomic_write_bytes(files["json"], json.dumps({**report.to_dict(), "comparison": rows}, indent=2, default=str))
     atomic_write_bytes(files["markdown"], markdown_report(report, rows))
     return files
+
+
+def attach_section(out_dir: str | Path, key: str, lines: Sequence[str], data: Mapping[str, Any]) -> None:
+    """Add (or replace) the section `key` at the end of out_dir/report.md and `data` under `key` in
+    report.json: what a later step of the same run (the sensitivity sweep) adds to the written report."""
+    out = Path(out_dir)
+    md, js = out / "report.md", out / "report.json"
+    begin, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    text = md.read_text(encoding="utf-8") if md.exists() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)].rstrip("\n") + text[text.index(end) + len(end):]
+    atomic_write_bytes(md, text.rstrip("\n") + "\n\n" + "\n".join([begin, *lines, end]) + "\n")
+    if js.exists():
+        report = json.loads(js.read_text(encoding="utf-8"))
+        report[key] = dict(data)
+        atomic_write_bytes(js, json.dumps(report, indent=2, default=str))

@@ -34,18 +34,43 @@ import numpy as np
 from .datasets import EvalDataset, Sample, canonical_task, check_images, image_problem, load_dataset
 
 
+def _and(items: Sequence[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + (items[-1] if items else "")
+
+
 def prompt_fields(sample: Sample, lang: str = "en") -> dict[str, str]:
-    """Fields a prompt template may use: {question} {prefix} {lang} {labels} {labels_singular}
-    {labels_plural} {labels_natural}."""
+    """Fields a prompt template may use: {question} {prefix} {lang}; the labels asked for as PaliGemma
+    writes them, {labels} ("dog ; cat"), and reworded: {labels_singular} {labels_plural}
+    {labels_natural} ("dogs and cats"); case: {labels_title} ("Dog ; Cat") {labels_upper} ("DOG ; CAT");
+    separators: {labels_comma} ("dog, cat") {labels_and} ("dog and cat") {labels_tight} ("dog;cat")."""
     from ..tasks.labels import plural, singular
 
     labels = sample.labels or []
     sing = [singular(lbl) for lbl in labels]
     plur = [plural(s) for s in sing]
-    natural = ", ".join(plur[:-1]) + (" and " if len(plur) > 1 else "") + (plur[-1] if plur else "")
     return {"question": str(sample.meta.get("question", "")), "prefix": str(sample.meta.get("prefix", "")),
             "lang": lang, "labels": " ; ".join(labels), "labels_singular": " ; ".join(sing),
-            "labels_plural": " ; ".join(plur), "labels_natural": natural}
+            "labels_plural": " ; ".join(plur), "labels_natural": _and(plur),
+            "labels_title": " ; ".join(lbl.title() for lbl in labels),
+            "labels_upper": " ; ".join(lbl.upper() for lbl in labels), "labels_comma": ", ".join(labels),
+            "labels_and": _and(labels), "labels_tight": ";".join(labels)}
+
+
+def check_template(template: str) -> str:
+    """`template` when every {field} in it is one of `prompt_fields`'; else ValueError naming the fields."""
+    import string
+
+    known = prompt_fields(Sample("", "", "", labels=["x"]))
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"prompt template {template!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+    bad = [f for f in names if f not in known]
+    if bad:
+        raise ValueError(f"prompt template {template!r} uses {{{bad[0]}}}, which is not a field; the fields are "
+                         + " ".join(f"{{{k}}}" for k in known))
+    return template
 
 
 def render_prompt(template: str | Callable[[Sample], str], sample: Sample, lang: str = "en") -> str:
@@ -376,7 +401,8 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
              resume: bool = True, progress: bool = True, prompt: str | Callable[[Sample], str] | None = None,
              lang: str = "en", model_name: str | None = None, predict_options: Mapping[str, Any] | None = None,
              image_root: str | Path | None = None, limit: int | None = None, strict: bool = True,
-             compare_with: str | Path | None = None, charts: bool = True, gallery: int = 12) -> EvalReport:
+             compare_with: str | Path | None = None, charts: bool = True, gallery: int = 12,
+             progress_label: str | None = None) -> EvalReport:
     """Evaluate `model` (anything with `predict_batch(images, prompts, labels=None, **opts)`; see
     `palikit.eval.baselines` for Tesseract, OpenAI-compatible endpoints and COCO results files) on
     `dataset` for `task` (see `TASKS`). Predictions are appended to `out_dir/predictions.jsonl` as they
@@ -389,7 +415,7 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
     the report of the samples done and raises `EvalInterrupted`. Writes report.json, report.md and
     (charts=True, matplotlib) PNG charts, with the rows of `compare_with` (a cached-results file or
     another palikit report.json) side by side, and (`gallery` > 0) worst.png, the `gallery` worst
-    predictions drawn (`eval.gallery`)."""
+    predictions drawn (`eval.gallery`). `progress_label` names the progress bar (default 'eval NAME')."""
     from . import metrics_tasks as MT
     from . import report as R
     from .progress import progress as make_progress
@@ -399,7 +425,8 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
     if getattr(model, "needs_images", True):
         ds = check_images(ds, strict=strict)
     samples = ds.samples[:limit] if limit is not None else list(ds.samples)
-    template = prompt if prompt is not None else default_prompt(task)
+    template = check_template(prompt) if isinstance(prompt, str) else prompt if prompt is not None \
+        else default_prompt(task)
     samples = [s if (prompt is None and s.prompt) else replace(s, prompt=render_prompt(template, s, lang))
                for s in samples]  # copies: the caller's dataset keeps its prompts
     out = Path(out_dir)
@@ -426,7 +453,7 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
         PredictOptions.from_kwargs(opts)  # a bad option fails here, not as every sample failing
     timed = getattr(model, "timed", True)
     prices = (price_per_hour, price_per_call, price_per_mtok)
-    prog = make_progress(progress, name, len(samples), len(samples) - len(todo))
+    prog = make_progress(progress, name, len(samples), len(samples) - len(todo), progress_label)
     scores = [v for s in samples if s.id in recs and (v := MT.sample_score(task, recs[s.id], s)) is not None]
     predicted_now = 0
     try:
