@@ -277,7 +277,7 @@ class PaliGemma:
         timings = {"image_ms": image_ms, **gen.timings}
         return Result(text=parsed.decoded, prompt=prompt, image_size=size, detections=detections, errors=errors,
                       timings=timings, tokens=list(gen.tokens), token_logprobs=list(gen.logprobs),
-                      hint=suggest_prompt(prompt))
+                      hint=suggest_prompt(prompt, self.tokenizer))
 
     # ------------------------------------------------------------------------------ tasks
     def task(self, name: str, image, *args, lang: str = "en", **options):
