@@ -21,6 +21,10 @@ mapping, documented for users of OpenAI clients:
   Any other field is a 400 (unknown field).
 - finish_reason is "length" when the token budget ran out, else "stop". usage counts image tokens
   as prompt tokens.
+- A prompt PaliGemma is unlikely to answer as meant ("Detect circle", "find the dogs", a class name
+  the tokenizer cannot write: `tasks.prompts.suggest_prompt`) gets the hint in a `palikit` field,
+  `{"palikit": {"hint": "use \"detect circle\": task keywords are lower case"}}` (on the response; on
+  the last chunk of a stream), and one log line. OpenAI clients ignore the field.
 - `stream: true` sends Server-Sent Events (`chat.completion.chunk`, then `data: [DONE]`), one chunk per
   new piece of text, decoded on the continuous-batching engine with every other request; a client
   that disconnects frees its slot at the next step. `stream_options.include_usage` adds the usage
@@ -136,6 +140,14 @@ def parse_chat(req: ChatRequest) -> ChatCall:
                     bool(req.stream_options and req.stream_options.include_usage))
 
 
+def hint_field(hint: str | None, prompt: str) -> dict[str, Any]:
+    """`{"palikit": {"hint": ...}}` for a prompt with a hint (`Result.hint`), logged once; else {}."""
+    if not hint:
+        return {}
+    log.info("prompt hint for chat prompt %r: %s", prompt[:80], hint)
+    return {"palikit": {"hint": hint}}
+
+
 def new_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
@@ -150,12 +162,13 @@ def completion(cid: str, model: str, text: str, finish_reason: str, usage: dict[
 
 
 def chunk(cid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
-          usage: dict[str, int] | None = None, empty_choices: bool = False) -> str:
+          usage: dict[str, int] | None = None, empty_choices: bool = False, extra: dict[str, Any] | None = None) -> str:
     body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                             "choices": [] if empty_choices else
                             [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
     if usage is not None:
         body["usage"] = usage
+    body.update(extra or {})
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
@@ -193,8 +206,9 @@ async def chat_completions(request: Request):
     if not call.stream:
         result = await state.run(opts, item)
         n = len(result.tokens)
-        return completion(cid, state.name, result.text, "length" if n >= opts.max_new_tokens else "stop",
-                          usage(n_prompt, n))
+        return {**completion(cid, state.name, result.text, "length" if n >= opts.max_new_tokens else "stop",
+                             usage(n_prompt, n)),
+                **hint_field(result.hint, call.prompt)}
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
     pending = await state.front.submit(item, opts, lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
@@ -244,7 +258,7 @@ async def stream(state, cid: str, pending, pieces: asyncio.Queue, call, opts, n_
             yield chunk(cid, state.name, created, {"content": result.text[len(streamed):]})
         n = len(result.tokens)
         finish = "length" if n >= opts.max_new_tokens else "stop"
-        yield chunk(cid, state.name, created, {}, finish)
+        yield chunk(cid, state.name, created, {}, finish, extra=hint_field(result.hint, call.prompt))
         if call.include_usage:
             yield chunk(cid, state.name, created, {}, usage=usage(n_prompt, n), empty_choices=True)
         yield "data: [DONE]\n\n"
