@@ -6,6 +6,8 @@ for both. Every run generates exactly `new_tokens` tokens (EOS ignored) so the t
 
 from __future__ import annotations
 
+import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -16,7 +18,8 @@ from ..config import PaliGemmaConfig
 from ..engine import Engine, GenerationOptions, Request
 from ..testing import hf_model_from, random_model
 
-__all__ = ["BenchRow", "bench_palikit", "bench_transformers", "run_bench"]
+__all__ = ["BenchRow", "bench_palikit", "bench_transformers", "busy_warning", "load_average", "run_bench",
+           "speed_words"]
 
 
 @dataclass
@@ -111,10 +114,52 @@ def bench_transformers(model, batch_sizes, new_tokens, prompt_len, repeats, log=
     return rows
 
 
+def speed_words(ratio: float, what: str = "") -> str:
+    """A speed ratio (theirs / ours time, > 1 = we are faster) in words: "2.5x faster", "2.5x slower"
+    (never "0.4x faster"), "about as fast" within 5 %; a non-positive or NaN ratio is timing noise."""
+    if not isinstance(ratio, (int, float)) or math.isnan(ratio) or ratio <= 0:
+        return "not measurable (a zero or negative time: timer noise; raise --new-tokens or --repeats)"
+    if 1 / 1.05 <= ratio <= 1.05:
+        return "about as fast" + (f" as {what}" if what else "")
+    words = f"{ratio:.1f}x faster" if ratio > 1 else f"{1 / ratio:.1f}x slower"
+    return words + (f" than {what}" if what else "")
+
+
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (None where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def busy_warning(load_1m: float | None, cpus: int | None, threads: int, *, running: bool = False) -> str | None:
+    """A warning when the machine is busier than the threads a benchmark uses allow: before the run
+    (`running=False`) other work holds `load_1m` cores, so fewer than `threads` are free; after it
+    (`running=True`, the load includes the benchmark's own threads) more runnable threads than CPUs."""
+    if load_1m is None or not cpus:
+        return None
+    busy = load_1m > cpus + 0.5 if running else load_1m + threads > cpus + 0.5
+    if not busy:
+        return None
+    when = "during the run" if running else "before the run"
+    free = max(1, cpus - math.ceil(load_1m)) if not running else None
+    return (f"the machine is busy: 1-minute load average {load_1m:.1f} {when} on {cpus} CPUs, with {threads} torch "
+            f"thread(s) here; the timings are slower and noisier than on a quiet machine"
+            + (f" (--torch-threads {free}, or run it when the machine is quiet)" if free else
+               " (run it again when the machine is quiet)"))
+
+
 def run_bench(config: PaliGemmaConfig, *, batch_sizes=(1, 4), new_tokens=32, prompt_len=16, repeats=3,
               device="cpu", dtype=torch.float32, compare_transformers=True, compile=False, log=None) -> dict:
     """`log(message)` is called before each phase (progress on a long run). With `compile`, the
-    eager engine is timed too (compile_speedup: eager / compiled ms per decode step)."""
+    eager engine is timed too (compile_speedup: eager / compiled ms per decode step). The JSON records
+    the CPU count and the load averages before and after the run, and `warnings` when the machine was
+    busier than the torch threads used allow (`busy_warning`)."""
+    start, cpus, threads = load_average(), os.cpu_count(), torch.get_num_threads()
+    warnings = [w for w in [busy_warning(start[0] if start else None, cpus, threads)] if w]
+    if log and warnings:
+        log(f"warning: {warnings[0]}")
     torch.manual_seed(0)
     model = random_model(config, device, dtype)
     rows = bench_palikit(model, batch_sizes, new_tokens, prompt_len, repeats, compile, log)
@@ -140,7 +185,10 @@ def run_bench(config: PaliGemmaConfig, *, batch_sizes=(1, 4), new_tokens=32, pro
         "new_tokens": new_tokens,
         "prompt_tokens": config.vision.num_image_tokens + prompt_len,
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads,
+        "cpu_count": cpus,
+        "load_average": {"start": start, "end": (end := load_average())},  # 1, 5, 15 min
+        "warnings": warnings + [w for w in [busy_warning(end[0] if end else None, cpus, threads, running=True)] if w],
         "rows": [asdict(r) for r in rows + eager_rows + hf_rows],
         "speedup_vs_transformers": ratios,
         **({"compile_speedup": {str(c.batch_size): e.decode_step_ms / c.decode_step_ms

@@ -32,11 +32,20 @@ def bench(
                                           "default all."),
     group_size: int = typer.Option(None, help="--quantize: int4 group size (default 64)."),
     kernels: bool = typer.Option(False, "--kernels", help="Time the candidate CPU int8/int4 kernels on one layer."),
+    torch_threads: int = typer.Option(0, help="torch intra-op threads (0 = torch's default); recorded in the JSON "
+                                              "with the machine's load average."),
 ):
     """Inference speed against transformers on the same random weights: prefill ms, ms per decode step
     and images/s across batch sizes."""
     from rich.console import Console
     from rich.table import Table
+
+    if torch_threads < 0:
+        raise ValueError(f"--torch-threads must be >= 0 (0 = torch's default), got {torch_threads}")
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
 
     if quantize is not None or kernels:
         from .bench_quant import bench_quantized
@@ -45,7 +54,7 @@ def bench(
                                new_tokens=new_tokens, prompt_len=prompt_len, repeats=repeats, compile=compile,
                                transformers=transformers)
 
-    from ..bench.inference import run_bench
+    from ..bench.inference import run_bench, speed_words
     from ..runtime import resolve_device, resolve_dtype
     from ..weights.resolve import get_config
 
@@ -64,10 +73,14 @@ def bench(
                       f"{r['images_per_s']:.1f}")
     console.print(table)
     for b, ratio in report.get("compile_speedup", {}).items():
-        console.print(f"batch {b}: the compiled step is {ratio:.2f}x the eager one's speed")
+        console.print(f"batch {b}: the compiled step is {speed_words(ratio, 'the eager one')}")
     for b, ratio in report["speedup_vs_transformers"].items():
-        console.print(f"batch {b}: decode step {ratio['decode_step_speedup']:.1f}x faster, "
-                      f"images/s {ratio['images_per_s_ratio']:.1f}x")
+        console.print(f"batch {b}: palikit's decode step is {speed_words(ratio['decode_step_speedup'], 'transformers')}"
+                      f"; images/s {speed_words(ratio['images_per_s_ratio'])}")
+    load = report["load_average"]
+    console.print(f"{report['cpu_count']} CPUs, load average {load['start']} before, {load['end']} after (1, 5, 15 min)")
+    for w in report["warnings"]:
+        console.print(f"[bold yellow]warning:[/] {w}")
     print(json.dumps(report))
 
 
