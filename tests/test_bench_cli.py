@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from palikit.bench.inference import busy_warning, speed_words
+from palikit.bench.inference import busy_cores, busy_warning, speed_words
 from palikit.cli import main
 
 
@@ -23,25 +23,41 @@ def test_speed_ratios_in_words(ratio, words):
     assert speed_words(ratio, "transformers").startswith(words)
 
 
-@pytest.mark.parametrize("load, cpus, threads, running, busy", [
-    (2.5, 2, 2, False, True),   # others hold more than the 2 CPUs before the run
-    (1.6, 2, 1, False, True),   # 0.4 CPU free for 1 thread
-    (0.3, 2, 2, False, False),  # quiet
-    (0.3, 2, 1, False, False),
-    (3.1, 2, 2, True, True),    # during the run: more runnable threads than CPUs
-    (2.2, 2, 2, True, False),   # the benchmark's own 2 threads
-    (None, 2, 2, False, False),  # no load average on this OS
+@pytest.mark.parametrize("load, now, cpus, threads, running, busy", [
+    (2.5, None, 2, 2, False, True),   # others hold more than the 2 CPUs before the run
+    (1.6, None, 2, 1, False, True),   # 0.4 CPU free for 1 thread
+    (0.3, None, 2, 2, False, False),  # quiet
+    (1.6, 0.1, 2, 2, False, False),   # the load average remembers a job that ended: the CPUs are free now
+    (0.2, 1.9, 2, 1, False, True),    # a job that just started: busy now
+    (3.1, None, 2, 2, True, True),    # during the run: more runnable threads than CPUs
+    (2.2, None, 2, 2, True, False),   # the benchmark's own 2 threads
+    (None, None, 2, 2, False, False),  # no load average on this OS
 ])
-def test_busy_machine_warning(load, cpus, threads, running, busy):
-    w = busy_warning(load, cpus, threads, running=running)
+def test_busy_machine_warning(load, now, cpus, threads, running, busy):
+    w = busy_warning(load, cpus, threads, busy=now, running=running)
     assert (w is not None) == busy
     if busy:
-        assert f"load average {load:.1f}" in w and f"on {cpus} CPUs" in w and f"{threads} torch thread" in w
+        assert f"load average {load:.1f}" in w and f"{cpus} CPUs" in w and f"{threads} torch thread" in w
+
+
+def test_busy_cores_measures_a_busy_cpu():
+    import threading
+    import time
+
+    stop = time.monotonic() + 1.0
+    spin = threading.Thread(target=lambda: [None for _ in iter(lambda: time.monotonic() < stop, False)])
+    spin.start()
+    busy = busy_cores(0.5)
+    spin.join()
+    assert busy is not None and 0.5 <= busy <= os.cpu_count()  # at least the spinning thread's CPU
 
 
 def test_bench_cli_threads_load_and_warning_in_the_json(monkeypatch, capsys):
+    import palikit.bench.inference as inference
+
     before = torch.get_num_threads()
     monkeypatch.setattr(os, "getloadavg", lambda: (7.5, 6.0, 5.25))
+    monkeypatch.setattr(inference, "busy_cores", lambda interval=0.5: 1.8)
     try:
         code = main(["bench", "--batch-sizes", "1", "--new-tokens", "3", "--repeats", "1", "--no-transformers",
                      "--device", "cpu", "--torch-threads", "1"])
@@ -54,7 +70,9 @@ def test_bench_cli_threads_load_and_warning_in_the_json(monkeypatch, capsys):
     assert report["torch_threads"] == 1  # main: no --torch-threads
     assert report["load_average"] == {"start": [7.5, 6.0, 5.25], "end": [7.5, 6.0, 5.25]}
     assert report["cpu_count"] == os.cpu_count()
-    assert report["warnings"] and "the machine is busy: 1-minute load average 7.5 before the run" in report["warnings"][0]
+    assert report["cpus_busy_before"] == 1.8
+    assert report["warnings"] and "the machine is busy: 1.8 of" in report["warnings"][0]
+    assert "(1-minute load average 7.5)" in report["warnings"][0] and "--torch-threads 1" in report["warnings"][0]
     assert "warning:" in err and "load average [7.5, 6.0, 5.25] before" in err
 
 
@@ -63,6 +81,7 @@ def test_bench_cli_says_slower_when_palikit_is_slower(monkeypatch, capsys):
 
     canned = {"model": "tiny-pg1", "device": "cpu", "dtype": "float32", "torch_threads": 2, "cpu_count": 2,
               "load_average": {"start": [0.1, 0.1, 0.1], "end": [1.9, 0.5, 0.2]}, "warnings": [],
+              "cpus_busy_before": 0.1,
               "rows": [], "speedup_vs_transformers": {"1": {"decode_step_speedup": 0.4, "prefill_speedup": 0.5,
                                                             "images_per_s_ratio": 0.4}},
               "compile_speedup": {"1": 0.8}}

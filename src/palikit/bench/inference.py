@@ -18,8 +18,8 @@ from ..config import PaliGemmaConfig
 from ..engine import Engine, GenerationOptions, Request
 from ..testing import hf_model_from, random_model
 
-__all__ = ["BenchRow", "bench_palikit", "bench_transformers", "busy_warning", "load_average", "run_bench",
-           "speed_words"]
+__all__ = ["BenchRow", "bench_palikit", "bench_transformers", "busy_cores", "busy_warning", "load_average",
+           "run_bench", "speed_words"]
 
 
 @dataclass
@@ -133,31 +133,56 @@ def load_average() -> list[float] | None:
         return None
 
 
-def busy_warning(load_1m: float | None, cpus: int | None, threads: int, *, running: bool = False) -> str | None:
-    """A warning when the machine is busier than the threads a benchmark uses allow: before the run
-    (`running=False`) other work holds `load_1m` cores, so fewer than `threads` are free; after it
-    (`running=True`, the load includes the benchmark's own threads) more runnable threads than CPUs."""
-    if load_1m is None or not cpus:
+def busy_cores(interval: float = 0.5) -> float | None:
+    """CPUs in use over the next `interval` seconds, from /proc/stat (Linux; None elsewhere): what the
+    machine is doing right now, where the load average also remembers the last minute's jobs."""
+    def snapshot() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])  # idle + iowait, all but guest time
+
+    try:
+        idle0, total0 = snapshot()
+        time.sleep(interval)
+        idle1, total1 = snapshot()
+    except (OSError, ValueError, IndexError):
         return None
-    busy = load_1m > cpus + 0.5 if running else load_1m + threads > cpus + 0.5
-    if not busy:
+    if total1 <= total0:
         return None
-    when = "during the run" if running else "before the run"
-    free = max(1, cpus - math.ceil(load_1m)) if not running else None
-    return (f"the machine is busy: 1-minute load average {load_1m:.1f} {when} on {cpus} CPUs, with {threads} torch "
-            f"thread(s) here; the timings are slower and noisier than on a quiet machine"
-            + (f" (--torch-threads {free}, or run it when the machine is quiet)" if free else
-               " (run it again when the machine is quiet)"))
+    return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1), 2)
+
+
+def busy_warning(load_1m: float | None, cpus: int | None, threads: int, *, busy: float | None = None,
+                 running: bool = False) -> str | None:
+    """A warning when the machine is busier than the threads a benchmark uses allow. Before the run
+    (`running=False`) other work holds `busy` CPUs (measured, `busy_cores`; else the 1-minute load
+    average), so fewer than `threads` are free; after it (`running=True`: the load average includes the
+    benchmark's own threads) more runnable threads than CPUs."""
+    others = busy if busy is not None else load_1m
+    if others is None or not cpus:
+        return None
+    if running:
+        return None if others <= cpus + 0.5 else (
+            f"the machine is busy: 1-minute load average {others:.1f} during the run on {cpus} CPUs, with "
+            f"{threads} torch thread(s) here; the timings are slower and noisier than on a quiet machine "
+            "(run it again when the machine is quiet)")
+    if others + threads <= cpus + 0.5:
+        return None
+    free = max(1, cpus - math.ceil(others))
+    load = f" (1-minute load average {load_1m:.1f})" if load_1m is not None else ""
+    return (f"the machine is busy: {others:.1f} of {cpus} CPUs in use before the run{load}, with {threads} torch "
+            f"thread(s) here; the timings are slower and noisier than on a quiet machine (--torch-threads {free}, or "
+            "run it when the machine is quiet)")
 
 
 def run_bench(config: PaliGemmaConfig, *, batch_sizes=(1, 4), new_tokens=32, prompt_len=16, repeats=3,
               device="cpu", dtype=torch.float32, compare_transformers=True, compile=False, log=None) -> dict:
     """`log(message)` is called before each phase (progress on a long run). With `compile`, the
     eager engine is timed too (compile_speedup: eager / compiled ms per decode step). The JSON records
-    the CPU count and the load averages before and after the run, and `warnings` when the machine was
-    busier than the torch threads used allow (`busy_warning`)."""
-    start, cpus, threads = load_average(), os.cpu_count(), torch.get_num_threads()
-    warnings = [w for w in [busy_warning(start[0] if start else None, cpus, threads)] if w]
+    the CPU count, the load averages before and after the run and the CPUs in use just before it, and
+    `warnings` when the machine was busier than the torch threads used allow (`busy_warning`)."""
+    start, cpus, threads, busy = load_average(), os.cpu_count(), torch.get_num_threads(), busy_cores()
+    warnings = [w for w in [busy_warning(start[0] if start else None, cpus, threads, busy=busy)] if w]
     if log and warnings:
         log(f"warning: {warnings[0]}")
     torch.manual_seed(0)
@@ -188,6 +213,7 @@ def run_bench(config: PaliGemmaConfig, *, batch_sizes=(1, 4), new_tokens=32, pro
         "torch_threads": threads,
         "cpu_count": cpus,
         "load_average": {"start": start, "end": (end := load_average())},  # 1, 5, 15 min
+        "cpus_busy_before": busy,  # CPUs in use over 0.5 s just before the run (/proc/stat)
         "warnings": warnings + [w for w in [busy_warning(end[0] if end else None, cpus, threads, running=True)] if w],
         "rows": [asdict(r) for r in rows + eager_rows + hf_rows],
         "speedup_vs_transformers": ratios,

@@ -78,7 +78,8 @@ def bench(
         console.print(f"batch {b}: palikit's decode step is {speed_words(ratio['decode_step_speedup'], 'transformers')}"
                       f"; images/s {speed_words(ratio['images_per_s_ratio'])}")
     load = report["load_average"]
-    console.print(f"{report['cpu_count']} CPUs, load average {load['start']} before, {load['end']} after (1, 5, 15 min)")
+    console.print(f"{report['cpu_count']} CPUs, {report['cpus_busy_before']} in use just before the run; load average "
+                  f"{load['start']} before, {load['end']} after (1, 5, 15 min)")
     for w in report["warnings"]:
         console.print(f"[bold yellow]warning:[/] {w}")
     print(json.dumps(report))
