@@ -90,24 +90,30 @@ def _said(rec, cats) -> dict[int, int]:
     return out
 
 
+def _negative_queries(recs, samples, coco) -> dict[str, list[int]]:
+    """Category name -> [queries for it where absent, those answered with at least one box of it]."""
+    cats, names = category_lookup(coco), {c["id"]: c["name"] for c in coco["categories"]}
+    asked: dict[str, list[int]] = {}
+    for s in samples:
+        negs = s.meta.get("negatives") or []
+        said = _said(recs[s.id], cats) if negs else {}
+        for lab in negs:
+            q = asked.setdefault(names[cats[lab]], [0, 0])
+            q[0] += 1
+            q[1] += int(said.get(cats[lab], 0) > 0)
+    return asked
+
+
 def negatives_fp(recs, samples, coco) -> dict[str, float]:
     """The field report's "hallucinated result": over the classes asked for but absent from the image
     (`Sample.meta["negatives"]`: `--negatives N`, or every absent class with categories="all"), the
     fraction answered with at least one box ("negatives_fp_rate"), also per class
     ("class/<name>/fp_rate"). Empty when no sample asked for an absent class."""
-    cats, names = category_lookup(coco), {c["id"]: c["name"] for c in coco["categories"]}
-    asked: dict[int, list[int]] = {}  # category id -> [queries, answered with a box]
-    for s in samples:
-        negs = s.meta.get("negatives") or []
-        said = _said(recs[s.id], cats) if negs else {}
-        for lab in negs:
-            q = asked.setdefault(cats[lab], [0, 0])
-            q[0] += 1
-            q[1] += int(said.get(cats[lab], 0) > 0)
+    asked = _negative_queries(recs, samples, coco)
     if not asked:
         return {}
     out = {"negatives_fp_rate": sum(h for _, h in asked.values()) / sum(q for q, _ in asked.values())}
-    out.update({f"class/{names[c]}/fp_rate": h / q for c, (q, h) in asked.items()})
+    out.update({f"class/{name}/fp_rate": h / q for name, (q, h) in asked.items()})
     return out
 
 
@@ -116,20 +122,14 @@ def counts(task: str, recs, samples, coco) -> dict[str, Any]:
     class and, per class, how often it was asked for where absent and answered with a box."""
     if coco is None or metric_of(task).primary not in ("map", "miou"):
         return {}
-    cats, names = category_lookup(coco), {c["id"]: c["name"] for c in coco["categories"]}
+    names = {c["id"]: c["name"] for c in coco["categories"]}
     ids = {s.meta.get("image_id") for s in samples}
-    per: dict[str, dict[str, int]] = {n: {"instances": 0, "negative_queries": 0, "false_positive_queries": 0}
-                                      for n in names.values()}
+    asked = _negative_queries(recs, samples, coco)
+    per = {n: {"instances": 0, "negative_queries": asked.get(n, [0, 0])[0],
+               "false_positive_queries": asked.get(n, [0, 0])[1]} for n in names.values()}
     for a in coco["annotations"]:
         if a["image_id"] in ids:
             per[names[a["category_id"]]]["instances"] += 1
-    for s in samples:
-        negs = s.meta.get("negatives") or []
-        said = _said(recs[s.id], cats) if negs else {}
-        for lab in negs:
-            row = per[names[cats[lab]]]
-            row["negative_queries"] += 1
-            row["false_positive_queries"] += int(said.get(cats[lab], 0) > 0)
     return {"per_class": per}
 
 
