@@ -145,21 +145,6 @@ def as_texts(value, what: str) -> list[str]:
     return [as_text(value, what)]
 
 
-def category_names(coco: dict, path: str | Path) -> tuple[dict, list[Problem]]:
-    """{category id: name as text} of a COCO dict (`as_text`: a category named 5 is "5"), and a `Problem`
-    for each category whose name is missing or neither text nor a number (those are left out)."""
-    names, problems = {}, []
-    for k, c in enumerate(coco["categories"]):
-        cid = c.get("id") if isinstance(c, dict) and isinstance(c.get("id"), (int, str)) else None
-        try:
-            if not isinstance(c, dict) or not isinstance(c.get("id"), (int, str)):
-                raise ValueError('a category needs an "id" (a number) and a "name"')
-            names[c["id"]] = as_text(c.get("name"), 'its "name"')
-        except ValueError as e:
-            problems.append(Problem(str(path), f"category id={cid if cid is not None else f'#{k}'}", str(e)))
-    return names, problems
-
-
 def check_annotations(coco: dict, path: str | Path, *, box_tolerance: float = 1.0, need_segmentation: bool = False
                       ) -> tuple[dict, dict[int, list[dict]], list[Problem]]:
     """Validate a COCO dict: images need id, file_name, width, height; annotations a known image_id,
@@ -208,17 +193,22 @@ def check_annotations(coco: dict, path: str | Path, *, box_tolerance: float = 1.
 
 
 def category_names(coco: dict, path: str | Path) -> tuple[dict, list[Problem]]:
-    """{category id: name} of the categories whose name can sit in a prompt, and a `Problem` for each
-    other one (the label rule, `tasks.labels.label_problem`; a blank or missing name); the annotations
-    of a refused category are counted in its problem, not listed one by one."""
+    """{category id: name as text} of the categories whose name can sit in a prompt (`as_text`: a
+    category named 5 is "5"), and a `Problem` for each other one (a name that is neither text nor a
+    number, the label rule `tasks.labels.label_problem`, a blank or missing name); the annotations of a
+    refused category are counted in its problem, not listed one by one."""
     path = str(path)
     good, problems = {}, []
     for k, c in enumerate(coco["categories"]):
-        if not isinstance(c, dict) or "id" not in c:
-            problems.append(Problem(path, f"category #{k}", "a category needs an id and a name"))
+        if not isinstance(c, dict) or not isinstance(c.get("id"), (int, str)):
+            problems.append(Problem(path, f"category #{k}", 'a category needs an "id" (a number) and a "name"'))
             continue
-        name = c.get("name")
-        why = label_problem(name) or (None if str(name).strip() else "blank name")
+        try:
+            name = as_text(c.get("name"), 'its "name"')
+        except ValueError as e:
+            name, why = None, str(e)
+        else:
+            why = label_problem(name) or (None if name.strip() else "blank name")
         if why is None:
             good[c["id"]] = name
             continue

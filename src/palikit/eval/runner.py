@@ -422,6 +422,12 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
 
     task = canonical_task(task)
     ds = load_dataset(dataset, task, image_root=image_root, strict=strict)
+    opts = dict(predict_options or {})
+    api = sys.modules.get("palikit.api")  # loaded whenever `model` can be a PaliGemma
+    if api is not None and isinstance(model, api.PaliGemma):
+        from ..tasks.options import PredictOptions
+
+        PredictOptions.from_kwargs(opts)  # a bad option fails first, not as every sample failing
     if getattr(model, "needs_images", True):
         ds = check_images(ds, strict=strict)
     samples = ds.samples[:limit] if limit is not None else list(ds.samples)
@@ -445,12 +451,6 @@ def evaluate(model: Any, dataset: str | Path | EvalDataset | Sequence[Sample], t
     _check_same_model(out, model, name, bool(recs))
     recs = {i: r for i, r in recs.items() if not r.get("failed")}  # failed samples are tried again
     todo = [s for s in samples if s.id not in recs]
-    opts = dict(predict_options or {})
-    api = sys.modules.get("palikit.api")  # loaded whenever `model` can be a PaliGemma
-    if api is not None and isinstance(model, api.PaliGemma):
-        from ..tasks.options import PredictOptions
-
-        PredictOptions.from_kwargs(opts)  # a bad option fails here, not as every sample failing
     timed = getattr(model, "timed", True)
     prices = (price_per_hour, price_per_call, price_per_mtok)
     prog = make_progress(progress, name, len(samples), len(samples) - len(todo), progress_label)
