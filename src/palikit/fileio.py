@@ -75,3 +75,14 @@ def atomic_dir(final: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def check_free_space(folder: str | os.PathLike, need: int) -> None:
+    """OSError (what is needed, what is free, what to do) when the disk holding `folder` (or its nearest
+    existing parent) has less than `need` bytes free: checked before a large write starts."""
+    folder = Path(folder)
+    probe = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise OSError(f"not enough disk space at {probe}: this needs about {need / 1e9:.1f} GB while it is written "
+                      f"and {free / 1e9:.1f} GB is free. Free some space or choose another destination.")

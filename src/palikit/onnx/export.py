@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, check_free_space
 from ..model import PaliGemmaModel
 from . import layout
 from .graphs import Decoder, EmbedTokens, VisionEncoder, export_ready
@@ -33,6 +33,15 @@ INT4_OPSET = 21  # int4 tensors (q4's weights) exist from opset 21
 EXTERNAL_DATA_BYTES = 2**30  # graphs with more weight bytes than this keep them in `<file>_data`
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 _EXAMPLE = dict(batch=2, seq=5, past=3)  # example sizes for tracing: > 1, so no dimension is specialised
+
+
+def require_onnx() -> None:
+    """ImportError with the install command when the onnx extra is missing."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"--format onnx needs {', '.join(missing)}: pip install 'palikit[onnx]'")
 
 
 def check_options(quantize: Sequence[str], opset: int) -> tuple[str, ...]:
@@ -62,14 +71,15 @@ def export_onnx(model: PaliGemmaModel, out: str | Path, *, tokenizer_file: str |
     which dtype to load by default). Refuses an existing `out` without `overwrite`, an unsupported
     opset or quantization, and a destination without the free space the export needs."""
     quantize = check_options(quantize, opset)
+    require_onnx()
     if not keep_fp32 and not quantize:
         raise ValueError("keep_fp32=False (--no-fp32) leaves nothing to write: add a --quantize variant.")
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it, or choose "
                               "another --out.")
-    layout.check_tokenizer(tokenizer_file)
-    layout.check_free_space(out.parent, layout.estimate_bytes(model.config, quantize, keep_fp32))
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    preflight(model.config, out, tokenizer_file, quantize, keep_fp32, freed_bytes=model_bytes if consume else 0)
 
     def fill(tmp: Path) -> None:
         files = export_graphs(model, tmp / "onnx", quantize=quantize, keep_fp32=keep_fp32, opset=opset,
@@ -80,6 +90,14 @@ def export_onnx(model: PaliGemmaModel, out: str | Path, *, tokenizer_file: str |
     atomic_dir(out, fill)
     log(f"wrote {out} ({layout.folder_bytes(out) / 1e6:,.1f} MB)")
     return out
+
+
+def preflight(config, out: Path, tokenizer_file, quantize: Sequence[str], keep_fp32: bool, freed_bytes: int = 0):
+    """The checks that need no weights: a tokenizer.json, the disk space and the quantizers' memory
+    (`freed_bytes`: memory the export frees before quantizing). Run before a large model is even loaded."""
+    layout.check_tokenizer(tokenizer_file)
+    check_free_space(Path(out).parent, layout.estimate_bytes(config, quantize, keep_fp32))
+    layout.check_memory(config, quantize, freed_bytes)
 
 
 def export_graphs(model: PaliGemmaModel, folder: Path, *, quantize: Sequence[str] = (), keep_fp32: bool = True,

@@ -51,25 +51,56 @@ def check_tokenizer(path: str | Path) -> None:
                          "checkpoint's tokenizer.json (--tokenizer) to export it for the edge.")
 
 
+def graph_weights(config: PaliGemmaConfig) -> dict[str, tuple[int, int]]:
+    """{graph: (fp32 weight bytes, its largest weight's bytes)} from the config alone (meta device). The
+    decoder and the embedding graph each hold the tied embedding (the decoder as its head)."""
+    from ..model import build_model
+
+    sizes: dict[str, list[int]] = {"vision_encoder": [], "embed_tokens": [], "decoder_model_merged": []}
+    for name, p in build_model(config, "meta").named_parameters():
+        graph = ("embed_tokens" if name.startswith("language_model.embed_tokens") else
+                 "decoder_model_merged" if name.startswith("language_model") else "vision_encoder")
+        sizes[graph].append(4 * p.numel())
+    sizes["decoder_model_merged"].append(4 * config.output_vocab_size * config.text.hidden_size)
+    return {g: (sum(v), max(v)) for g, v in sizes.items()}
+
+
 def estimate_bytes(config: PaliGemmaConfig, quantize: Sequence[str], keep_fp32: bool) -> int:
     """Disk the export needs at its peak: the fp32 graphs (written first, the quantizers' input, even when
-    not kept) and every variant. The decoder and the embedding graph each hold the tied embedding."""
-    from ..model import count_parameters
-
-    params = count_parameters(config) + config.output_vocab_size * config.text.hidden_size
-    total = params * _BYTES_PER_WEIGHT["fp32"]
-    total += sum(params * _BYTES_PER_WEIGHT[q] for q in quantize)
+    not kept) and every variant."""
+    fp32 = sum(b for b, _ in graph_weights(config).values())
+    total = fp32 + sum(fp32 * _BYTES_PER_WEIGHT[q] / _BYTES_PER_WEIGHT["fp32"] for q in quantize)
     return int(total * 1.05) + 2**24  # headroom: graph structure, tokenizer, codec
 
 
-def check_free_space(folder: Path, need: int) -> None:
-    folder = Path(folder)
-    probe = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
-    free = shutil.disk_usage(probe).free
-    if free < need:
-        raise OSError(f"not enough disk space at {probe}: the export needs about {need / 1e9:.1f} GB while it is "
-                      f"written and {free / 1e9:.1f} GB is free. Free some space, choose another --out, or write "
-                      "fewer variants (--quantize, --no-fp32).")
+def available_memory() -> int | None:
+    """MemAvailable in bytes (None where /proc/meminfo does not say)."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_memory(config: PaliGemmaConfig, quantize: Sequence[str], freed_bytes: int = 0) -> None:
+    """OSError when a quantizer would need more memory than is available (`freed_bytes`: what the export
+    frees before quantizing, the consumed model), naming the need and the way out. No check where
+    /proc/meminfo is missing."""
+    from .quantize import ram_needed
+
+    available = available_memory()
+    if available is None:
+        return
+    available += freed_bytes
+    graphs = graph_weights(config)
+    for mode in quantize:
+        need = max(ram_needed(mode, size, largest) for size, largest in graphs.values())
+        if need > available:
+            hint = ("onnxruntime's 8-bit quantizer holds the whole fp32 graph and several fp32 copies of its largest "
+                    "weight" if mode == "q8" else "the 4-bit quantizer holds a few copies of the largest weight")
+            raise OSError(f"--quantize {mode} of this model needs about {need / 1e9:.1f} GB of memory ({hint}) and "
+                          f"{available / 1e9:.1f} GB is available. Use q4 (it needs far less), free memory, or "
+                          "export on a machine with more.")
 
 
 def folder_bytes(folder: Path) -> int:

@@ -9,10 +9,17 @@ transformers.js loads for its `dtype` option:
   (`GatherBlockQuantized`).
 - q4f16 (`*_q4f16.onnx`): q4, then every remaining float tensor in fp16 (onnxruntime's float16
   converter), graph inputs and outputs kept fp32 so the same caller code runs it.
+
+Memory: the 4-bit quantizer reads each weight when it gets to it, so the fp32 graph is opened with its
+external data left on disk: the peak is the quantized graph plus a few copies of one weight.
+The 8-bit quantizer loads the whole graph and makes several fp32 temporaries of each weight in numpy:
+`ram_needed` says how much that is, and the export refuses a q8 that would not fit (`export.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 QUANTIZATIONS = ("q8", "q4", "q4f16")
@@ -23,12 +30,15 @@ Q4_ACCURACY_LEVEL = 4
 def quantize_file(src: Path, dst: Path, mode: str, external: bool) -> list[str]:
     """Write the `mode` variant of the fp32 graph `src` to `dst`; returns its external data file names."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
-    model = onnx.load(str(src), load_external_data=True)
     if mode == "q8":
-        model = _q8(model)
+        model = _q8(onnx.load(str(src), load_external_data=True))
     elif mode in ("q4", "q4f16"):
-        model = _q4(model)
+        model = onnx.load(str(src), load_external_data=False)  # weights stay on disk until quantized
+        with _working_dir(src.parent):  # where the quantizer's reader (onnx_ir, memory-mapped) looks for them
+            model = _q4(model)
+        load_external_data_for_model(model, str(src.parent))  # what stayed float (norms, biases, the conv): small
         if mode == "q4f16":
             model = _fp16(model)
     else:
@@ -48,6 +58,24 @@ def save_model(model, path: Path, external: bool) -> list[str]:
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
                     size_threshold=1024)
     return [data]
+
+
+def ram_needed(mode: str, graph_bytes: int, largest_weight_bytes: int) -> int:
+    """Peak bytes quantizing one fp32 graph takes (measured with onnxruntime 1.32: q8 = the graph + ~6.5x
+    its largest weight; q4 = the quantized graph + ~3x its largest weight)."""
+    if mode == "q8":
+        return graph_bytes + int(6.5 * largest_weight_bytes)
+    return graph_bytes // 6 + 3 * largest_weight_bytes
+
+
+@contextlib.contextmanager
+def _working_dir(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def _q8(model):
