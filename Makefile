@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # EasyOCR's own venv: PyPI's torchvision does not import beside palikit's CPU torch (palikit.eval.easyocr_env)
 EASYOCR_VENV ?= .venv-easyocr
+JS := tests/js
 
 .PHONY: demo test test-fast system-packages bench demo-model demo-model-v2 clean
 
@@ -24,9 +25,10 @@ $(EASYOCR_VENV)/.installed: src/palikit/eval/easyocr_env.py | $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/palikit demo
 
-# system packages first (chromium, tesseract-ocr, tesseract-ocr-eng, libgl1, libglib2.0-0): installed when
-# root with apt, else it stops at once with the command to run; then the two venvs
-test: system-packages $(VENV)/.installed $(EASYOCR_VENV)/.installed
+# system packages first (chromium, tesseract-ocr, tesseract-ocr-eng, libgl1, libglib2.0-0, nodejs, npm): installed
+# when root with apt, else it stops at once with the command to run; then the two venvs and transformers.js
+# (pinned in tests/js/package-lock.json)
+test: system-packages $(VENV)/.installed $(EASYOCR_VENV)/.installed $(JS)/node_modules/.installed
 	PALIKIT_EASYOCR_VENV=$(abspath $(EASYOCR_VENV)) $(PY) -m pytest -q
 
 # the fast lane: core, parity and API tests, no test marked slow (server, CLI and training processes,
@@ -36,6 +38,12 @@ test-fast: $(VENV)/.installed
 
 system-packages:
 	bash scripts/setup-system.sh
+
+# transformers.js for the ONNX export's test; --ignore-scripts: onnxruntime-node's install script downloads
+# GPU binaries from outside the npm registry, and its CPU binary is in the package
+$(JS)/node_modules/.installed: $(JS)/package.json $(JS)/package-lock.json
+	cd $(JS) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
 
 # the bundled demo model from scratch: data, reading warm-up, task mix, anneal, scorecard (+ install if it meets every target)
 demo-model: $(VENV)/.installed
@@ -57,4 +65,4 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/palikit bench --compile
 
 clean:
-	rm -rf $(VENV) $(EASYOCR_VENV) out
+	rm -rf $(VENV) $(EASYOCR_VENV) out $(JS)/node_modules

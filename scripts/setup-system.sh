@@ -3,6 +3,7 @@
 #   chromium                        the playground test (Playwright drives /usr/bin/chromium, headless)
 #   tesseract-ocr tesseract-ocr-eng the Tesseract OCR baseline (the real binary and its English data)
 #   libgl1 libglib2.0-0             OpenCV (opencv-python, which the RapidOCR baseline needs) loads libGL / GLib
+#   nodejs npm                      transformers.js, run on the ONNX export (tests/js; Node >= 20)
 # Present: nothing happens. Missing, as root with apt-get: installed (Debian/Ubuntu names). Missing
 # otherwise, or with --check: fails at once, printing the one command to run.
 set -euo pipefail
@@ -16,11 +17,13 @@ present() {
     tesseract-ocr-eng) command -v tesseract >/dev/null 2>&1 && tesseract --list-langs 2>/dev/null | grep -qx eng ;;
     libgl1) ldconfig -p | grep -q 'libGL\.so\.1 ' ;;
     libglib2.0-0) ldconfig -p | grep -q 'libgthread-2\.0\.so\.0 ' ;;
+    nodejs) command -v node >/dev/null 2>&1 ;;
+    npm) command -v npm >/dev/null 2>&1 ;;
   esac
 }
 
 missing=()
-for pkg in chromium tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0; do
+for pkg in chromium tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0 nodejs npm; do
   present "$pkg" || missing+=("$pkg")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0

@@ -112,8 +112,8 @@ def decoder_call(rt, embeds, mask, positions, past=None):
     if past is None:
         past = {i.name: np.zeros((B, i.shape[1], 0, i.shape[3]), np.float32) for i in session.get_inputs()
                 if i.name.startswith("past_")}
-    logits, *presents = session.run(None, {"inputs_embeds": embeds, "attention_mask": mask,
-                                           "position_ids": positions, **past})
+    logits, *presents = session.run(None, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+                                           "num_logits_to_keep": np.array(0, np.int64), **past})  # 0: all positions
     return logits, dict(zip(past, presents))
 
 
@@ -159,6 +159,8 @@ def test_the_layout_is_what_transformersjs_reads(exported):
     assert len(past) == 2 * t.num_hidden_layers
     # transformers.js sizes the empty cache from these names: "batch_size" -> batch, other names -> 0
     assert past[0].shape == ["batch_size", t.num_key_value_heads, "past_sequence_length", t.head_dim]
+    keep = next(i for i in session.get_inputs() if i.name == "num_logits_to_keep")  # transformers.js passes 1
+    assert keep.shape == [] and keep.type == "tensor(int64)"
     # the tokenizer files give palikit's ids too
     from palikit.tokenizer import Tokenizer
 

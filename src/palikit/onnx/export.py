@@ -15,6 +15,7 @@ place (`fileio.atomic_dir`): a failure or a kill never leaves half an export und
 from __future__ import annotations
 
 import gc
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -150,12 +151,12 @@ def _graph(name: str, model: PaliGemmaModel):
     kv_names = [f"{i}.{kind}" for i in range(t.num_hidden_layers) for kind in ("key", "value")]
     past = tuple(torch.zeros(B, t.num_key_value_heads, P, t.head_dim) for _ in kv_names)
     args = (torch.zeros(B, T, t.hidden_size), torch.ones(B, P + T, dtype=torch.long),
-            torch.arange(P + 1, P + T + 1).expand(B, T), *past)
-    names = (["inputs_embeds", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv_names],
-             ["logits"] + [f"present.{n}" for n in kv_names])
+            torch.arange(P + 1, P + T + 1).expand(B, T), torch.tensor(1), *past)
+    names = (["inputs_embeds", "attention_mask", "position_ids", "num_logits_to_keep"]
+             + [f"past_key_values.{n}" for n in kv_names], ["logits"] + [f"present.{n}" for n in kv_names])
     # transformers.js builds the empty first-call cache from these dimension names: "batch_size" -> the
     # batch, any other name -> 0 (`resolveCacheShape`)
-    dynamic = ({0: batch, 1: seq}, {0: batch, 1: Dim("total_sequence_length")}, {0: batch, 1: seq},
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: Dim("total_sequence_length")}, {0: batch, 1: seq}, None,
                tuple({0: batch, 2: Dim("past_sequence_length")} for _ in kv_names))
     return Decoder(model).eval(), args, names, dynamic
 
@@ -163,10 +164,16 @@ def _graph(name: str, model: PaliGemmaModel):
 def _export_one(module, args, names, dynamic, path: Path, opset: int) -> dict[str, list[str]]:
     import onnx_ir as ir
 
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's notes on axis renaming and pytree deprecations
-        program = torch.onnx.export(module, args, input_names=names[0], output_names=names[1], dynamic_shapes=dynamic,
-                                    opset_version=opset, dynamo=True, verbose=False)
+    quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed. Skipping torchvision::nms" x 4
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on axis renaming and pytree deprecations
+            program = torch.onnx.export(module, args, input_names=names[0], output_names=names[1],
+                                        dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False)
+    finally:
+        quiet.setLevel(level)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     data = f"{path.name}_data" if weight_bytes > EXTERNAL_DATA_BYTES else None
     program.model.producer_name = "palikit"

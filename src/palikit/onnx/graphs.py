@@ -7,8 +7,10 @@
   dtype, as Gemma does). The `<image>` placeholder id embeds as id 0: transformers.js overwrites those
   rows with the image features, and a checkpoint whose embedding has no row for it still works.
 - `Decoder` ("decoder_model_merged"): inputs_embeds [B, T, H], attention_mask [B, P+T] (1 = real token),
-  position_ids [B, T] and past key/values [B, Hkv, P, D] per layer -> logits [B, T, V] over the
-  predictable vocabulary (never `<image>` or HF's padding rows) and the present key/values [B, Hkv, P+T, D].
+  position_ids [B, T], num_logits_to_keep (a scalar: logits for the last k positions, 0 = all) and past
+  key/values [B, Hkv, P, D] per layer -> logits [B, k, V] over the predictable vocabulary (never `<image>`
+  or HF's padding rows) and the present key/values [B, Hkv, P+T, D]. transformers.js passes
+  num_logits_to_keep = 1 when generating, so a prefill does not compute the head at every prompt token.
 
 The attention rule inside `Decoder` is palikit's prefix-LM rule stated in terms of what transformers.js
 passes: at the first call (no past: P = 0) every valid token is prefix and sees every other valid token;
@@ -109,9 +111,9 @@ class Decoder(nn.Module):
         weight = model.language_model.embed_tokens.weight[: model.config.output_vocab_size]
         self.lm_head = MatMulLinear(weight.detach().t().contiguous(), None)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past_key_values):
+    def forward(self, inputs_embeds, attention_mask, position_ids, num_logits_to_keep, *past_key_values):
         """past_key_values: key_0, value_0, key_1, value_1, ... each [B, Hkv, P, D].
-        Returns (logits [B, T, V], present key_0, value_0, ...)."""
+        Returns (logits [B, k, V], present key_0, value_0, ...)."""
         cfg = self.config.text
         lm = self.language_model
         x = inputs_embeds
@@ -130,7 +132,9 @@ class Decoder(nn.Module):
             else:
                 x = x + h
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits = softcap(self.lm_head(lm.norm(x)), cfg.final_logit_softcapping)  # [B, T, V]
+        start = torch.where(num_logits_to_keep > 0, T - num_logits_to_keep, 0)
+        x = x[:, torch.arange(T, device=x.device) >= start]  # [B, k, H]: the last k positions (0: all)
+        logits = softcap(self.lm_head(lm.norm(x)), cfg.final_logit_softcapping)  # [B, k, V]
         return (logits, *presents)
 
     @staticmethod

@@ -19,6 +19,7 @@ The 8-bit quantizer loads the whole graph and makes several fp32 temporaries of 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def quantize_file(src: Path, dst: Path, mode: str, external: bool) -> list[str]:
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # an INFO line per node otherwise
     if mode == "q8":
         model = _q8(onnx.load(str(src), load_external_data=True))
     elif mode in ("q4", "q4f16"):

@@ -6,7 +6,8 @@ graphs exactly what transformers.js feeds them (`PaliGemmaForConditionalGenerati
 2. `decoder_model_merged(inputs_embeds, attention_mask, position_ids, past_key_values.*)` with an empty
    past (0 slots) on the first call; position ids = the running count of real tokens (1-based, pads 1);
 3. then one token per call: its embedding, the mask grown by one, the next position, the presents of the
-   previous call as the past. Greedy (argmax) until EOS or `max_new_tokens`.
+   previous call as the past. Greedy (argmax) until EOS or `max_new_tokens`. num_logits_to_keep = 1:
+   only the last position's logits are computed.
 
 Token ids come from palikit's tokenizer (`[<image> x N, <bos>, prompt, "\\n"]`) and pixels from palikit's
 image processor, so differences from palikit are the graphs' alone. The tests compare its logits with
@@ -66,6 +67,8 @@ class OnnxPaliGemma:
             self.sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         decoder = self.sessions["decoder_model_merged"]
         self._past = [(i.name, _ORT_TYPES[i.type], i.shape) for i in decoder.get_inputs() if i.name.startswith("past_")]
+        self._keep = {"num_logits_to_keep": np.array(1, np.int64)} if any(
+            i.name == "num_logits_to_keep" for i in decoder.get_inputs()) else {}
         self.num_image_tokens = self.processor.to_dict()["image_seq_length"]
 
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -112,7 +115,7 @@ class OnnxPaliGemma:
     def _step(self, embeds: np.ndarray, mask: np.ndarray, past: dict) -> tuple[np.ndarray, dict]:
         """One decoder call; positions as transformers.js computes them (cumsum of the mask, 1-based)."""
         positions = np.cumsum(mask, axis=1)[:, -embeds.shape[1]:]  # [1, T]
-        feed = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **past}
+        feed = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **self._keep, **past}
         logits, *presents = self.sessions["decoder_model_merged"].run(None, feed)
         names = [name for name, _, _ in self._past]
         return logits[0, -1].astype(np.float32), dict(zip(names, presents))
