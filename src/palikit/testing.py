@@ -30,12 +30,13 @@ CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;
 def random_model(config: PaliGemmaConfig, device: Any = "cpu", dtype: torch.dtype | None = None,
                  seed: int = 0) -> PaliGemmaModel:
     """Random weights of a given shape (full-size checks without downloading anything); dtype
-    float32 unless given. Norm scales are N(0, 0.02) around 1 where the module adds no 1 itself."""
+    float32 unless given. Norm scales are N(0, 0.02) around 1 where the module adds no 1 itself. Values are
+    drawn in fp32 and rounded into `dtype` one tensor at a time (a bf16 3B never exists in fp32 whole)."""
     import torch
 
     from .model import build_model
 
-    model = build_model(config, "meta").to_empty(device=device)
+    model = build_model(config, "meta", dtype=torch.float32 if dtype is None else dtype).to_empty(device=device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -45,7 +46,7 @@ def random_model(config: PaliGemmaConfig, device: Any = "cpu", dtype: torch.dtyp
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.to(torch.float32 if dtype is None else dtype).eval()
+    return model.eval()
 
 
 def hf_model_from(model: PaliGemmaModel):

@@ -52,9 +52,10 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t
 
 
-def build(model: str, work: Path):
-    """(fp32 model, tokenizer.json, image processor, pixel_values [1, 3, S, S], prompt ids): the bundled demo
-    model with one of its example images, or a preset's shape with random weights and a small tokenizer."""
+def build(model: str, work: Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer.json, image processor, pixel_values [1, 3, S, S], prompt ids): the bundled demo
+    model with one of its example images, or a preset's shape with random weights (the same for every
+    dtype, seed 0) and a small tokenizer."""
     from ..config import PRESETS
     from ..preprocess import ImageProcessor
     from ..testing import CHARS, WORDS, random_model
@@ -65,7 +66,7 @@ def build(model: str, work: Path):
         from ..demo import shapes
         from ..weights.resolve import resolve
 
-        pg = PaliGemma.from_pretrained("demo", device="cpu", dtype="float32")
+        pg = PaliGemma.from_pretrained("demo", device="cpu", dtype=dtype)
         image = shapes.make_sample(0, seed=shapes.SPLIT_SEEDS["test"], size=pg.model.config.vision.image_size).image
         net, tok, proc, pixels = pg.model, pg.tokenizer, pg.processor, pg.processor(image)
         tok_file = resolve("demo").tokenizer
@@ -74,7 +75,7 @@ def build(model: str, work: Path):
             raise ValueError(f"--model {model!r}: demo or a preset ({', '.join(PRESETS)})")
         cfg = PRESETS[model]
         tok = build_tokenizer(WORDS + CHARS, work / "tokenizer" / "tokenizer.json")
-        net = random_model(cfg, "cpu", torch.float32, seed=0)
+        net = random_model(cfg, "cpu", dtype, seed=0)
         S = cfg.vision.image_size
         proc = ImageProcessor(size=S, patch_size=cfg.vision.patch_size)
         pixels = torch.rand(1, 3, S, S, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -161,7 +162,7 @@ def run(model: str = "demo", dtypes=("fp32", "q8", "q4"), palikit_dtypes=("float
         gc.collect()
     for dt in (d for d in palikit_dtypes if d != "float32"):
         log(f"palikit engine, {dt} (the same weights, rebuilt)")
-        net = build(model, root)[0].to(getattr(torch, dt))
+        net = build(model, root, getattr(torch, dt))[0]
         rows.append({"engine": f"palikit {dt}", **time_palikit(net, ids, pixels, new_tokens, repeats),
                      "decode_bytes": decode_bytes_palikit(net)})
         del net

@@ -26,7 +26,8 @@ _HUB_DTYPES = ("float32", "bfloat16", "float16")
 
 def load_for_export(model: str, *, adapter: str | None, tokenizer: str | None, dtype: str, final_logit_softcap: str,
                     sliding_window: str):
-    """The `PaliGemma` every export format starts from, on the CPU (`files`: `weights.resolve.ModelFiles`)."""
+    """The `PaliGemma` every export format starts from, on the CPU. (A new kind of MODEL, e.g. a trainer's
+    checkpoint folder, is one more branch here.)"""
     from ..api import PaliGemma
     from ..weights.conventions import parse_override
 
@@ -49,18 +50,25 @@ def hub_dtype(requested: str, files) -> str:
     return "float32"
 
 
+def hub_bytes(config, dtype: str) -> int:
+    """Disk the Hub layout needs: every weight in `dtype`, plus the side files."""
+    import torch
+
+    from ..model import count_parameters
+
+    return count_parameters(config) * torch.finfo(getattr(torch, dtype)).bits // 8 + 2**24
+
+
 def write_hub(pg, files, out: Path, dtype: str, overwrite: bool) -> Path:
     """The Hub layout: weights, config.json and model card, plus the tokenizer / preprocessor / codec files."""
     import torch
 
-    from ..fileio import atomic_dir, check_free_space
-    from ..model import count_parameters
+    from ..fileio import atomic_dir
     from ..weights.export import save_hub_checkpoint
 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")
     torch_dtype = getattr(torch, dtype)
-    check_free_space(out.parent, count_parameters(pg.model.config) * torch.finfo(torch_dtype).bits // 8 + 2**24)
 
     def fill(tmp: Path) -> None:
         save_hub_checkpoint(pg.model, tmp, dtype=torch_dtype, max_shard_bytes=5 * 2**30)
@@ -98,7 +106,8 @@ def export(
     """Write MODEL in the Hub safetensors layout (default) or as ONNX for transformers.js and onnxruntime."""
     from rich.console import Console
 
-    from ..weights.resolve import resolve
+    from ..fileio import check_free_space
+    from ..weights.resolve import get_config, resolve
 
     console = Console(stderr=True)
     quantize = [q.strip() for item in quantize for q in item.split(",") if q.strip()]
@@ -114,6 +123,7 @@ def export(
                              "dtype (--dtype).")
         files = resolve(model, tokenizer)
         target = hub_dtype(dtype, files)
+        check_free_space(out.parent, hub_bytes(get_config(files.weights), target))  # before a big model is loaded
         # loaded in the dtype it is written in (a bf16 checkpoint stays bf16); fp32 when an adapter is merged
         pg = load_for_export(model, dtype="float32" if adapter else target, **load)
         console.print(f"wrote {write_hub(pg, files, out, target, overwrite)} (Hub layout, {target})")
