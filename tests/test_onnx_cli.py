@@ -100,7 +100,7 @@ def test_a_failure_half_way_leaves_nothing_and_keeps_the_old_export(tmp_path, ca
 @pytest.mark.slow
 def test_adapter_is_merged_into_the_onnx_graphs(tmp_path, capsys):
     from palikit.onnx.runtime import OnnxPaliGemma
-    from palikit.train.adapter import save_lora_adapter
+    from palikit.weights.adapter import save_lora_adapter
     from palikit.train.modes import apply_mode
 
     base = PaliGemma.from_pretrained("demo", device="cpu", dtype="float32")
@@ -123,3 +123,56 @@ def test_adapter_is_merged_into_the_onnx_graphs(tmp_path, capsys):
         without = plain.model(torch.tensor([ids]), pixels)[0, -1].numpy()
     assert np.abs(onnx - want).max() < 1e-4
     assert np.abs(without - want).max() > 1e-2  # the adapter changes the answer: merging it is what is tested
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--adapter", "x"], "--adapter apply to a model, not to a trainer checkpoint"),
+    (["--final-logit-softcap", "off"], "--final-logit-softcap apply to a model, not to a trainer checkpoint"),
+])
+def test_model_options_on_a_trainer_checkpoint_are_refused(tmp_path, capsys, extra, message):
+    step = tmp_path / "run" / "checkpoints" / "step-00000001"
+    step.mkdir(parents=True)
+    (step / "trainable.safetensors").write_bytes(b"")
+    (step / "state.json").write_text("{}")
+    rc, err = run_cli(capsys, step, "--out", tmp_path / "out", *extra)
+    assert rc == 2 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_base_model_on_a_model_is_refused(tmp_path, capsys):
+    rc, err = run_cli(capsys, "demo", "--out", tmp_path / "out", "--base-model", tmp_path)
+    assert rc == 2 and "--base-model applies to a trainer checkpoint" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_trainer_checkpoint_exports_its_merged_model_as_onnx(tmp_path, capsys, one_thread):
+    """`palikit export RUN --format onnx` (issue 37's trainer checkpoints): the base with the trained LoRA merged,
+    equal within 1e-4 to the Hub export of the same checkpoint; no merged temporary folder left behind."""
+    from helpers.train import run_config, run_kwargs, write_dataset
+
+    from palikit.onnx.runtime import OnnxPaliGemma
+    from palikit.testing import make_tiny_checkpoint
+    from palikit.train.trainer import train
+
+    make_tiny_checkpoint(tmp_path / "base")  # with a tokenizer.json, which the ONNX layout carries
+    write_dataset(tmp_path / "data")
+    train(run_config(tmp_path, max_steps=2, plot=False, mode="lora", lr=5e-2), **run_kwargs())
+    run = tmp_path / "out"  # a run folder: its newest checkpoint
+    rc, err = run_cli(capsys, run, "--format", "onnx", "--out", tmp_path / "onnx")
+    assert rc == 0, err
+    rc, err = run_cli(capsys, run, "--out", tmp_path / "hub")
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "data", "hub", "onnx", "out"]
+    hub = PaliGemma.from_pretrained(tmp_path / "hub", device="cpu", dtype="float32")
+    base = PaliGemma.from_pretrained(tmp_path / "base", device="cpu", dtype="float32")
+    cfg = hub.model.config
+    ids = [cfg.image_token_index] * cfg.vision.num_image_tokens + hub.tokenizer.encode_prompt("caption en").ids
+    S = cfg.vision.image_size
+    pixels = torch.rand(1, 3, S, S, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    onnx = OnnxPaliGemma(tmp_path / "onnx").generate(pixels.numpy(), ids, 1, keep_logits=True).logits[0]
+    with torch.no_grad():
+        want = hub.model(torch.tensor([ids]), pixels)[0, -1].numpy()
+        untrained = base.model(torch.tensor([ids]), pixels)[0, -1].numpy()
+    assert np.abs(onnx - want).max() < 1e-4
+    assert np.abs(untrained - want).max() > 1e-3  # the trained LoRA is in the export: merging it is what is tested
