@@ -161,6 +161,11 @@ def test_the_layout_is_what_transformersjs_reads(exported):
     assert past[0].shape == ["batch_size", t.num_key_value_heads, "past_sequence_length", t.head_dim]
     keep = next(i for i in session.get_inputs() if i.name == "num_logits_to_keep")  # transformers.js passes 1
     assert keep.shape == [] and keep.type == "tensor(int64)"
+    # readable as any file the user writes (mkstemp and onnx's external-data writer make 0o600 files)
+    from palikit.fileio import umask
+
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask()), {k: oct(v) for k, v in modes.items()}
     # the tokenizer files give palikit's ids too
     from palikit.tokenizer import Tokenizer
 

@@ -86,3 +86,22 @@ def check_free_space(folder: str | os.PathLike, need: int) -> None:
     if free < need:
         raise OSError(f"not enough disk space at {probe}: this needs about {need / 1e9:.1f} GB while it is written "
                       f"and {free / 1e9:.1f} GB is free. Free some space or choose another destination.")
+
+
+def umask() -> int:
+    """The process umask, read without changing it (os.umask would, for a moment, in every thread)."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
+def plain_modes(folder: str | os.PathLike) -> None:
+    """Give every file and folder under `folder` the mode a plain `open()` / `mkdir` would (0o666 / 0o777 less
+    the umask): temporary files (`mkstemp`, onnx's external-data writer) are created 0o600, which a web
+    server running as another user cannot read."""
+    mask = umask()
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
