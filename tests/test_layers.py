@@ -4,8 +4,8 @@ A unit may import units of LOWER layers only: never a higher layer, never a sibl
 
     foundation   config, runtime, fileio, assets, tokenizer, preprocess, video   (import nothing of palikit)
     model        model                          the PyTorch PaliGemma
-    core         weights, engine, tasks         checkpoints in and out / generation over token ids / prompts,
-                                                parsing, results (independent of each other)
+    core         weights, engine, tasks, onnx   checkpoints in and out / generation over token ids / prompts,
+                                                parsing, results / ONNX graphs out (independent of each other)
     api          api, demo, datafiles           the PaliGemma object; the shapes generators `palikit demo` draws;
                                                 the JSONL / COCO readers (they apply the task layer's label rule)
     apps         eval, serve, testing           evaluation, the HTTP server, test and benchmark models
@@ -33,7 +33,7 @@ ROOT = Path(palikit.__file__).resolve().parent
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"config", "runtime", "fileio", "assets", "tokenizer", "preprocess", "video"}),
     ("model", {"model"}),
-    ("core", {"weights", "engine", "tasks"}),
+    ("core", {"weights", "engine", "tasks", "onnx"}),
     ("api", {"api", "demo", "datafiles"}),
     ("apps", {"eval", "serve", "testing"}),
     ("apps+", {"train", "distributed"}),
