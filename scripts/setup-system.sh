@@ -3,7 +3,8 @@
 #   chromium                        the playground test (Playwright drives /usr/bin/chromium, headless)
 #   tesseract-ocr tesseract-ocr-eng the Tesseract OCR baseline (the real binary and its English data)
 #   libgl1 libglib2.0-0             OpenCV (opencv-python, which the RapidOCR baseline needs) loads libGL / GLib
-#   nodejs npm                      transformers.js, run on the ONNX export (tests/js; Node >= 20)
+#   nodejs npm                      transformers.js, run on the ONNX export (tests/js; Node >= 20: its image
+#                                   library sharp 0.35 needs it; Debian 12's own nodejs is 18, Debian 13's is 20)
 # Present: nothing happens. Missing, as root with apt-get: installed (Debian/Ubuntu names). Missing
 # otherwise, or with --check: fails at once, printing the one command to run.
 set -euo pipefail
@@ -17,7 +18,7 @@ present() {
     tesseract-ocr-eng) command -v tesseract >/dev/null 2>&1 && tesseract --list-langs 2>/dev/null | grep -qx eng ;;
     libgl1) ldconfig -p | grep -q 'libGL\.so\.1 ' ;;
     libglib2.0-0) ldconfig -p | grep -q 'libgthread-2\.0\.so\.0 ' ;;
-    nodejs) command -v node >/dev/null 2>&1 ;;
+    nodejs) command -v node >/dev/null 2>&1 && [ "$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ] ;;
     npm) command -v npm >/dev/null 2>&1 ;;
   esac
 }
@@ -36,7 +37,8 @@ if [ "${1:-}" != "--check" ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev
     still=()
     for pkg in "${missing[@]}"; do present "$pkg" || still+=("$pkg"); done
     [ ${#still[@]} -eq 0 ] && exit 0
-    echo "setup-system: error: installed, but still not found: ${still[*]} (chromium is expected at $CHROMIUM)" >&2
+    echo "setup-system: error: installed, but still not found: ${still[*]} (chromium is expected at $CHROMIUM;" \
+         "nodejs must be Node >= 20: on Debian 12, whose nodejs is 18, install Node 20, e.g. deb.nodesource.com/node_20.x)" >&2
     exit 1
   fi
   echo "setup-system: error: apt-get could not install ${missing[*]}; fix the package source and run: $cmd" >&2
