@@ -15,10 +15,13 @@ from typing import Any
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` to `path` atomically, with the mode a plain `open()` gives (0o666 less the umask;
+    mkstemp's 0o600 would hide a model folder's JSON files from a web server running as another user)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
