@@ -55,14 +55,18 @@ class PaliGemma:
                         final_logit_softcap: str | float | None = "auto",
                         sliding_window: str | int | None = "auto",
                         adapter: str | os.PathLike | None = None, quantize: str | None = None,
-                        group_size: int | None = None, keep_vision: bool = False) -> PaliGemma:
+                        group_size: int | None = None, keep_vision: bool = False,
+                        adapters: dict[str, str | os.PathLike] | None = None, max_loras: int = 0,
+                        max_lora_rank: int = 16, max_cpu_loras: int | None = None) -> PaliGemma:
         """`model`: a Hub-layout folder, a big_vision `.npz` (tokenizer next to it or `tokenizer=`), or a
         Hub id such as `google/paligemma2-3b-mix-224` (cache and HF_HUB_OFFLINE honoured). `adapter`: a
         LoRA adapter folder in PEFT format (`palikit train`'s `output_dir/adapter`), merged into the weights.
         `final_logit_softcap` / `sliding_window`: "auto" (the checkpoint's convention, see README
         "Conventions"), a number, or None/"off". `quantize`: "int8" / "int4" quantizes the weights at
         load (`group_size`, `keep_vision` as `palikit quantize`); a folder written by `palikit quantize`
-        loads quantized without it, and an adapter on it stays an unmerged LoRA delta."""
+        loads quantized without it, and an adapter on it stays an unmerged LoRA delta. `adapters`:
+        {name: folder} served unmerged side by side (`load_adapter`); `max_loras` (default: their
+        count, at least 1 when given), `max_lora_rank`, `max_cpu_loras` as `enable_adapters`."""
         from .preprocess import ImageProcessor
         from .runtime import resolve_device, resolve_dtype
         from .tokenizer import Tokenizer
@@ -89,7 +93,12 @@ class PaliGemma:
 
             codec = MaskCodec.from_npz(files.mask_codec).to(dev).eval()
         name = Path(str(model)).name + (f"+{Path(adapter).resolve().name}" if adapter is not None else "")
-        return cls(net, tok, proc, codec, compile=compile, name=name)
+        pg = cls(net, tok, proc, codec, compile=compile, name=name)
+        if adapters or max_loras:
+            pg.enable_adapters(max_loras or max(len(adapters or ()), 1), max_lora_rank, max_cpu_loras)
+            for adapter_name, folder in (adapters or {}).items():
+                pg.load_adapter(adapter_name, folder)
+        return pg
 
     @property
     def quantization(self) -> str:
@@ -231,6 +240,28 @@ class PaliGemma:
         finally:
             pending.cancel()
 
+    # ------------------------------------------------------------------------------ adapters
+    def enable_adapters(self, max_loras: int = 4, max_lora_rank: int = 16, max_cpu_loras: int | None = None) -> None:
+        """Serve LoRA adapters unmerged, many in one batch: `max_loras` on the device at once, ranks up
+        to `max_lora_rank`, `max_cpu_loras` kept in CPU memory. Call before the first request (the
+        first `load_adapter` does it with these defaults)."""
+        self.engine.enable_adapters(max_loras, max_lora_rank, max_cpu_loras, max_rows=self.engine.scheduler.max_slots)
+
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Load a PEFT LoRA adapter folder (`palikit train`'s `output_dir/adapter`) under `name`; then
+        `adapter=name` on predict / submit / predict_batch / stream / the task methods runs on it,
+        batched with every other request. Errors (AdapterError, a ValueError) say what is wrong."""
+        self.engine.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """New requests for `name` are refused at once; the ones already submitted finish on it."""
+        self.engine.unload_adapter(name)
+
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the loaded adapters."""
+        return self.engine.adapter_names()
+
     def configure_scheduler(self, **settings) -> None:
         """Replace the engine's scheduler (max_slots, max_len, max_queue, image_cache_bytes); call
         when nothing is running."""
@@ -365,7 +396,7 @@ def _engine_options(opts: PredictOptions) -> GenerationOptions:
     """`PredictOptions` -> the engine's `GenerationOptions` (the parsing options stay with the Result)."""
     sampling = SamplingOptions(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed)
     return GenerationOptions(max_new_tokens=opts.max_new_tokens, sampling=sampling, num_beams=opts.num_beams,
-                             length_penalty=opts.length_penalty)
+                             length_penalty=opts.length_penalty, adapter=opts.adapter)
 
 
 def _checked_ids(ids: Sequence[int]) -> list[int]:

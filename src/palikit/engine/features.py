@@ -3,7 +3,8 @@ admission, behind an LRU cache keyed by the image's content and bounded in bytes
 
 A request brings either ready `image_features` or `pixel_values` [F, 3, S, S] plus a content key
 (`pixel_key`: a hash of exactly those pixels, so the same picture sent as a path, bytes or a PIL
-image hits the same entry). The cache is dropped whenever the vision weights change (their tensor
+image hits the same entry). A request on a LoRA adapter that touches the tower or projector runs
+the tower on its adapter slot and is cached under (image, adapter): `feature_key`. The cache is dropped whenever the vision weights change (their tensor
 version counters move on every in-place update, e.g. an optimizer step), so a model being trained
 never gets stale features.
 """
@@ -14,6 +15,8 @@ import collections
 import hashlib
 
 import torch
+
+from ..model.lora import lora_rows
 
 
 def pixel_key(pixel_values: torch.Tensor) -> str:
@@ -67,6 +70,13 @@ class FeatureCache:
             self._weights_version = version
 
 
+def feature_key(request) -> str | None:
+    """The feature-cache key of a request's image: its content, plus its tower adapter if any."""
+    if not request.pixel_key:
+        return None
+    return request.pixel_key if request.lora_key is None else f"{request.pixel_key}|{request.lora_key}"
+
+
 def encode_requests(model, requests, cache: FeatureCache | None) -> None:
     """Fill `image_features` of every request that has only pixels: cache hits first, then the
     misses through the vision tower, one batch per frame count. Runs on the engine's thread."""
@@ -77,21 +87,24 @@ def encode_requests(model, requests, cache: FeatureCache | None) -> None:
         cache.check_weights(model)
     misses: dict[str, list] = {}
     for r in todo:
-        hit = cache.get(r.pixel_key) if cache is not None and r.pixel_key else None
+        key = feature_key(r)
+        hit = cache.get(key) if cache is not None and key else None
         if hit is not None:
             r.image_features = hit
         else:
-            misses.setdefault(r.pixel_key or str(id(r)), []).append(r)
+            misses.setdefault(key or str(id(r)), []).append(r)
     by_frames: dict[int, list[str]] = collections.defaultdict(list)
     for key, rs in misses.items():
         by_frames[rs[0].pixel_values.shape[0]].append(key)
     w = model.vision_tower.embeddings.patch_embedding.weight
     for keys in by_frames.values():
         pv = torch.stack([misses[k][0].pixel_values for k in keys]).to(w.device, w.dtype)  # [n, F, 3, S, S]
-        feats = model.embed_images(pv)  # [n, F*N, H]
+        slots = [misses[k][0].lora_slot for k in keys for _ in range(pv.shape[1])]  # one per frame
+        with lora_rows(model, slots):
+            feats = model.embed_images(pv)  # [n, F*N, H]
         for key, f in zip(keys, feats):
             f = f.clone()  # its own storage: the cache must not keep the whole batch alive
             for r in misses[key]:
                 r.image_features = f
-            if cache is not None and misses[key][0].pixel_key:
+            if cache is not None and feature_key(misses[key][0]):
                 cache.put(key, f)

@@ -28,8 +28,12 @@ class Engine:
 
     def __init__(self, model: PaliGemmaModel, eos_ids: tuple[int, ...] | None = None, compile: bool = False,
                  max_slots: int = 16, max_len: int = 512, max_queue: int = 1024,
-                 image_cache_bytes: int = 256 * 2**20):
+                 image_cache_bytes: int = 256 * 2**20, max_loras: int = 0, max_lora_rank: int = 16,
+                 max_cpu_loras: int | None = None):
         self.model = model
+        self.adapters = None  # `engine.adapters.AdapterSlots` once multi-LoRA is on (max_loras > 0)
+        if max_loras:
+            self.enable_adapters(max_loras, max_lora_rank, max_cpu_loras, max_rows=max_slots)
         cfg = model.config
         self.eos_ids = tuple(eos_ids) if eos_ids else (cfg.eos_token_id,)
         self.pad_id = cfg.pad_token_id
@@ -51,6 +55,44 @@ class Engine:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
+    # ------------------------------------------------------------------------------ adapters
+    def enable_adapters(self, max_loras: int = 4, max_lora_rank: int = 16, max_cpu_loras: int | None = None,
+                        targets=None, max_rows: int = 64) -> None:
+        """Serve LoRA adapters unmerged, `max_loras` of them on the device at once (ranks up to
+        `max_lora_rank`; `max_cpu_loras` kept on the CPU). Installs the model's LoRA slots: call it
+        before the first request (afterwards loads and unloads never recompile)."""
+        from .adapters import AdapterSlots
+
+        if self.adapters is not None:
+            raise ValueError("adapters are already enabled on this engine")
+        self.adapters = AdapterSlots(self.model, max_loras, max_lora_rank, max_cpu_loras, targets,
+                                     max_rows=max(64, max_rows))
+
+    def load_adapter(self, name: str, path) -> None:
+        """Load a PEFT LoRA adapter under `name` (adapters enabled with defaults on first use)."""
+        if self.adapters is None:
+            self.enable_adapters(max_rows=self.scheduler.max_slots)
+        self.adapters.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Refuse new requests for `name` now; the ones already submitted finish on it first."""
+        from .adapters import UnknownAdapter
+
+        if self.adapters is None:
+            raise UnknownAdapter(name, [])
+        self.adapters.unload(name)
+
+    def adapter_names(self) -> list[str]:
+        return [] if self.adapters is None else self.adapters.names()
+
+    def hold_adapter(self, name: str):
+        """The adapter a submitted request runs on (the scheduler releases it when the request ends)."""
+        from .adapters import UnknownAdapter
+
+        if self.adapters is None:
+            raise UnknownAdapter(name, [])
+        return self.adapters.hold(name)
+
     def check(self, request: Request) -> None:
         """Refuse a request the model cannot run, with the reason (before it reaches a batch)."""
         vocab = self.model.config.text.vocab_size
@@ -64,6 +106,7 @@ class Engine:
         """Queue one request; the Ticket's `result()` is its Generation. `on_token(id, logprob)` is
         called on the engine thread for each generated token (EOS excluded)."""
         self.check(request)
+        _check_beams(options)
         if options.num_beams > 1:  # beam search: its own batch, on the engine thread between steps
             from .beam import beam_search
 
@@ -78,6 +121,7 @@ class Engine:
             return []
         for r in requests:
             self.check(r)
+        _check_beams(options)
         if options.num_beams > 1:
             from .beam import beam_search
 
@@ -91,6 +135,11 @@ class Engine:
 
     def close(self) -> None:
         self.scheduler.close()
+
+
+def _check_beams(options: GenerationOptions) -> None:
+    if options.num_beams > 1 and options.adapter is not None:
+        raise ValueError("beam search (num_beams > 1) runs on the base model only; drop num_beams or the adapter")
 
 
 def _settle(ticket: Ticket, done) -> None:

@@ -19,6 +19,8 @@ class Request:
     image_features: torch.Tensor | None = None
     pixel_values: torch.Tensor | None = None
     pixel_key: str | None = None
+    lora_slot: int = 0  # the adapter's device slot (set by the scheduler at admission; 0 = base model)
+    lora_key: str | None = None  # the adapter's id when it changes image features (feature-cache key)
 
 
 @dataclass
@@ -37,6 +39,7 @@ class GenerationOptions:
     length_penalty: float = 1.0
     stop_ids: tuple[int, ...] = ()  # extra stop tokens besides the tokenizer's EOS
     ignore_eos: bool = False  # benchmarks: always run max_new_tokens steps
+    adapter: str | None = None  # a loaded LoRA adapter's name (`Engine.load_adapter`); None = the base model
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import random
@@ -81,6 +82,8 @@ class Ticket:
     steps: int = 0
     stopped: bool = False  # ended by a stop token (not by its token budget)
     cancelled: bool = False
+    adapter: object = None  # its LoRA adapter (`engine.adapters.Adapter`), None = the base model
+    lora_admitted: bool = False  # it holds a device slot of its adapter
 
     def cancel(self) -> None:
         """Stop it: dropped from the queue, or its slot freed at the next step."""
@@ -133,6 +136,9 @@ class Scheduler:
                 raise Closed("the engine is shut down")
             if len(self._queue) + len(self._live) >= self.max_slots + self.max_queue:
                 raise QueueFull(self.retry_after())
+            if options.adapter is not None:  # held until it ends: an unload waits for it
+                ticket.adapter = self.engine.hold_adapter(options.adapter)
+                ticket.request = dataclasses.replace(request)  # its own copy: features differ per adapter
             self._queue.append(ticket)
             self._ensure_thread()
             self._cv.notify()
@@ -221,19 +227,45 @@ class Scheduler:
             self._steps_waiting += bool(self._queue)
             return []
         self._steps_waiting = 0
-        out, tokens = [], 0
+        out, tokens, waiting = [], 0, []
         while self._queue and len(out) < free:
             t = self._queue[0]
             if t.cancelled:
                 self._queue.popleft()
+                self._release_adapter(t)
                 t.future.cancel()
                 continue
             n = self._prompt_len(t.request)
             if out and tokens + n > self.max_prefill_tokens:
                 break
-            out.append(self._queue.popleft())
-            tokens += n
+            t = self._queue.popleft()
+            if self._lora_slot(t):
+                out.append(t)
+                tokens += n
+            elif not t.future.done():  # its adapter waits for a free device slot
+                waiting.append(t)
+        self._queue.extendleft(reversed(waiting))
         return out
+
+    def _lora_slot(self, t: Ticket) -> bool:
+        """Give an admitted ticket its adapter's device slot; False: none free now (or it failed)."""
+        if t.adapter is None:
+            return True
+        try:
+            slot = self.engine.adapters.acquire(t.adapter)
+        except Exception as e:  # noqa: BLE001 - e.g. its file changed on disk since it was loaded
+            self._finish(t, error=e)
+            return False
+        if slot is None:
+            return False
+        t.lora_admitted = True
+        t.request.lora_slot, t.request.lora_key = slot, (t.adapter.uid if t.adapter.tower else None)
+        return True
+
+    def _release_adapter(self, t: Ticket) -> None:
+        if t.adapter is not None:
+            self.engine.adapters.release(t.adapter, t.lora_admitted)
+            t.adapter = None
 
     def _prompt_len(self, request) -> int:
         n_img = 0
@@ -321,6 +353,7 @@ class Scheduler:
 
     def _finish(self, t: Ticket, error: BaseException | None = None) -> None:
         t.t_done = time.perf_counter()
+        self._release_adapter(t)
         self.requests_done += 1
         self._service_s = 0.9 * self._service_s + 0.1 * (t.t_done - (t.t_admitted or t.t_submit))
         if error is not None:
@@ -332,6 +365,7 @@ class Scheduler:
 
     def _fail_all(self, error: BaseException) -> None:
         for t in list(self._queue) + list(self._live.values()):
+            self._release_adapter(t)
             settle_future(t.future, error=error)
         self._queue.clear()
         self._live.clear()

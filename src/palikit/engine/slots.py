@@ -21,6 +21,7 @@ import torch
 
 from ..model import CacheWrite, PaliGemmaModel
 from ..model.gemma import positions_and_blocks
+from ..model.lora import lora_rows
 from .sampling import RowSampling, greedy_tokens, sample_rows
 
 DECODE_BLOCK = 2**20  # decode tokens' block base: above any prompt block, below PAD_BLOCK
@@ -49,6 +50,7 @@ class SlotBatch:
         self.positions = z()  # its RoPE position
         self.write = z()  # the cache slot it writes
         self.live = z(torch.bool)
+        self.adapter = z()  # each row's LoRA slot (0 = base model; `model.lora`)
         self.sampling = RowSampling(z(torch.float32), torch.full_like(z(), self.vocab), torch.ones_like(z(torch.float32)),
                                     z(), z())
         self.host_write = [0] * n_slots  # host mirrors of `write` and `live` (no device sync per step)
@@ -118,12 +120,15 @@ class SlotBatch:
         positions, block = positions_and_blocks(valid, ar)
         write = CacheWrite(self.cache, row_t[:, None].expand(k, P), torch.arange(P, device=self.device)[None].expand(k, P))
         x = self.model.embed_inputs(ids, image_features)
-        h = self.model.language_model(x, positions, block, write)  # [k, P, H]
+        slots = [r.lora_slot for r in requests]
+        with lora_rows(self.model, slots):
+            h = self.model.language_model(x, positions, block, write)  # [k, P, H]
         last = lengths - 1
         logits = self.model.logits(h[torch.arange(k, device=self.device), last]).float()  # [k, V]
         self.positions[row_t] = positions[torch.arange(k, device=self.device), last] + 1
         self.write[row_t] = lengths
         self.live[row_t] = True
+        self.adapter[row_t] = torch.tensor(slots, device=self.device)
         for r, n in zip(rows, host_lengths):
             self.host_write[r], self.host_live[r] = n, True
         return logits
@@ -142,6 +147,7 @@ class SlotBatch:
         r = torch.tensor(rows, device=self.device)
         self.live[r] = False
         self.write[r] = 0
+        self.adapter[r] = 0
         self.cache.reset(r)
         for row in rows:
             self.host_write[row], self.host_live[row] = 0, False
@@ -197,11 +203,12 @@ class SlotBatch:
         every live row); free rows' values are meaningless."""
         read_len, n = self._read_len(), self._rows_bucket()
         state = (self.tokens, self.positions, self.write, self.live, self.cache)
-        if sample:
-            sm = self.sampling
-            nxt, lp = self._sample_step(*state, sm.temperature, sm.top_k, sm.top_p, sm.seed, sm.counter, read_len, n)
-        else:
-            nxt, lp = self._greedy_step(*state, read_len, n)
+        with lora_rows(self.model, self.adapter):
+            if sample:
+                sm = self.sampling
+                nxt, lp = self._sample_step(*state, sm.temperature, sm.top_k, sm.top_p, sm.seed, sm.counter, read_len, n)
+            else:
+                nxt, lp = self._greedy_step(*state, read_len, n)
         if self._graphs:  # CUDA-graph outputs are overwritten by the next replay
             nxt, lp = nxt.clone(), lp.clone()
         self._advance_host()
@@ -213,7 +220,8 @@ class SlotBatch:
 
     def decode_logits(self) -> torch.Tensor:
         """Beam search's step: logits [S, V] for every row's next token; live rows advance."""
-        logits = self._decode(self.tokens, self.positions, self.write, self.cache, self._read_len())
+        with lora_rows(self.model, self.adapter):
+            logits = self._decode(self.tokens, self.positions, self.write, self.cache, self._read_len())
         step = self.live.long()
         self.positions += step
         self.write += step
@@ -223,7 +231,7 @@ class SlotBatch:
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i takes the state of row rows[i] (beam search follows its best continuations)."""
         self.cache.select_rows(rows)
-        for t in (self.tokens, self.positions, self.write, self.live):
+        for t in (self.tokens, self.positions, self.write, self.live, self.adapter):
             t.copy_(t.index_select(0, rows))
         order = rows.tolist()
         self.host_write = [self.host_write[r] for r in order]

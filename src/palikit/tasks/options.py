@@ -31,6 +31,7 @@ class PredictOptions:
     length_penalty: float = 1.0
     coord_denominator: int = DEFAULT_DENOMINATOR  # 1024 (official demo) or 1023 (big_vision RefCOCO)
     dedupe_iou: float | None = None  # drop same-label boxes overlapping above this IoU
+    adapter: str | None = None  # a loaded LoRA adapter's name (`PaliGemma.load_adapter`); None = the base model
 
     def __post_init__(self):
         check_denominator(self.coord_denominator)

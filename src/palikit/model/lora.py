@@ -1,0 +1,128 @@
+"""Multi-LoRA in one batch: many adapters over one base model, each batch row picking its own.
+
+Every target Linear (PEFT's names: the decoder's q/k/v/o/gate/up/down projections, the vision
+tower's q/k/v/out_proj/fc1/fc2, the projector's linear) gets two non-persistent buffers and a
+forward hook that adds the row's LoRA delta to the base output:
+
+    A [S+1, in, R]   B [S+1, R, out]        (S = max_loras slots, R = max_lora_rank)
+    delta[b] = (x[b] @ A[idx[b]]) @ B[idx[b]]   idx = the row's slot, a gather + two batched matmuls
+
+Slot 0 stays zeros (the base model); an adapter of rank r < R fills the first r columns of A and
+rows of B, the rest stay zero; PEFT's alpha / r scale is folded into B; a module an adapter does
+not target keeps zeros in its slot. The per-row slot index (`LoRASlots.index`, a fixed tensor) is
+set once per forward by the engine (`lora_rows`) and read by every hook. Writing an adapter into a
+slot changes tensor contents, never shapes or module structure: a compiled step is not recompiled.
+The base weights and the model's state_dict are untouched (hooks and non-persistent buffers), so
+a quantized base (`model.quant`) takes a delta the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .quant import Int4Linear, Int8Linear
+
+_LINEAR = (nn.Linear, Int8Linear, Int4Linear)
+TOWER_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Every Linear of the decoder layers, the vision tower's encoder layers and the projector (the
+    modules PEFT adapters of PaliGemma target: decoder-only, tower + projector, or all)."""
+    roots = ("language_model.layers.", "vision_tower.encoder.layers.", "multi_modal_projector.")
+    return [n for n, m in model.named_modules() if isinstance(m, _LINEAR) and n.startswith(roots)]
+
+
+def touches_tower(module_names: Iterable[str]) -> bool:
+    """Whether an adapter with these target modules changes image features."""
+    return any(n.startswith(TOWER_PREFIXES) for n in module_names)
+
+
+class LoRASlots:
+    """The stacked adapter slots of one model and the per-row slot index its hooks read."""
+
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, targets: Sequence[str] | None = None,
+                 max_rows: int = 64):
+        if max_loras < 1 or max_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be >= 1, got {max_loras}, {max_rank}")
+        if getattr(model, "lora_slots", None) is not None:
+            raise ValueError("this model already has LoRA slots")
+        self.max_loras, self.max_rank = max_loras, max_rank
+        dev, dtype = model.device, model.dtype
+        self.index = torch.zeros(max_rows, dtype=torch.long, device=dev)  # row -> slot, set per forward
+        own = dict(model.named_modules())
+        self.modules: dict[str, nn.Module] = {}
+        self._hooks = []
+        for name in targets if targets is not None else default_targets(model):
+            m = own.get(name)
+            if not isinstance(m, _LINEAR):
+                raise ValueError(f"LoRA target {name!r} is not a Linear layer of this model")
+            m.register_buffer("lora_A_slots", torch.zeros(max_loras + 1, m.in_features, max_rank, device=dev,
+                                                          dtype=dtype), persistent=False)
+            m.register_buffer("lora_B_slots", torch.zeros(max_loras + 1, max_rank, m.out_features, device=dev,
+                                                          dtype=dtype), persistent=False)
+            self._hooks.append(m.register_forward_hook(self._hook))
+            self.modules[name] = m
+        model.lora_slots = self
+
+    def _hook(self, module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+        x = args[0]  # [B, T, in] (every Linear of the model sees batch-first 3-D activations)
+        idx = self.index[: x.shape[0]]  # [B]
+        A, B = module.lora_A_slots[idx], module.lora_B_slots[idx]  # [B, in, R], [B, R, out]
+        delta = torch.bmm(torch.bmm(x.to(A.dtype), A), B)  # [B, T, out]
+        return out + delta.to(out.dtype)
+
+    def bytes_per_slot(self) -> int:
+        return sum((m.lora_A_slots[0].numel() + m.lora_B_slots[0].numel()) * m.lora_A_slots.element_size()
+                   for m in self.modules.values())
+
+    @torch.no_grad()
+    def write(self, slot: int, layers: dict[str, dict[str, torch.Tensor]], scale: float) -> None:
+        """Fill `slot` (1..max_loras) with an adapter: {module: {"lora_A": [r, in], "lora_B": [out, r]}}
+        (checked by the caller); modules it does not name get zeros."""
+        if not 1 <= slot <= self.max_loras:
+            raise ValueError(f"slot {slot} outside 1..{self.max_loras}")
+        for name, m in self.modules.items():
+            A, B = m.lora_A_slots[slot], m.lora_B_slots[slot]  # [in, R], [R, out]
+            A.zero_()
+            B.zero_()
+            d = layers.get(name)
+            if d is not None:
+                r = d["lora_A"].shape[0]
+                A[:, :r].copy_(d["lora_A"].T.to(A.dtype))
+                B[:r].copy_((d["lora_B"].float() * scale).T.to(B.dtype))
+
+    def set_rows(self, slots: torch.Tensor | Sequence[int]) -> None:
+        """Row b of the next forward uses adapter slot `slots[b]` (rows past len(slots): none)."""
+        slots = torch.as_tensor(slots, dtype=torch.long)
+        n = slots.shape[0]
+        if n > self.index.shape[0]:  # a larger batch than any before (eager paths: no compiled step cares)
+            self.index = torch.zeros(n, dtype=torch.long, device=self.index.device)
+        self.index[:n].copy_(slots)
+        self.index[n:].zero_()
+
+    def remove(self, model: nn.Module) -> None:
+        for h in self._hooks:
+            h.remove()
+        for m in self.modules.values():
+            del m.lora_A_slots, m.lora_B_slots
+        model.lora_slots = None
+
+
+@contextlib.contextmanager
+def lora_rows(model: nn.Module, slots: torch.Tensor | Sequence[int]):
+    """Run a forward with row b on adapter slot `slots[b]`; afterwards every row is on the base model
+    again (so a plain `model(...)` call elsewhere never sees a stale adapter). No-op without slots."""
+    lora = getattr(model, "lora_slots", None)
+    if lora is None:
+        yield
+        return
+    lora.set_rows(slots)
+    try:
+        yield
+    finally:
+        lora.index.zero_()
