@@ -18,7 +18,7 @@ from helpers.lora import targets, write_peft_adapter
 from palikit.engine import Engine, GenerationOptions, Request, SamplingOptions
 from palikit.engine.adapters import AdapterError, UnknownAdapter
 from palikit.engine.features import pixel_key
-from palikit.weights.adapter import merge_adapter
+from palikit.weights.adapter import merge_adapter, read_adapter
 
 ADAPTERS = {  # name: (rank, alpha, peft target_modules)
     "dec4": (4, 8.0, targets(decoder="q_proj|v_proj")),
@@ -128,7 +128,7 @@ def test_mixed_batch_equals_each_request_alone_on_its_merged_model(setup, one_th
     """max_loras=2 < 4 adapters: requests wait for a device slot, slots are evicted and rewritten."""
     base_dir, paths, model, merged = setup
     model = copy.deepcopy(model)  # LoRA slots are installed on this copy
-    engine = Engine(model, max_slots=6, max_loras=max_loras, max_lora_rank=8)
+    engine = Engine(model, adapter_reader=read_adapter, max_slots=6, max_loras=max_loras, max_lora_rank=8)
     for name, path in paths.items():
         engine.load_adapter(name, path)
     names = [None, "dec4", "dec8", "tower2", "both6"]
@@ -155,7 +155,7 @@ def test_adapters_change_the_answer(setup):
 def test_load_and_unload_under_load_change_no_other_answer(setup, one_thread, tmp_path):
     base_dir, paths, model, merged = setup
     model = copy.deepcopy(model)  # LoRA slots are installed on this copy
-    engine = Engine(model, max_slots=6, max_loras=3, max_lora_rank=8)
+    engine = Engine(model, adapter_reader=read_adapter, max_slots=6, max_loras=3, max_lora_rank=8)
     for name in ("dec4", "tower2"):
         engine.load_adapter(name, paths[name])
     events = []
@@ -190,7 +190,7 @@ def test_bad_adapters_get_clear_errors_and_the_engine_keeps_serving(setup, tmp_p
 
     base_dir, paths, model, merged = setup
     model = copy.deepcopy(model)  # LoRA slots are installed on this copy
-    engine = Engine(model, max_slots=2, max_loras=2, max_lora_rank=4)
+    engine = Engine(model, adapter_reader=read_adapter, max_slots=2, max_loras=2, max_lora_rank=4)
     with pytest.raises(AdapterError, match=r"rank 8.*max-lora-rank"):
         engine.load_adapter("big", paths["dec8"])
     # another base model: lora_A of one module has the wrong input width
@@ -229,7 +229,7 @@ def test_compiled_step_equals_eager_and_a_load_does_not_recompile(setup, one_thr
     base_dir, paths, model, merged = setup
     model = copy.deepcopy(model)
     torch._dynamo.reset()
-    engine = Engine(model, max_slots=4, max_loras=2, max_lora_rank=8, compile=True)
+    engine = Engine(model, adapter_reader=read_adapter, max_slots=4, max_loras=2, max_lora_rank=8, compile=True)
     engine.load_adapter("dec4", paths["dec4"])
     reqs = _requests(model, 4)
     opts = [GenerationOptions(max_new_tokens=6, ignore_eos=True, adapter=a) for a in ("dec4", None, "dec4", None)]

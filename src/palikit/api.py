@@ -45,7 +45,9 @@ class PaliGemma:
         self.processor = processor
         self.mask_codec = mask_codec
         self.name = name or cfg.name
-        self.engine = Engine(model, eos_ids=(tokenizer.eos_id,), compile=compile)
+        from .weights.adapter import read_adapter
+
+        self.engine = Engine(model, eos_ids=(tokenizer.eos_id,), compile=compile, adapter_reader=read_adapter)
 
     # ------------------------------------------------------------------------------ loading
     @classmethod

@@ -53,9 +53,11 @@ class Adapter:
 
 
 class AdapterSlots:
-    def __init__(self, model, max_loras: int = 4, max_lora_rank: int = 16, max_cpu_loras: int | None = None,
+    def __init__(self, model, reader, max_loras: int = 4, max_lora_rank: int = 16, max_cpu_loras: int | None = None,
                  targets=None, max_rows: int = 64):
-        self.model = model
+        """`reader(path) -> (config dict, {module: {"lora_A": [r, in], "lora_B": [out, r]}})`: how a
+        PEFT folder is read (`weights.adapter.read_adapter`, handed down by the API layer)."""
+        self.model, self.reader = model, reader
         self.lora = LoRASlots(model, max_loras, max_lora_rank, targets, max_rows)
         self.max_cpu_loras = max(max_cpu_loras or 0, max_loras)
         self.adapters: dict[str, Adapter] = {}
@@ -70,10 +72,8 @@ class AdapterSlots:
     # ------------------------------------------------------------------------------ loading
     def read(self, name: str, path: str | Path) -> tuple[dict, dict]:
         """(config, layers) of a PEFT folder, checked against this model: AdapterError says why not."""
-        from ..weights.adapter import adapted_linears, read_adapter
-
         try:
-            cfg, layers = read_adapter(path)
+            cfg, layers = self.reader(path)
         except Exception as e:  # noqa: BLE001 - OSError, JSON, safetensors header errors: all "cannot read"
             raise AdapterError(f"adapter {name!r}: cannot read it ({type(e).__name__}: {e})") from e
         rank = int(cfg["r"])
@@ -84,10 +84,13 @@ class AdapterSlots:
         if missing:
             raise AdapterError(f"adapter {name!r} targets module {missing[0]!r}, which is not a LoRA target of this "
                                "model (an adapter for another base model?)")
-        try:
-            adapted_linears(self.model, path, cfg, layers)  # shapes: names the module that does not fit
-        except ValueError as e:
-            raise AdapterError(f"adapter {name!r}: {e}") from e
+        for module, d in layers.items():
+            lin = self.lora.modules[module]
+            want = {"lora_A": (rank, lin.in_features), "lora_B": (lin.out_features, rank)}
+            for kind, t in d.items():
+                if tuple(t.shape) != want[kind]:
+                    raise AdapterError(f"adapter {name!r}: {module}.{kind} has shape {tuple(t.shape)}, this model "
+                                       f"expects {want[kind]} (an adapter for another base model?)")
         return cfg, layers
 
     def load(self, name: str, path: str | Path) -> Adapter:

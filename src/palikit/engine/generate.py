@@ -29,9 +29,10 @@ class Engine:
     def __init__(self, model: PaliGemmaModel, eos_ids: tuple[int, ...] | None = None, compile: bool = False,
                  max_slots: int = 16, max_len: int = 512, max_queue: int = 1024,
                  image_cache_bytes: int = 256 * 2**20, max_loras: int = 0, max_lora_rank: int = 16,
-                 max_cpu_loras: int | None = None):
+                 max_cpu_loras: int | None = None, adapter_reader=None):
         self.model = model
         self.adapters = None  # `engine.adapters.AdapterSlots` once multi-LoRA is on (max_loras > 0)
+        self.adapter_reader = adapter_reader  # path -> (config, layers): `weights.adapter.read_adapter`
         if max_loras:
             self.enable_adapters(max_loras, max_lora_rank, max_cpu_loras, max_rows=max_slots)
         cfg = model.config
@@ -65,7 +66,9 @@ class Engine:
 
         if self.adapters is not None:
             raise ValueError("adapters are already enabled on this engine")
-        self.adapters = AdapterSlots(self.model, max_loras, max_lora_rank, max_cpu_loras, targets,
+        if self.adapter_reader is None:
+            raise ValueError("this engine has no adapter reader (Engine(adapter_reader=weights.adapter.read_adapter))")
+        self.adapters = AdapterSlots(self.model, self.adapter_reader, max_loras, max_lora_rank, max_cpu_loras, targets,
                                      max_rows=max(64, max_rows))
 
     def load_adapter(self, name: str, path) -> None:
