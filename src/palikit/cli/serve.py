@@ -27,7 +27,16 @@ def serve(
     tokenizer: str = typer.Option(None, help="Tokenizer file when it is not next to the weights."),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step: CUDA graphs "
                                  "on GPU (default there), fused C++ kernels on CPU (off by default: see README, Speed)."),
-    adapter: str = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format) merged into --model."),
+    adapter: list[str] = typer.Option(None, "--adapter", help="NAME=PATH: a LoRA adapter (PEFT folder) served "
+                                      "unmerged under NAME, batched with the others (repeatable; requests pick it "
+                                      "with \"adapter\": NAME or chat model: NAME). A PATH alone: merged into --model."),
+    max_loras: int = typer.Option(None, help="Adapters on the device at once (default: the NAME=PATH count, 4 with "
+                                  "--adapter-dir); more wait in CPU memory."),
+    max_lora_rank: int = typer.Option(16, help="Largest LoRA rank accepted (device slots are this wide)."),
+    max_cpu_loras: int = typer.Option(None, help="Adapters kept in CPU memory (LRU; default max-loras; evicted ones "
+                                      "are read from disk again)."),
+    adapter_dir: str = typer.Option(None, help="POST /v1/adapters may load folders under this directory only "
+                                    "(off without it)."),
     quantize: str = typer.Option(None, "--quantize", help="int8 or int4: quantize the weights at load."),
     api_key: list[str] = typer.Option(None, "--api-key", help="Accepted Bearer key (repeatable); also env PALIKIT_API_KEYS (comma-separated)."),
     max_slots: int = typer.Option(_D.max_slots, help="Engine slots: requests decoding together (continuous batching)."),
@@ -89,7 +98,8 @@ def serve(
                               decode_budget_pixels=int(decode_budget_mpx * 1e6),
                               allowed_hosts=(tuple(allowed_hosts.split(",")) if allowed_hosts
                                              else ServerSettings.default_allowed_hosts(host)),
-                              header_timeout_s=header_timeout, keep_alive_s=keep_alive)
+                              header_timeout_s=header_timeout, keep_alive_s=keep_alive, adapter_dir=adapter_dir)
+    merged, named = split_adapters(adapter or [])
     if replicas or min_replicas is not None or max_replicas is not None:
         from ..distributed.ray_serve import serve_replicas
         from .predict import default_model
@@ -112,10 +122,14 @@ def serve(
         print("palikit: compiling the decode step during warm-up (once per cache-length bucket; CUDA graphs on GPU, "
               "the reason it is faster there); /readyz says ready when done. --no-compile skips it.",
               file=sys.stderr, flush=True)
-    pg = load_model(model, device, dtype, tokenizer, compile=compile, adapter=adapter, quantize=quantize)
+    pg = load_model(model, device, dtype, tokenizer, compile=compile, adapter=merged, quantize=quantize)
+    if named or adapter_dir or max_loras:
+        pg.enable_adapters(max_loras or max(len(named), 4 if adapter_dir else 1), max_lora_rank, max_cpu_loras)
+        for name, path in named.items():
+            pg.load_adapter(name, path)
     application = create_app(pg, settings)
     auth = f"{len(keys)} API key(s)" if keys else "no API key"
-    served = pg.name + (f" + adapter {adapter}" if adapter else "")
+    served = pg.name + (f" + adapter {merged}" if merged else "") + (f"; adapters {', '.join(named)}" if named else "")
     print(f"palikit: serving {served} on http://{host}:{port} ({auth}); docs at /docs, playground at /",
           file=sys.stderr, flush=True)
     from ..serve.protocol import guarded_h11
@@ -125,6 +139,23 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level=log_level, access_log=False,
                 timeout_graceful_shutdown=5, http=guarded_h11(header_timeout), timeout_keep_alive=keep_alive,
                 h11_max_incomplete_event_size=16 * 1024)
+
+
+def split_adapters(values: list[str]) -> tuple[str | None, dict[str, str]]:
+    """--adapter values -> (the one PATH to merge, or None; {NAME: PATH} served unmerged)."""
+    merged, named = [], {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if sep and name and "/" not in name and path:
+            if name in named:
+                raise typer.BadParameter(f"adapter name {name!r} given twice", param_hint="--adapter")
+            named[name] = path
+        else:
+            merged.append(v)
+    if len(merged) > 1 or (merged and named):
+        raise typer.BadParameter("a PATH alone merges that one adapter into the model; serve several side by side as "
+                                 "NAME=PATH (repeatable)", param_hint="--adapter")
+    return (merged[0] if merged else None), named
 
 
 def _log_to_stderr(level: str) -> None:

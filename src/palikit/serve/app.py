@@ -52,6 +52,7 @@ from starlette.requests import ClientDisconnect
 from ..tasks.options import PredictOptions
 from ..tasks.registry import get_task, tasks_where
 from . import openai_compat
+from .adapters import AdapterGauges, add_adapter_routes, served_models
 from .docs import mount_docs
 from .errors import ApiError, api_error, bad_request, handled_exceptions
 from .front import EngineFront, Item
@@ -92,6 +93,7 @@ class State:
         self.processor = getattr(pg, "processor", None)
         from prometheus_client import Counter
 
+        self.adapter_gauges = AdapterGauges(self.metrics.registry)
         self.client_aborts = Counter("palikit_client_aborts", "Requests the client abandoned before the answer "
                                      "(counted as status 499, not as server errors).", registry=self.metrics.registry)
 
@@ -290,6 +292,7 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
         engine = getattr(pg, "engine", None)
         if engine is not None:
             state.metrics.observe_engine(engine.scheduler.stats())
+            state.adapter_gauges.observe(None if engine.adapters is None else engine.adapters.stats())
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     @app.get("/", include_in_schema=False)
@@ -306,9 +309,11 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
                             503: {"description": "queue full"}, 504: {"description": "timeout"}})(task_route(state, t))
 
     # ---------------------------------------------------------------- OpenAI compatible
-    @app.get("/v1/models", tags=["openai"], summary="The served model (OpenAI format).")
+    @app.get("/v1/models", tags=["openai"], summary="The served model and its LoRA adapters (OpenAI format).")
     async def models():
-        return {"object": "list", "data": [{"id": state.name, "object": "model", "created": 0, "owned_by": "palikit"}]}
+        return {"object": "list", "data": served_models(state)}
+
+    add_adapter_routes(app, state)
 
     chat_schema = ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     chat_defs = chat_schema.pop("$defs", {})

@@ -11,6 +11,7 @@ streaming chat both call it, so a refusal reads the same on every route:
     TimeoutError                 504 timeout (the per-request timeout of the engine front)
     404 / 405 from the router    not_found / method_not_allowed
     request validation           400 invalid_request
+    engine UnknownAdapter        404 adapter_not_found (names the loaded adapters)
     ValueError                   400 invalid_request / invalid_image (the library's user-facing errors)
     anything else                500 internal_error with the request id (the traceback goes to the log)
 """
@@ -83,6 +84,10 @@ def api_error(e: BaseException, *, timeout_s: float | None = None, request_id: s
                         headers={"Retry-After": str(e.retry_after_s)})
     if isinstance(e, Closed):
         return ApiError(503, "unavailable", "the server is shutting down.", headers={"Retry-After": "1"})
+    from ..engine.adapters import UnknownAdapter
+
+    if isinstance(e, UnknownAdapter):
+        return ApiError(404, "adapter_not_found", clean_message(str(e)), param="adapter")
     if isinstance(e, TimeoutError):
         within = f" within {timeout_s:g} s" if timeout_s is not None else ""
         return ApiError(504, "timeout", f"the request did not finish{within}; retry later or ask for fewer tokens.")
@@ -107,4 +112,7 @@ def handled_exceptions() -> tuple[type[BaseException], ...]:
 
     from ..engine import Closed, QueueFull
 
-    return (ApiError, QueueFull, Closed, TimeoutError, HTTPException, RequestValidationError, ValueError, Exception)
+    from ..engine.adapters import UnknownAdapter
+
+    return (ApiError, QueueFull, Closed, UnknownAdapter, TimeoutError, HTTPException, RequestValidationError, ValueError,
+            Exception)

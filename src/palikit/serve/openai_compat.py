@@ -51,6 +51,7 @@ from .errors import ApiError, bad_request
 from .front import Item
 from .images import image_bytes_from_string
 from .parsing import read_fields
+from .adapters import chat_adapter
 from .schemas import ChatRequest, Options, gen_options, parse_model
 
 log = logging.getLogger("palikit.serve")
@@ -189,11 +190,12 @@ async def chat_completions(request: Request):
     if ctype != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the chat request as application/json.")
     fields, _, _ = await read_fields(request, settings)
-    call = parse_chat(parse_model(ChatRequest, fields, strict=True))
+    req = parse_model(ChatRequest, fields, strict=True)
+    call = parse_chat(req)
     if len(call.images) > settings.max_images_per_request:
         raise bad_request(f"{len(call.images)} images; at most {settings.max_images_per_request} per request.",
                           "messages")
-    opts = gen_options(Options(**call.options), settings)
+    opts = gen_options(Options(**call.options, adapter=chat_adapter(state, req.model)), settings)
     ids = state.prompt_ids(call.prompt, "messages")
     datas = [image_bytes_from_string(u, settings, "messages") for u in call.images]
     call.images, fields = [], None

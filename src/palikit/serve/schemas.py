@@ -31,6 +31,8 @@ class Options(BaseModel):
     num_beams: int = Field(1, ge=1, description="Beam search width (greedy only).")
     coord_denominator: int = Field(1024, description="Box decoding: 1024 (official demo) or 1023 (big_vision RefCOCO).")
     dedupe_iou: float | None = Field(None, ge=0.0, le=1.0, description="Drop duplicate boxes above this IoU.")
+    adapter: str | None = Field(None, max_length=128, description="A loaded LoRA adapter's name (GET /v1/models); "
+                                "none = the base model.")
 
 
 class ImageField(BaseModel):
@@ -91,7 +93,7 @@ def gen_options(opts: Options, settings: ServerSettings) -> PredictOptions:
         temperature, top_k, top_p = 0.0, None, None
     return PredictOptions(max_new_tokens=mnt, temperature=temperature, top_k=top_k, top_p=top_p, seed=opts.seed,
                           num_beams=opts.num_beams, coord_denominator=opts.coord_denominator,
-                          dedupe_iou=opts.dedupe_iou)
+                          dedupe_iou=opts.dedupe_iou, adapter=opts.adapter)
 
 
 # ------------------------------------------------------------------------------ chat (OpenAI)

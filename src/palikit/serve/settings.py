@@ -35,6 +35,7 @@ class ServerSettings:
     default_max_new_tokens: int = 64
     max_num_beams: int = 4
     warmup: bool = True                      # one tiny prediction before /readyz says ready
+    adapter_dir: str | None = None           # POST /v1/adapters loads folders under this only (None: off)
 
     @property
     def max_body_bytes(self) -> int:
