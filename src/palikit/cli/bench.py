@@ -101,6 +101,8 @@ def bench_serve(
     backends: str = typer.Option("abc", help="Which of (a) continuous, (b) run-to-completion, (c) transformers."),
     timeout: float = typer.Option(600.0, help="Seconds after the last arrival before a request counts as lost."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Skip the streaming check."),
+    adapters: int = typer.Option(0, "--adapters", help="Multi-LoRA: the trace spread over N random adapters, against "
+                                 "the base model alone and against swapping merged adapters per batch (one run)."),
 ):
     """Serving benchmark: throughput, p50/p99 latency and time to first token under mixed open-loop traffic
     (continuous batching vs run-to-completion batches vs transformers, same weights, same trace)."""
@@ -111,6 +113,14 @@ def bench_serve(
     check_options(n_requests=requests, rate=rate, slots=slots, timeout_s=timeout, backends=backends,
                   max_new_tokens=budgets)
     pg = load_pg(model, device, dtype)
+    if adapters:
+        from ..bench.lora import format_lora_report, run_lora_bench
+
+        report = run_lora_bench(pg, n_adapters=adapters, n_requests=requests, rate=rate, seed=seed, slots=slots,
+                                max_new_tokens=budgets)
+        print(format_lora_report(report))
+        print(json.dumps(report))
+        return
     report = run_serve_bench(pg, n_requests=requests, rate=rate, seed=seed, slots=slots, mix=weights,
                              max_new_tokens=budgets, backends=backends, timeout_s=timeout, stream=not no_stream,
                              progress=sys.stderr.isatty())

@@ -4,8 +4,14 @@ Every target Linear (PEFT's names: the decoder's q/k/v/o/gate/up/down projection
 tower's q/k/v/out_proj/fc1/fc2, the projector's linear) gets two non-persistent buffers and a
 forward hook that adds the row's LoRA delta to the base output:
 
-    A [S+1, in, R]   B [S+1, R, out]        (S = max_loras slots, R = max_lora_rank)
-    delta[b] = (x[b] @ A[idx[b]]) @ B[idx[b]]   idx = the row's slot, a gather + two batched matmuls
+    A [in, S+1, R]   B [S+1, R, out]        (S = max_loras slots, R = max_lora_rank)
+    delta[b] = (x[b] @ A[:, idx[b]]) @ B[idx[b]]    idx = the row's slot
+
+Two ways to compute it, the same numbers: a prompt (T > 1 tokens per row) gathers each row's A and
+B and runs two batched matmuls (the gather is paid once for T tokens); a decode step (T = 1) runs
+two plain matmuls over all slots at once, x @ A.view(in, (S+1)R), masked to the row's own slot's R
+columns, @ B.view((S+1)R, out), added in place (`addmm`): no per-row copies of A and B, whose
+reads would cost more than the step's own weights when S+1 is smaller than the batch.
 
 Slot 0 stays zeros (the base model); an adapter of rank r < R fills the first r columns of A and
 rows of B, the rest stay zero; PEFT's alpha / r scale is folded into B; a module an adapter does
@@ -54,6 +60,9 @@ class LoRASlots:
         self.max_loras, self.max_rank = max_loras, max_rank
         dev, dtype = model.device, model.dtype
         self.index = torch.zeros(max_rows, dtype=torch.long, device=dev)  # row -> slot, set per forward
+        self._col_slot = torch.arange((max_loras + 1) * max_rank, device=dev) // max_rank  # [(S+1)R]
+        self.mask = torch.zeros(max_rows, (max_loras + 1) * max_rank, device=dev, dtype=dtype)  # row's own columns
+        self.rows_slots: frozenset[int] = frozenset()  # slots the current forward's rows use (eager skip)
         own = dict(model.named_modules())
         self.modules: dict[str, nn.Module] = {}
         self._hooks = []
@@ -61,23 +70,31 @@ class LoRASlots:
             m = own.get(name)
             if not isinstance(m, _LINEAR):
                 raise ValueError(f"LoRA target {name!r} is not a Linear layer of this model")
-            m.register_buffer("lora_A_slots", torch.zeros(max_loras + 1, m.in_features, max_rank, device=dev,
+            m.register_buffer("lora_A_slots", torch.zeros(m.in_features, max_loras + 1, max_rank, device=dev,
                                                           dtype=dtype), persistent=False)
             m.register_buffer("lora_B_slots", torch.zeros(max_loras + 1, max_rank, m.out_features, device=dev,
                                                           dtype=dtype), persistent=False)
+            m.lora_slots_used = set()  # host-side: slots whose adapter targets this module
             self._hooks.append(m.register_forward_hook(self._hook))
             self.modules[name] = m
         model.lora_slots = self
 
     def _hook(self, module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
         x = args[0]  # [B, T, in] (every Linear of the model sees batch-first 3-D activations)
-        idx = self.index[: x.shape[0]]  # [B]
-        A, B = module.lora_A_slots[idx], module.lora_B_slots[idx]  # [B, in, R], [B, R, out]
-        delta = torch.bmm(torch.bmm(x.to(A.dtype), A), B)  # [B, T, out]
-        return out + delta.to(out.dtype)
+        if not torch.compiler.is_compiling() and not (module.lora_slots_used & self.rows_slots):
+            return out  # eager: no row of this forward has an adapter on this module (a compiled step always adds)
+        Bn, T, _ = x.shape
+        A, B = module.lora_A_slots, module.lora_B_slots  # [in, S+1, R], [S+1, R, out]
+        x = x.to(A.dtype)
+        if T == 1:  # decode: every slot at once, masked to each row's own
+            h = (x[:, 0] @ A.flatten(1)) * self.mask[:Bn]  # [B, (S+1)R]
+            return torch.addmm(out[:, 0].to(A.dtype), h, B.flatten(0, 1))[:, None].to(out.dtype)
+        idx = self.index[:Bn]  # [B]
+        h = torch.bmm(x, A.permute(1, 0, 2)[idx])  # [B, T, R]
+        return torch.baddbmm(out.to(A.dtype), h, B[idx]).to(out.dtype)  # [B, T, out]
 
     def bytes_per_slot(self) -> int:
-        return sum((m.lora_A_slots[0].numel() + m.lora_B_slots[0].numel()) * m.lora_A_slots.element_size()
+        return sum((m.lora_A_slots[:, 0].numel() + m.lora_B_slots[0].numel()) * m.lora_A_slots.element_size()
                    for m in self.modules.values())
 
     @torch.no_grad()
@@ -87,29 +104,41 @@ class LoRASlots:
         if not 1 <= slot <= self.max_loras:
             raise ValueError(f"slot {slot} outside 1..{self.max_loras}")
         for name, m in self.modules.items():
-            A, B = m.lora_A_slots[slot], m.lora_B_slots[slot]  # [in, R], [R, out]
+            A, B = m.lora_A_slots[:, slot], m.lora_B_slots[slot]  # [in, R], [R, out]
             A.zero_()
             B.zero_()
             d = layers.get(name)
+            m.lora_slots_used.discard(slot)
             if d is not None:
                 r = d["lora_A"].shape[0]
                 A[:, :r].copy_(d["lora_A"].T.to(A.dtype))
                 B[:r].copy_((d["lora_B"].float() * scale).T.to(B.dtype))
+                m.lora_slots_used.add(slot)
 
     def set_rows(self, slots: torch.Tensor | Sequence[int]) -> None:
         """Row b of the next forward uses adapter slot `slots[b]` (rows past len(slots): none)."""
-        slots = torch.as_tensor(slots, dtype=torch.long)
+        dev = self.index.device
+        slots = torch.as_tensor(slots, dtype=torch.long).to(dev)
         n = slots.shape[0]
         if n > self.index.shape[0]:  # a larger batch than any before (eager paths: no compiled step cares)
-            self.index = torch.zeros(n, dtype=torch.long, device=self.index.device)
+            self.index = torch.zeros(n, dtype=torch.long, device=dev)
+            self.mask = torch.zeros(n, self.mask.shape[1], device=dev, dtype=self.mask.dtype)
         self.index[:n].copy_(slots)
         self.index[n:].zero_()
+        self.mask[:n].copy_(self._col_slot[None] == slots[:, None])
+        self.mask[n:].zero_()
+        self.rows_slots = frozenset(slots.tolist()) - {0}
+
+    def clear_rows(self) -> None:
+        self.index.zero_()
+        self.mask.zero_()
+        self.rows_slots = frozenset()
 
     def remove(self, model: nn.Module) -> None:
         for h in self._hooks:
             h.remove()
         for m in self.modules.values():
-            del m.lora_A_slots, m.lora_B_slots
+            del m.lora_A_slots, m.lora_B_slots, m.lora_slots_used
         model.lora_slots = None
 
 
@@ -125,4 +154,4 @@ def lora_rows(model: nn.Module, slots: torch.Tensor | Sequence[int]):
     try:
         yield
     finally:
-        lora.index.zero_()
+        lora.clear_rows()
