@@ -4,8 +4,10 @@ run end to end in a temporary folder, so the README cannot drift from what works
 
 Checked: the block exits 0; the adapter beats the bundled model on the new words by a real margin
 (both reports' own scores); the after report's comparison names both runs (the adapter's and the
-before report's); the server's answer over HTTP (curl and the official openai client) is the adapter's
-(== `palikit ocr --adapter` == the after eval's prediction for that image, != the bundled model's).
+before report's); one server serves both adapters and the base model (`/v1/models` lists them); its
+answer over HTTP for the first adapter (curl and the official openai client naming it as the model) is
+the adapter's (== `palikit ocr --adapter` == the after eval's prediction for that image, != the bundled
+model's, != the same server's base-model answer).
 Run with `-s` to see the time of each step."""
 
 from __future__ import annotations
@@ -92,7 +94,11 @@ def test_readme_newcomer_loop_end_to_end(tmp_path):
     md = (tmp_path / "out/newwords-after/report.md").read_text()
     assert "demo + adapter runs/newwords/adapter" in md and "out/newwords-before/report.json" in md
 
-    served = json.loads(next(line for line in out.splitlines() if line.startswith('{"text"')))
+    answers = [json.loads(line) for line in out.splitlines() if line.startswith('{"text"')]
+    served, small, base = answers  # one server: the adapter, the second adapter, the base model
+    models = json.loads(next(line for line in out.splitlines() if line.startswith('{"object":"list"')))
+    assert [m["id"] for m in models["data"]][1:] == ["newwords", "small"]
+    assert small["text"] and base["text"] and base["text"] != served["text"]
     in_process = re.search(r"^ocr -> '(.*)'$", out, re.M)
     assert in_process, out[-2000:]
     assert served["text"] == in_process.group(1)
