@@ -72,3 +72,35 @@ def test_unknown_and_unloaded_adapters_are_refused_naming_the_loaded_ones(folder
         pg.predict(_image(0), "caption en", adapter="ocr")
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         pg.load_adapter("x", base)
+
+
+@pytest.mark.slow
+def test_eval_several_adapters_in_one_run_one_report_row_each(folders, tmp_path):
+    """`palikit eval --adapter NAME=PATH ...`: the model loads once, each adapter is a row of the
+    report, its predictions == the merged model's."""
+    import json as js
+
+    from palikit import PaliGemma
+    from palikit.cli import main
+    from palikit.demo import shapes
+    from palikit.demo.splits import write_split
+
+    base, paths = folders
+    d = write_split(shapes, tmp_path / "data", "test", 8)
+    rows = [r for r in map(js.loads, open(d / "test.jsonl")) if r["task"] == "ocr"][:3]
+    (d / "ocr.jsonl").write_text("".join(js.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    args = ["eval", str(d / "ocr.jsonl"), "--task", "ocr", "--model", str(base), "--device", "cpu", "--dtype",
+            "float32", "--out", str(out), "--max-new-tokens", "5", "--no-progress"]
+    for name, path in paths.items():
+        args += ["--adapter", f"{name}={path}"]
+    assert main(args) in (0, None)
+    report = js.loads((out / "report.json").read_text())
+    assert [m["model"] for m in report["models"]][1:] == ["ocr", "det"]
+    assert len(report["comparison"]) == 3
+    merged = PaliGemma.from_pretrained(base, device="cpu", dtype="float32", adapter=paths["det"])
+    preds = [js.loads(x) for x in (out / "baselines" / "det" / "predictions.jsonl").read_text().splitlines()]
+    for p in preds:
+        row = rows[int(p["id"])]
+        want = merged.predict(d / row["image"], row["prompt"] if "prompt" in row else "ocr", max_new_tokens=5).text
+        assert p["text"] == want

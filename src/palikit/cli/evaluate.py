@@ -74,7 +74,9 @@ def evaluate(
     dataset: Path = typer.Argument(..., help="JSONL (ocr/vqa/anls/caption/count/exact) or COCO json (detect/segment)."),
     task: str = typer.Option(..., help="ocr | vqa | anls | caption | count | exact | detect | segment"),
     model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder or Hub id (default: bundled demo)."),
-    adapter: str = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format) merged into --model."),
+    adapter: list[str] = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format) merged into --model; "
+                                      "or NAME=PATH (repeatable): each adapter evaluated unmerged on the same samples, "
+                                      "one report row each beside the base model."),
     quantize: str = typer.Option(None, "--quantize", help="int8 or int4: quantize --model's weights at load."),
     baseline: list[str] = typer.Option(None, "--baseline", "-b", help=BASELINE_HELP),
     out: Path = typer.Option(Path("out/eval"), help="Output folder (predictions.jsonl, report.md, charts)."),
@@ -119,6 +121,9 @@ def evaluate(
     common = dict(batch_size=batch_size, price_per_hour=price_per_hour, price_per_call=price_per_call,
                   predict_options={"max_new_tokens": max_new_tokens}, limit=limit, image_root=images,
                   strict=not skip_bad_rows, progress=progress, gallery=gallery)
+    from .serve import split_adapters
+
+    adapter, named = split_adapters(adapter or [])
     name = (model or "demo") + (f" + adapter {adapter}" if adapter else "") + (f" ({quantize})" if quantize else "")  # before/after rows tell apart
     if torch_threads > 0:
         import torch
@@ -134,8 +139,11 @@ def evaluate(
             ds = check_images(load_dataset(dataset, task, image_root=images, strict=not skip_bad_rows,
                                            negatives=negatives), strict=not skip_bad_rows)
             pg = load_model(model, device, dtype, None, adapter=adapter, quantize=quantize)
-            if baseline:
-                others = [parse_baseline(s, device=device, dtype=dtype) for s in baseline]
+            from ..eval.adapters import adapter_models
+
+            views = adapter_models(pg, named)
+            if baseline or views:
+                others = [*views, *(parse_baseline(s, device=device, dtype=dtype) for s in baseline or ())]
                 cmp = evaluate_models([pg, *others], ds, task, out_dir=out, resume=not fresh, prompt=prompt,
                                       compare_with=compare_with, names=[name, *[None] * len(others)],
                                       **common)
