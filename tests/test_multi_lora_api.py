@@ -104,3 +104,27 @@ def test_eval_several_adapters_in_one_run_one_report_row_each(folders, tmp_path)
         row = rows[int(p["id"])]
         want = merged.predict(d / row["image"], row["prompt"] if "prompt" in row else "ocr", max_new_tokens=5).text
         assert p["text"] == want
+
+
+@pytest.mark.parametrize("values, merged, named", [
+    ([], None, {}),
+    (["runs/a/adapter"], "runs/a/adapter", {}),
+    (["ocr=runs/a", "det=runs/b"], None, {"ocr": "runs/a", "det": "runs/b"}),
+    (["./x=y/adapter"], "./x=y/adapter", {}),  # a path holding '=' stays a path
+])
+def test_adapter_flags_split_into_merged_and_named(values, merged, named):
+    from palikit.cli.serve import split_adapters
+
+    assert split_adapters(values) == (merged, named)
+
+
+@pytest.mark.parametrize("values, message", [
+    (["a", "b"], "a PATH alone merges that one adapter"),
+    (["a", "x=b"], "a PATH alone merges that one adapter"),
+    (["x=a", "x=b"], "the name 'x' is given twice"),
+])
+def test_adapter_flags_refused_with_the_reason(values, message):
+    from palikit.cli.serve import split_adapters
+
+    with pytest.raises(ValueError, match=message):
+        split_adapters(values)

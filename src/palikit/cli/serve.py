@@ -148,13 +148,13 @@ def split_adapters(values: list[str]) -> tuple[str | None, dict[str, str]]:
         name, sep, path = v.partition("=")
         if sep and name and "/" not in name and path:
             if name in named:
-                raise typer.BadParameter(f"adapter name {name!r} given twice", param_hint="--adapter")
+                raise ValueError(f"--adapter: the name {name!r} is given twice")
             named[name] = path
         else:
             merged.append(v)
     if len(merged) > 1 or (merged and named):
-        raise typer.BadParameter("a PATH alone merges that one adapter into the model; serve several side by side as "
-                                 "NAME=PATH (repeatable)", param_hint="--adapter")
+        raise ValueError("--adapter: a PATH alone merges that one adapter into the model; give several side by side "
+                         "as NAME=PATH (repeatable)")
     return (merged[0] if merged else None), named
 
 
