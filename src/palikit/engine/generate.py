@@ -3,19 +3,17 @@
 `Engine` runs everything on one continuous-batching scheduler (`scheduler.py`) over a slot cache
 (`slots.py`): `submit` queues one request with its own options and returns a `Ticket` at once;
 `generate` submits a list and waits. Beam search keeps its own path (`beam.py`) on a `SlotBatch` of
-its own, run on the scheduler thread through `Scheduler.call`. The engine sees token ids and image
+its own: a stepwise job the scheduler interleaves with its decode steps (`Scheduler.submit_job`). The engine sees token ids and image
 pixels/features only; text and image files are the task API's job.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..model import PaliGemmaModel
 from .request import Generation, GenerationOptions, Request
-from .scheduler import Scheduler, Ticket, settle_future
+from .scheduler import Scheduler, Ticket
 from .slots import SlotBatch
 
 __all__ = ["Engine", "Generation", "GenerationOptions", "Request", "generate_naive"]
@@ -110,13 +108,10 @@ class Engine:
         called on the engine thread for each generated token (EOS excluded)."""
         self.check(request)
         _check_beams(options)
-        if options.num_beams > 1:  # beam search: its own batch, on the engine thread between steps
-            from .beam import beam_search
+        if options.num_beams > 1:  # beam search: its own batch, stepped between the engine's decode steps
+            from .beam import BeamSearch
 
-            ticket = Ticket(request, options, None, frozenset(), 0)
-            done = self.scheduler.call(lambda: beam_search(self, [request], options)[0])
-            done.add_done_callback(lambda f: _settle(ticket, f))
-            return ticket
+            return self.scheduler.submit_job(BeamSearch(self, [request], options, single=True), options)
         return self.scheduler.submit(request, options, on_token)
 
     def generate(self, requests: list[Request], options: GenerationOptions = GenerationOptions()) -> list[Generation]:
@@ -126,14 +121,14 @@ class Engine:
             self.check(r)
         _check_beams(options)
         if options.num_beams > 1:
-            from .beam import beam_search
+            from .beam import BeamSearch
 
-            return self.scheduler.call(lambda: beam_search(self, requests, options)).result()
+            return self.scheduler.submit_job(BeamSearch(self, requests, options), options).result()
         tickets = [self.scheduler.submit(r, options, None) for r in requests]
         return [t.result() for t in tickets]
 
     def new_batch(self, n_rows: int, max_len: int) -> SlotBatch:
-        """A SlotBatch of its own (beam search); use it on the engine thread only (`scheduler.call`)."""
+        """A SlotBatch of its own (beam search); use it on the engine thread only."""
         return SlotBatch(self.model, n_rows, max_len)
 
     def close(self) -> None:
@@ -143,14 +138,6 @@ class Engine:
 def _check_beams(options: GenerationOptions) -> None:
     if options.num_beams > 1 and options.adapter is not None:
         raise ValueError("beam search (num_beams > 1) runs on the base model only; drop num_beams or the adapter")
-
-
-def _settle(ticket: Ticket, done) -> None:
-    ticket.t_first_token = ticket.t_done = time.perf_counter()
-    if done.exception() is not None:
-        settle_future(ticket.future, error=done.exception())
-    else:
-        settle_future(ticket.future, done.result())
 
 
 @torch.inference_mode()

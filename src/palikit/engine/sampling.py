@@ -75,7 +75,7 @@ def row_sampling(options: list[SamplingOptions], seeds: list[int], vocab: int, d
     """RowSampling for a batch; `seeds` are the rows' effective seeds (drawn by the caller when None)."""
     return RowSampling(
         temperature=torch.tensor([0.0 if o.greedy else o.temperature for o in options], device=device),
-        top_k=torch.tensor([o.top_k or vocab for o in options], device=device, dtype=torch.int64),
+        top_k=torch.tensor([min(o.top_k or vocab, vocab) for o in options], device=device, dtype=torch.int64),
         top_p=torch.tensor([1.0 if o.top_p is None else o.top_p for o in options], device=device),
         seed=torch.tensor(seeds, device=device, dtype=torch.int64),
         counter=torch.zeros(len(options), device=device, dtype=torch.int64),

@@ -16,9 +16,12 @@ token budget, stop ids) and its own random stream, so its tokens do not depend o
 
 Consumers: `Engine.generate` (a whole batch, then wait), `PaliGemma.submit` / `predict_batch` /
 `stream`, the HTTP server and eval/Ray through them. `on_token(token_id, logprob)` is called on
-the scheduler thread for each generated token (streaming). Anything else that must use the model
-(beam search) runs through `call(fn)`, between steps, on the same thread: the model is never
-entered by two threads.
+the scheduler thread for each generated token (streaming). Stepwise jobs (beam search,
+`submit_job`) share the same bound and queue order: at most `max_jobs` run at once, each taking one
+bounded step (a prefill, then one decode step of its own rows) after every decode step of the slots,
+so they never hold the engine for a whole generation; a cancelled (or timed-out) job stops at its
+next step. Anything else that must use the model runs through `call(fn)`, between steps, on the same
+thread: the model is never entered by two threads.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class Ticket:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     t_submit: float = field(default_factory=time.perf_counter)
     t_admitted: float | None = None
+    t_encoded: float | None = None  # its batch's images through the vision tower (or the feature cache)
     t_first_token: float | None = None
     t_done: float | None = None
     tokens: list = field(default_factory=list)
@@ -96,7 +100,7 @@ class Ticket:
 class Scheduler:
     def __init__(self, engine, *, max_slots: int = 16, max_len: int = 512, max_queue: int = 1024,
                  max_prefill_tokens: int = 8192, image_cache_bytes: int = 256 * 2**20, compile: bool = False,
-                 min_admit: int | None = None, max_waiting_steps: int = 2):
+                 min_admit: int | None = None, max_waiting_steps: int = 2, max_jobs: int = 2):
         if max_slots < 1 or max_queue < 1:
             raise ValueError("max_slots and max_queue must be >= 1")
         self.engine = engine
@@ -112,10 +116,13 @@ class Scheduler:
         self._queue: collections.deque[Ticket] = collections.deque()
         self._calls: collections.deque = collections.deque()
         self._live: dict[int, Ticket] = {}
+        self.max_jobs = max_jobs  # stepwise jobs (beam search) running at once; the rest wait in `_jobs`
+        self._jobs: collections.deque[Ticket] = collections.deque()
+        self._running_jobs: list[Ticket] = []
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._service_s = 0.5  # moving average of one request's time in the engine, for Retry-After
+        self._step_s = 0.05  # moving average of one decode step's time, for Retry-After
         self.tokens_generated = 0
         self.requests_done = 0
         self.decode_steps = 0
@@ -130,11 +137,15 @@ class Scheduler:
         Closed after `close()`."""
         stop = frozenset(() if options.ignore_eos else (*self.engine.eos_ids, *options.stop_ids))
         seed = options.sampling.seed if options.sampling.seed is not None else random.getrandbits(63)
+        try:  # a row the batch tensors cannot hold is refused here, alone, never inside a batch
+            row_sampling([options.sampling], [seed], self.engine.model.config.output_vocab_size, "cpu")
+        except (RuntimeError, OverflowError, TypeError, ValueError) as e:
+            raise ValueError(f"invalid sampling options: {e}") from None
         ticket = Ticket(request, options, on_token, stop, seed)
         with self._cv:
             if self._closed:
                 raise Closed("the engine is shut down")
-            if len(self._queue) + len(self._live) >= self.max_slots + self.max_queue:
+            if self._held() >= self.max_slots + self.max_queue:
                 raise QueueFull(self.retry_after())
             if options.adapter is not None:  # held until it ends: an unload waits for it
                 ticket.adapter = self.engine.hold_adapter(options.adapter)
@@ -143,6 +154,23 @@ class Scheduler:
             self._ensure_thread()
             self._cv.notify()
         return ticket
+
+    def submit_job(self, job, options) -> Ticket:
+        """Queue a stepwise job (`job.step()` -> done?, then `job.result`; beam search) under the
+        same bound as `submit`; its Ticket's future gets `job.result`, cancelling it stops the job."""
+        ticket = Ticket(job, options, None, frozenset(), 0)
+        with self._cv:
+            if self._closed:
+                raise Closed("the engine is shut down")
+            if self._held() >= self.max_slots + self.max_queue:
+                raise QueueFull(self.retry_after())
+            self._jobs.append(ticket)
+            self._ensure_thread()
+            self._cv.notify()
+        return ticket
+
+    def _held(self) -> int:
+        return len(self._queue) + len(self._live) + len(self._jobs) + len(self._running_jobs)
 
     def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
         """Run `fn()` on the scheduler thread between two steps (beam search, warm-up)."""
@@ -156,15 +184,19 @@ class Scheduler:
         return fut
 
     def retry_after(self) -> int:
-        """Seconds until a refused request would likely find room: the waves of slot-sized groups
-        ahead of it times the recent service time of one request (a moving average)."""
-        waves = len(self._queue) / self.max_slots + 1
-        return max(1, math.ceil(waves * self._service_s))
+        """Seconds until a refused request would likely find room, from the work ahead of it: the
+        decode steps left to the live requests and the token budgets of the queued ones, shared by the
+        slots, times the recent time of one decode step (an upper bound: EOS ends requests earlier).
+        Not a mean over past requests: long ones long gone do not inflate it."""
+        live = sum(max(t.options.max_new_tokens - t.steps, 0) for t in list(self._live.values()))
+        queued = sum(t.options.max_new_tokens for t in list(self._queue) + list(self._jobs))
+        return max(1, math.ceil((live + queued) / self.max_slots * self._step_s))
 
     def stats(self) -> dict:
         c = self.image_cache
         lookups = c.hits + c.misses
-        return {"live_slots": len(self._live), "max_slots": self.max_slots, "queued": len(self._queue),
+        return {"live_slots": len(self._live), "max_slots": self.max_slots,
+                "queued": len(self._queue) + len(self._jobs), "running_jobs": len(self._running_jobs),
                 "tokens_generated": self.tokens_generated, "requests_done": self.requests_done,
                 "decode_steps": self.decode_steps, "decode_slot_steps": self.decode_slot_steps,
                 "image_cache_hits": c.hits, "image_cache_misses": c.misses,
@@ -190,7 +222,8 @@ class Scheduler:
                 self.batch = SlotBatch(self.engine.model, *self._batch_args)
             while True:
                 with self._cv:
-                    while not (self._queue or self._calls or self._live or self._closed):
+                    while not (self._queue or self._calls or self._live or self._jobs or self._running_jobs
+                               or self._closed):
                         self._cv.wait()
                     if self._closed:
                         self._fail_all(Closed("the engine is shut down"))
@@ -211,6 +244,30 @@ class Scheduler:
                         for t in self._live.values():
                             self._finish(t, error=e)
                         self._live.clear()
+                if self._jobs or self._running_jobs:
+                    self._step_jobs()
+
+    def _step_jobs(self) -> None:
+        """One step of each running job (starting queued ones up to `max_jobs`); finished, failed or
+        cancelled jobs settle their tickets."""
+        with self._cv:
+            while self._jobs and len(self._running_jobs) < self.max_jobs:
+                t = self._jobs.popleft()
+                if t.cancelled:
+                    t.future.cancel()
+                else:
+                    t.t_admitted = time.perf_counter()
+                    self._running_jobs.append(t)
+        for t in list(self._running_jobs):
+            error, done = None, t.cancelled or t.future.done()
+            if not done:
+                try:
+                    done = t.request.step()
+                except Exception as e:  # noqa: BLE001 - one failed job ends only itself
+                    error, done = e, True
+            if done:
+                self._running_jobs.remove(t)
+                self._finish(t, error=error, result=None if error or t.cancelled else t.request.result)
 
     def _admit_now(self, free: int) -> bool:
         queued = len(self._queue)
@@ -292,6 +349,9 @@ class Scheduler:
         for t in tickets:
             t.t_admitted = now
         encode_requests(self.engine.model, [t.request for t in tickets], self.image_cache)
+        encoded = time.perf_counter()
+        for t in tickets:
+            t.t_encoded = encoded
         rows = [r for r in range(self.max_slots) if r not in self._live][: len(tickets)]
         try:
             logits = batch.prefill(rows, [t.request for t in tickets])
@@ -313,12 +373,14 @@ class Scheduler:
 
     def _decode(self) -> None:
         sample = any(not t.options.sampling.greedy for t in self._live.values())
+        t0 = time.perf_counter()
         tokens, logprobs = self.batch.step(sample)
         self.decode_steps += 1
         self.decode_slot_steps += len(self._live)
         if self.on_step is not None:
             self.on_step(self.decode_steps)
         toks, lps = tokens.tolist(), logprobs.tolist()  # one host sync per step
+        self._step_s = 0.8 * self._step_s + 0.2 * (time.perf_counter() - t0)
         self._deliver({row: (toks[row], lps[row]) for row in self._live})
 
     def _deliver(self, outputs: dict[int, tuple[int, float]]) -> None:
@@ -351,24 +413,27 @@ class Scheduler:
             for row in done:
                 self._finish(self._live.pop(row))
 
-    def _finish(self, t: Ticket, error: BaseException | None = None) -> None:
+    def _finish(self, t: Ticket, error: BaseException | None = None, result=None) -> None:
         t.t_done = time.perf_counter()
         self._release_adapter(t)
         self.requests_done += 1
-        self._service_s = 0.9 * self._service_s + 0.1 * (t.t_done - (t.t_admitted or t.t_submit))
         if error is not None:
             settle_future(t.future, error=error)
         elif t.cancelled:
             t.future.cancel()
+        elif result is not None:
+            settle_future(t.future, result)
         else:
             settle_future(t.future, Generation(t.tokens, t.logprobs, t.stopped, _timings(t)))
 
     def _fail_all(self, error: BaseException) -> None:
-        for t in list(self._queue) + list(self._live.values()):
+        for t in list(self._queue) + list(self._live.values()) + list(self._jobs) + self._running_jobs:
             self._release_adapter(t)
             settle_future(t.future, error=error)
         self._queue.clear()
         self._live.clear()
+        self._jobs.clear()
+        self._running_jobs.clear()
         for _, fut in self._calls:
             settle_future(fut, error=error)
         self._calls.clear()
@@ -395,9 +460,12 @@ def _run_call(fn, fut: concurrent.futures.Future) -> None:
 
 
 def _timings(t: Ticket) -> dict[str, float]:
+    """Per-request figures a client may see. prefill_ms starts after the vision tower: the image-feature
+    cache is shared by every client, so a figure that includes the tower would tell whether someone
+    else sent the same image recently."""
     first = t.t_first_token or t.t_done
     n_decode = max(t.steps - 1, 1)
     return {"queue_ms": ((t.t_admitted or t.t_submit) - t.t_submit) * 1e3,
-            "prefill_ms": (first - (t.t_admitted or t.t_submit)) * 1e3,
+            "prefill_ms": (first - (t.t_encoded or t.t_admitted or t.t_submit)) * 1e3,
             "decode_ms": (t.t_done - first) * 1e3,
             "decode_step_ms": (t.t_done - first) * 1e3 / n_decode}
