@@ -73,21 +73,23 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 
 
 class Server:
-    """`palikit serve` in a subprocess, bound to 127.0.0.1 on a free port."""
+    """`palikit serve` in a subprocess, bound to `host` (127.0.0.1) on a free port (port=0: the port
+    the server chose, read from its start-up banner)."""
 
     def __init__(self, *args: str, api_keys: tuple[str, ...] = (API_KEY,), env: dict | None = None,
-                 ready_timeout: float = 90.0):
+                 ready_timeout: float = 90.0, host: str = "127.0.0.1", port: int | None = None):
         import palikit
 
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.port = free_port() if port is None else port
+        self.url = f"http://{host}:{self.port}"
         self.api_key = api_keys[0] if api_keys else None
         src = str(Path(palikit.__file__).resolve().parents[1])
         full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
                     "PALIKIT_API_KEYS": ",".join(api_keys), **(env or {})}
         self.log_path = Path(tempfile.mkstemp(prefix="palikit-serve-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-c", LAUNCH, "serve", "--model", str(tiny_checkpoint()), "--host", "127.0.0.1",
+        cmd = [sys.executable, "-c", LAUNCH, "serve", "--model", str(tiny_checkpoint()), "--host", host,
                "--port", str(self.port), "--device", "cpu", "--log-level", "warning", "--torch-threads", "1", *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
                                      start_new_session=True)
@@ -96,8 +98,10 @@ class Server:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            if self.port == 0:
+                self._port_from_banner()
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                if self.port and httpx.get(self.url + "/readyz", timeout=2, headers=self.headers).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -105,6 +109,14 @@ class Server:
                 self.stop()
                 raise RuntimeError(f"server not ready after {ready_timeout}s:\n{self.log()}")
             time.sleep(0.2)
+
+    def _port_from_banner(self) -> None:
+        import re
+
+        m = re.search(r"palikit: serving .* on http://\S+?:(\d+) ", self.log())
+        if m:
+            self.port = int(m.group(1))
+            self.url = f"http://{self.host}:{self.port}"
 
     @property
     def headers(self) -> dict[str, str]:

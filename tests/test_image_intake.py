@@ -1,20 +1,22 @@
 """The bounded image intake without a server: `preprocess.load_image` (format allowlist, pixel and
 aspect checks before decoding; what training and eval call), `ImageProcessor.model_ready` (bit-exact
 model-size pixels), and the server's `decode_image` (JPEG draft, EXIF-turned source size, the
-decoded-pixel budget and its 429)."""
+decoding byte budget and its 429: a 16-bit image costs its bytes, not its pixels; issue 38)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import threading
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from palikit.preprocess import SOURCE_SIZE, ImageError, ImageProcessor, load_image
-from palikit.serve.images import PixelBudget, decode_image
+from palikit.serve.images import DecodeBudget, decode_cost, decode_image
 from palikit.serve import ServerSettings
 from palikit.serve.errors import ApiError
 
@@ -81,21 +83,21 @@ def test_model_ready_gives_the_same_pixels_and_keeps_the_source_size(style):
 def test_server_decode_shrinks_to_model_size_with_jpeg_draft_and_exif_turned_size():
     st = ServerSettings()
     proc = ImageProcessor(size=224)
-    budget = PixelBudget(st.decode_budget_pixels)
+    budget = DecodeBudget(st.decode_budget_bytes)
     img = Image.linear_gradient("L").resize((4000, 3000)).convert("RGB")  # compresses well
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     out = decode_image(_enc(img, "JPEG", exif=exif), st, processor=proc, budget=budget)
     assert out.size == (224, 224) and out.info[SOURCE_SIZE] == (3000, 4000)
-    assert budget.peak <= (4000 // 8) * (3000 // 8) * 4  # decoded at a reduced scale (draft), not 12 MP
+    assert budget.peak <= (4000 // 8) * (3000 // 8) * 3 * 4  # decoded at a reduced scale (draft), not 12 MP
     assert budget.used == 0
     png = decode_image(_enc(img, "PNG"), st, processor=proc, budget=budget)
     assert png.size == (224, 224) and png.info[SOURCE_SIZE] == (4000, 3000)
-    assert budget.peak == 4000 * 3000 and budget.used == 0
+    assert budget.peak == 4000 * 3000 * 3 and budget.used == 0  # RGB: 3 bytes a pixel
 
 
-def test_pixel_budget_admits_within_it_and_answers_429_beyond():
-    budget = PixelBudget(100)
+def test_decode_budget_admits_within_it_and_answers_429_beyond():
+    budget = DecodeBudget(100)
     with budget.hold(150, wait_s=0):  # alone: admitted even above the budget
         with pytest.raises(ApiError) as e:
             with budget.hold(1, wait_s=0.05):
@@ -150,3 +152,36 @@ def test_a_huge_image_in_training_data_is_a_line_numbered_error(tmp_path):
     col = Collator(tokenizer=None, image_processor=ImageProcessor(size=32), config=None)
     with pytest.raises(ValueError, match=r"train\.jsonl:7: cannot read image .*pixels, more than the limit"):
         col.pixels([Example(image=str(path), prefix="caption en", suffix="x", source="train.jsonl:7")])
+
+
+def _tiff16(side: int) -> bytes:
+    ramp = (np.add.outer(np.arange(side), np.arange(side)) * 7 % 65536).astype(np.uint16)
+    return _enc(Image.fromarray(ramp), "TIFF", compression="tiff_adobe_deflate")
+
+
+def test_a_16_bit_image_costs_its_bytes_in_the_decode_budget():
+    side = 600
+    data, proc = _tiff16(side), ImageProcessor(size=32)
+    cost = decode_cost("I;16", (side, side))
+    assert cost >= 16 * side * side  # main counted side * side "pixels", as for an 8-bit RGB image
+    budget = DecodeBudget(10**12)
+    decode_image(data, ServerSettings(), processor=proc, budget=budget)
+    assert budget.peak == cost and budget.used == 0
+    one = DecodeBudget(cost * 3 // 2)  # room for one such image: a second one at the same time waits
+    with one.hold(cost, wait_s=0):
+        with pytest.raises(ApiError) as e:
+            decode_image(data, dataclasses.replace(ServerSettings(), decode_wait_s=0.05), processor=proc, budget=one)
+    assert e.value.status == 429
+
+
+def test_16_bit_to_8_bit_stays_within_its_budgeted_bytes():
+    """The conversion rounds x / 257 in integers (same values as the float64 way, a third of its memory)."""
+    side = 1000
+    ramp = (np.arange(side * side) % 65536).astype(np.uint16).reshape(side, side)
+    img = Image.fromarray(ramp)
+    tracemalloc.start()
+    out = load_image(img)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert np.array_equal(np.asarray(out)[..., 0], np.round(ramp / 257).astype(np.uint8))
+    assert peak < 12 * side * side, peak  # numpy's temporaries (main: float64 ones, ~18 bytes a pixel)

@@ -224,7 +224,7 @@ def test_errors_never_leak_internals(server):
     json.loads(r.text)
 
 
-def test_non_loopback_bind_without_key_warns_loudly(capfd, monkeypatch):
+def test_non_loopback_bind_without_key_is_refused_unless_allowed(capfd, monkeypatch):
     from palikit.cli import (
         main,
         serve,  # noqa: F401  (registers the command)
@@ -234,8 +234,11 @@ def test_non_loopback_bind_without_key_warns_loudly(capfd, monkeypatch):
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
     monkeypatch.delenv("PALIKIT_API_KEYS", raising=False)
+    code = main(["serve", "--host", "0.0.0.0", "--model", "/nonexistent/model-folder"])  # issue 38: refused
+    err = capfd.readouterr().err
+    assert code != 0 and "--allow-unauthenticated" in err and "--api-key" in err and "Traceback" not in err
     # the model does not exist, so nothing is ever bound: only the warning is exercised
-    code = main(["serve", "--host", "0.0.0.0", "--model", "/nonexistent/model-folder"])
+    code = main(["serve", "--host", "0.0.0.0", "--allow-unauthenticated", "--model", "/nonexistent/model-folder"])
     err = capfd.readouterr().err
     assert code != 0
     assert "WARNING" in err and "NO API key" in err and "0.0.0.0" in err

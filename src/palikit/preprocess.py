@@ -217,7 +217,8 @@ def _to_rgb(img: Image.Image, what: str) -> Image.Image:
         if arr.min() < 0 or arr.max() > 65535:
             raise ImageError(f"The {what} is a 32-bit integer image with values outside 0..65535; convert it "
                              "to 8 or 16 bits first.")
-        img = Image.fromarray(np.round(arr.astype(np.float64) / 257.0).astype(np.uint8), mode="L")
+        # round(x / 257) in integers, (x + 128) // 257 (no ties for integer x): 4 bytes a pixel, not float64's 8 x 3
+        img = Image.fromarray(((arr.astype(np.uint32) + 128) // 257).astype(np.uint8), mode="L")
     elif mode == "F":
         img = Image.fromarray(_to_uint8(np.asarray(img), what), mode="L")
     # same rule as transformers' convert_to_rgb: alpha band or a transparency key -> composite over white

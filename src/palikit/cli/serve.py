@@ -50,16 +50,32 @@ def serve(
                                          "(decompression bombs)."),
     max_aspect_ratio: float = typer.Option(_D.max_aspect_ratio, help="Most elongated image accepted (longer side / "
                                            "shorter side)."),
-    decode_budget_mpx: float = typer.Option(_D.decode_budget_pixels / 1e6, help="Decoded image pixels in flight, all "
-                                            "requests together (millions; beyond: 429 + Retry-After)."),
+    decode_budget_mb: float = typer.Option(_D.decode_budget_bytes / 2**20, help="Memory image decoding may hold, all "
+                                           "requests together (MB; a 16-bit or transparent image costs several times "
+                                           "an RGB one; beyond: 429 + Retry-After)."),
     allowed_hosts: str = typer.Option(None, help="Comma-separated Host names served ('*' = any). Default: loopback "
                                       "names when bound to loopback, any otherwise."),
     header_timeout: float = typer.Option(_D.header_timeout_s, help="Seconds a connection has to send complete request "
                                          "headers."),
     keep_alive: int = typer.Option(_D.keep_alive_s, help="Seconds an idle keep-alive connection stays open."),
+    body_timeout: float = typer.Option(_D.body_timeout_s, help="Seconds a request has to send its whole body (slow "
+                                       "uploads are closed)."),
+    max_connections: int = typer.Option(_D.max_connections, help="Open connections and requests at once (beyond: "
+                                        "503)."),
+    shutdown_timeout: float = typer.Option(_D.shutdown_timeout_s, help="On SIGTERM: seconds running requests get to "
+                                           "finish (new ones get 503 at once); those still running then get 503."),
+    protect_docs: bool = typer.Option(_D.protect_docs, "--protect-docs", help="Put the docs, the OpenAPI schema, the "
+                                      "playground and /readyz behind the API key too (only /healthz stays open)."),
+    allow_unauthenticated: bool = typer.Option(False, "--allow-unauthenticated", help="Allow binding beyond loopback "
+                                               "with no API key (anyone who reaches the address can use the model)."),
     max_new_tokens_limit: int = typer.Option(_D.max_new_tokens_limit, help="Largest max_new_tokens a client may ask for."),
     max_prompt_chars: int = typer.Option(_D.max_prompt_chars, help="Longest prompt accepted (characters)."),
     warmup: bool = typer.Option(_D.warmup, help="Run one tiny prediction before /readyz reports ready."),
+    name: str = typer.Option(None, "--name", help="The model name clients see (/v1/models, chat 'model', answers). "
+                             "Default: the run's name for a trainer's output folder (runs/NAME/final), else the "
+                             "model's."),
+    access_log: bool = typer.Option(_D.access_log, "--access-log/--no-access-log", help="One log line per request "
+                                    "(method, path, status, ms, model, request id)."),
     torch_threads: int = typer.Option(0, help="torch intra-op threads (0 = torch's default; 1 is fastest for tiny models)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     replicas: int = typer.Option(0, help="Serve N replicas with Ray Serve (one per GPU when there are GPUs); 0 = one process."),
@@ -87,18 +103,24 @@ def serve(
         max_slots = max_batch_size
     keys = tuple(api_key or ()) + ServerSettings.keys_from_env()
     if not is_loopback(host) and not keys:
+        if not allow_unauthenticated:
+            raise ValueError(f"binding to {host} with no API key would let anyone who reaches this address use the "
+                             "model: set --api-key (or PALIKIT_API_KEYS), bind to 127.0.0.1, or pass "
+                             "--allow-unauthenticated.")
         bar = "!" * 78
-        print(f"{bar}\nWARNING: binding to {host} with NO API key: anyone who can reach this address can use the "
-              f"model.\nSet --api-key or PALIKIT_API_KEYS, or bind to 127.0.0.1.\n{bar}", file=sys.stderr)
-    settings = ServerSettings(host=host, port=port, api_keys=keys, max_slots=max_slots,
+        print(f"{bar}\nWARNING: binding to {host} with NO API key (--allow-unauthenticated): anyone who can reach "
+              f"this address can use the model.\n{bar}", file=sys.stderr)
+    settings = ServerSettings(host=host, port=port, api_keys=keys, max_slots=max_slots, access_log=access_log,
                               max_queue=max_queue, request_timeout_s=timeout,
                               max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
                               max_new_tokens_limit=max_new_tokens_limit, max_prompt_chars=max_prompt_chars,
                               warmup=warmup, max_aspect_ratio=max_aspect_ratio,
-                              decode_budget_pixels=int(decode_budget_mpx * 1e6),
+                              decode_budget_bytes=int(decode_budget_mb * 2**20),
                               allowed_hosts=(tuple(allowed_hosts.split(",")) if allowed_hosts
                                              else ServerSettings.default_allowed_hosts(host)),
-                              header_timeout_s=header_timeout, keep_alive_s=keep_alive, adapter_dir=adapter_dir)
+                              header_timeout_s=header_timeout, keep_alive_s=keep_alive, body_timeout_s=body_timeout,
+                              max_connections=max_connections, shutdown_timeout_s=shutdown_timeout,
+                              protect_docs=protect_docs, adapter_dir=adapter_dir)
     merged, named = split_adapters(adapter or [])
     if replicas or min_replicas is not None or max_replicas is not None:
         from ..distributed.ray_serve import serve_replicas
@@ -125,20 +147,27 @@ def serve(
     pg = load_model(model, device, dtype, tokenizer, compile=compile, adapter=merged, quantize=quantize)
     if named or adapter_dir or max_loras:
         pg.enable_adapters(max_loras or max(len(named), 4 if adapter_dir else 1), max_lora_rank, max_cpu_loras)
-        for name, path in named.items():
-            pg.load_adapter(name, path)
-    application = create_app(pg, settings)
-    auth = f"{len(keys)} API key(s)" if keys else "no API key"
-    served = pg.name + (f" + adapter {merged}" if merged else "") + (f"; adapters {', '.join(named)}" if named else "")
-    print(f"palikit: serving {served} on http://{host}:{port} ({auth}); docs at /docs, playground at /",
-          file=sys.stderr, flush=True)
-    from ..serve.protocol import guarded_h11
+        for adapter_name, path in named.items():
+            pg.load_adapter(adapter_name, path)
+    from ..serve.settings import default_served_name
 
-    _log_to_stderr(log_level)
+    settings.served_name = name or default_served_name(model, pg.name)
+    application = create_app(pg, settings)
+    from ..serve.protocol import draining_server, guarded_h11
+
+    _log_to_stderr(log_level, access_log)
     _return_freed_memory()
-    uvicorn.run(application, host=host, port=port, log_level=log_level, access_log=False,
-                timeout_graceful_shutdown=5, http=guarded_h11(header_timeout), timeout_keep_alive=keep_alive,
-                h11_max_incomplete_event_size=16 * 1024)
+    config = uvicorn.Config(application, host=host, port=port, log_level=log_level, access_log=False,
+                            http=guarded_h11(header_timeout, body_timeout), timeout_keep_alive=keep_alive,
+                            h11_max_incomplete_event_size=16 * 1024, limit_concurrency=max_connections)
+    sock = config.bind_socket()  # bound here, so the banner names the real port (--port 0: the one chosen)
+    auth = f"{len(keys)} API key(s)" if keys else "no API key"
+    served = settings.served_name + (f" + adapter {merged}" if merged else "") + \
+        (f"; adapters {', '.join(named)}" if named else "")
+    shown = f"[{host}]" if ":" in host else host
+    print(f"palikit: serving {served} on http://{shown}:{sock.getsockname()[1]} ({auth}); docs at /docs, "
+          "playground at /", file=sys.stderr, flush=True)
+    draining_server(config, application.state.palikit.front, shutdown_timeout).run(sockets=[sock])
 
 
 def split_adapters(values: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -158,9 +187,9 @@ def split_adapters(values: list[str]) -> tuple[str | None, dict[str, str]]:
     return (merged[0] if merged else None), named
 
 
-def _log_to_stderr(level: str) -> None:
+def _log_to_stderr(level: str, access_log: bool = True) -> None:
     """The server's own lines (palikit.serve: client aborts, closed slow connections, failures) next to
-    uvicorn's, at the same level."""
+    uvicorn's, at the same level; the access log (palikit.access, one line per request) unless turned off."""
     import logging
 
     logger = logging.getLogger("palikit")
@@ -170,6 +199,7 @@ def _log_to_stderr(level: str) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(level.upper() if level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO")
+    logging.getLogger("palikit.access").setLevel("INFO" if access_log else "CRITICAL")
 
 
 def _return_freed_memory() -> None:

@@ -40,8 +40,8 @@ def engine_adapters(state):
 def served_models(state) -> list[dict[str, Any]]:
     """`/v1/models` entries: the base model, then each loaded adapter (`parent`: the base)."""
     entry = {"object": "model", "created": 0, "owned_by": "palikit"}
-    names = getattr(state.pg, "adapters", [])
-    return [{"id": state.name, **entry}] + [{"id": n, "parent": state.name, **entry} for n in names]
+    base, *adapters = state.served_names()
+    return [{"id": base, **entry}] + [{"id": n, "parent": base, **entry} for n in adapters]
 
 
 def chat_adapter(state, model: str | None) -> str | None:

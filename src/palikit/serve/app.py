@@ -2,8 +2,10 @@
 metrics and the browser playground, in front of one `PaliGemma` and its continuous-batching engine.
 
 Life of a request (`POST /v1/detect`, JSON or multipart):
-1. `ServerMiddleware` (pure ASGI, on the event loop): request id, Host allowlist, API key, the body cap
-   counted while reading; at the end the status, latency and a client abort go to the metrics.
+1. `ServerMiddleware` (pure ASGI, on the event loop): request id, Host allowlist, cross-site browser
+   requests on a keyless server, API key, the body cap (from Content-Length before reading, then
+   counted while reading); at the end the status, latency and a client abort go to the metrics and
+   one access-log line (`palikit.access`).
 2. The task route (`task_route`): `read_fields` reads the body; the task's request model (built from
    the task table) validates it; `gen_options` makes the one `PredictOptions` (server limits
    applied); `Task.prompt` builds the prompt and cleans the labels once; `State.prompt_ids` tokenizes
@@ -16,19 +18,23 @@ Life of a request (`POST /v1/detect`, JSON or multipart):
    decodes until EOS or `max_new_tokens` (tokens stream out through `on_text` for streaming chat).
 6. `EngineFront.result` (worker thread, within the request timeout): `Pending.result` turns the ids
    into text once while parsing boxes and masks (scores per token; the masks of a result in one
-   codec call); the route answers `Result.to_dict()`.
+   codec call); the route answers `Result.to_dict()`. While it waits, the route listens for the
+   client's disconnect (`until_disconnect`): a client that leaves cancels its generation at once.
 Any exception on the way becomes its HTTP error in one place, `errors.api_error` (the app's exception
 handlers, and the error event of a streaming chat).
 
 Images come only as bytes: a multipart upload, base64 or a data URL. The server never fetches a
 URL and never opens a path a client names; images go through the bounded intake of `images.py`
-(format allowlist, header checks, decoded-pixel budget, model-size pixels while waiting). Every
+(format allowlist, header checks, decoding's byte budget, model-size pixels while waiting). Every
 limit (body bytes per endpoint, counted while reading; JSON nesting; image bytes, pixels and aspect
 ratio; labels; prompt length; max_new_tokens) answers a 4xx JSON error `{"error": {"type",
 "message"}}`; unexpected failures answer 500 with a request id and no details (the traceback goes
 to the server log). A client that goes away mid-request is one info line and counts as status 499
-(`palikit_client_aborts_total`), not a server error. The Host header must be one of the allowed names
-(loopback names on a loopback bind: DNS rebinding), else 400.
+(`palikit_client_aborts_total`), not a server error; so does a stream it leaves. The Host header must
+be one of the allowed names (loopback names and the bound address on a loopback bind: DNS rebinding),
+else 400. A server with no API key refuses cross-site browser requests (`Origin` not its own, or
+`Sec-Fetch-Site` cross-site / same-site: a web page's form or text/plain POST needs no preflight);
+`--protect-docs` puts every path but /healthz behind the key.
 """
 
 from __future__ import annotations
@@ -56,13 +62,14 @@ from .adapters import AdapterGauges, add_adapter_routes, served_models
 from .docs import mount_docs
 from .errors import ApiError, api_error, bad_request, handled_exceptions
 from .front import EngineFront, Item
-from .images import PixelBudget, decode_image, image_bytes_from_string
+from .images import DecodeBudget, decode_image, image_bytes_from_string
 from .metrics import Metrics
 from .parsing import _openapi_body, build_prompt, prompt_param, read_fields
 from .schemas import ChatRequest, Options, gen_options, parse_model, request_model
 from .settings import ServerSettings
 
 log = logging.getLogger("palikit.serve")
+access_log = logging.getLogger("palikit.access")
 STATIC = Path(__file__).resolve().parent / "static"
 OPEN_PATHS = ("/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
               "/favicon.ico")
@@ -84,12 +91,12 @@ class State:
         self.metrics = Metrics()
         self.ready = False
         self.front = EngineFront(pg, max_slots=settings.max_slots, max_queue=settings.max_queue, on_done=self._done)
-        self.name = getattr(pg, "name", "paligemma")
+        self.name = settings.served_name or getattr(pg, "name", "paligemma")
         self.tasks = [t.name for t in tasks_where("http")]  # POST /v1/<task>, from the task table
         self.endpoints = ENDPOINTS | {f"/v1/{t}" for t in self.tasks}  # metric labels
         # decoding runs in worker threads (never on the model thread): a few at once, within the pixel budget
         self.decode_limiter = anyio.CapacityLimiter(max(2, min(8, os.cpu_count() or 2)))
-        self.pixel_budget = PixelBudget(settings.decode_budget_pixels)
+        self.decode_budget = DecodeBudget(settings.decode_budget_bytes)
         self.processor = getattr(pg, "processor", None)
         from prometheus_client import Counter
 
@@ -100,12 +107,24 @@ class State:
     async def decode(self, data: bytes, param: str = "image"):
         """Bytes -> model-ready PIL image, in a worker thread (see images.py)."""
         def work():
-            return decode_image(data, self.settings, param, processor=self.processor, budget=self.pixel_budget)
+            return decode_image(data, self.settings, param, processor=self.processor, budget=self.decode_budget)
 
         return await anyio.to_thread.run_sync(work, limiter=self.decode_limiter)
 
     def _done(self, result, seconds: float) -> None:
         self.metrics.observe_generation(len(result.tokens), seconds)
+
+    def served_names(self) -> list[str]:
+        """The model names clients may send (`model` on chat, listed by /v1/models): the base, then each
+        loaded adapter (`serve.adapters.served_models`)."""
+        return [self.name, *getattr(self.pg, "adapters", [])]
+
+    def check_model(self, model: str | None) -> None:
+        """A 404 listing the served names for a model this server does not serve (as OpenAI answers)."""
+        names = self.served_names()
+        if model is not None and model not in names:
+            raise ApiError(404, "model_not_found", f"the model {model[:100]!r} is not served here; this server "
+                           f"serves {', '.join(map(repr, names))} (GET /v1/models).", param="model")
 
     def prompt_ids(self, prompt: str, param: str = "prompt") -> list[int]:
         """The prompt's token ids (tokenized here, once: the engine gets these), or a 400 naming `param`."""
@@ -121,8 +140,15 @@ class State:
         except ValueError as e:
             raise bad_request(str(e), param) from None
 
-    async def run(self, opts: PredictOptions, item: Item, timeout_s: float | None = None) -> Any:
-        return await self.front.run(item, opts, timeout_s or self.settings.request_timeout_s)
+    async def run(self, opts: PredictOptions, item: Item, timeout_s: float | None = None,
+                  request: Request | None = None) -> Any:
+        """The Result of one generation, within the request timeout. With `request`, a client that
+        disconnects while it waits cancels the generation at once (its slot is freed at the next
+        step) and the route ends with ClientDisconnect (counted as 499)."""
+        job = self.front.run(item, opts, timeout_s or self.settings.request_timeout_s)
+        if request is None:
+            return await job
+        return await until_disconnect(request, job)
 
     def error(self, e: BaseException, request: Request | None = None) -> ApiError:
         """`errors.api_error` with this server's timeout and the request's id, method and path."""
@@ -142,6 +168,30 @@ class State:
         for k in keys:
             ok |= hmac.compare_digest(token, k.encode())
         return ok
+
+
+async def until_disconnect(request: Request, awaitable) -> Any:
+    """Await `awaitable` while listening for the client's disconnect (the body is already read, so
+    the next ASGI message is `http.disconnect`); a client that leaves cancels it (the engine front then
+    cancels the engine ticket) and raises ClientDisconnect."""
+    job = asyncio.ensure_future(awaitable)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (job, watch):
+            if not task.done():
+                task.cancel()
+    if job.done() and not job.cancelled():
+        return job.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await job  # let its cancellation (the engine ticket's too) run before answering
+    raise ClientDisconnect()
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -180,6 +230,8 @@ class ServerMiddleware:
                     extra.append((b"content-security-policy", (CSP if path == "/" or path.startswith("/static/")
                                                                else DOCS_CSP).encode()))
                 message = {**message, "headers": list(message.get("headers", [])) + extra}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                status["complete"] = True
             await send(message)
 
         st.metrics.inflight.inc()
@@ -206,13 +258,18 @@ class ServerMiddleware:
                 await self.app(scope, receive_limited, send_wrapped)
             except ClientDisconnect:
                 status["gone"] = True
-            if status.get("gone") and status["code"] in (500, CLIENT_GONE):
+            # gone before the answer (a stream cut short too: not a 200)
+            if status.get("gone") and (status["code"] in (500, CLIENT_GONE) or not status.get("complete")):
                 status["code"] = CLIENT_GONE
                 st.client_aborts.inc()
                 log.info("request %s to %s: the client disconnected before the answer", rid, path)
         finally:
+            seconds = time.perf_counter() - t0
             st.metrics.inflight.dec()
-            st.metrics.observe_request(endpoint, status["code"], time.perf_counter() - t0)
+            st.metrics.observe_request(endpoint, status["code"], seconds)
+            if st.settings.access_log:
+                access_log.info("%s %s %d %.1fms model=%s id=%s", scope.get("method", "?"), path[:200], status["code"],
+                                seconds * 1e3, scope["state"].get("model", st.name), rid)
 
     def _refusal(self, path: str, headers: dict[str, str]) -> ApiError | None:
         """The error to answer before reading anything, or None."""
@@ -223,6 +280,12 @@ class ServerMiddleware:
                 return ApiError(400, "invalid_host", f"Host {host[:80]!r} is not served here (DNS rebinding guard); "
                                 f"use one of {', '.join(self.hosts)}, or start the server with --allowed-hosts.")
         protected = not (path in OPEN_PATHS or path.startswith(("/static/", "/docs-assets/")))
+        if st.settings.protect_docs:
+            protected = path != "/healthz"
+        if protected and not st.settings.api_keys and _cross_site(headers):
+            return ApiError(403, "cross_site_request", "cross-site browser requests are refused by a server with no "
+                            "API key (a web page cannot make it run the model); start it with --api-key, or call it "
+                            "from its own origin (the playground) or a non-browser client.")
         if protected and not st.check_key(headers.get("authorization")):
             msg = ("missing API key: send 'Authorization: Bearer <key>'." if not headers.get("authorization")
                    else "invalid API key.")
@@ -233,6 +296,19 @@ class ServerMiddleware:
             return ApiError(413, "payload_too_large", f"request body is {cl} bytes; this endpoint accepts at most "
                             f"{limit}.")
         return None
+
+
+def _cross_site(headers: dict[str, str]) -> bool:
+    """Whether a browser sent this request from another site or origin: `Sec-Fetch-Site` (cross-site,
+    same-site), or an `Origin` that is not the request's own host (simple POSTs with text/plain or form
+    bodies need no CORS preflight, so the browser sends them anyway; only these headers tell)."""
+    if headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site"):
+        return True
+    origin = headers.get("origin")
+    if origin is None:
+        return False
+    own = headers.get("host", "").strip().lower()
+    return origin.strip().lower().split("://", 1)[-1].rstrip("/") != own
 
 
 def _host_name(host: str) -> str:
@@ -282,8 +358,9 @@ def create_app(pg, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"], summary="Readiness: model loaded and warmed up, not shutting down.")
     async def readyz():
-        if not state.ready:
-            return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
+        if not state.ready or state.front.stopped:
+            return JSONResponse({"status": "starting" if not state.ready else "shutting down"}, status_code=503,
+                                headers={"Retry-After": "1"})
         return {"status": "ready", "model": state.name, "queue_depth": state.front.depth}
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics.", response_class=PlainTextResponse)
@@ -352,7 +429,7 @@ def task_route(state: State, task: str):
         image = await state.decode(data)
         del data  # while it waits for the model, the request holds only the model-size image
         t0 = time.perf_counter()
-        result = await state.run(opts, Item(image, prompt, ids, labels))
+        result = await state.run(opts, Item(image, prompt, ids, labels), request=request)
         body = result.to_dict()
         body["model"] = state.name
         return JSONResponse(body, headers={"X-Server-Ms": f"{(time.perf_counter() - t0) * 1e3:.1f}"})

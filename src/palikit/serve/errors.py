@@ -83,7 +83,8 @@ def api_error(e: BaseException, *, timeout_s: float | None = None, request_id: s
         return ApiError(503, "overloaded", "the server is busy (request queue full); retry shortly.",
                         headers={"Retry-After": str(e.retry_after_s)})
     if isinstance(e, Closed):
-        return ApiError(503, "unavailable", "the server is shutting down.", headers={"Retry-After": "1"})
+        return ApiError(503, "unavailable", "the server is shutting down; retry shortly.",
+                        headers={"Retry-After": "1"})
     from ..engine.adapters import UnknownAdapter
 
     if isinstance(e, UnknownAdapter):

@@ -6,8 +6,10 @@ event loop, and is parsed (boxes, masks) in a worker thread again, so the engine
 the model and the event loop never blocks. Admission is the engine scheduler's alone: its bound
 (`max_slots` decoding + `max_queue` waiting) refuses with `QueueFull` and its Retry-After estimate,
 raised by `submit`; the front adds no bound of its own. A request that times out or whose client goes
-away is cancelled: dropped from the queue, or its slot freed at the next step. After `stop()` new
-requests get `Closed` (shutting down).
+away is cancelled: dropped from the queue, or its slot freed at the next step. After `stop()` or
+`drain()` new requests get `Closed` (shutting down: 503); `drain(grace_s)` (SIGTERM) lets the requests
+already running finish for `grace_s` seconds, then ends the rest with `Closed` too, so every client
+gets an answer before the process exits.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import anyio
 
 from ..engine import Closed
+from ..engine.scheduler import settle_future
 from ..tasks.options import PredictOptions
 
 __all__ = ["EngineFront", "Item"]
@@ -47,6 +50,7 @@ class EngineFront:
         self.on_done = on_done or (lambda result, seconds: None)
         self.stopped = True
         self._limiter = anyio.CapacityLimiter(4)  # worker threads preparing / parsing at once
+        self._waiting: set = set()  # Pendings whose result a request awaits (drain ends them)
 
     async def start(self) -> None:
         """Give the engine this server's slots and queue bound (a new scheduler when they differ)."""
@@ -59,6 +63,17 @@ class EngineFront:
 
     async def stop(self) -> None:
         self.stopped = True
+
+    def drain(self, grace_s: float) -> None:
+        """Stop admitting now; `grace_s` seconds later, end every request still waiting with Closed
+        (503 + Retry-After; a streaming chat's error event) and free its slot. Call on the event loop."""
+        self.stopped = True
+        asyncio.get_running_loop().call_later(max(0.0, grace_s), self._end_waiting)
+
+    def _end_waiting(self) -> None:
+        for pending in list(self._waiting):
+            settle_future(pending.future, error=Closed("the server shut down before this request finished"))
+            pending.cancel()
 
     @property
     def depth(self) -> int:
@@ -92,11 +107,14 @@ class EngineFront:
             await asyncio.wrap_future(pending.future)
             return await anyio.to_thread.run_sync(pending.result, limiter=self._limiter)
 
+        self._waiting.add(pending)
         try:
             result = await asyncio.wait_for(wait(), timeout_s)
         except BaseException:
             pending.cancel()  # timed out, client gone, or shutting down: free its slot
             raise
+        finally:
+            self._waiting.discard(pending)
         self.on_done(result, time.perf_counter() - pending.t_submit)  # queue wait included
         return result
 

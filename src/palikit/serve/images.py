@@ -5,12 +5,14 @@ refused, the server never opens what a client names) and `decode_image`, the bou
   plugin, so EPS/Ghostscript, ICO, PCX, TGA, PPM... are never parsed): anything else is a 415 naming them;
 - file size, pixel count and aspect ratio are checked from the header BEFORE decoding (413 / 400);
 - JPEGs decode at a reduced scale (Pillow's draft mode: DCT scaling to 1/2..1/8, never below the
-  model's size); other formats are decoded whole, within the global `PixelBudget`;
+  model's size); other formats are decoded whole, within the global `DecodeBudget`;
 - the decoded image is converted to what the model needs (`ImageProcessor.model_ready`: S x S for
   the "hf" style) right there, in the request's worker thread, so the model thread never resizes and
   a waiting request holds only model-size pixels (the original size rides along for the boxes);
-- `PixelBudget`: decoded pixels in flight across all requests; beyond it a request waits up to
-  `decode_wait_s`, then gets 429 with Retry-After.
+- `DecodeBudget`: the bytes that decoding holds at its peak, across all requests (`decode_cost`: a
+  16-bit, float or transparent image costs several times an RGB one of the same size, its own
+  pixels plus the conversions to RGB); beyond it a request waits up to `decode_wait_s`, then gets
+  429 with Retry-After.
 """
 
 from __future__ import annotations
@@ -74,9 +76,30 @@ def _looks_supported(data: bytes) -> bool:
     return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
-class PixelBudget:
-    """Decoded pixels in flight across the server. A request is admitted when the budget has room
-    for it, or when nothing else is decoding (so one image at the pixel limit always gets through)."""
+# bytes per pixel at the peak of decoding + conversion to RGB (preprocess._to_rgb), by Pillow mode:
+# the decoded image, its conversion intermediates, and the RGB result
+_RGB = 3
+_ALPHA = 4 + 4 + 4 + _RGB  # RGBA copy, white canvas, composite, RGB
+_PEAK_BYTES = {"1": 1 + _RGB, "L": 1 + _RGB, "P": 1 + _RGB, "RGB": _RGB, "YCbCr": 3 + _RGB, "LAB": 3 + _RGB,
+               "HSV": 3 + _RGB, "CMYK": 4 + _RGB, "LA": 2 + _ALPHA, "La": 2 + _ALPHA, "PA": 2 + _ALPHA,
+               "RGBA": 4 + _ALPHA, "RGBa": 4 + _ALPHA,
+               "I;16": 2 + 2 + 4 + 4 + 1 + _RGB,  # array copy, uint32 rounding (two temporaries), L, RGB
+               "I": 4 + 4 + 4 + 4 + 1 + _RGB, "F": 4 + 8 + 8 + 8 + 1 + _RGB}  # float64 scaling in _to_uint8
+
+
+def decode_cost(mode: str, size: tuple[int, int], transparency: bool = False) -> int:
+    """Bytes that decoding an image of this Pillow `mode` and `size` holds at its peak (the budget's
+    unit); an unknown mode counts as the costliest."""
+    per_pixel = _PEAK_BYTES.get("I;16" if mode.startswith("I;16") else mode, max(_PEAK_BYTES.values()))
+    if transparency and mode in ("1", "L", "P", "RGB"):  # a transparency key: composited like an alpha band
+        per_pixel += _ALPHA
+    return size[0] * size[1] * per_pixel
+
+
+class DecodeBudget:
+    """Bytes held by image decoding across the server (`decode_cost`). A request is admitted when the
+    budget has room for it, or when nothing else is decoding (so one image at the limits always gets
+    through)."""
 
     def __init__(self, total: int):
         self.total = int(total)
@@ -88,8 +111,8 @@ class PixelBudget:
     def hold(self, n: int, wait_s: float):
         with self._cond:
             if not self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.total, timeout=wait_s):
-                raise ApiError(429, "busy", f"the server is decoding other large images ({self.used} pixels in "
-                               f"flight, budget {self.total}); retry shortly, or send a smaller image.",
+                raise ApiError(429, "busy", f"the server is decoding other large images ({self.used >> 20} MB in "
+                               f"flight, budget {self.total >> 20} MB); retry shortly, or send a smaller image.",
                                headers={"Retry-After": "1"})
             self.used += n
             self.peak = max(self.peak, self.used)
@@ -131,7 +154,7 @@ def _probe(data: bytes, settings: ServerSettings, param: str):
 
 
 def decode_image(data: bytes, settings: ServerSettings, param: str = "image", *, processor=None,
-                 budget: PixelBudget | None = None):
+                 budget: DecodeBudget | None = None):
     """Bytes -> RGB PIL image ready for the model (see the module docstring); every refusal an ApiError.
     Without a processor the full-size RGB image is returned."""
     from ..preprocess import load_image
@@ -146,7 +169,7 @@ def decode_image(data: bytes, settings: ServerSettings, param: str = "image", *,
         header = probe.size
         if processor is not None and probe.format == "JPEG" and processor.do_resize:
             probe.draft("RGB", (processor.size, processor.size))  # decode at 1/2..1/8 scale, still >= S
-        cost = probe.size[0] * probe.size[1]
+        cost = decode_cost(probe.mode, probe.size, probe.info.get("transparency") is not None)
         with budget.hold(cost, settings.decode_wait_s) if budget is not None else nullcontext():
             try:
                 img = load_image(probe, max_pixels=settings.max_image_pixels, max_aspect=None)

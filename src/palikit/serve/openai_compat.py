@@ -11,6 +11,8 @@ mapping, documented for users of OpenAI clients:
   example. Images are data URLs (`data:image/png;base64,...`) or bare base64: the server never
   fetches URLs and never reads files.
 - system / developer / assistant / tool messages are ignored; earlier turns are not context.
+- `model` is one of the served names (`GET /v1/models`: `--name`) or absent; another is a 404
+  `model_not_found` listing the served names, as OpenAI answers.
 - `max_completion_tokens` (or `max_tokens`) -> max_new_tokens; `temperature` defaults to 0 (greedy,
   PaliGemma's recommended decoding), not OpenAI's 1 (below 1e-5 is greedy too); `top_p` and `seed` are
   honoured; `n` must be 1. Refused with a 400 when set to anything but their neutral value: `stop`,
@@ -191,6 +193,7 @@ async def chat_completions(request: Request):
         raise ApiError(415, "unsupported_media_type", "send the chat request as application/json.")
     fields, _, _ = await read_fields(request, settings)
     req = parse_model(ChatRequest, fields, strict=True)
+    state.check_model(req.model)
     call = parse_chat(req)
     if len(call.images) > settings.max_images_per_request:
         raise bad_request(f"{len(call.images)} images; at most {settings.max_images_per_request} per request.",
@@ -206,7 +209,7 @@ async def chat_completions(request: Request):
     n_prompt = len(ids) + _image_tokens(state.pg) * len(frames)
     cid = new_id()
     if not call.stream:
-        result = await state.run(opts, item)
+        result = await state.run(opts, item, request=request)
         n = len(result.tokens)
         return {**completion(cid, state.name, result.text, "length" if n >= opts.max_new_tokens else "stop",
                              usage(n_prompt, n)),
@@ -235,7 +238,7 @@ async def stream(state, cid: str, pending, pieces: asyncio.Queue, call, opts, n_
     (`errors.api_error`, as on every route)."""
     created = int(time.time())
     job = asyncio.ensure_future(state.front.result(pending, state.settings.request_timeout_s))
-    sent = []
+    sent, get = [], None
     try:
         yield chunk(cid, state.name, created, {"role": "assistant", "content": ""})
         while True:
@@ -265,5 +268,6 @@ async def stream(state, cid: str, pending, pieces: asyncio.Queue, call, opts, n_
             yield chunk(cid, state.name, created, {}, usage=usage(n_prompt, n), empty_choices=True)
         yield "data: [DONE]\n\n"
     finally:
-        if not job.done():
-            job.cancel()  # the client went away: the engine frees its slot
+        for task in (get, job):  # the client went away: the engine frees its slot; no task left pending
+            if task is not None and not task.done():
+                task.cancel()

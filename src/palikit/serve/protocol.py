@@ -1,10 +1,17 @@
-"""The HTTP/1.1 connection guard under uvicorn: a connection must deliver complete request headers
-within `header_timeout_s` of opening (or of the previous response), else it is closed. uvicorn has
-an idle keep-alive timeout but no header-read timeout, so a slowloris client (a few header bytes
-every few seconds) or a connection that sends nothing would hold a socket and a slot forever.
+"""uvicorn pieces of `palikit serve`: the HTTP/1.1 connection guard and the draining server.
 
-`guarded_h11(header_timeout_s)` is a subclass of uvicorn's h11 protocol, passed as `http=` to uvicorn.
-Header size is bounded by h11 (`h11_max_incomplete_event_size`, 16 KB by default: past it a 400).
+The guard: a connection must deliver complete request headers within `header_timeout_s` of opening
+(or of the previous response), and a request's whole body within `body_timeout_s` of its headers,
+else it is closed. uvicorn has an idle keep-alive timeout but neither read timeout, so a slowloris
+client (a few header bytes every few seconds) or a slow upload (a few body bytes every few seconds)
+would hold a socket, a worker and the memory of its partial body for as long as it likes.
+`guarded_h11(header_timeout_s, body_timeout_s)` is a subclass of uvicorn's h11 protocol, passed as
+`http=` to uvicorn. Header size is bounded by h11 (`h11_max_incomplete_event_size`, 16 KB by default:
+past it a 400); the number of connections by uvicorn's `limit_concurrency` (past it: 503).
+
+`DrainingServer`: on SIGTERM / Ctrl-C the app stops admitting at once (new requests: 503), the
+requests already running get the shutdown timeout to finish, and those still running just before it
+ends get a 503 (`EngineFront.drain`), instead of uvicorn cancelling them with no answer.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ log = logging.getLogger("palikit.serve")
 
 class GuardedH11Protocol(H11Protocol):
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -32,9 +41,15 @@ class GuardedH11Protocol(H11Protocol):
             self._arm_header_timer()
         else:
             self._cancel_header_timer()
+        if self.conn.their_state is h11.SEND_BODY:
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_timeout)
+        else:
+            self._cancel_body_timer()
 
     def connection_lost(self, exc) -> None:
         self._cancel_header_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
@@ -56,6 +71,19 @@ class GuardedH11Protocol(H11Protocol):
             timer.cancel()
             self._header_timer = None
 
+    def _cancel_body_timer(self) -> None:
+        timer = getattr(self, "_body_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._body_timer = None
+
+    def _body_timeout(self) -> None:
+        self._body_timer = None
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            log.info("closing a connection from %s: the request body did not arrive within %g s",
+                     (self.client or ("?",))[0], self.body_timeout_s)
+            self.transport.close()  # the app's receive() sees the disconnect: counted as an abort
+
     def _header_timeout(self) -> None:
         self._header_timer = None
         if self._waiting_for_headers() and not self.transport.is_closing():
@@ -64,6 +92,24 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def guarded_h11(header_timeout_s: float) -> type[GuardedH11Protocol]:
-    """The protocol class for `uvicorn.run(..., http=...)` with this header timeout."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"header_timeout_s": float(header_timeout_s)})
+def guarded_h11(header_timeout_s: float, body_timeout_s: float = 60.0) -> type[GuardedH11Protocol]:
+    """The protocol class for `uvicorn.run(..., http=...)` with these timeouts."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"header_timeout_s": float(header_timeout_s),
+                                                              "body_timeout_s": float(body_timeout_s)})
+
+
+def draining_server(config, front, shutdown_timeout_s: float):
+    """A uvicorn Server that drains `front` (an `EngineFront`) when told to exit: no new requests,
+    running ones end within `shutdown_timeout_s` (the last second or so kept for their 503s)."""
+    import uvicorn
+
+    margin = min(1.0, shutdown_timeout_s / 2)
+    config.timeout_graceful_shutdown = shutdown_timeout_s
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            log.info("shutting down: new requests get 503; running ones have %g s to finish", shutdown_timeout_s)
+            front.drain(shutdown_timeout_s - margin)
+            await super().shutdown(sockets)
+
+    return DrainingServer(config)

@@ -22,13 +22,17 @@ class ServerSettings:
     max_upload_bytes: int = 20 * 1024 * 1024  # per image, after base64 decoding
     max_image_pixels: int = 40_000_000       # width * height read from the header, before decoding
     max_aspect_ratio: float = 100.0          # longer side / shorter side, from the header
-    decode_budget_pixels: int = 64_000_000   # decoded pixels in flight, all requests together (~190 MB RGB)
+    decode_budget_bytes: int = 192 * 2**20    # bytes image decoding holds, all requests together (images.decode_cost)
     decode_wait_s: float = 1.0               # wait for that budget at most this long, then 429 + Retry-After
     max_json_depth: int = 32                 # nesting of a JSON body (deeper: 400)
     max_labels: int = 64                     # labels per request, every endpoint
     allowed_hosts: tuple[str, ...] | None = None  # Host header names served (None: any; see default_allowed_hosts)
     header_timeout_s: float = 10.0           # a connection must send complete request headers within this
     keep_alive_s: int = 5                    # idle keep-alive connections are closed after this
+    body_timeout_s: float = 60.0             # a request's body must arrive within this of its headers
+    max_connections: int = 512               # open connections + requests at once (uvicorn's limit_concurrency)
+    shutdown_timeout_s: float = 30.0         # SIGTERM: running requests get this long, then 503
+    protect_docs: bool = False               # docs, schema, playground and /readyz need the API key too
     max_images_per_request: int = 8          # frames of one example (chat messages with several images)
     max_prompt_chars: int = 2000
     max_new_tokens_limit: int = 512
@@ -36,19 +40,19 @@ class ServerSettings:
     max_num_beams: int = 4
     warmup: bool = True                      # one tiny prediction before /readyz says ready
     adapter_dir: str | None = None           # POST /v1/adapters loads folders under this only (None: off)
+    served_name: str | None = None           # the model name clients see and send (None: the model's own)
+    access_log: bool = True                  # one line per request (logger palikit.access)
 
     @property
     def max_body_bytes(self) -> int:
-        # base64 is 4/3 larger; room for several frames in one chat request and the JSON around them
-        return (self.max_upload_bytes * 4 // 3 + 64 * 1024) * max(1, min(self.max_images_per_request, 4))
+        """A request body to a /v1/ endpoint: one image's worth as base64 (4/3 larger) plus the JSON
+        around it; the frames of one chat request share it. Refused from Content-Length before reading,
+        else counted while reading."""
+        return self.max_upload_bytes * 4 // 3 + 64 * 1024
 
     def body_limit(self, path: str) -> int:
         """Bytes a request body to `path` may have (applied while reading)."""
-        if path == "/v1/chat/completions":
-            return self.max_body_bytes
-        if path.startswith("/v1/"):
-            return self.max_upload_bytes * 4 // 3 + 64 * 1024  # one image as base64 plus the fields
-        return 64 * 1024
+        return self.max_body_bytes if path.startswith("/v1/") else 64 * 1024
 
     def host_allowlist(self) -> tuple[str, ...] | None:
         """Names the Host header may carry (lower case, no port); None = any."""
@@ -60,13 +64,37 @@ class ServerSettings:
     @staticmethod
     def default_allowed_hosts(host: str) -> tuple[str, ...] | None:
         """What `palikit serve` allows without --allowed-hosts: the loopback names on a loopback bind (a
-        web page's DNS-rebinding request carries its own name), any name otherwise (use API keys)."""
-        return ("localhost", "127.0.0.1", "::1") if is_loopback(host) else None
+        web page's DNS-rebinding request carries its own name), any name otherwise (use API keys). The
+        bound address itself is one of them (127.0.0.2, or any 127.0.0.0/8 address, is loopback too)."""
+        if not is_loopback(host):
+            return None
+        own = host.strip().strip("[]").lower()
+        return tuple(dict.fromkeys(("localhost", "127.0.0.1", "::1", own)))
 
     @staticmethod
     def keys_from_env(value: str | None = None) -> tuple[str, ...]:
         raw = os.environ.get("PALIKIT_API_KEYS", "") if value is None else value
         return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+CHECKPOINT_FOLDERS = ("final", "last", "best", "checkpoints")  # folder names a trainer writes inside a run
+
+
+def default_served_name(model: str | None, fallback: str) -> str:
+    """The name a model is served under when --name is not given: the run's name for a trainer's
+    output (runs/shapes/final -> "shapes", runs/shapes/checkpoints/step-00000100 -> "shapes"), else
+    the folder's (or `fallback`, the model's own name, for a Hub id or the bundled model)."""
+    from pathlib import Path
+
+    if not model:
+        return fallback
+    path = Path(model)
+    if not path.exists():
+        return fallback
+    parts = [p for p in path.resolve().parts if p not in ("", "/")]
+    while parts and (parts[-1] in CHECKPOINT_FOLDERS or parts[-1].startswith("step-")):
+        parts.pop()
+    return parts[-1] if parts else fallback
 
 
 def is_loopback(host: str) -> bool:
