@@ -141,30 +141,24 @@ class Scheduler:
             row_sampling([options.sampling], [seed], self.engine.model.config.output_vocab_size, "cpu")
         except (RuntimeError, OverflowError, TypeError, ValueError) as e:
             raise ValueError(f"invalid sampling options: {e}") from None
-        ticket = Ticket(request, options, on_token, stop, seed)
-        with self._cv:
-            if self._closed:
-                raise Closed("the engine is shut down")
-            if self._held() >= self.max_slots + self.max_queue:
-                raise QueueFull(self.retry_after())
-            if options.adapter is not None:  # held until it ends: an unload waits for it
-                ticket.adapter = self.engine.hold_adapter(options.adapter)
-                ticket.request = dataclasses.replace(request)  # its own copy: features differ per adapter
-            self._queue.append(ticket)
-            self._ensure_thread()
-            self._cv.notify()
-        return ticket
+        return self._enqueue(self._queue, Ticket(request, options, on_token, stop, seed))
 
     def submit_job(self, job, options) -> Ticket:
         """Queue a stepwise job (`job.step()` -> done?, then `job.result`; beam search) under the
         same bound as `submit`; its Ticket's future gets `job.result`, cancelling it stops the job."""
-        ticket = Ticket(job, options, None, frozenset(), 0)
+        return self._enqueue(self._jobs, Ticket(job, options, None, frozenset(), 0))
+
+    def _enqueue(self, queue: collections.deque, ticket: Ticket) -> Ticket:
+        """The one admission point: Closed after close(), QueueFull at the bound, else queued."""
         with self._cv:
             if self._closed:
                 raise Closed("the engine is shut down")
             if self._held() >= self.max_slots + self.max_queue:
                 raise QueueFull(self.retry_after())
-            self._jobs.append(ticket)
+            if getattr(ticket.options, "adapter", None) is not None:  # held until it ends: an unload waits for it
+                ticket.adapter = self.engine.hold_adapter(ticket.options.adapter)
+                ticket.request = dataclasses.replace(ticket.request)  # its own copy: features differ per adapter
+            queue.append(ticket)
             self._ensure_thread()
             self._cv.notify()
         return ticket
