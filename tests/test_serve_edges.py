@@ -143,7 +143,8 @@ def test_an_abandoned_stream_is_a_499_and_leaves_no_task_pending(keyless):
 
 @pytest.fixture(scope="module")
 def protected():
-    srv = Server("--protect-docs", "--shutdown-timeout", "1.5", "--max-slots", "2")
+    srv = Server("--protect-docs", "--shutdown-timeout", "1.5", "--max-slots", "2", "--no-access-log",
+                 "--max-connections", "12")
     yield srv
     srv.stop()
 
@@ -154,6 +155,19 @@ def test_protect_docs_puts_docs_schema_playground_and_readyz_behind_the_key(prot
             assert anon.get(path).status_code == 401, path
             assert keyed.get(path).status_code == 200, path
         assert anon.get("/healthz").status_code == 200
+
+
+def test_connection_cap_and_no_access_log(protected):
+    idle = [socket.create_connection((protected.host, protected.port)) for _ in range(12)]
+    try:
+        time.sleep(0.3)
+        assert httpx.get(protected.url + "/healthz", timeout=5).status_code == 503  # beyond --max-connections
+    finally:
+        for s in idle:
+            s.close()
+    time.sleep(0.3)
+    assert httpx.get(protected.url + "/healthz", timeout=5).status_code == 200
+    assert "palikit.access" not in protected.log() and " /healthz 200 " not in protected.log()
 
 
 def test_sigterm_answers_every_running_request(protected):
