@@ -21,7 +21,7 @@ server = server_fixture("--max-batch-size", "1", "--max-queue", "1", "--max-new-
 
 
 def _chat(stream: bool) -> dict:
-    return {"model": "x", "stream": stream, "max_tokens": 4,
+    return {"model": "tiny", "stream": stream, "max_tokens": 4,
             "messages": [{"role": "user", "content": [{"type": "text", "text": "caption en"},
                                                       {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]}]}
 

@@ -15,7 +15,7 @@ def test_the_served_name_of_a_run_is_the_runs_name(tmp_path):
     assert default_served_name(str(run / "checkpoints" / "step-00000100"), "step-00000100") == "shapes"
     assert default_served_name(str(run / "exported"), "exported") == "exported"
     assert default_served_name("google/paligemma2-3b-mix-224", "pg2-3b-224") == "pg2-3b-224"  # a Hub id
-    assert default_served_name(None, "demo") == "demo"
+    assert default_served_name(None, "demo-model") == default_served_name("demo", "demo-model") == "demo"
 
 
 def test_a_loopback_bind_serves_its_own_address():

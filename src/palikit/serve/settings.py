@@ -83,11 +83,14 @@ CHECKPOINT_FOLDERS = ("final", "last", "best", "checkpoints")  # folder names a 
 def default_served_name(model: str | None, fallback: str) -> str:
     """The name a model is served under when --name is not given: the run's name for a trainer's
     output (runs/shapes/final -> "shapes", runs/shapes/checkpoints/step-00000100 -> "shapes"), else
-    the folder's (or `fallback`, the model's own name, for a Hub id or the bundled model)."""
+    the folder's; "demo" for the bundled demo model (as `--model demo` names it); `fallback`, the
+    model's own name, for a Hub id."""
     from pathlib import Path
 
-    if not model:
-        return fallback
+    from ..assets import means_demo
+
+    if means_demo(model):
+        return "demo"
     path = Path(model)
     if not path.exists():
         return fallback
