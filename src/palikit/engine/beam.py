@@ -55,8 +55,8 @@ class BeamSearch:
     def _prefill(self) -> None:
         engine, K = self.engine, self.options.num_beams
         B = len(self.requests)
-        self.t0 = time.perf_counter()
         encode_requests(engine.model, self.requests, engine.scheduler.image_cache)
+        self.t0 = time.perf_counter()  # after the tower: prefill_ms must not tell a cached image (scheduler._timings)
         rows = [r for r in self.requests for _ in range(K)]
         P = max(len(r.text_ids) + (0 if r.image_features is None else r.image_features.shape[0]) for r in rows)
         self.batch = engine.new_batch(B * K, P + self.options.max_new_tokens)

@@ -167,7 +167,7 @@ class Scheduler:
         return len(self._queue) + len(self._live) + len(self._jobs) + len(self._running_jobs)
 
     def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
-        """Run `fn()` on the scheduler thread between two steps (beam search, warm-up)."""
+        """Run `fn()` on the scheduler thread between two steps (e.g. a benchmark's own batch)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
             if self._closed:
