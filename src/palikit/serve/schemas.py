@@ -24,7 +24,8 @@ class Options(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (server default 64).")
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (deterministic); > 0 samples. Values "
                                "below 1e-5 are treated as 0 (greedy), as in vLLM.")
-    top_k: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=1, description="Sample among the k most likely tokens (with temperature > 0); "
+                              "k at or above the vocabulary size means no top-k cut.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling (with temperature > 0). Values "
                                 "below 1e-5 keep only the most likely token: greedy.")
     seed: int | None = Field(None, ge=0, lt=2**63)
