@@ -177,8 +177,11 @@ async def until_disconnect(request: Request, awaitable) -> Any:
     job = asyncio.ensure_future(awaitable)
 
     async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+        try:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # noqa: BLE001 - a server whose receive fails cannot tell: wait for the answer
+            await asyncio.Event().wait()
 
     watch = asyncio.ensure_future(gone())
     try:
