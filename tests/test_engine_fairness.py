@@ -109,7 +109,7 @@ def test_retry_after_comes_from_the_work_ahead(models):
     engine.submit(reqs[2], GenerationOptions(max_new_tokens=8, ignore_eos=True))
     try:
         engine.submit(reqs[0], GenerationOptions(max_new_tokens=8))
-        raise AssertionError("not refused")
+        raise AssertionError(f"not refused: {sched.stats()}")
     except QueueFull as e:
         assert e.retry_after_s == 1  # <= 16 steps ahead x ~10 ms, whatever ran before
     sched._queue[0].options = GenerationOptions(max_new_tokens=1000)

@@ -119,6 +119,7 @@ class Scheduler:
         self.max_jobs = max_jobs  # stepwise jobs (beam search) running at once; the rest wait in `_jobs`
         self._jobs: collections.deque[Ticket] = collections.deque()
         self._running_jobs: list[Ticket] = []
+        self._admitting = 0  # tickets taken from the queue and not yet in a slot (prefill running)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -164,7 +165,8 @@ class Scheduler:
         return ticket
 
     def _held(self) -> int:
-        return len(self._queue) + len(self._live) + len(self._jobs) + len(self._running_jobs)
+        return (len(self._queue) + len(self._live) + self._admitting + len(self._jobs)
+                + len(self._running_jobs))
 
     def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
         """Run `fn()` on the scheduler thread between two steps (e.g. a benchmark's own batch)."""
@@ -229,6 +231,7 @@ class Scheduler:
                     _run_call(fn, fut)
                 if admit:
                     self._admit(admit)
+                    self._admitting = 0
                 if self._live:
                     try:
                         self._decode()
@@ -296,6 +299,7 @@ class Scheduler:
             elif not t.future.done():  # its adapter waits for a free device slot
                 waiting.append(t)
         self._queue.extendleft(reversed(waiting))
+        self._admitting = len(out)  # (under the lock: the admission bound still counts them)
         return out
 
     def _lora_slot(self, t: Ticket) -> bool:
