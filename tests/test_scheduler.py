@@ -163,7 +163,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(models, 
     expected = engine.generate([req], GenerationOptions(5))[0].tokens
     batch = engine.scheduler.batch
     real = batch.step
-    monkeypatch.setattr(batch, "step", lambda sample: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    monkeypatch.setattr(batch, "step", lambda *args: (_ for _ in ()).throw(RuntimeError("out of memory")))
     with pytest.raises(RuntimeError, match="out of memory"):
         engine.submit(req, GenerationOptions(5)).result(timeout=30)
     monkeypatch.setattr(batch, "step", real)

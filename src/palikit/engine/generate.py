@@ -94,8 +94,11 @@ class Engine:
             raise UnknownAdapter(name, [])
         return self.adapters.hold(name)
 
-    def check(self, request: Request) -> None:
+    def check(self, request: Request, options: GenerationOptions | None = None) -> None:
         """Refuse a request the model cannot run, with the reason (before it reaches a batch)."""
+        if request.constraint is not None and options is not None and options.num_beams > 1:
+            raise ValueError("constrained output decodes with num_beams=1; drop num_beams or the constraint "
+                             "(constrained=False for detect/segment)")
         vocab = self.model.config.text.vocab_size
         if not request.text_ids:
             raise ValueError("a request needs at least one text token ([BOS] ...)")
@@ -106,7 +109,7 @@ class Engine:
     def submit(self, request: Request, options: GenerationOptions = GenerationOptions(), on_token=None) -> Ticket:
         """Queue one request; the Ticket's `result()` is its Generation. `on_token(id, logprob)` is
         called on the engine thread for each generated token (EOS excluded)."""
-        self.check(request)
+        self.check(request, options)
         _check_beams(options)
         if options.num_beams > 1:  # beam search: its own batch, stepped between the engine's decode steps
             from .beam import BeamSearch
@@ -118,7 +121,7 @@ class Engine:
         if not requests:
             return []
         for r in requests:
-            self.check(r)
+            self.check(r, options)
         _check_beams(options)
         if options.num_beams > 1:
             from .beam import BeamSearch

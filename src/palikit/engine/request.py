@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -13,7 +14,8 @@ from .sampling import SamplingOptions
 class Request:
     """One prompt: text ids ([BOS] prefix "\\n" [forced suffix start]), all attended as one prefix, and
     its image, either as features [F*N, H] or as pixels [F, 3, S, S] with a content key (the engine
-    runs the tower)."""
+    runs the tower). `constraint`: what the row may write next (engine/constraints.py), one fresh object
+per request."""
 
     text_ids: list[int]
     image_features: torch.Tensor | None = None
@@ -21,6 +23,7 @@ class Request:
     pixel_key: str | None = None
     lora_slot: int = 0  # the adapter's device slot (set by the scheduler at admission; 0 = base model)
     lora_key: str | None = None  # the adapter's id when it changes image features (feature-cache key)
+    constraint: Any = None  # a per-request token constraint (constraints.py): allowed() / advance(token)
 
 
 @dataclass

@@ -82,19 +82,25 @@ def row_sampling(options: list[SamplingOptions], seeds: list[int], vocab: int, d
     )
 
 
-def greedy_tokens(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] -> (argmax tokens [B], their log-probabilities [B]), no sort over the vocabulary."""
-    tokens = logits.argmax(dim=-1)
+def greedy_tokens(logits: torch.Tensor, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (argmax tokens [B], their log-probabilities [B]), no sort over the vocabulary.
+    `allowed` [B, V] bool: the argmax is taken over allowed tokens only (constraints.py); the
+    log-probabilities stay the model's."""
+    tokens = (logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))).argmax(dim=-1)
     logprob = (logits.gather(-1, tokens[:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True))[:, 0]
     return tokens, logprob
 
 
-def sample_rows(logits: torch.Tensor, s: RowSampling) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_rows(logits: torch.Tensor, s: RowSampling, allowed: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] -> (tokens [B], logprob of each chosen token under the model [B]).
-    Greedy rows take the argmax; the others sample from their own filtered, tempered distribution."""
+    Greedy rows take the argmax; the others sample from their own filtered, tempered distribution.
+    `allowed` [B, V] bool: disallowed tokens get -inf before selection (constraints.py)."""
     logits = logits.float()
     V = logits.shape[-1]
     logprobs = torch.log_softmax(logits, dim=-1)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     greedy_rows = s.temperature < GREEDY_BELOW
     temp = torch.where(greedy_rows, torch.ones_like(s.temperature), s.temperature)
     sorted_logits, order = torch.sort(logits / temp[:, None], dim=-1, descending=True)  # [B, V]

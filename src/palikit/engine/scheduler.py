@@ -13,6 +13,8 @@ first tokens are sampled. Then one decode step advances every live slot; a seque
 a stop token or reached its `max_new_tokens` is finished and its slot freed at once, so a short
 request never waits for a long one. Each request has its own options (greedy or seeded sampling,
 token budget, stop ids) and its own random stream, so its tokens do not depend on its batch mates.
+A request may carry a token constraint (`Request.constraint`, engine/constraints.py): its row's
+logits are masked before selection, its batch mates' are not.
 
 Consumers: `Engine.generate` (a whole batch, then wait), `PaliGemma.submit` / `predict_batch` /
 `stream`, the HTTP server and eval/Ray through them. `on_token(token_id, logprob)` is called on
@@ -43,6 +45,7 @@ import torch
 
 from .features import FeatureCache, encode_requests
 from .request import Generation
+from .constraints import check_constraint, masks_for
 from .sampling import greedy_tokens, row_sampling, sample_rows
 from .slots import SlotBatch
 
@@ -137,6 +140,8 @@ class Scheduler:
         wait beyond the `max_slots` that decode, i.e. when the engine holds `max_slots + max_queue`;
         Closed after `close()`."""
         stop = frozenset(() if options.ignore_eos else (*self.engine.eos_ids, *options.stop_ids))
+        if request.constraint is not None:
+            check_constraint(request.constraint)
         seed = options.sampling.seed if options.sampling.seed is not None else random.getrandbits(63)
         try:  # a row the batch tensors cannot hold is refused here, alone, never inside a batch
             row_sampling([options.sampling], [seed], self.engine.model.config.output_vocab_size, "cpu")
@@ -355,10 +360,12 @@ class Scheduler:
             logits = batch.prefill(rows, [t.request for t in tickets])
             sampling = row_sampling([t.options.sampling for t in tickets], [t.seed for t in tickets],
                                     batch.vocab, batch.device)
+            allowed = masks_for([t.request.constraint for t in tickets], [t.stop_ids for t in tickets], batch.vocab,
+                                batch.device)
             if all(t.options.sampling.greedy for t in tickets):
-                tokens, logprobs = greedy_tokens(logits)
+                tokens, logprobs = greedy_tokens(logits, allowed)
             else:
-                tokens, logprobs = sample_rows(logits, sampling)
+                tokens, logprobs = sample_rows(logits, sampling, allowed)
             sampling.counter += 1
             batch.set_tokens(rows, tokens)
             batch.set_sampling(rows, sampling)
@@ -372,7 +379,8 @@ class Scheduler:
     def _decode(self) -> None:
         sample = any(not t.options.sampling.greedy for t in self._live.values())
         t0 = time.perf_counter()
-        tokens, logprobs = self.batch.step(sample)
+        masked = any(t.request.constraint is not None for t in self._live.values())
+        tokens, logprobs = self.batch.step(sample, masked)
         self.decode_steps += 1
         self.decode_slot_steps += len(self._live)
         if self.on_step is not None:
@@ -403,13 +411,29 @@ class Scheduler:
                     except Exception as e:  # noqa: BLE001 - a broken consumer ends its own request only
                         t.cancelled = True
                         settle_future(t.future, error=e)
-            if stop or t.steps >= t.options.max_new_tokens:
+            last = stop or t.steps >= t.options.max_new_tokens
+            if t.request.constraint is not None and not stop and not t.cancelled and not self._constrain(row, t, tok, last):
+                last = True
+            if last:
                 t.stopped = stop
                 done.append(row)
         if done:
             self.batch.release(done)
             for row in done:
                 self._finish(self._live.pop(row))
+
+    def _constrain(self, row: int, t: Ticket, tok: int, last: bool) -> bool:
+        """Advance the row's constraint past `tok` and (unless it was the row's `last`) set its mask
+        for the next step; False (the request failed with the constraint's error) when it raised."""
+        try:
+            t.request.constraint.advance(tok)
+            if not last:
+                self.batch.set_allowed(row, t.request.constraint, t.stop_ids)
+        except Exception as e:  # noqa: BLE001 - a broken constraint ends its own request only
+            t.cancelled = True
+            settle_future(t.future, error=e)
+            return False
+        return True
 
     def _finish(self, t: Ticket, error: BaseException | None = None, result=None) -> None:
         t.t_done = time.perf_counter()

@@ -10,6 +10,8 @@
   pair, so the step compiles once per pair (CUDA graphs on GPU). Free rows inside the bucket
   compute too but never advance and are never read.
 - `decode_logits()` / `reorder()` are the pieces beam search builds on.
+- `allowed` [S, V] bool holds each row's token mask (all True unless a constraint set it with
+  `set_allowed`; reset at release); `step(sample, masked=True)` applies it (constraints.py).
 
 Positions count real tokens only and padding carries `PAD_BLOCK`, so a sequence gives the same
 tokens whatever shares the batch (tested against the same request alone).
@@ -22,6 +24,7 @@ import torch
 from ..model import CacheWrite, PaliGemmaModel
 from ..model.gemma import positions_and_blocks
 from ..model.lora import lora_rows
+from .constraints import fill_mask
 from .sampling import RowSampling, greedy_tokens, sample_rows
 
 DECODE_BLOCK = 2**20  # decode tokens' block base: above any prompt block, below PAD_BLOCK
@@ -53,6 +56,7 @@ class SlotBatch:
         self.adapter = z()  # each row's LoRA slot (0 = base model; `model.lora`)
         self.sampling = RowSampling(z(torch.float32), torch.full_like(z(), self.vocab), torch.ones_like(z(torch.float32)),
                                     z(), z())
+        self.allowed = torch.ones(n_slots, self.vocab, dtype=torch.bool, device=self.device)  # constraints.py
         self.host_write = [0] * n_slots  # host mirrors of `write` and `live` (no device sync per step)
         self.host_live = [False] * n_slots
         self._rows = torch.arange(n_slots, device=self.device)[:, None]  # [S, 1]
@@ -66,7 +70,7 @@ class SlotBatch:
             pairs = (n_slots.bit_length() + 1) * 10
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, pairs)
             mode = "reduce-overhead" if self._graphs else None
-            for t in (self.tokens, self.positions, self.write, self.live, *vars(self.sampling).values()):
+            for t in (self.tokens, self.positions, self.write, self.live, self.allowed, *vars(self.sampling).values()):
                 torch._dynamo.mark_static_address(t)
             opts = dict(mode=mode, fullgraph=True, dynamic=False)
             self._greedy_step = torch.compile(self._greedy_impl, **opts)
@@ -142,9 +146,14 @@ class SlotBatch:
         for name in ("temperature", "top_k", "top_p", "seed", "counter"):
             getattr(self.sampling, name)[r] = getattr(s, name).to(self.device)
 
+    def set_allowed(self, row: int, constraint, stop_ids) -> None:
+        """The row's token mask for its next step, from its constraint (constraints.fill_mask)."""
+        fill_mask(self.allowed[row], constraint, stop_ids)
+
     def release(self, rows: list[int]) -> None:
         """Free rows: they stop advancing and what they wrote is never attended again."""
         r = torch.tensor(rows, device=self.device)
+        self.allowed[r] = True
         self.live[r] = False
         self.write[r] = 0
         self.adapter[r] = 0
@@ -165,9 +174,9 @@ class SlotBatch:
 
     # The compiled steps take the whole persistent state (static addresses, so CUDA graphs may
     # capture its in-place updates) and slice the first `n` rows inside the graph.
-    def _greedy_impl(self, tokens, positions, write, live, cache, read_len: int, n: int):
+    def _greedy_impl(self, tokens, positions, write, live, cache, read_len: int, n: int, allowed=None):
         logits = self._decode_impl(tokens[:n], positions[:n], write[:n], cache, read_len)
-        nxt, logprob = greedy_tokens(logits)
+        nxt, logprob = greedy_tokens(logits, None if allowed is None else allowed[:n])
         step = live[:n].long()
         tokens[:n].copy_(nxt)
         positions[:n].add_(step)
@@ -175,10 +184,10 @@ class SlotBatch:
         return nxt, logprob
 
     def _sample_impl(self, tokens, positions, write, live, cache, temperature, top_k, top_p, seed, counter,
-                     read_len: int, n: int):
+                     read_len: int, n: int, allowed=None):
         logits = self._decode_impl(tokens[:n], positions[:n], write[:n], cache, read_len)
         rows = RowSampling(temperature[:n], top_k[:n], top_p[:n], seed[:n], counter[:n])
-        nxt, logprob = sample_rows(logits, rows)
+        nxt, logprob = sample_rows(logits, rows, None if allowed is None else allowed[:n])
         step = live[:n].long()
         tokens[:n].copy_(nxt)
         positions[:n].add_(step)
@@ -197,18 +206,21 @@ class SlotBatch:
         top = max((r for r, on in enumerate(self.host_live) if on), default=0) + 1
         return min(length_bucket(top, 1), self.n_slots)
 
-    def step(self, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, sample: bool, masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one token for the slots of the current bucket (live rows advance). sample=False:
-        all rows greedy. Returns (tokens [n], logprobs [n]) on the device, n = the slot bucket (>
-        every live row); free rows' values are meaningless."""
+        all rows greedy; masked=True: each row selects among its `allowed` tokens. Returns (tokens
+        [n], logprobs [n]) on the device, n = the slot bucket (> every live row); free rows' values
+        are meaningless."""
         read_len, n = self._read_len(), self._rows_bucket()
         state = (self.tokens, self.positions, self.write, self.live, self.cache)
+        allowed = self.allowed if masked else None
         with lora_rows(self.model, self.adapter):
             if sample:
                 sm = self.sampling
-                nxt, lp = self._sample_step(*state, sm.temperature, sm.top_k, sm.top_p, sm.seed, sm.counter, read_len, n)
+                nxt, lp = self._sample_step(*state, sm.temperature, sm.top_k, sm.top_p, sm.seed, sm.counter, read_len,
+                                            n, allowed)
             else:
-                nxt, lp = self._greedy_step(*state, read_len, n)
+                nxt, lp = self._greedy_step(*state, read_len, n, allowed)
         if self._graphs:  # CUDA-graph outputs are overwritten by the next replay
             nxt, lp = nxt.clone(), lp.clone()
         self._advance_host()
