@@ -148,8 +148,10 @@ class PaliGemma:
     def predict(self, image, prompt: str, **options) -> Any:
         """Run one prompt on one image (or a list of frames). Options (`tasks.options.PredictOptions`,
         as keywords or as `options=PredictOptions(...)`): max_new_tokens, temperature, top_k, top_p,
-        seed, num_beams, length_penalty, coord_denominator (1024 or 1023), dedupe_iou; and labels (the
-        requested labels: a list, or one string split by the label rule)."""
+        seed, num_beams, length_penalty, coord_denominator (1024 or 1023), dedupe_iou, constrained
+        (detect/segment output kept in its grammar: on by default, False for the raw model; see
+        `tasks.constrain`); and labels (the requested labels: a list, or one string split by the label
+        rule)."""
         return self.predict_batch([image], [prompt], **options)[0]
 
     def submit(self, image, prompt: str, *, labels: Sequence[str] | str | None = None, on_text=None,
@@ -169,9 +171,15 @@ class PaliGemma:
                             on_text)
 
     def _submit(self, request, prompt, size, labels, opts, gen_opts, image_ms, on_text=None) -> Pending:
+        from .tasks.constrain import grammar_for_prompt
+
+        grammar = grammar_for_prompt(self.tokenizer, prompt, labels, opts.constrained, opts.num_beams)
+        if grammar is not None:  # detect/segment output stays in its format (tasks/constrain.py)
+            request.constraint = grammar.start(gen_opts.max_new_tokens)
+            labels = grammar.labels
         if on_text is None:
             ticket = self.engine.submit(request, gen_opts)
-            return Pending(self, ticket, prompt, size, labels, opts, image_ms)
+            return Pending(self, ticket, prompt, size, labels, opts, image_ms, constrained=grammar is not None)
         from .tokenizer import TextStream
 
         stream, texts = TextStream(self.tokenizer), []  # the stream's per-token texts: the parser's too
@@ -182,7 +190,8 @@ class PaliGemma:
                 on_text(texts[-1])
 
         ticket = self.engine.submit(request, gen_opts, on_token)
-        return Pending(self, ticket, prompt, size, labels, opts, image_ms, (texts, stream.flush))
+        return Pending(self, ticket, prompt, size, labels, opts, image_ms, (texts, stream.flush),
+                       constrained=grammar is not None)
 
     def predict_batch(self, images: Sequence[Any], prompts: Sequence[str], *, batch_size: int = 16,
                       labels: Sequence[Sequence[str] | None] | None = None, **options) -> list[Any]:
@@ -276,9 +285,10 @@ class PaliGemma:
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         return _checked_ids(self.tokenizer.encode_prompt(prompt).ids)
 
-    def _result(self, prompt, size, gen, labels, opts: PredictOptions, image_ms, streamed=None):
+    def _result(self, prompt, size, gen, labels, opts: PredictOptions, image_ms, streamed=None, constrained=False):
         """The Result of one generation: the ids turned into text once, by the parser (the stream's
-        per-token texts when it was streamed), the masks of all instances in one codec call."""
+        per-token texts when it was streamed), the masks of all instances in one codec call; a
+        constrained one's labels in their requested spelling."""
         from .tasks import Result, suggest_prompt
         from .tasks.parse import detections_from_ids
 
@@ -291,6 +301,10 @@ class PaliGemma:
         parsed = detections_from_ids(gen.tokens, gen.logprobs, self.tokenizer, size, requested_labels=labels,
                                      coord_denominator=opts.coord_denominator, token_texts=texts)
         detections = parsed.detections
+        if constrained:
+            from .tasks.constrain import fold_labels
+
+            fold_labels(detections, labels)
         errors = list(parsed.errors)
         with_masks = [d for d in detections if d.seg_tokens]
         if with_masks:
@@ -363,9 +377,9 @@ class Pending:
     """A submitted prompt: `result()` waits for it and builds its Result (parsing, masks) in the
     calling thread; `t_submit`, `t_first_token`, `t_done` are perf_counter stamps from the engine."""
 
-    def __init__(self, pg: PaliGemma, ticket, prompt, size, labels, opts, image_ms, streamed=None):
+    def __init__(self, pg: PaliGemma, ticket, prompt, size, labels, opts, image_ms, streamed=None, constrained=False):
         self._pg, self.ticket = pg, ticket
-        self._args = (prompt, size, ticket, labels, opts, image_ms, streamed)
+        self._args = (prompt, size, ticket, labels, opts, image_ms, streamed, constrained)
 
     @property
     def future(self):
@@ -379,8 +393,8 @@ class Pending:
         self.ticket.cancel()
 
     def result(self, timeout: float | None = None):
-        prompt, size, ticket, labels, opts, image_ms, streamed = self._args
-        return self._pg._result(prompt, size, ticket.result(timeout), labels, opts, image_ms, streamed)
+        prompt, size, ticket, labels, opts, image_ms, streamed, constrained = self._args
+        return self._pg._result(prompt, size, ticket.result(timeout), labels, opts, image_ms, streamed, constrained)
 
 
 def _options(options: PredictOptions | None, kwargs: dict) -> PredictOptions:

@@ -34,6 +34,9 @@ class Options(BaseModel):
     dedupe_iou: float | None = Field(None, ge=0.0, le=1.0, description="Drop duplicate boxes above this IoU.")
     adapter: str | None = Field(None, max_length=128, description="A loaded LoRA adapter's name (GET /v1/models); "
                                 "none = the base model.")
+    constrained: bool | Literal["detect", "segment"] | None = Field(
+        None, description="detect/segment output kept in its format (boxes, masks, requested labels only): on by "
+        "default for detect/segment prompts; false = the raw model; 'detect'/'segment' = that format for any wording.")
 
 
 class ImageField(BaseModel):
@@ -94,7 +97,8 @@ def gen_options(opts: Options, settings: ServerSettings) -> PredictOptions:
         temperature, top_k, top_p = 0.0, None, None
     return PredictOptions(max_new_tokens=mnt, temperature=temperature, top_k=top_k, top_p=top_p, seed=opts.seed,
                           num_beams=opts.num_beams, coord_denominator=opts.coord_denominator,
-                          dedupe_iou=opts.dedupe_iou, adapter=opts.adapter)
+                          dedupe_iou=opts.dedupe_iou, adapter=opts.adapter,
+                          constrained=opts.constrained)
 
 
 # ------------------------------------------------------------------------------ chat (OpenAI)

@@ -32,9 +32,16 @@ class PredictOptions:
     coord_denominator: int = DEFAULT_DENOMINATOR  # 1024 (official demo) or 1023 (big_vision RefCOCO)
     dedupe_iou: float | None = None  # drop same-label boxes overlapping above this IoU
     adapter: str | None = None  # a loaded LoRA adapter's name (`PaliGemma.load_adapter`); None = the base model
+    # detect/segment grammar (tasks/constrain.py): None = on for detect/segment prompts (greedy or sampled,
+    # num_beams=1), False = the raw model, True = on (a detect/segment prompt needed), "detect"/"segment" =
+    # that grammar whatever the prompt's wording ("find the cats" with labels)
+    constrained: bool | str | None = None
 
     def __post_init__(self):
         check_denominator(self.coord_denominator)
+        if self.constrained not in CONSTRAINED_VALUES:
+            raise ValueError(f"constrained must be true, false, null (auto), 'detect' or 'segment'; "
+                             f"got {self.constrained!r}")
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any] | PredictOptions | None = None) -> PredictOptions:
@@ -52,4 +59,5 @@ class PredictOptions:
         return asdict(self)
 
 
+CONSTRAINED_VALUES = (None, True, False, "detect", "segment")
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(PredictOptions))
