@@ -34,6 +34,9 @@ def bench(
     kernels: bool = typer.Option(False, "--kernels", help="Time the candidate CPU int8/int4 kernels on one layer."),
     torch_threads: int = typer.Option(0, help="torch intra-op threads (0 = torch's default); recorded in the JSON "
                                               "with the machine's load average."),
+    constrained: str = typer.Option(None, "--constrained", help="detect or segment: ms per decode step of a full "
+                                    "slot batch on the demo model (--model: another checkpoint), raw against the "
+                                    "constrained grammar on every row (slots = the largest --batch-sizes)."),
 ):
     """Inference speed against transformers on the same random weights: prefill ms, ms per decode step
     and images/s across batch sizes."""
@@ -47,6 +50,8 @@ def bench(
 
         torch.set_num_threads(torch_threads)
 
+    if constrained is not None:
+        return _bench_constrained(model, constrained, max(int(b) for b in batch_sizes.split(",")), new_tokens, repeats)
     if quantize is not None or kernels:
         from .bench_quant import bench_quantized
 
@@ -148,3 +153,17 @@ def bench_train(
                              suffix_len=suffix_len, rank=rank, steps=steps, threads=threads)
     print(format_report(report))
     print(json.dumps(report))
+
+
+def _bench_constrained(model: str, task: str, slots: int, new_tokens: int, repeats: int) -> None:
+    from rich.console import Console
+
+    from ..bench.constrained import run_constrained_bench
+
+    console = Console(stderr=True)
+    r = run_constrained_bench(None if model == "tiny-pg1" else model, task=task, slots=slots, new_tokens=new_tokens,
+                              repeats=repeats, log=console.log)
+    console.print(f"{r['model']}, {r['slots']} slots of {task}, {r['cpu']} ({r['torch_threads']} torch threads): raw "
+                  f"{r['raw_ms_per_step']:.3f} ms / decode step, constrained {r['constrained_ms_per_step']:.3f} ms "
+                  f"({r['overhead_pct']:+.1f} %)")
+    print(json.dumps(r))

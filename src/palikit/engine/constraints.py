@@ -7,12 +7,13 @@ implement it; the engine imports none of them):
         def allowed(self) -> torch.Tensor:
             '''The tokens the row may write next: a bool mask [V'] (True = allowed; V' may be shorter
             than the model's output vocabulary, ids beyond it are not allowed) or a 1-D int64 tensor
-            of allowed ids. At least one token must be allowed. Return a cached tensor when the
+            of allowed ids, each in [0, V). At least one token must be allowed. Return a cached tensor when the
             state repeats: the engine copies it and never writes into it.'''
         def advance(self, token_id: int) -> None:
             '''The row wrote `token_id` (every generated token except the stop token that ends it).'''
         def is_done(self) -> bool:            # optional; absent = never done
-            '''True: nothing more may be written; the engine then allows only the row's stop ids.'''
+            '''True: nothing more may be written; the engine then allows only the row's stop ids
+            (every token when it has none: ignore_eos).'''
 
 Attach one fresh object per request: `Request(text_ids, ..., constraint=obj)` (it is stateful: one
 object per generation, never shared). Calls happen on the engine thread: `allowed()` before each
@@ -57,8 +58,12 @@ def fill_mask(out: torch.Tensor, constraint: Any, stop_ids: Iterable[int]) -> No
     only `stop_ids` once it `is_done()`. ConstraintError when nothing is allowed."""
     done = getattr(constraint, "is_done", None)
     if done is not None and done():
+        stops = [i for i in stop_ids if 0 <= i < out.shape[0]]
+        if not stops:  # ignore_eos (benchmarks): nothing is left to constrain
+            out.fill_(True)
+            return
         out.zero_()
-        out[[i for i in stop_ids if 0 <= i < out.shape[0]]] = True
+        out[stops] = True
         return
     allowed = constraint.allowed()
     if not isinstance(allowed, torch.Tensor) or allowed.ndim != 1:
@@ -66,12 +71,14 @@ def fill_mask(out: torch.Tensor, constraint: Any, stop_ids: Iterable[int]) -> No
     if allowed.dtype == torch.bool:
         n = min(allowed.shape[0], out.shape[0])
         out[:n].copy_(allowed[:n])
-        out[n:] = False
-    else:
+        if n < out.shape[0]:
+            out[n:] = False
+        empty = not bool(out.any())
+    else:  # ids: each in [0, V) (an id outside raises IndexError: the request's error)
         out.zero_()
-        ids = allowed.to(device=out.device, dtype=torch.int64)
-        out[ids[(ids >= 0) & (ids < out.shape[0])]] = True
-    if not bool(out.any()):
+        out[allowed] = True
+        empty = allowed.numel() == 0
+    if empty:
         raise ConstraintError("the request's constraint allows no next token (its grammar is exhausted or empty)")
 
 
