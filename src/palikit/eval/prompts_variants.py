@@ -170,11 +170,21 @@ class SensitivityReport:
                 out[kind] = float(max(v) - min(v))
         return out
 
+    def column_spreads(self) -> dict[str, float]:
+        """max - min of each further column (e.g. "constrained")."""
+        out = {}
+        for name, col in self.columns.items():
+            v = [x for x in col.values() if x is not None and not np.isnan(x)]
+            if v:
+                out[name] = float(max(v) - min(v))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "metric": self.metric, "scores": self.scores, "prompts": self.prompts,
                 "kinds": {k: variant_kind(k) for k in self.scores}, "columns": self.columns,
                 "failed": {k: r.failed for k, r in self.reports.items()},
-                "spread": self.spread, "std": self.std, "spread_by_kind": self.spread_by_kind(), "best": self.best,
+                "spread": self.spread, "std": self.std, "spread_by_kind": self.spread_by_kind(),
+                "column_spreads": self.column_spreads(), "best": self.best,
                 "worst": self.worst}
 
     def markdown(self) -> str:
@@ -191,6 +201,7 @@ class SensitivityReport:
                      *[_fmt(col.get(k)) for col in self.columns.values()], str(rep.failed if rep else "–")]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"- spread (max - min): **{self.spread:.2f}**; std: {self.std:.2f}",
+                  *[f"- spread of the {name} column: **{s:.2f}**" for name, s in self.column_spreads().items()],
                   f"- best: `{self.best}`, worst: `{self.worst}`"]
         lines += [f"- spread of the {kind} variants (with the default): {s:.2f}"
                   for kind, s in self.spread_by_kind().items()]
@@ -205,6 +216,7 @@ class SensitivityReport:
                  f"**{self.spread:.2f}** ({self.metric} x100), best `{self.best}` "
                  f"`{self.prompts[self.best]}` {self.scores[self.best]:.2f}, worst `{self.worst}` "
                  f"`{self.prompts[self.worst]}` {self.scores[self.worst]:.2f}."]
+        lines += [f"Spread of the {name} column: **{s:.2f}**." for name, s in self.column_spreads().items()]
         by_kind = self.spread_by_kind()
         if by_kind:
             lines += ["", "Spread by kind (with the default): " + ", ".join(f"{k} {v:.2f}" for k, v in by_kind.items())]
@@ -231,19 +243,39 @@ def evaluate_prompt_variants(model: Any, dataset: Any, task: str, *, out_dir: st
     prompts = prompt_variants(task, variants=variants, langs=langs, case=case, separators=separators, user=user,
                               default=True)
     out = Path(out_dir)
-    scores, reports = {}, {}
+    scores, reports, constrained = {}, {}, {}
+    modes = _grammar_modes(model, task, evaluate_kwargs.pop("predict_options", None))
     for i, (name, tpl) in enumerate(prompts.items(), 1):
         safe = "".join(c if c.isalnum() or c in "-_@." else "_" for c in name)
         label = f"sensitivity {i}/{len(prompts)} {name} ({tpl})"
-        rep = evaluate(model, ds, task, batch_size=batch_size, out_dir=out / safe, prompt=tpl, charts=False,
-                       progress_label=label, **evaluate_kwargs)
-        scores[name], reports[name] = rep.score, rep
-    sens = SensitivityReport(task, reports[next(iter(reports))].primary if reports else "", scores, prompts, reports)
+        for suffix, opts in modes:
+            rep = evaluate(model, ds, task, batch_size=batch_size, out_dir=out / (safe + suffix), prompt=tpl,
+                           charts=False, progress_label=label + suffix.replace("-", " "), predict_options=opts,
+                           **evaluate_kwargs)
+            if suffix:
+                constrained[name] = rep.score
+            else:
+                scores[name], reports[name] = rep.score, rep
+    sens = SensitivityReport(task, reports[next(iter(reports))].primary if reports else "", scores, prompts, reports,
+                             columns={"constrained": constrained} if constrained else {})
     if charts and scores:
         sens.files["chart"] = str(sensitivity_chart(sens, out / "sensitivity.png"))
     sens.files["json"] = str(atomic_write_bytes(out / "sensitivity.json", json.dumps(sens.to_dict(), indent=2)))
     sens.files["markdown"] = str(atomic_write_bytes(out / "sensitivity.md", sens.markdown()))
     return sens
+
+
+def _grammar_modes(model: Any, task: str, options: Mapping[str, Any] | None) -> list[tuple[str, dict]]:
+    """(out_dir suffix, predict options) per run of a variant: detect / segment on a PaliGemma run twice,
+    the raw model (the score) and constrained to the task's grammar whatever the wording (the
+    "constrained" column, tasks/constrain.py); other tasks and models once, as given."""
+    import sys
+
+    opts = dict(options or {})
+    api = sys.modules.get("palikit.api")
+    if task not in ("detect", "segment") or api is None or not isinstance(model, api.PaliGemma):
+        return [("", opts)]
+    return [("", {**opts, "constrained": False}), ("-constrained", {**opts, "constrained": task})]
 
 
 def sensitivity_chart(sens: SensitivityReport, path: Path) -> Path:
