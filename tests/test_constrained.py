@@ -321,3 +321,26 @@ def test_sensitivity_gains_a_constrained_column(demo, tmp_path):
         assert len(rows) == 6
         for row in rows:
             _assert_clean(row["text"], asked[row["id"]], False)
+
+
+def test_cli_eval_raw_and_constrained_flags(demo, tmp_path, monkeypatch):
+    import palikit.cli.predict
+    from palikit.cli import main
+
+    pg_demo, data, _ = demo
+    seen = []
+
+    class Recorder:
+        name = "recorder"
+
+        def predict_batch(self, images, prompts, labels=None, **opts):
+            seen.append(opts.get("constrained", "auto"))
+            return pg_demo.predict_batch(images, prompts, labels=labels, **opts)
+
+    monkeypatch.setattr(palikit.cli.predict, "load_model", lambda *a, **k: Recorder())
+    for flag, want in (([], "auto"), (["--raw"], False), (["--constrained"], True)):
+        seen.clear()
+        args = ["eval", str(data / "test_coco.json"), "--task", "detect", "--limit", "2", "--no-progress",
+                "--out", str(tmp_path / str(want))]
+        assert main(args + flag) == 0
+        assert seen and set(seen) == {want}

@@ -105,6 +105,9 @@ def evaluate(
     fresh: bool = typer.Option(False, help="Ignore saved predictions instead of resuming."),
     progress: bool = typer.Option(True, help="Progress on stderr (a bar on a terminal, lines otherwise)."),
     max_new_tokens: int = typer.Option(64),
+    constrained: bool = typer.Option(None, "--constrained/--raw", help="detect/segment: keep the output in the "
+                                     "task's format with requested labels only (default: on for detect/segment "
+                                     "prompts), or --raw for the model's own output. The sensitivity sweep runs both."),
     torch_threads: int = typer.Option(0, help="torch intra-op threads for --model (0 = torch's default; recorded "
                                               "in the report; 1 is fastest for tiny models on a busy machine)."),
 ):
@@ -119,7 +122,9 @@ def evaluate(
     from .predict import load_model
 
     common = dict(batch_size=batch_size, price_per_hour=price_per_hour, price_per_call=price_per_call,
-                  predict_options={"max_new_tokens": max_new_tokens}, limit=limit, image_root=images,
+                  predict_options={"max_new_tokens": max_new_tokens,
+                                   **({} if constrained is None else {"constrained": constrained})},
+                  limit=limit, image_root=images,
                   strict=not skip_bad_rows, progress=progress, gallery=gallery)
     from .serve import split_adapters
 
