@@ -234,6 +234,7 @@ def demo(tmp_path_factory):
     return demo_pg, data, rows
 
 
+@pytest.mark.slow  # 2 x 64 demo-model predictions per task
 @pytest.mark.parametrize("task", ["detect", "segment"])
 def test_demo_model_valid_raw_outputs_are_unchanged(demo, task):
     pg_demo, data, rows = demo
