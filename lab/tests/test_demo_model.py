@@ -78,7 +78,7 @@ def test_the_demo_checkpoint_loads_in_transformers_and_answers_the_same(which, r
         for prompt in prompts:
             text_ids = ours.tokenizer.encode_prompt(prompt).ids  # [BOS] prompt "\n"
             assert hf_tok(prompt + "\n", add_special_tokens=False).input_ids == text_ids[1:], prompt
-            mine = ours.predict(image, prompt, max_new_tokens=12).tokens
+            mine = ours.predict(image, prompt, max_new_tokens=12, constrained=False).tokens  # the raw model
             inp = torch.tensor([[image_id] * n_img + text_ids])
             with torch.no_grad():
                 out = hf.generate(input_ids=inp, pixel_values=pixels, attention_mask=torch.ones_like(inp),

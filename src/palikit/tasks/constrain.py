@@ -32,7 +32,7 @@ from functools import lru_cache
 
 import torch
 
-from .labels import normalize_label, plural, requested_labels, singular
+from .labels import Labels, normalize_label, plural, requested_labels, singular
 
 __all__ = ["DetectGrammar", "DetectCursor", "grammar_for", "grammar_for_prompt", "prompt_kind", "fold_labels",
            "label_spellings"]
@@ -117,7 +117,8 @@ class DetectGrammar:
         if not labels:
             raise ValueError("constrained detect/segment needs at least one label, e.g. 'detect cat ; dog' "
                              "(or constrained=False for the raw model)")
-        self.labels, self.segment, self.eos_id = labels, segment, tokenizer.eos_id
+        self.labels = Labels(labels)  # the requested ones, already through the label rule (not re-split)
+        self.segment, self.eos_id = segment, tokenizer.eos_id
         self._bytes, self._max_piece = _token_bytes(tokenizer)
         self.loc = torch.tensor(tokenizer.loc_ids, dtype=torch.int64)  # [1024] id of each bin
         self.seg = torch.tensor(tokenizer.seg_ids, dtype=torch.int64)  # [128]
