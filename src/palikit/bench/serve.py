@@ -179,21 +179,21 @@ def stream_check(pg, image, prompt: str, max_new_tokens: int, repeats: int = 7) 
 
     def plain():
         if scheduler:
-            p = pg.submit(image, prompt, max_new_tokens=max_new_tokens)
+            p = pg.submit(image, prompt, max_new_tokens=max_new_tokens, constrained=False)
             r = p.result()
             return p.t_done - p.t_submit, r.text, len(r.tokens)
         t = time.perf_counter()
-        r = pg.predict(image, prompt, max_new_tokens=max_new_tokens)
+        r = pg.predict(image, prompt, max_new_tokens=max_new_tokens, constrained=False)
         return time.perf_counter() - t, r.text, len(r.tokens)
 
     def streamed():
         pieces: list[str] = []
         if scheduler:
-            p = pg.submit(image, prompt, on_text=pieces.append, max_new_tokens=max_new_tokens)
+            p = pg.submit(image, prompt, on_text=pieces.append, max_new_tokens=max_new_tokens, constrained=False)
             p.result()
             return p.t_done - p.t_submit, "".join(pieces)
         t = time.perf_counter()
-        pieces = list(pg.stream(image, prompt, max_new_tokens=max_new_tokens))
+        pieces = list(pg.stream(image, prompt, max_new_tokens=max_new_tokens, constrained=False))
         return time.perf_counter() - t, "".join(pieces)
 
     plain(), streamed()  # warm-up

@@ -75,7 +75,7 @@ class ContinuousBackend:
     def submit(self, index: int, image, prompt: str, options: dict, on_text=None) -> Handle:
         h = _PendingHandle(index, time.perf_counter(), tokenizer=self.pg.tokenizer)
         try:
-            h.pending = self.pg.submit(image, prompt, on_text=on_text, **options)
+            h.pending = self.pg.submit(image, prompt, on_text=on_text, **{"constrained": False, **options})  # as (b), (c)
         except Exception as e:  # noqa: BLE001 - a refused request is counted as failed
             h.finish(error=e)
         return h
