@@ -145,22 +145,59 @@ class PaliGemma:
         return out
 
     # ------------------------------------------------------------------------------ predict
-    def predict(self, image, prompt: str, **options) -> Any:
+    def predict(self, image, prompt: str, *, choices: Sequence[str] | None = None, **options) -> Any:
         """Run one prompt on one image (or a list of frames). Options (`tasks.options.PredictOptions`,
         as keywords or as `options=PredictOptions(...)`): max_new_tokens, temperature, top_k, top_p,
         seed, num_beams, length_penalty, coord_denominator (1024 or 1023), dedupe_iou, constrained
         (detect/segment output kept in its grammar: on by default, False for the raw model; see
         `tasks.constrain`); and labels (the requested labels: a list, or one string split by the label
-        rule)."""
+        rule). `choices`: a closed set of answers to score instead of generating (`choose`)."""
+        if choices is not None:
+            return self.choose(image, prompt, choices)
         return self.predict_batch([image], [prompt], **options)[0]
 
+    def choose(self, image, prompt: str, choices: Sequence[str]):
+        """A closed-set answer: every choice scored as the answer to `prompt` in one batched
+        teacher-forced pass on the engine (one prefill of the image and prompt, the choices as
+        parallel continuations). `Result.choices`: per choice in the order given, `text`, `logprob` =
+        log P(choice tokens + EOS | image, prompt) and `probability` (softmax over the set);
+        `Result.text` is the most probable choice. Generation options do not apply (nothing is sampled)."""
+        return self.submit_choices(image, prompt, choices).result()
+
+    def submit_choices(self, image, prompt: str, choices, *, prompt_ids: Sequence[int] | None = None) -> PendingChoices:
+        """Queue `choose` on the engine and return at once (thread-safe); `choices`: strings, or a
+        `tasks.choices.ChoiceSet` already made by `prepare_choices`. ValueError for bad choices (none,
+        more than 64, repeated, empty, tokenizing to nothing) before anything is queued."""
+        from .tasks.choices import prepare_choices
+
+        chosen = prepare_choices(self.tokenizer, choices)
+        texts, ids = list(chosen.texts), [list(i) for i in chosen.ids]
+        t0 = time.perf_counter()
+        (pixel_values, key, size), = self._prepare([image])
+        image_ms = (time.perf_counter() - t0) * 1e3
+        prompt_ids = self.encode_prompt(prompt) if prompt_ids is None else _checked_ids(prompt_ids)
+        future = self.engine.score(Request(prompt_ids, pixel_values=pixel_values, pixel_key=key), ids)
+        return PendingChoices(future, prompt, size, texts, ids, image_ms)
+
+    def classify(self, image, labels: str | Sequence[str], question: str = "what is in the image?",
+                 lang: str = "en"):
+        """The most probable of `labels` (a list, or one string split by the label rule) as the answer to
+        `answer {lang} {question}`, with every label's probability (`choose`)."""
+        from .tasks.labels import split_labels
+
+        return self.answer(image, question, lang=lang, choices=split_labels(labels))
+
     def submit(self, image, prompt: str, *, labels: Sequence[str] | str | None = None, on_text=None,
-               options: PredictOptions | None = None, prompt_ids: Sequence[int] | None = None, **kwargs) -> Pending:
+               options: PredictOptions | None = None, prompt_ids: Sequence[int] | None = None,
+               choices: Sequence[str] | None = None, **kwargs) -> Pending:
         """Queue one prompt on the continuous-batching engine and return at once (thread-safe).
         `Pending.result()` is the Result; `on_text(piece)` is called (on the engine thread) with
         each new piece of text as it is generated. Options: a `PredictOptions` as `options=`, or
         keywords. `prompt_ids`: the prompt already tokenized by `encode_prompt` (the server checks
-        its length before decoding the image, and the prompt is tokenized once)."""
+        its length before decoding the image, and the prompt is tokenized once). `choices`: score
+        these answers instead of generating (`submit_choices`)."""
+        if choices is not None:
+            return self.submit_choices(image, prompt, choices, prompt_ids=prompt_ids)
         opts = _options(options, kwargs)
         t0 = time.perf_counter()
         (pixel_values, key, size), = self._prepare([image])
@@ -350,7 +387,13 @@ class PaliGemma:
     def ocr(self, image, **options):
         return self.task("ocr", image, **options)
 
-    def answer(self, image, question: str, lang: str = "en", **options):
+    def answer(self, image, question: str, lang: str = "en", *, choices: Sequence[str] | None = None, **options):
+        """The answer to `question`; with `choices`, the most probable of them and every choice's
+        probability (`choose`)."""
+        if choices is not None:
+            from .tasks.registry import get_task
+
+            return self.choose(image, get_task("answer").prompt({"question": question}, lang)[0], choices)
         return self.task("answer", image, question, lang=lang, **options)
 
     def question(self, image, answer: str, lang: str = "en", **options):
@@ -395,6 +438,30 @@ class Pending:
     def result(self, timeout: float | None = None):
         prompt, size, ticket, labels, opts, image_ms, streamed, constrained = self._args
         return self._pg._result(prompt, size, ticket.result(timeout), labels, opts, image_ms, streamed, constrained)
+
+
+class PendingChoices:
+    """A queued closed-set answer (`PaliGemma.submit_choices`): `result()` waits and builds its Result."""
+
+    def __init__(self, future, prompt, size, texts, ids, image_ms):
+        self.future = future
+        self._args = (prompt, size, texts, ids, image_ms)
+        self.t_submit = self.t_done = time.perf_counter()
+        future.add_done_callback(lambda _: setattr(self, "t_done", time.perf_counter()))
+
+    def cancel(self) -> None:
+        self.future.cancel()
+
+    def result(self, timeout: float | None = None):
+        from .tasks import Result, suggest_prompt
+        from .tasks.choices import best, rank_choices
+
+        prompt, size, texts, ids, image_ms = self._args
+        scores = rank_choices(texts, ids, self.future.result(timeout))
+        top = best(scores)
+        timings = {"image_ms": image_ms, "score_ms": (self.t_done - self.t_submit) * 1e3}
+        return Result(text=top.text, prompt=prompt, image_size=size, timings=timings, tokens=list(top.tokens),
+                      token_logprobs=list(top.token_logprobs[:-1]), hint=suggest_prompt(prompt), choices=scores)
 
 
 def _options(options: PredictOptions | None, kwargs: dict) -> PredictOptions:

@@ -130,6 +130,25 @@ class Engine:
         tickets = [self.scheduler.submit(r, options, None) for r in requests]
         return [t.result() for t in tickets]
 
+    def score(self, request: Request, continuations: list[list[int]]):
+        """Queue closed-set scoring (`score.py`: one prefill of the prompt, the continuations as
+        parallel teacher-forced rows) on the engine thread, within the admission bound. The future's
+        result: per continuation, the log-prob of each of its tokens."""
+        from .features import encode_requests
+        from .score import score_continuations
+
+        self.check(request)
+        vocab = self.model.config.output_vocab_size
+        bad = [t for c in continuations for t in c if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"continuation token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+
+        def run():
+            encode_requests(self.model, [request], self.scheduler.image_cache)
+            return score_continuations(self.model, request, continuations)
+
+        return self.scheduler.call(run, bounded=True)
+
     def new_batch(self, n_rows: int, max_len: int) -> SlotBatch:
         """A SlotBatch of its own (beam search); use it on the engine thread only."""
         return SlotBatch(self.model, n_rows, max_len)

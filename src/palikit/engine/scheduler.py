@@ -173,12 +173,15 @@ class Scheduler:
         return (len(self._queue) + len(self._live) + self._admitting + len(self._jobs)
                 + len(self._running_jobs))
 
-    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
-        """Run `fn()` on the scheduler thread between two steps (e.g. a benchmark's own batch)."""
+    def call(self, fn: Callable[[], object], bounded: bool = False) -> concurrent.futures.Future:
+        """Run `fn()` on the scheduler thread between two steps (beam search, warm-up, closed-set
+        scoring). `bounded`: counted against the admission bound like a request (QueueFull)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
             if self._closed:
                 raise Closed("the engine is shut down")
+            if bounded and self._held() + len(self._calls) >= self.max_slots + self.max_queue:
+                raise QueueFull(self.retry_after())
             self._calls.append((fn, fut))
             self._ensure_thread()
             self._cv.notify()

@@ -64,7 +64,7 @@ from .errors import ApiError, api_error, bad_request, handled_exceptions
 from .front import EngineFront, Item
 from .images import DecodeBudget, decode_image, image_bytes_from_string
 from .metrics import Metrics
-from .parsing import _openapi_body, build_prompt, prompt_param, read_fields
+from .parsing import _openapi_body, build_prompt, prompt_param, read_fields, request_choices
 from .schemas import ChatRequest, Options, gen_options, parse_model, request_model
 from .settings import ServerSettings
 
@@ -427,12 +427,13 @@ def task_route(state: State, task: str):
         opts = gen_options(req, settings)
         prompt, labels = build_prompt(task, req, settings.max_labels)
         ids = state.prompt_ids(prompt, param)
+        choices = request_choices(req, state.pg.tokenizer)
         data = upload if upload is not None else image_bytes_from_string(req.image, settings)
         del fields, upload, req
         image = await state.decode(data)
         del data  # while it waits for the model, the request holds only the model-size image
         t0 = time.perf_counter()
-        result = await state.run(opts, Item(image, prompt, ids, labels), request=request)
+        result = await state.run(opts, Item(image, prompt, ids, labels, choices), request=request)
         body = result.to_dict()
         body["model"] = state.name
         return JSONResponse(body, headers={"X-Server-Ms": f"{(time.perf_counter() - t0) * 1e3:.1f}"})

@@ -37,6 +37,7 @@ class Item:
     prompt: str
     prompt_ids: list[int]  # the prompt tokenized once (`PaliGemma.encode_prompt`), length checked
     labels: list[str] | None  # the requested labels, cleaned by the task table
+    choices: Any = None  # a closed set of answers to score (`tasks.choices.ChoiceSet`), else None
 
 
 class EngineFront:
@@ -89,8 +90,9 @@ class EngineFront:
         submitted = []
 
         def work():
+            extra = {} if item.choices is None else {"choices": item.choices}
             submitted.append(self.pg.submit(item.image, item.prompt, prompt_ids=item.prompt_ids, labels=item.labels,
-                                            options=options, on_text=on_text))
+                                            options=options, on_text=on_text, **extra))
             return submitted[0]
 
         try:

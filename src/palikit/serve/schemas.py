@@ -45,6 +45,9 @@ class ImageField(BaseModel):
 
 
 _REQUEST_MODELS: dict[str, type[BaseModel]] = {}
+CHOICES_HELP = ("A closed set of answers to score instead of generating (at most 64): a JSON list, or in a form one "
+                "string 'yes ; no'. The answer is the most probable; `choices` lists each one's text, logprob "
+                "(log P(choice + EOS | image, prompt)) and probability (softmax over the set).")
 
 
 def request_model(task: str) -> type[BaseModel]:
@@ -64,6 +67,8 @@ def request_model(task: str) -> type[BaseModel]:
         spec[a.name] = (typ, Field(... if a.required else None, description=a.help or None))
     if t.lang:
         spec["lang"] = (str, "en")
+    if t.choices:
+        spec["choices"] = (list[str] | str | None, Field(None, description=CHOICES_HELP))
     model = create_model(f"{t.name.capitalize()}Request", __base__=(Options, ImageField), **spec)
     model.__palikit_task__ = t
     _REQUEST_MODELS[task] = model

@@ -76,6 +76,7 @@ class Task:
     ray: bool = False  # `palikit batch --task <name>`
     eval: EvalSpec | None = None
     cli_help: str = ""  # the CLI command's help (default: summary)
+    choices: bool = False  # takes `choices` (a closed set of answers, scored: `tasks.choices`) over HTTP
 
     def arg(self, name: str) -> Arg | None:
         return next((a for a in self.args if a.name == name), None)
@@ -178,7 +179,7 @@ for _t in (
               help="Labels asked for (marks detections as requested): a list, or one string 'cat ; dog' "
                    "(in a form also a JSON list).")),
          parser="detections", result=("text", "detections"), api=False, cli="predict", http=True, ray=True,
-         cli_help="Run any prompt: palikit predict IMAGE 'answer en what is on the table'."),
+         cli_help="Run any prompt: palikit predict IMAGE 'answer en what is on the table'.", choices=True),
     Task("caption", caption, "Short caption ('caption {lang}').", lang=True, cli="caption", http=True,
          ray=True, eval=EvalSpec("caption", "caption {lang}",
                                  {"caption": "caption {lang}", "cap": "cap {lang}", "describe": "describe {lang}",
@@ -191,7 +192,7 @@ for _t in (
                                       "read": "Read the text."})),
     Task("answer", answer, "Answer a question about the image.",
          (_QUESTION,), cli_help="Answer a question about the image ('answer {lang} {question}').", lang=True,
-         cli="ask", http=True, ray=True),
+         cli="ask", http=True, ray=True, choices=True),
     Task("question", question, "Write a question whose answer is given ('question {lang} {answer}').",
          (Arg("answer", help="The answer the question should have.", max_chars=2000, noun="an answer"),), lang=True),
     Task("detect", detect, "Boxes (pixels of the original image) for the given labels.", (_LABELS,),

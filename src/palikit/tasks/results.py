@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .choices import ChoiceScore
 from .parse import Detection, detection_to_dict
 from .rle import mask_to_rle, rle_to_mask
 
@@ -25,7 +26,8 @@ __all__ = ["Result"]
 class Result:
     """What a prediction returns: the generated `text`, parsed `detections` (pixel boxes in the
     original `image_size` = (w, h), optional masks), parse `errors`, `timings` in ms, the generated
-    `tokens` and their `token_logprobs`, and a `hint` when the prompt looks like a missed task keyword."""
+    `tokens` and their `token_logprobs`, a `hint` when the prompt looks like a missed task keyword, and
+    for a closed-set answer (`choices=`) every choice's score in the order given (`tasks.choices`)."""
 
     text: str
     prompt: str = ""
@@ -36,6 +38,7 @@ class Result:
     tokens: list[int] = field(default_factory=list)
     token_logprobs: list[float] | None = None
     hint: str | None = None
+    choices: list[ChoiceScore] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         dets = []
@@ -53,6 +56,7 @@ class Result:
             "tokens": [int(t) for t in self.tokens],
             "token_logprobs": None if self.token_logprobs is None else [float(x) for x in self.token_logprobs],
             "hint": self.hint,
+            **({} if self.choices is None else {"choices": [c.to_dict() for c in self.choices]}),
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -76,6 +80,8 @@ class Result:
             errors=list(data.get("errors", [])), timings=dict(data.get("timings", {})),
             tokens=[int(t) for t in data.get("tokens", [])], token_logprobs=None if lp is None else list(lp),
             hint=data.get("hint"),
+            choices=None if data.get("choices") is None else [
+                ChoiceScore(c["text"], float(c["logprob"]), float(c["probability"])) for c in data["choices"]],
         )
 
     @classmethod
