@@ -77,7 +77,8 @@ class Server:
     the server chose, read from its start-up banner)."""
 
     def __init__(self, *args: str, api_keys: tuple[str, ...] = (API_KEY,), env: dict | None = None,
-                 ready_timeout: float = 90.0, host: str = "127.0.0.1", port: int | None = None):
+                 ready_timeout: float = 90.0, host: str = "127.0.0.1", port: int | None = None,
+                 model: str | Path | None = None):
         import palikit
 
         self.host = host
@@ -89,7 +90,7 @@ class Server:
                     "PALIKIT_API_KEYS": ",".join(api_keys), **(env or {})}
         self.log_path = Path(tempfile.mkstemp(prefix="palikit-serve-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-c", LAUNCH, "serve", "--model", str(tiny_checkpoint()), "--host", host,
+        cmd = [sys.executable, "-c", LAUNCH, "serve", "--model", str(model or tiny_checkpoint()), "--host", host,
                "--port", str(self.port), "--device", "cpu", "--log-level", "warning", "--torch-threads", "1", *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
                                      start_new_session=True)

@@ -104,8 +104,9 @@ MATRIX = [
     ("chat-tool-choice", "/v1/chat/completions", _chat(tool_choice="required"), AUTH, 400, "invalid_request",
      "tool_choice"),
     ("chat-logprobs", "/v1/chat/completions", _chat(logprobs=True), AUTH, 400, "invalid_request", "logprobs"),
-    ("chat-json-mode", "/v1/chat/completions", _chat(response_format={"type": "json_object"}), AUTH, 400,
-     "invalid_request", "response_format"),
+    # JSON mode is supported (issue 35), but this tiny model's tokenizer has no '{': refused up front, by name
+    ("chat-json-mode-unwritable", "/v1/chat/completions", _chat(response_format={"type": "json_object"}), AUTH, 400,
+     "invalid_request", "response_format: this model's tokenizer cannot write"),
     ("chat-unknown-field", "/v1/chat/completions", _chat(temprature=0.5), AUTH, 400, "invalid_request",
      "unknown field"),
     ("foreign-host", "/v1/caption", _j(), {**AUTH, "Host": "rebind.attacker.example"}, 400, "invalid_host",

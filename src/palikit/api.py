@@ -189,13 +189,14 @@ class PaliGemma:
 
     def submit(self, image, prompt: str, *, labels: Sequence[str] | str | None = None, on_text=None,
                options: PredictOptions | None = None, prompt_ids: Sequence[int] | None = None,
-               choices: Sequence[str] | None = None, **kwargs) -> Pending:
+               choices: Sequence[str] | None = None, constraint: Any = None, **kwargs) -> Pending:
         """Queue one prompt on the continuous-batching engine and return at once (thread-safe).
         `Pending.result()` is the Result; `on_text(piece)` is called (on the engine thread) with
         each new piece of text as it is generated. Options: a `PredictOptions` as `options=`, or
         keywords. `prompt_ids`: the prompt already tokenized by `encode_prompt` (the server checks
         its length before decoding the image, and the prompt is tokenized once). `choices`: score
-        these answers instead of generating (`submit_choices`)."""
+        these answers instead of generating (`submit_choices`). `constraint`: a fresh token constraint
+        for this generation (the engine's constraints interface, e.g. `tasks.structured.GrammarConstraint`)."""
         if choices is not None:
             return self.submit_choices(image, prompt, choices, prompt_ids=prompt_ids)
         opts = _options(options, kwargs)
@@ -203,7 +204,7 @@ class PaliGemma:
         (pixel_values, key, size), = self._prepare([image])
         image_ms = (time.perf_counter() - t0) * 1e3
         ids = self.encode_prompt(prompt) if prompt_ids is None else _checked_ids(prompt_ids)
-        request = Request(ids, pixel_values=pixel_values, pixel_key=key)
+        request = Request(ids, pixel_values=pixel_values, pixel_key=key, constraint=constraint)
         return self._submit(request, prompt, size, requested_labels(labels), opts, _engine_options(opts), image_ms,
                             on_text)
 

@@ -72,8 +72,10 @@ def hf_model_from(model: PaliGemmaModel):
     return hf.eval()
 
 
-def make_tiny_checkpoint(folder: str | Path, family: str = "pg1", seed: int = 0, image_size: int = 28) -> Path:
-    """Write a random tiny PaliGemma (family "pg1" or "pg2") with a PaliGemma-style tokenizer."""
+def make_tiny_checkpoint(folder: str | Path, family: str = "pg1", seed: int = 0, image_size: int = 28,
+                         extra_chars: str = "") -> Path:
+    """Write a random tiny PaliGemma (family "pg1" or "pg2") with a PaliGemma-style tokenizer; `extra_chars`:
+    characters its tokenizer writes besides CHARS (e.g. "{}[]" for JSON outputs)."""
     import torch
 
     from .config import PRESETS
@@ -83,7 +85,7 @@ def make_tiny_checkpoint(folder: str | Path, family: str = "pg1", seed: int = 0,
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(WORDS + CHARS, folder / "tokenizer.json")
+    tok = build_tokenizer(WORDS + CHARS + [c for c in extra_chars if c not in CHARS], folder / "tokenizer.json")
     image_id = tok.vocab_size - 1  # build_tokenizer puts <image> last
     base = PRESETS[f"tiny-{family}"]
     cfg = replace(base, text=replace(base.text, vocab_size=tok.vocab_size), image_token_index=image_id,

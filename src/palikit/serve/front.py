@@ -38,6 +38,7 @@ class Item:
     prompt_ids: list[int]  # the prompt tokenized once (`PaliGemma.encode_prompt`), length checked
     labels: list[str] | None  # the requested labels, cleaned by the task table
     choices: Any = None  # a closed set of answers to score (`tasks.choices.ChoiceSet`), else None
+    constraint: Any = None  # a fresh token constraint for this generation (structured outputs), else None
 
 
 class EngineFront:
@@ -90,7 +91,7 @@ class EngineFront:
         submitted = []
 
         def work():
-            extra = {} if item.choices is None else {"choices": item.choices}
+            extra = {k: v for k, v in (("choices", item.choices), ("constraint", item.constraint)) if v is not None}
             submitted.append(self.pg.submit(item.image, item.prompt, prompt_ids=item.prompt_ids, labels=item.labels,
                                             options=options, on_text=on_text, **extra))
             return submitted[0]

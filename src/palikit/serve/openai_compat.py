@@ -15,9 +15,10 @@ mapping, documented for users of OpenAI clients:
   `model_not_found` listing the served names, as OpenAI answers.
 - `max_completion_tokens` (or `max_tokens`) -> max_new_tokens; `temperature` defaults to 0 (greedy,
   PaliGemma's recommended decoding), not OpenAI's 1 (below 1e-5 is greedy too); `top_p` and `seed` are
-  honoured; `n` must be 1. Refused with a 400 when set to anything but their neutral value: `stop`,
-  `tools` / `tool_choice` and the legacy `functions` / `function_call`, `response_format` (other than
-  text), `logprobs` / `top_logprobs`, `logit_bias`, `frequency_penalty` / `presence_penalty`, `audio`,
+  honoured; `n` must be 1. Structured outputs: `response_format` (json_schema, json_object) and vLLM's
+  `guided_json` / `guided_regex` / `guided_choice` / `structured_outputs` (`structured.py`). Refused with
+  a 400 when set to anything but their neutral value: `stop`,
+  `tools` / `tool_choice` and the legacy `functions` / `function_call`, `logprobs` / `top_logprobs`, `logit_bias`, `frequency_penalty` / `presence_penalty`, `audio`,
   `modalities` (other than ["text"]), `prediction`. Accepted and ignored: `user`, `metadata`, `store`,
   `service_tier`, `parallel_tool_calls`, `reasoning_effort`, `safety_identifier`, `prompt_cache_key`.
   Any other field is a 400 (unknown field).
@@ -55,6 +56,7 @@ from .images import image_bytes_from_string
 from .parsing import read_fields
 from .adapters import chat_adapter
 from .schemas import ChatRequest, Options, gen_options, parse_model
+from .structured import chat_constraint, chat_spec
 
 log = logging.getLogger("palikit.serve")
 
@@ -66,6 +68,7 @@ class ChatCall:
     options: dict[str, Any]    # Options fields
     stream: bool
     include_usage: bool
+    structured: Any = None  # (StructuredSpec, the field that asked) or None (structured.py)
 
 
 def _text_and_images(content) -> tuple[str, list[str]]:
@@ -92,8 +95,6 @@ _REFUSED = {  # field -> (is it set to something this server would have to honou
     "functions": (bool, f"functions (legacy tools) are not supported: {_NO_TOOLS}."),
     "tool_choice": (lambda v: v not in (None, "none"), f"tool_choice is not supported: {_NO_TOOLS}."),
     "function_call": (lambda v: v not in (None, "none"), f"function_call is not supported: {_NO_TOOLS}."),
-    "response_format": (lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
-                        "response_format is not supported: PaliGemma answers plain text; remove it."),
     "logprobs": (bool, "logprobs are not returned by this endpoint; use /v1/predict (token_logprobs)."),
     "top_logprobs": (lambda v: v is not None, "top_logprobs are not supported; use /v1/predict (token_logprobs)."),
     "logit_bias": (bool, "logit_bias is not supported; remove it."),
@@ -140,7 +141,7 @@ def parse_chat(req: ChatRequest) -> ChatCall:
     if req.seed is not None:
         opts["seed"] = req.seed
     return ChatCall(prompt, images, opts, req.stream,
-                    bool(req.stream_options and req.stream_options.include_usage))
+                    bool(req.stream_options and req.stream_options.include_usage), chat_spec(req))
 
 
 def hint_field(hint: str | None, prompt: str) -> dict[str, Any]:
@@ -200,12 +201,13 @@ async def chat_completions(request: Request):
                           "messages")
     opts = gen_options(Options(**call.options, adapter=chat_adapter(state, req.model)), settings)
     ids = state.prompt_ids(call.prompt, "messages")
+    constraint = await chat_constraint(state.pg, call.structured)
     datas = [image_bytes_from_string(u, settings, "messages") for u in call.images]
     call.images, fields = [], None
     frames = []
     while datas:
         frames.append(await state.decode(datas.pop(0), "messages"))
-    item = Item(frames[0] if len(frames) == 1 else frames, call.prompt, ids, None)
+    item = Item(frames[0] if len(frames) == 1 else frames, call.prompt, ids, None, constraint=constraint)
     n_prompt = len(ids) + _image_tokens(state.pg) * len(frames)
     cid = new_id()
     if not call.stream:

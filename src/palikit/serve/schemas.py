@@ -133,7 +133,7 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     """The subset of OpenAI's chat.completions body that maps onto PaliGemma. Every OpenAI field is
-    named here: the ones PaliGemma cannot honour (tools, functions, logprobs, response_format, ...)
+    named here: the ones PaliGemma cannot honour (tools, functions, logprobs, ...)
     are refused with a 400 saying so when set to anything but their neutral value; bookkeeping fields
     (user, metadata, store, service_tier, ...) are accepted and ignored; unknown fields are a 400."""
 
@@ -165,6 +165,11 @@ class ChatRequest(BaseModel):
     audio: Any = None
     modalities: list[str] | None = None
     prediction: Any = None
+    # structured outputs (serve/structured.py): OpenAI's response_format above, and vLLM's extra fields
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    structured_outputs: Any = None
     # accepted and ignored
     user: Any = None
     metadata: Any = None
