@@ -180,3 +180,22 @@ class _EmptyTokenizer:
 class _SameTokenizer(_EmptyTokenizer):
     def encode_prompt(self, prefix, suffix):
         return self.tok.encode_prompt(prefix, "cat")
+
+
+def test_a_cancelled_scoring_request_never_runs(tiny, monkeypatch):
+    """A closed-set request cancelled while it waits (its HTTP request timed out) is skipped by the engine."""
+    import threading
+
+    import palikit.engine.score as score
+
+    pg = tiny["pg1"]
+    ran = []
+    monkeypatch.setattr(score, "score_continuations", lambda *a, **k: ran.append(1) or [[0.0], [0.0]])
+    gate = threading.Event()
+    blocker = pg.engine.scheduler.call(gate.wait)  # holds the engine thread
+    pending = pg.submit_choices(_image(0), "answer en what", ["a", "b"])
+    pending.cancel()
+    gate.set()
+    blocker.result(10)
+    pg.engine.scheduler.call(lambda: None).result(10)  # a later call ran: the queue went past the cancelled one
+    assert pending.future.cancelled() and not ran

@@ -476,6 +476,8 @@ def settle_future(fut: concurrent.futures.Future, result=None, error: BaseExcept
 
 
 def _run_call(fn, fut: concurrent.futures.Future) -> None:
+    if not fut.set_running_or_notify_cancel():  # cancelled while it waited (e.g. its HTTP request timed out)
+        return
     try:
         result = fn()
     except Exception as e:  # noqa: BLE001

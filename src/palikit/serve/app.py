@@ -427,7 +427,7 @@ def task_route(state: State, task: str):
         opts = gen_options(req, settings)
         prompt, labels = build_prompt(task, req, settings.max_labels)
         ids = state.prompt_ids(prompt, param)
-        choices = request_choices(req, state.pg.tokenizer)
+        choices = request_choices(req, state.pg)
         data = upload if upload is not None else image_bytes_from_string(req.image, settings)
         del fields, upload, req
         image = await state.decode(data)

@@ -157,7 +157,7 @@ def build_prompt(task: str, req, max_labels: int = 64) -> tuple[str, list[str] |
         raise bad_request(clean_message(msg), param) from None
 
 
-def request_choices(req, tokenizer):
+def request_choices(req, pg):
     """The request's `choices` checked and tokenized once (`tasks.choices.ChoiceSet`), None when it has
     none; a 400 naming `choices` says what is wrong (none, more than 64, repeated, empty, untokenizable)."""
     value = getattr(req, "choices", None)
@@ -167,7 +167,7 @@ def request_choices(req, tokenizer):
     from ..tasks.labels import split_labels
 
     try:
-        return prepare_choices(tokenizer, split_labels(value) if isinstance(value, str) else value)
+        return prepare_choices(pg.tokenizer, split_labels(value) if isinstance(value, str) else value)
     except ValueError as e:
         raise bad_request(clean_message(str(e)), "choices") from None
 

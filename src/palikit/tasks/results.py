@@ -132,6 +132,7 @@ class Result:
             if not d.requested:
                 parts.append("(not requested)")
             lines.append("  ".join(parts))
+        lines += [f"  choice {c.text!r}: p={c.probability:.3f} (logprob {c.logprob:.3f})" for c in self.choices or ()]
         lines += [f"  error: {e}" for e in self.errors]
         if self.hint:
             lines.append(f"  hint: {self.hint}")
