@@ -92,7 +92,8 @@ def test_json_object_regex_and_choices(tiny, one_thread):
               _body(image=3, guided_choice=choices),
               _body(image=4, structured_outputs={"regex": "[a-z]{2,5}!"}),
               _body(image=5, structured_outputs={"choice": choices}),
-              _body(image=6, response_format={"type": "text"}, max_tokens=5)]
+              _body(image=6, response_format={"type": "text"}, max_tokens=5),
+              _body("detect cat ; dog", image=7, guided_choice=choices)]  # the caller's grammar, not detect's
     r = _chat(tiny, bodies)
     obj = json.loads(_content(r[0]))
     assert isinstance(obj, dict) and obj
@@ -100,6 +101,7 @@ def test_json_object_regex_and_choices(tiny, one_thread):
     assert _content(r[2]) in choices and _content(r[4]) in choices
     assert re.fullmatch(r"[a-z]{2,5}!", _content(r[3]))
     assert r[5].status_code == 200
+    assert _content(r[6]) in choices
 
 
 @pytest.mark.parametrize("extra, param, message", [

@@ -211,7 +211,9 @@ class PaliGemma:
     def _submit(self, request, prompt, size, labels, opts, gen_opts, image_ms, on_text=None) -> Pending:
         from .tasks.constrain import grammar_for_prompt
 
-        grammar = grammar_for_prompt(self.tokenizer, prompt, labels, opts.constrained, opts.num_beams)
+        grammar = None  # a caller's own constraint (structured outputs) wins over the detect/segment grammar
+        if request.constraint is None:
+            grammar = grammar_for_prompt(self.tokenizer, prompt, labels, opts.constrained, opts.num_beams)
         if grammar is not None:  # detect/segment output stays in its format (tasks/constrain.py)
             request.constraint = grammar.start(gen_opts.max_new_tokens)
             labels = grammar.labels
