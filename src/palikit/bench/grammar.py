@@ -13,7 +13,6 @@ JSON line. Run: `python -m palikit.bench.grammar` (needs `pip install xgrammar l
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..tasks.structured import bitmask_to_bool, text_pieces
+from .constrained import cpu_name
 
 SCHEMA = {"type": "object", "properties": {
     "shape": {"type": "string", "enum": ["circle", "square", "triangle"]},
@@ -141,16 +141,6 @@ def run_one(lib_cls, tok, vocab: int, cases) -> dict:
         out[kind] = {"compile_ms": compile_ms, "tokens": len(path), "us_per_token": statistics.mean(lib_s) * 1e6,
                      "us_max": max(lib_s) * 1e6, "to_bool_us": statistics.mean(conv_s) * 1e6}
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> dict:
