@@ -51,7 +51,7 @@ def demo():
 
 
 def _body(prompt: str = "answer en what is this", image: int = 0, **kw) -> dict:
-    return {"model": "x", "max_tokens": 120, "messages": [{"role": "user", "content": [
+    return {"max_tokens": 120, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(png_bytes(40, 30, seed=image))}},
         {"type": "text", "text": prompt}]}], **kw}
 
