@@ -9,6 +9,7 @@ Not a test module (no `test_` prefix); the server test files import it (fixtures
 from __future__ import annotations
 
 import atexit
+import copy
 import base64
 import io
 import os
@@ -219,7 +220,7 @@ def bomb_png(side: int = 20000) -> bytes:
 
 def comparable(d: dict) -> dict:
     """A Result dict without what legitimately differs between two runs (timings) or is server-only."""
-    d = dict(d)
+    d = copy.deepcopy(d)  # its detections are popped from: the caller's dict stays whole
     d.pop("timings", None)
     d.pop("model", None)
     return d
