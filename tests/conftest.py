@@ -36,3 +36,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny random PaliGemma 2 checkpoint in the Hub layout (a file's own `ckpt` fixture overrides it)."""
+    from palikit.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), family="pg2")
+
+
+@pytest.fixture(scope="module")
+def pg(ckpt):
+    """`PaliGemma` on `ckpt`, on the CPU (a file's own `pg` fixture overrides it)."""
+    from palikit.api import PaliGemma
+
+    return PaliGemma.from_pretrained(ckpt, device="cpu")

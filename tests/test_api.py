@@ -11,17 +11,6 @@ from PIL import Image
 
 from palikit.api import PaliGemma
 from palikit.engine import Generation, GenerationOptions, Request, Ticket
-from palikit.testing import make_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), family="pg2")
-
-
-@pytest.fixture(scope="module")
-def pg(ckpt):
-    return PaliGemma.from_pretrained(ckpt, device="cpu")
 
 
 @pytest.fixture

@@ -26,21 +26,10 @@ from palikit.api import PaliGemma
 from palikit.tasks.constrain import DetectGrammar, fold_labels, grammar_for_prompt, label_spellings
 from palikit.tasks.labels import normalize_label
 from palikit.tasks.parse import parse_detections
-from palikit.testing import make_tiny_checkpoint
 from palikit.tokenizer import build_tokenizer
 
 POOL = ["cat", "dog", "red car", "Circle", "squares", "the dog", "box", "T-shirt", "glass", "x"]
 SEGS = "".join(f"<seg{i:03d}>" for i in range(16))
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-constrained"), family="pg2")
-
-
-@pytest.fixture(scope="module")
-def pg(ckpt):
-    return PaliGemma.from_pretrained(ckpt, device="cpu")
 
 
 @pytest.fixture(scope="module")

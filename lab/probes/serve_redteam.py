@@ -23,7 +23,6 @@ import concurrent.futures
 import io
 import json
 import os
-import platform
 import re
 import signal
 import socket
@@ -183,16 +182,6 @@ def probe_tiffs(src: str) -> dict:
         srv.stop()
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", action="append", help="a checkout's src folder (repeatable; default: this one's)")
@@ -203,7 +192,9 @@ def main() -> None:
         row = {"src": src, **probe_abandoned(src, image), **probe_beams(src, image), **probe_tiffs(src)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(), "model": "tiny random pg2 (palikit.testing)",
+    from palikit.runtime import cpu_model
+
+    print(json.dumps({"cpu": cpu_model(), "cores": os.cpu_count(), "model": "tiny random pg2 (palikit.testing)",
                       "runs": len(rows)}))
 
 

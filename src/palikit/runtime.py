@@ -1,4 +1,5 @@
-"""Device and dtype resolution shared by the API and the CLI ("auto" = CUDA + bf16 when present)."""
+"""Device and dtype resolution shared by the API and the CLI ("auto" = CUDA + bf16 when present), and
+the CPU's name as benchmarks report it (`cpu_model`)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return _DTYPES[str(dtype).lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or auto") from None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("AMD EPYC"), else what `platform` knows: the one place
+    benchmarks and probes read it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

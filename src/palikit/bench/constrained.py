@@ -13,12 +13,13 @@ few ms), so this is where a per-row Python cost shows most; a full-size model's 
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch
+
+from ..runtime import cpu_model
 
 __all__ = ["run_constrained_bench"]
 
@@ -40,16 +41,6 @@ class _WithoutEos:
 
     def advance(self, token_id: int) -> None:
         self.cursor.advance(token_id)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _rows(pg, task: str, n: int):
@@ -113,7 +104,7 @@ def run_constrained_bench(model: str | None = None, *, task: str = "detect", slo
             log(f"{mode}: {times[mode][-1]:.3f} ms / step")
     raw, con = statistics.median(times["raw"]), statistics.median(times["constrained"])
     return {"bench": "constrained", "model": pg.name, "task": task, "slots": slots, "new_tokens": new_tokens,
-            "repeats": repeats, "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
+            "repeats": repeats, "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
             "cpus_busy_before": busy, "load_before": load_before, "load_after": load_average(),
             "raw_ms_per_step": raw, "constrained_ms_per_step": con, "overhead_pct": (con / raw - 1) * 100,
             "raw_runs": times["raw"], "constrained_runs": times["constrained"]}

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..tasks.structured import bitmask_to_bool, text_pieces
-from .constrained import cpu_name
+from ..runtime import cpu_model as cpu_name
 
 SCHEMA = {"type": "object", "properties": {
     "shape": {"type": "string", "enum": ["circle", "square", "triangle"]},

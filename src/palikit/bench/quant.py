@@ -122,7 +122,9 @@ def cpu_name() -> str:
             info = f.read()
     except OSError:
         return "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    from ..runtime import cpu_model
+
+    name = cpu_model()
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     isa = [f for f in ("avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16") if f in flags]
     return f"{name}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX-512 VNNI/BF16, no AMX'}"

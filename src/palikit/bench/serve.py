@@ -21,7 +21,6 @@ parsing (boxes, mask decoding) is left out of all of them.
 from __future__ import annotations
 
 import os
-import platform
 import random
 import time
 from dataclasses import dataclass
@@ -217,12 +216,9 @@ def stream_check(pg, image, prompt: str, max_new_tokens: int, repeats: int = 7) 
 
 # ----------------------------------------------------------------------------------------- the run
 def hardware(pg) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from ..runtime import cpu_model
+
+    cpu = cpu_model()
     dev = pg.device
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(),
