@@ -14,7 +14,6 @@ import base64
 import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -143,13 +142,9 @@ class Server:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        from palikit.testing import stop_process
+
+        stop_process(self.proc, 10)
         if not self._log.closed:
             self._log.close()
 

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -97,13 +96,9 @@ class Serve:
         return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from palikit.testing import stop_process
+
+        stop_process(self.proc, 20)
 
 
 def caption_s(srv: Serve, image: str) -> tuple[int, float]:

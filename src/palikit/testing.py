@@ -137,3 +137,17 @@ def random_paligemma(preset: str, device: Any = "cpu", dtype: torch.dtype | None
     model = random_model(cfg, device, dtype, seed=seed)
     proc = ImageProcessor(size=cfg.vision.image_size, patch_size=cfg.vision.patch_size)
     return PaliGemma(model, tok, proc, name=f"{cfg.name}-random")
+
+
+def stop_process(proc, grace_s: float = 10.0) -> None:
+    """End a server process the tests or a probe started: SIGTERM (it drains), then SIGKILL after `grace_s`."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
