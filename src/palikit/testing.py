@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .config import PaliGemmaConfig
     from .model import PaliGemmaModel
 
-__all__ = ["hf_model_from", "make_tiny_checkpoint", "random_model", "random_paligemma", "random_tokenizer"]
+__all__ = ["hf_model_from", "make_tiny_checkpoint", "random_model", "random_paligemma", "random_tokenizer", "stop_process"]
 
 WORDS = ["a", "the", "red", "blue", "green", "circle", "square", "triangle", "cat", "dog", "car", "on", "in",
          "caption", "describe", "detect", "segment", "answer", "question", "ocr", "en", "how", "many", "what",
