@@ -1,7 +1,8 @@
 """Overload against a real `palikit serve` process: the engine scheduler's bound is the one admission
 path, and every route answers its refusal the same way, 503 + Retry-After, the streaming chat too
 (issue 38, S3: a refused streaming chat used to get a 503 without Retry-After). The old flag name
---max-batch-size still sets the slots, with one deprecation line."""
+--max-batch-size still sets the slots and --decode-budget-mpx the decode budget (as 8-bit RGB bytes),
+each with one deprecation line."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow
 LONG = 2000  # tokens: the tiny random model never says EOS, so a request holds its slot for seconds
 
 
-server = server_fixture("--max-batch-size", "1", "--max-queue", "1", "--max-new-tokens-limit", str(LONG))
+server = server_fixture("--max-batch-size", "1", "--decode-budget-mpx", "50", "--max-queue", "1", "--max-new-tokens-limit", str(LONG))
 
 
 def _chat(stream: bool) -> dict:
@@ -66,5 +67,6 @@ def test_every_route_refuses_a_full_engine_with_503_and_retry_after(server):
 def test_the_old_flag_name_sets_the_slots_with_one_deprecation_line(server):
     log = server.log()
     assert log.count("--max-batch-size is deprecated") == 1, log
+    assert log.count("--decode-budget-mpx is deprecated") == 1 and "--decode-budget-mb 143" in log, log
     with httpx.Client(base_url=server.url, headers=server.headers) as c:
         assert metric_samples(c.get("/metrics").text, "palikit_slots") == {"palikit_slots": 1.0}

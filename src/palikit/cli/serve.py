@@ -53,6 +53,7 @@ def serve(
     decode_budget_mb: float = typer.Option(_D.decode_budget_bytes / 2**20, help="Memory image decoding may hold, all "
                                            "requests together (MB; a 16-bit or transparent image costs several times "
                                            "an RGB one; beyond: 429 + Retry-After)."),
+    decode_budget_mpx: float = typer.Option(None, hidden=True, help="Deprecated: --decode-budget-mb (bytes, not pixels)."),
     allowed_hosts: str = typer.Option(None, help="Comma-separated Host names served ('*' = any). Default: loopback "
                                       "names when bound to loopback, any otherwise."),
     header_timeout: float = typer.Option(_D.header_timeout_s, help="Seconds a connection has to send complete request "
@@ -101,6 +102,11 @@ def serve(
         print("palikit: --max-batch-size is deprecated (it sets the engine's slots): use --max-slots.",
               file=sys.stderr, flush=True)
         max_slots = max_batch_size
+    if decode_budget_mpx is not None:  # the old pixel budget, read as 8-bit RGB images (3 bytes a pixel)
+        decode_budget_mb = decode_budget_mpx * 1e6 * 3 / 2**20
+        print(f"palikit: --decode-budget-mpx is deprecated (the budget counts bytes now: a 16-bit or transparent "
+              f"image costs more than an RGB one): read as --decode-budget-mb {decode_budget_mb:.0f}.",
+              file=sys.stderr, flush=True)
     keys = tuple(api_key or ()) + ServerSettings.keys_from_env()
     if not is_loopback(host) and not keys:
         if not allow_unauthenticated:
