@@ -96,9 +96,13 @@ class Engine:
 
     def check(self, request: Request, options: GenerationOptions | None = None) -> None:
         """Refuse a request the model cannot run, with the reason (before it reaches a batch)."""
-        if request.constraint is not None and options is not None and options.num_beams > 1:
-            raise ValueError("constrained output decodes with num_beams=1; drop num_beams or the constraint "
-                             "(constrained=False for detect/segment)")
+        if options is not None and options.num_beams > 1:  # beam search: base model, free text only
+            if request.constraint is not None:
+                raise ValueError("constrained output decodes with num_beams=1; drop num_beams or the constraint "
+                                 "(constrained=False for detect/segment)")
+            if options.adapter is not None:
+                raise ValueError("beam search (num_beams > 1) runs on the base model only; drop num_beams or the "
+                                 "adapter")
         vocab = self.model.config.text.vocab_size
         if not request.text_ids:
             raise ValueError("a request needs at least one text token ([BOS] ...)")
@@ -110,7 +114,6 @@ class Engine:
         """Queue one request; the Ticket's `result()` is its Generation. `on_token(id, logprob)` is
         called on the engine thread for each generated token (EOS excluded)."""
         self.check(request, options)
-        _check_beams(options)
         if options.num_beams > 1:  # beam search: its own batch, stepped between the engine's decode steps
             from .beam import BeamSearch
 
@@ -122,7 +125,6 @@ class Engine:
             return []
         for r in requests:
             self.check(r, options)
-        _check_beams(options)
         if options.num_beams > 1:
             from .beam import BeamSearch
 
@@ -155,11 +157,6 @@ class Engine:
 
     def close(self) -> None:
         self.scheduler.close()
-
-
-def _check_beams(options: GenerationOptions) -> None:
-    if options.num_beams > 1 and options.adapter is not None:
-        raise ValueError("beam search (num_beams > 1) runs on the base model only; drop num_beams or the adapter")
 
 
 @torch.inference_mode()
