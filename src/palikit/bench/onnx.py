@@ -25,10 +25,11 @@ GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 
 
 def hardware() -> dict:
-    info = {"cpu": os.uname().machine, "cores": os.cpu_count(), "flags": []}
+    from ..runtime import cpu_model
+
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "flags": []}
     try:
         text = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
         flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
         info["flags"] = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
                          if f in flags]
