@@ -16,8 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# the easyocr baseline's venv: torch + torchvision + easyocr + its offline English weights (~6 GB, mostly
-# torch's CUDA libraries; about a minute from this machine's wheels)
+# the easyocr baseline's venv: torch + torchvision + easyocr + its offline English weights (5.1 GB, mostly
+# torch's CUDA libraries, triton left out; about a minute from this machine's wheels; it checks for 6 GB free first)
 $(EASYOCR_VENV)/.installed: src/palikit/eval/easyocr_env.py | $(VENV)/.installed
 	$(PY) -m palikit.eval.easyocr_env $(EASYOCR_VENV)
 	touch $@

