@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the one place errors become messages
         import click
 
-        if isinstance(e, click.ClickException):
+        # typer vendors its own click (typer._click): its usage errors (an unknown option, a bad value) are
+        # TyperExceptions, not click.ClickExceptions; both print their usage line, never a traceback
+        if isinstance(e, (click.ClickException, typer.TyperException)) and hasattr(e, "show"):
             e.show()
             return e.exit_code
         if os.environ.get("PALIKIT_DEBUG") == "1" or not isinstance(e, USER_ERRORS):

@@ -7,6 +7,7 @@ sampled into `--frames` frames.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -39,18 +40,19 @@ def _frames(images: list[str], frames: int):
     return images if len(images) > 1 else images[0]
 
 
-def _run(images, prompt_fn, *, model, device, dtype, tokenizer, as_json, out, max_new_tokens, temperature,
-         top_k, top_p, seed, num_beams, frames, adapter=None, final_logit_softcap="auto", quantize=None):
+def _run(images, make_result, *, model, device, dtype, tokenizer, as_json, out, max_new_tokens, temperature,
+         top_k, top_p, seed, num_beams, frames, adapter=None, final_logit_softcap="auto", quantize=None,
+         constrained="auto"):
     from rich.console import Console
 
-    pg = load_model(model, device, dtype, tokenizer, adapter=adapter, final_logit_softcap=final_logit_softcap,
-                    quantize=quantize)
-    example = _frames(images, frames)
     from ..tasks.options import PredictOptions
 
     opts = PredictOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          num_beams=num_beams)  # the CLI edge's one conversion of its flags
-    result = prompt_fn(pg, example, opts.as_kwargs())
+                          num_beams=num_beams, constrained=_constrained(constrained))  # the CLI edge's one conversion
+    pg = load_model(model, device, dtype, tokenizer, adapter=adapter, final_logit_softcap=final_logit_softcap,
+                    quantize=quantize)
+    example = _frames(images, frames)
+    result = make_result(pg, example, opts.as_kwargs())
     if out is not None:
         from ..preprocess import load_image
         from ..tasks.draw import draw, save_png
@@ -62,6 +64,8 @@ def _run(images, prompt_fn, *, model, device, dtype, tokenizer, as_json, out, ma
         return
     console = Console()
     console.print(f"[bold]{result.prompt}[/bold] -> {result.text!r}")
+    for c in result.choices or ():
+        console.print(f"  {c.text!r}: probability {c.probability:.3f}  (logprob {c.logprob:.3f})")
     for d in result.detections:
         score = "" if d.score is None else f"  score {d.score:.2f}"
         mask = "" if d.mask is None else f"  mask {int(d.mask.sum())} px"
@@ -73,10 +77,21 @@ def _run(images, prompt_fn, *, model, device, dtype, tokenizer, as_json, out, ma
     if result.hint:
         console.print(f"  [cyan]hint:[/cyan] {result.hint}")
     t = result.timings
-    console.print(f"  [dim]{t.get('image_ms', 0):.0f} ms image, {t.get('prefill_ms', 0):.0f} ms prefill, "
-                  f"{t.get('decode_step_ms', 0):.1f} ms/token[/dim]")
+    work = (f"{t['score_ms']:.0f} ms scoring {len(result.choices)} choices" if "score_ms" in t else
+            f"{t.get('prefill_ms', 0):.0f} ms prefill, {t.get('decode_step_ms', 0):.1f} ms/token")
+    console.print(f"  [dim]{t.get('image_ms', 0):.0f} ms image, {work}[/dim]")
     if out is not None:
         console.print(f"  annotated image written to {out}")
+
+
+CONSTRAINED_FLAGS = {"auto": None, "on": True, "off": False}
+
+
+def _constrained(flag: str):
+    """`--constrained auto|on|off` as PredictOptions.constrained (auto: on for detect/segment prompts)."""
+    if flag not in CONSTRAINED_FLAGS:
+        raise ValueError(f"--constrained must be one of {', '.join(CONSTRAINED_FLAGS)}, got {flag!r}")
+    return CONSTRAINED_FLAGS[flag]
 
 
 MODEL = typer.Option(None, "--model", "-m", help="Checkpoint folder, big_vision .npz or Hub id (default: bundled demo).")
@@ -100,38 +115,55 @@ FRAMES = typer.Option(8, help="Frames sampled from a video file.")
 IMAGES = typer.Argument(..., help="Image path(s); several = frames of one example; or one video file.")
 
 
+CHOICES = typer.Option(None, "--choices", help="Score these answers instead of generating: 'yes ; no' (the "
+                                                "label rule; a JSON list works too). Prints each one's probability.")
+CONSTRAINED = typer.Option("auto", "--constrained", help="auto (detect/segment prompts write only the task's format "
+                                                         "and the requested labels), on, or off (the raw model).")
+LANG = typer.Option("en", help="Language code.")
+_COMMON = {"model": (str, MODEL), "device": (str, DEVICE), "dtype": (str, DTYPE), "tokenizer": (str, TOKENIZER),
+           "as_json": (bool, JSON), "out": (Path, OUT), "max_new_tokens": (int, MAX_NEW),
+           "temperature": (float, TEMP), "top_k": (int, TOPK), "top_p": (float, TOPP), "seed": (int, SEED),
+           "num_beams": (int, BEAMS), "frames": (int, FRAMES), "lang": (str, LANG), "adapter": (str, ADAPTER),
+           "final_logit_softcap": (str, SOFTCAP), "quantize": (str, QUANTIZE)}
+
+
+def _parameters(task, arg) -> list[inspect.Parameter]:
+    """The command's parameters: IMAGES, the task's main argument, the common options, `--choices` where the
+    task takes a closed set, `--constrained` where it writes detections."""
+    def kw(name, annotation, default):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    params = [kw("images", list[str], IMAGES)]
+    if arg is not None:
+        params.append(kw("text", str, typer.Argument(..., metavar=arg.name.upper(), help=task.cli_help or task.summary)))
+    params += [kw(name, ann, default) for name, (ann, default) in _COMMON.items()]
+    if task.choices:
+        params.append(kw("choices", str, CHOICES))
+    if task.parser == "detections":
+        params.append(kw("constrained", str, CONSTRAINED))
+    return params
+
+
 def _register(app, task) -> None:
     """One command for a task of the task table: `palikit <task.cli> IMAGE... [ARG]`, the argument
     being the task's first required one (question, labels, prompt)."""
     arg = task.main_arg if task.main_arg is not None and task.main_arg.required else None
-    help_text = task.cli_help or task.summary
 
-    def build(pg, ex, o, lang, text):
-        return pg.task(task.name, ex, *([text] if arg is not None else []), lang=lang, **o)
+    def command(images, text=None, lang="en", choices=None, **options):
+        args = [text] if arg is not None else []
 
-    if arg is None:
-        def command(images: list[str] = IMAGES, model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE,
-                    tokenizer: str = TOKENIZER, as_json: bool = JSON, out: Path = OUT, max_new_tokens: int = MAX_NEW,
-                    temperature: float = TEMP, top_k: int = TOPK, top_p: float = TOPP, seed: int = SEED,
-                    num_beams: int = BEAMS, frames: int = FRAMES, lang: str = typer.Option("en", help="Language code."),
-                    adapter: str = ADAPTER, final_logit_softcap: str = SOFTCAP, quantize: str = QUANTIZE):
-            _run(images, lambda pg, ex, o: build(pg, ex, o, lang, None), model=model, device=device, dtype=dtype,
-                 tokenizer=tokenizer, as_json=as_json, out=out, max_new_tokens=max_new_tokens, temperature=temperature,
-                 top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams, frames=frames, adapter=adapter,
-                 final_logit_softcap=final_logit_softcap, quantize=quantize)
-    else:
-        def command(images: list[str] = IMAGES,
-                    text: str = typer.Argument(..., metavar=arg.name.upper(), help=help_text),
-                    model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE, tokenizer: str = TOKENIZER,
-                    as_json: bool = JSON, out: Path = OUT, max_new_tokens: int = MAX_NEW, temperature: float = TEMP,
-                    top_k: int = TOPK, top_p: float = TOPP, seed: int = SEED, num_beams: int = BEAMS,
-                    frames: int = FRAMES, lang: str = typer.Option("en", help="Language code."),
-                    adapter: str = ADAPTER, final_logit_softcap: str = SOFTCAP, quantize: str = QUANTIZE):
-            _run(images, lambda pg, ex, o: build(pg, ex, o, lang, text), model=model, device=device, dtype=dtype,
-                 tokenizer=tokenizer, as_json=as_json, out=out, max_new_tokens=max_new_tokens, temperature=temperature,
-                 top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams, frames=frames, adapter=adapter,
-                 final_logit_softcap=final_logit_softcap, quantize=quantize)
-    command.__doc__ = help_text
+        def make_result(pg, example, opts):
+            if choices is not None:
+                from ..tasks.labels import split_labels
+
+                values = dict(zip((a.name for a in task.args), args))
+                return pg.choose(example, task.prompt(values, lang)[0], split_labels(choices))
+            return pg.task(task.name, example, *args, lang=lang, **opts)
+
+        _run(images, make_result, **options)
+
+    command.__signature__ = inspect.Signature(_parameters(task, arg))
+    command.__doc__ = task.cli_help or task.summary
     app.command(task.cli)(command)
 
 
