@@ -2,7 +2,8 @@
 path, and every route answers its refusal the same way, 503 + Retry-After, the streaming chat too
 (issue 38, S3: a refused streaming chat used to get a 503 without Retry-After). The old flag name
 --max-batch-size still sets the slots and --decode-budget-mpx the decode budget (as 8-bit RGB bytes),
-each with one deprecation line."""
+each with one deprecation line. Retry-After follows the work ahead (two long requests ahead: 22 s here;
+two short ones after them: 2 s), not a mean over past requests."""
 
 from __future__ import annotations
 
@@ -70,3 +71,38 @@ def test_the_old_flag_name_sets_the_slots_with_one_deprecation_line(server):
     assert log.count("--decode-budget-mpx is deprecated") == 1 and "--decode-budget-mb 143" in log, log
     with httpx.Client(base_url=server.url, headers=server.headers) as c:
         assert metric_samples(c.get("/metrics").text, "palikit_slots") == {"palikit_slots": 1.0}
+
+
+def _refusal_after_filling(server, max_new_tokens: int) -> tuple[int, list[int]]:
+    """Fill the one slot and the one queue place with requests of `max_new_tokens`, then the Retry-After of
+    a refused caption (and the two requests' statuses once they end)."""
+    done = []
+
+    def occupy():
+        with server.client(timeout=120) as c:
+            done.append(c.post("/v1/caption", json={"image": b64(png_bytes()),
+                                                    "max_new_tokens": max_new_tokens}).status_code)
+
+    busy = [threading.Thread(target=occupy) for _ in range(2)]
+    for t in busy:
+        t.start()
+        time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while not _engine_full(server):
+        assert time.monotonic() < deadline, "the two requests never filled the slot and the queue"
+        time.sleep(0.01)
+    with server.client() as c:
+        r = c.post("/v1/caption", json={"image": b64(png_bytes()), "max_new_tokens": 4})
+    for t in busy:
+        t.join(120)
+    assert r.status_code == 503, r.text
+    return int(r.headers["retry-after"]), done
+
+
+def test_retry_after_follows_the_work_ahead_not_the_past(server):
+    """Issue 38's risk: Retry-After said 8-27 s after long requests for 60 ms of work. After two long
+    requests have run, a queue of short ones is refused with a Retry-After in proportion to them."""
+    long_wait, done = _refusal_after_filling(server, LONG)
+    short_wait, done_short = _refusal_after_filling(server, LONG // 10)
+    assert done == done_short == [200, 200]
+    assert long_wait >= 2 and short_wait <= max(1, -(-long_wait // 5)), (long_wait, short_wait)
