@@ -245,6 +245,41 @@ def test_demo_model_valid_raw_outputs_are_unchanged(demo, task):
     assert checked >= len(rows)  # most raw outputs are valid: the comparison is not vacuous
 
 
+@pytest.mark.slow  # 2 x 3 x 8 demo-model predictions
+@pytest.mark.parametrize("task", ["detect", "segment"])
+def test_demo_model_raw_outputs_that_end_at_the_budget_are_unchanged(demo, task):
+    """A budget that ends right after a label (the raw model stops there by length) keeps that object;
+    one token less holds no whole object, so the constrained output is empty where the raw one is cut."""
+    pg_demo, data, rows = demo
+    rows = [r for r in rows if r["task"] == task][:8]
+    checked = 0
+    for r in rows:
+        image, labels = str(data / r["image"]), r["prefix"].split(" ", 1)[1].split(" ; ")
+        prompt = f"{task} " + " ; ".join(labels)
+        raw = pg_demo.predict(image, prompt, labels=labels, constrained=False)
+        if raw.errors or not raw.detections or not all(d.requested for d in raw.detections):
+            continue
+        n = len(raw.tokens)
+        at = pg_demo.predict(image, prompt, labels=labels, max_new_tokens=n)
+        assert at.tokens == raw.tokens, (prompt, raw.text, at.text)
+        cut = pg_demo.predict(image, prompt, labels=labels, max_new_tokens=n - 1)
+        _assert_clean(cut.text, labels, task == "segment")
+        assert len(cut.detections) == len(raw.detections) - 1  # the last object no longer fits: never half of it
+        checked += 1
+    assert checked >= 4
+
+
+def test_an_object_that_fits_the_budget_exactly_may_start(tok):
+    for segment in (False, True):
+        g = DetectGrammar(tok, ["triangle", "circles"], segment)
+        fewest = g.fewest(g.root)
+        assert 1 <= fewest <= len(" circle")  # the fewest pieces of any form (" circle" for "circles")
+        exact = 4 + (16 if segment else 0) + fewest
+        assert g.object_tokens == exact
+        assert g.start(exact).allowed().numel() == 1024  # 1023 <loc> and EOS
+        assert g.start(exact - 1).allowed().tolist() == [tok.eos_id]
+
+
 def test_http_constrained_field(pg, image):
     """/v1/detect, /v1/segment and /v1/predict: constrained by default, `constrained: false` the raw
     model (JSON and multipart), a bad value or no labels a 400 naming the problem."""

@@ -14,8 +14,11 @@ spelled letter by letter, byte-fallback pieces) and a valid raw greedy output pa
 The separator may be " ; " or " ;" / ";" / "; " (what the parser reads). `fold_labels` then gives every
 detection the requested spelling ("circle" written for "circles" comes back as "circles").
 
-A token budget (the request's max_new_tokens) is honoured: a new object starts only when there is
-room to finish it (4 locs, 16 segs, the longest label, EOS), so the output never ends inside one.
+A token budget (the request's max_new_tokens) is honoured exactly: a new object starts only when there
+is room to finish it (4 locs, 16 segs, the fewest pieces that write a label), and near the end of the
+budget a label continues only with pieces after which it can still be finished; so the output never
+ends inside an object, and an object that fits is never refused: like the raw model's, the output may
+stop at the budget right after a label (5 tokens hold `<loc>x4 circle`).
 
 `DetectGrammar` holds the tables (one per tokenizer, labels and task; cached); `start()` gives a fresh
 per-request cursor implementing the engine's constraint interface (engine/constraints.py:
@@ -105,6 +108,8 @@ class _Node:
     end_sep: bool = False  # label + separator: the next object's <loc> (or EOS) may follow
     moves: dict[int, _Node] | None = None  # text token id -> node, live targets only (lazy)
     live: bool | None = None
+    fewest: int | None = None  # fewest text tokens from here to a whole label (0 at one; lazy)
+    need: int | None = None  # budget left at which every move here can still end in a label (lazy)
     allowed: dict[bool, torch.Tensor] = field(default_factory=dict)  # room for another object? -> ids
 
 
@@ -124,7 +129,6 @@ class DetectGrammar:
         self.seg = torch.tensor(tokenizer.seg_ids, dtype=torch.int64)  # [128]
         self.loc_value = {int(i): v for v, i in enumerate(tokenizer.loc_ids)}
         self.root = _Node()
-        longest = 0
         for label in labels:
             forms = [f for f in label_spellings(label) if self._writable(f" {f}")]
             if not forms:
@@ -132,12 +136,11 @@ class DetectGrammar:
                                  "for some of its characters); spell it differently or pass constrained=False")
             for f in forms:
                 text = f" {f}".encode()
-                longest = max(longest, len(text))
                 self._insert(text).end_label = True
                 for sep in SEPARATORS:
                     self._insert(text + sep.encode()).end_sep = True
-        # tokens a whole object needs at most (each text token writes >= 1 byte) and its closing EOS
-        self.object_tokens = 4 + (16 if segment else 0) + longest + 1
+        # the fewest tokens a whole object takes (the budget may end right after it, as the raw model's does)
+        self.object_tokens = 4 + (16 if segment else 0) + self.fewest(self.root)
         self._start_ids = torch.cat([self.loc[:1023], torch.tensor([self.eos_id])])
         self._eos = torch.tensor([self.eos_id])
 
@@ -180,6 +183,21 @@ class DetectGrammar:
             node.live = node.end_label or node.end_sep or bool(self.moves(node))
         return node.live
 
+    def fewest(self, node: _Node) -> int:
+        """The fewest text tokens that take `node` to a whole label (where EOS may follow)."""
+        if node.fewest is None:
+            if node.end_label or node.end_sep:
+                node.fewest = 0
+            else:  # moves() keeps live nodes only, so there is a way on; the trie's depth bounds the recursion
+                node.fewest = 1 + min(self.fewest(child) for child in self.moves(node).values())
+        return node.fewest
+
+    def need(self, node: _Node) -> int:
+        """Tokens left at which any move from `node` can still end in a whole label."""
+        if node.need is None:
+            node.need = max((1 + self.fewest(c) for c in self.moves(node).values()), default=0)
+        return node.need
+
     def start(self, max_new_tokens: int | None = None) -> DetectCursor:
         """A fresh per-request cursor (the engine's constraint) with the request's token budget."""
         return DetectCursor(self, max_new_tokens)
@@ -197,7 +215,7 @@ class DetectCursor:
         self.node: _Node | None = None
 
     def _room(self) -> bool:
-        """Whether a whole new object (and its EOS) still fits in the token budget."""
+        """Whether a whole new object still fits in the token budget."""
         return self.budget is None or self.budget - self.written >= self.g.object_tokens
 
     def allowed(self) -> torch.Tensor:
@@ -215,6 +233,15 @@ class DetectCursor:
 
     def _text_allowed(self, node: _Node) -> torch.Tensor:
         room = self._room()
+        left = None if self.budget is None else self.budget - self.written
+        if left is not None and left < self.g.need(node):  # the budget's end: only moves that still finish
+            ids = [i for i, child in self.g.moves(node).items() if 1 + self.g.fewest(child) <= left]
+            parts = [torch.tensor(sorted(ids), dtype=torch.int64)]
+            if node.end_label or node.end_sep:
+                parts.append(self.g._eos)
+            if node.end_sep and room:
+                parts.append(self.g.loc[:1023])
+            return torch.cat(parts)
         hit = node.allowed.get(room)
         if hit is None:  # shared by every request of the grammar
             parts = [torch.tensor(sorted(self.g.moves(node)), dtype=torch.int64)]
