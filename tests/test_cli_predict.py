@@ -1,5 +1,5 @@
 """The task commands (`palikit ask | detect | predict | caption ...`) against the library calls they stand
-for, on a tiny checkpoint: `--choices` scores a closed set, `--constrained` turns detect/segment's
+for, on a tiny PaliGemma 2 checkpoint (conftest's `ckpt` and `pg`): `--choices` scores a closed set, `--constrained` turns detect/segment's
 constraint on/off, and a mistyped option is a usage line, not a traceback."""
 
 from __future__ import annotations
@@ -10,19 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from palikit.api import PaliGemma
 from palikit.cli import main
-from palikit.testing import make_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("cli-predict"), family="pg2")
-
-
-@pytest.fixture(scope="module")
-def pg(ckpt):
-    return PaliGemma.from_pretrained(ckpt, device="cpu")
 
 
 @pytest.fixture(scope="module")

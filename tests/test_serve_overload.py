@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -36,22 +37,34 @@ def _engine_full(server) -> bool:
     return live.get("palikit_live_slots") == 1 and queued.get("palikit_engine_queued") == 1
 
 
-def test_every_route_refuses_a_full_engine_with_503_and_retry_after(server):
-    done = []
+@contextmanager
+def _engine_filled(server, max_new_tokens: int):
+    """The one slot decoding and the one queue place taken by captions of `max_new_tokens`; yields the
+    list their statuses land in once they end (after the block)."""
+    done: list[int] = []
 
     def occupy():
         with server.client(timeout=120) as c:
-            done.append(c.post("/v1/caption", json={"image": b64(png_bytes()), "max_new_tokens": LONG}).status_code)
+            done.append(c.post("/v1/caption", json={"image": b64(png_bytes()),
+                                                    "max_new_tokens": max_new_tokens}).status_code)
 
     busy = [threading.Thread(target=occupy) for _ in range(2)]  # one decodes, one waits for the slot
     for t in busy:
         t.start()
-        time.sleep(0.3)
-    deadline = time.monotonic() + 30
-    while not _engine_full(server):
-        assert time.monotonic() < deadline, "the two long requests never filled the slot and the queue"
         time.sleep(0.05)
-    with server.client() as c:
+    try:
+        deadline = time.monotonic() + 30
+        while not _engine_full(server):
+            assert time.monotonic() < deadline, "the two requests never filled the slot and the queue"
+            time.sleep(0.01)
+        yield done
+    finally:
+        for t in busy:
+            t.join(120)
+
+
+def test_every_route_refuses_a_full_engine_with_503_and_retry_after(server):
+    with _engine_filled(server, LONG) as done, server.client() as c:
         refused = {"stream": c.post("/v1/chat/completions", json=_chat(True)),
                    "chat": c.post("/v1/chat/completions", json=_chat(False)),
                    "task": c.post("/v1/caption", json={"image": b64(png_bytes()), "max_new_tokens": 4})}
@@ -60,8 +73,6 @@ def test_every_route_refuses_a_full_engine_with_503_and_retry_after(server):
         assert r.headers["content-type"].startswith("application/json"), route  # an HTTP error, not an SSE stream
         assert r.json()["error"]["type"] == "overloaded", route
         assert int(r.headers.get("retry-after", "0")) >= 1, (route, dict(r.headers))
-    for t in busy:
-        t.join(120)
     assert done == [200, 200]
 
 
@@ -74,27 +85,10 @@ def test_the_old_flag_name_sets_the_slots_with_one_deprecation_line(server):
 
 
 def _refusal_after_filling(server, max_new_tokens: int) -> tuple[int, list[int]]:
-    """Fill the one slot and the one queue place with requests of `max_new_tokens`, then the Retry-After of
-    a refused caption (and the two requests' statuses once they end)."""
-    done = []
-
-    def occupy():
-        with server.client(timeout=120) as c:
-            done.append(c.post("/v1/caption", json={"image": b64(png_bytes()),
-                                                    "max_new_tokens": max_new_tokens}).status_code)
-
-    busy = [threading.Thread(target=occupy) for _ in range(2)]
-    for t in busy:
-        t.start()
-        time.sleep(0.05)
-    deadline = time.monotonic() + 30
-    while not _engine_full(server):
-        assert time.monotonic() < deadline, "the two requests never filled the slot and the queue"
-        time.sleep(0.01)
-    with server.client() as c:
+    """The Retry-After of a caption refused by an engine filled with requests of `max_new_tokens` (and the
+    two requests' statuses once they end)."""
+    with _engine_filled(server, max_new_tokens) as done, server.client() as c:
         r = c.post("/v1/caption", json={"image": b64(png_bytes()), "max_new_tokens": 4})
-    for t in busy:
-        t.join(120)
     assert r.status_code == 503, r.text
     return int(r.headers["retry-after"]), done
 
