@@ -173,7 +173,7 @@ def merge_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         for name, lin in linears.items():
             A, B = layers[name]["lora_A"].float(), layers[name]["lora_B"].float()  # [r, in], [out, r]
             if isinstance(lin, QUANT_MODULES):
-                dev = lin.qweight.device
+                dev = lin.device
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child,
                         LoRADelta(lin, A.to(dev), B.to(dev), scale))
