@@ -154,16 +154,20 @@ def kernel_bench(n: int = 16384, k: int = 2048, rows: int = 1, layers: int = 6, 
     wb = [w.to(torch.bfloat16) for w in ws]
     out["bf16 F.linear"] = timed([lambda w=w: F.linear(xb, w) for w in wb])
     del wb
+    plain = [Q.quantize_int8(w) for w in ws]  # (q int8 [n, k], scales fp32 [n])
+    ks = [s.to(torch.bfloat16) for _, s in plain]
+    out["int8 _weight_int8pack_mm, bf16 act. (the int8 head)"] = timed(
+        [lambda q=q, s=s: torch._weight_int8pack_mm(xb, q, s) for (q, _), s in zip(plain, ks)])
+    out["int8 dequantize + bf16 F.linear"] = timed([lambda q=q, s=s: F.linear(xb, q.to(torch.bfloat16)) * s
+                                                    for (q, _), s in zip(plain, ks)])
+    out["int8 _int_mm, per-token int8 act."] = timed([lambda q=q, s=s: _int_mm(x, q, s) for q, s in plain])
+    del plain, ks
     i8 = [Q.Int8Linear.from_float(_lin(w)) for w in ws]
-    out["int8 _weight_int8pack_mm (bf16 act., palikit)"] = timed([lambda m=m: m(x) for m in i8])
-    out["int8 dequantize + bf16 F.linear"] = timed([lambda m=m: F.linear(xb, m.qweight.to(torch.bfloat16)) * m._kernel_scales
-                                                    for m in i8])
-    out["int8 _int_mm, per-token int8 act."] = timed([lambda m=m: _int_mm(x, m) for m in i8])
-    out.update(_fbgemm(ws, x, timed))
+    out[f"int8 Linear, palikit ({i8[0].kernel})"] = timed([lambda m=m: m(x) for m in i8])
     del i8
-    for gs in (32, 128):
+    for gs in (32, 64, 128):
         i4 = [Q.Int4Linear.from_float(_lin(w), gs) for w in ws]
-        out[f"int4 _weight_int4pack_mm_for_cpu g{gs} (palikit)"] = timed([lambda m=m: m(x) for m in i4])
+        out[f"int4 Linear g{gs}, palikit ({i4[0].kernel})"] = timed([lambda m=m: m(x) for m in i4])
     return out
 
 
@@ -173,30 +177,9 @@ def _lin(w):
     return lin
 
 
-def _int_mm(x, m):
+def _int_mm(x, q, s):
     a = (x.abs().amax(1, keepdim=True) / 127).clamp(min=1e-8)  # [M, 1] per-token scale
     xq = torch.round(x / a).to(torch.int8)
     pad = max(0, 17 - xq.shape[0])  # _int_mm wants more than 16 rows
-    y = torch._int_mm(F.pad(xq, (0, 0, 0, pad)), m.qweight.t())[: x.shape[0]]
-    return y.float() * a * m.scales
-
-
-def _fbgemm(ws, x, timed) -> dict[str, float]:
-    """torch's legacy dynamic int8 (fbgemm / x86 engines; quantizes activations per tensor)."""
-    import warnings
-
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for engine in ("fbgemm", "x86"):
-            if engine not in torch.backends.quantized.supported_engines:
-                continue
-            torch.backends.quantized.engine = engine
-            packed = []
-            for w in ws:
-                q, s = Q.quantize_int8(w)
-                qw = torch._make_per_channel_quantized_tensor(q, s.double(), torch.zeros_like(s, dtype=torch.long), 0)
-                packed.append(torch.ops.quantized.linear_prepack(qw, None))
-            out[f"int8 dynamic ({engine}, legacy torch.ao)"] = timed(
-                [lambda p=p: torch.ops.quantized.linear_dynamic(x, p, True) for p in packed])
-    return out
+    y = torch._int_mm(F.pad(xq, (0, 0, 0, pad)), q.t())[: x.shape[0]]
+    return y.float() * a * s
