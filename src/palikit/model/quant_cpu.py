@@ -174,12 +174,22 @@ def _fold_blocks(packed_full: torch.Tensor, mult: torch.Tensor, offset: torch.Te
 
 @functools.cache
 def _compiled_fold():
-    """One kernel per layer shape (static shapes vectorize; symbolic ones ran 20x slower here). A model
-    has ~8 int4 shapes and a test run more, past dynamo's default of 8 entries per function."""
+    """One kernel per layer shape (static shapes vectorize; symbolic ones ran 20x slower here)."""
+    return torch.compile(_fold_blocks, dynamic=False, fullgraph=True)
+
+
+FOLD_SHAPES = 256  # a model has ~8 int4 shapes and a test run more, past dynamo's default of 8 per function
+
+
+def _fold(*args):
+    """The compiled fold with room for every layer shape: dynamo's recompile limit is raised for the
+    call itself (a global setting was undone by other code's `config.patch` and then failed with
+    fullgraph=True after 8 shapes)."""
     import torch._dynamo.config as dynamo_config
 
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-    return torch.compile(_fold_blocks, dynamic=False, fullgraph=True)
+    with dynamo_config.patch(recompile_limit=FOLD_SHAPES,
+                             accumulated_recompile_limit=max(dynamo_config.accumulated_recompile_limit, FOLD_SHAPES)):
+        return _compiled_fold()(*args)
 
 
 _FOLD = {"compiled": True}  # set False once compiling failed (no C++ compiler): the int4 kernel then runs prefill
@@ -201,7 +211,7 @@ def int4_to_int8_scratch(packed: torch.Tensor, scales_zeros: torch.Tensor, group
     bn = _int4_block()
     full = (N // bn) * bn if _vectorized_layout() else 0
     try:
-        parts = [_compiled_fold()(packed[:full], mult[:, :full].contiguous(), offset[:, :full].contiguous(), group, bn)
+        parts = [_fold(packed[:full], mult[:, :full].contiguous(), offset[:, :full].contiguous(), group, bn)
                  ] if full else []
     except Exception as e:  # noqa: BLE001 - inductor without a working compiler: fall back for good
         _FOLD["compiled"] = False
