@@ -91,3 +91,15 @@ def test_int4_prefill_through_the_int8_scratch_matches_the_dequantized_weight(n)
     x = torch.randn(C.DECODE_ROWS + 8, 128)
     ref = F.linear(x, w, lin.bias)
     torch.testing.assert_close(m(x), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
+
+
+def test_a_non_finite_row_does_not_change_the_other_rows():
+    """fbgemm quantizes a call's activations with one range: a free engine slot holding NaN / inf must
+    not spoil the live rows (each row is scaled to max |x| = 1 and non-finite values zeroed first)."""
+    lin = _linear(96, 64, seed=5)
+    for m in (Q.Int8Linear.from_float(lin), Q.Int4Linear.from_float(lin, 32)):
+        x = torch.randn(4, 64)
+        clean = m(x)
+        x[1, 3], x[2] = float("nan"), float("inf")
+        out = m(x)
+        torch.testing.assert_close(out[[0, 3]], clean[[0, 3]])

@@ -74,7 +74,9 @@ def fbgemm_linear(x: torch.Tensor, packed) -> torch.Tensor:
     if x.shape[0] == 1:
         return torch.ops.quantized.linear_dynamic(x, packed, _reduce_range())
     a = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # [M, 1]: each row to max |x| = 1
-    return torch.ops.quantized.linear_dynamic(x / a, packed, _reduce_range()) * a
+    # fbgemm's range is one per call: a non-finite row (a free engine slot) must not spoil the others
+    xs = torch.nan_to_num(x / a, nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.ops.quantized.linear_dynamic(xs, packed, _reduce_range()) * a
 
 
 _PACKED: dict[int, object] = {}  # handle -> packed weight (what the compiled graph refers to)
