@@ -14,15 +14,8 @@ from torch import nn
 
 from palikit.config import PRESETS
 from palikit.model import quant as Q
-from palikit.testing import random_model
+from palikit.testing import random_linear, random_model
 
-
-def _linear(n_out, n_in, seed=0, bias=False):
-    torch.manual_seed(seed)
-    lin = nn.Linear(n_in, n_out, bias=bias)
-    with torch.no_grad():
-        lin.weight.normal_(0, 0.05)
-    return lin
 
 
 def test_int8_rtn_error_is_at_most_half_a_step_per_row():
@@ -49,7 +42,7 @@ def test_int4_rtn_error_is_at_most_half_a_step_per_group_and_packing_round_trips
 @pytest.mark.parametrize("rows", [1, 5, Q.DECODE_ROWS + 7])  # decode GEMV kernel and the int8 x int8 GEMM (per-token activations)
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_linear_kernels_match_the_dequantized_weight(rows, bias):
-    lin = _linear(96, 64, bias=bias)
+    lin = random_linear(96, 64, bias=bias)
     q = Q.Int8Linear.from_float(lin)
     x = torch.randn(2, rows, 64)
     ref = F.linear(x, q.dequantized_weight(), lin.bias)
@@ -61,7 +54,7 @@ def test_int8_linear_kernels_match_the_dequantized_weight(rows, bias):
 
 @pytest.mark.parametrize("rows", [1, 40])
 def test_int4_linear_kernel_matches_the_dequantized_weight(rows):
-    lin = _linear(64, 128, seed=1, bias=True)
+    lin = random_linear(64, 128, seed=1, bias=True)
     q = Q.Int4Linear.from_float(lin, 32)
     x = torch.randn(rows, 128)
     ref = F.linear(x, q.dequantized_weight(), lin.bias)
@@ -69,7 +62,7 @@ def test_int4_linear_kernel_matches_the_dequantized_weight(rows):
 
 
 def test_gradients_flow_to_the_input_through_a_frozen_quantized_layer():
-    for q in (Q.Int8Linear.from_float(_linear(32, 64)), Q.Int4Linear.from_float(_linear(32, 64), 32)):
+    for q in (Q.Int8Linear.from_float(random_linear(32, 64)), Q.Int4Linear.from_float(random_linear(32, 64), 32)):
         x = torch.randn(3, 64, requires_grad=True)
         q(x).sum().backward()
         torch.testing.assert_close(x.grad, q.dequantized_weight().sum(0).expand(3, -1))

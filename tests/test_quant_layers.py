@@ -13,14 +13,8 @@ from torch import nn
 
 from palikit.model import quant as Q
 from palikit.model import quant_cpu as C
+from palikit.testing import random_linear
 
-
-def _linear(n_out, n_in, seed=0, bias=False):
-    torch.manual_seed(seed)
-    lin = nn.Linear(n_in, n_out, bias=bias)
-    with torch.no_grad():
-        lin.weight.normal_(0, 0.05)
-    return lin
 
 
 @pytest.mark.parametrize("n", [16, 64, 80, 144, 4304 // 16 * 16])  # pairs-only, one block, block + partial
@@ -37,7 +31,7 @@ def _tensor_bytes(m: nn.Module) -> int:
 
 
 def test_int4_linear_holds_only_the_kernel_pack_and_gives_the_portable_tensors_back():
-    lin = _linear(80, 128, bias=True)
+    lin = random_linear(80, 128, bias=True)
     m = Q.Int4Linear.from_float(lin, 32)
     q, s, z = Q.quantize_int4(lin.weight, 32)
     held = {k for k, t in m.named_buffers() if t is not None}
@@ -53,7 +47,7 @@ def test_int4_linear_holds_only_the_kernel_pack_and_gives_the_portable_tensors_b
 def test_int8_linear_holds_only_fbgemms_packed_weight():
     if not C.fbgemm_available():
         pytest.skip("this torch has no fbgemm engine (not an x86 build)")
-    lin = _linear(96, 64)
+    lin = random_linear(96, 64)
     m = Q.Int8Linear.from_float(lin)
     assert m.kernel == "fbgemm" and _tensor_bytes(m) == 0  # the packed weight is the only copy
     assert m.resident_bytes <= m.weight_bytes + 96 * 16
@@ -63,7 +57,7 @@ def test_int8_linear_holds_only_fbgemms_packed_weight():
 
 def test_an_int4_folder_from_the_first_release_still_loads():
     """Part 1 stored fp32 scales / zeros straight from min/max; the kernel computes with them in bf16."""
-    lin = _linear(64, 128, seed=3)
+    lin = random_linear(64, 128, seed=3)
     g = lin.weight.detach().reshape(64, 4, 32)
     lo, hi = g.amin(-1), g.amax(-1)
     s = ((hi - lo) / 15).clamp(min=1e-12)
@@ -80,7 +74,7 @@ def test_an_int4_folder_from_the_first_release_still_loads():
 
 @pytest.mark.parametrize("n", [64, 80])  # whole blocks; a partial last block unpacked directly
 def test_int4_prefill_through_the_int8_scratch_matches_the_dequantized_weight(n):
-    lin = _linear(n, 128, seed=4, bias=True)
+    lin = random_linear(n, 128, seed=4, bias=True)
     m = Q.Int4Linear.from_float(lin, 32)
     scratch = C.int4_to_int8_scratch(m._packed, m._scales_zeros, 32)
     assert scratch is not None, "the int4 -> int8 fold did not compile: prefill fell back to the int4 kernel"
@@ -96,7 +90,7 @@ def test_int4_prefill_through_the_int8_scratch_matches_the_dequantized_weight(n)
 def test_a_non_finite_row_does_not_change_the_other_rows():
     """fbgemm quantizes a call's activations with one range: a free engine slot holding NaN / inf must
     not spoil the live rows (each row is scaled to max |x| = 1 and non-finite values zeroed first)."""
-    lin = _linear(96, 64, seed=5)
+    lin = random_linear(96, 64, seed=5)
     for m in (Q.Int8Linear.from_float(lin), Q.Int4Linear.from_float(lin, 32)):
         x = torch.randn(4, 64)
         clean = m(x)

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from .config import PaliGemmaConfig
     from .model import PaliGemmaModel
 
-__all__ = ["hf_model_from", "make_tiny_checkpoint", "random_model", "random_paligemma", "random_tokenizer", "stop_process"]
+__all__ = ["hf_model_from", "make_tiny_checkpoint", "random_linear", "random_model", "random_paligemma", "random_tokenizer",
+           "stop_process"]
 
 WORDS = ["a", "the", "red", "blue", "green", "circle", "square", "triangle", "cat", "dog", "car", "on", "in",
          "caption", "describe", "detect", "segment", "answer", "question", "ocr", "en", "how", "many", "what",
@@ -47,6 +48,17 @@ def random_model(config: PaliGemmaConfig, device: Any = "cpu", dtype: torch.dtyp
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return model.eval()
+
+
+def random_linear(n_out: int, n_in: int, seed: int = 0, bias: bool = False, std: float = 0.05):
+    """A seeded float `nn.Linear` with N(0, std) weights (quantized-layer tests)."""
+    import torch
+
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(n_in, n_out, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(0, std)
+    return lin
 
 
 def hf_model_from(model: PaliGemmaModel):
