@@ -75,8 +75,12 @@ def test_int8_embedding_looks_up_and_projects_like_its_dequantized_table():
     ids = torch.tensor([[0, 5, 99]])
     w = q.dequantized_weight()
     torch.testing.assert_close(q(ids), w[ids])
-    h = torch.randn(1, 3, 64)
-    torch.testing.assert_close(q.project(h, 90), F.linear(h, w[:90]), atol=2e-2 * 4, rtol=2e-2)
+    for rows in (1, 3, Q.DECODE_ROWS + 7):  # 8-bit activations per token (fbgemm) or bf16 ones (int8pack)
+        h = torch.randn(1, rows, 64)
+        ref = F.linear(h, w[:90])
+        out = q.project(h, 90)
+        assert out.shape == ref.shape and out.dtype == h.dtype
+        torch.testing.assert_close(out, ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
 
 
 def _inputs(cfg, seed=1, batch=2, text=6):

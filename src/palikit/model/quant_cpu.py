@@ -4,11 +4,14 @@ folder stores.
 
 Owns:
 - int8 Linear: fbgemm's packed weight (`torch.ops.quantized.linear_prepack`, per output channel) run by
-  `quantized::linear_dynamic`, wrapped as the custom op `palikit::int8_fbgemm_linear` so
-  `torch.compile(fullgraph=True)` treats it as opaque. Activations are quantized to 8 bits per token
-  (rows are scaled to max |x| = 1 first, so fbgemm's per-tensor range is a per-token one) with
-  reduce_range off where the CPU has VNNI (exact int32 accumulation; without VNNI fbgemm's int16
-  pairs could saturate, so 7 bits there). `linear_unpack` gives the codes and scales back exactly.
+  `quantized::linear_with_input_q_dq_qweight_dq_output_fp32`, wrapped as the custom op
+  `palikit::int8_fbgemm_linear` so `torch.compile(fullgraph=True)` treats it as opaque. Activations
+  are 8 bits per token, symmetric: each row is scaled to max |x| = 1 and quantized with ONE fixed
+  scale and zero point (`ACT_QPARAMS`), so a row's codes, and its output, depend on that row alone:
+  bit-identical whatever shares the batch (fbgemm's `linear_dynamic` took its range from the whole
+  call, so a request's answer changed with its batch mates: the flaky compiled == eager test). 8 bits
+  where the CPU has VNNI (exact int32 accumulation); without VNNI fbgemm's u8 x s8 int16 pairs could
+  saturate, so 7 bits there. `linear_unpack` gives the codes and scales back exactly.
 - int4 Linear: torch's CPU int4 pack (`_convert_weight_to_int4pack_for_cpu`, the layout
   `_weight_int4pack_mm_for_cpu` reads) and its inverse (`cpu_int4_codes`, the layout documented in
   ATen's `int4mm_kernel.cpp`; `check_cpu_int4_codes` proves it by packing again).
@@ -42,10 +45,11 @@ def fbgemm_available() -> bool:
 
 
 @functools.cache
-def _reduce_range() -> bool:
-    """7-bit activations unless the CPU has VNNI (fbgemm's AVX2 u8 x s8 pairs saturate int16)."""
+def act_qparams() -> tuple[float, int]:
+    """(scale, zero point) of the uint8 activation codes of rows scaled to [-1, 1]: codes 1..255 with
+    VNNI; 0..128 without (7 bits: fbgemm's AVX2 u8 x s8 pairs would saturate int16 beyond that)."""
     caps = getattr(torch.cpu, "get_capabilities", lambda: {})()
-    return not caps.get("avx512_vnni", False)
+    return (1 / 127, 128) if caps.get("avx512_vnni", False) else (2 / 127, 64)
 
 
 def fbgemm_pack(q: torch.Tensor, scales: torch.Tensor):
@@ -70,25 +74,50 @@ def fbgemm_unpack(packed) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fbgemm_linear(x: torch.Tensor, packed) -> torch.Tensor:
-    """x fp32 [M, K] @ W^T -> fp32 [M, N]; activations 8-bit per token (see the module docstring)."""
-    if x.shape[0] == 1:
-        return torch.ops.quantized.linear_dynamic(x, packed, _reduce_range())
+    """x fp32 [M, K] @ W^T -> fp32 [M, N]; activations 8-bit per token, each row on its own (see the
+    module docstring)."""
     a = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # [M, 1]: each row to max |x| = 1
-    # fbgemm's range is one per call: a non-finite row (a free engine slot) must not spoil the others
-    xs = torch.nan_to_num(x / a, nan=0.0, posinf=0.0, neginf=0.0)
-    return torch.ops.quantized.linear_dynamic(xs, packed, _reduce_range()) * a
+    # a non-finite row (a free engine slot) stays non-finite in its own output only
+    xs = torch.nan_to_num(x / a, nan=0.0, posinf=0.0, neginf=0.0).contiguous()
+    scale, zero = act_qparams()
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(xs, scale, zero, packed) * a
 
 
 _PACKED: dict[int, object] = {}  # handle -> packed weight (what the compiled graph refers to)
 _HANDLES = itertools.count(1)
 
 
-def register_packed(owner, packed) -> int:
-    """A new handle for `packed` that the custom op looks up; dropped when `owner` is collected."""
-    handle = next(_HANDLES)
-    _PACKED[handle] = packed
-    weakref.finalize(owner, _PACKED.pop, handle, None)
-    return handle
+class PackedInt8:
+    """One int8 weight in fbgemm's packed layout (the only copy of it) and the handle the custom op
+    finds it by; `(x)` runs it, eagerly or as the opaque op inside a compiled graph. A copy
+    (deepcopy) shares the read-only packed weight under a handle of its own; pickling stores the
+    codes and scales."""
+
+    def __init__(self, packed, out_features: int):
+        self.packed, self.out_features = packed, out_features
+        self.handle = next(_HANDLES)
+        _PACKED[self.handle] = packed
+        weakref.finalize(self, _PACKED.pop, self.handle, None)
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scales: torch.Tensor) -> PackedInt8:
+        return cls(fbgemm_pack(q, scales), q.shape[0])
+
+    def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return fbgemm_unpack(self.packed)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x float [M, K] -> fp32 [M, N]."""
+        xf = x.float().contiguous()
+        if torch.compiler.is_compiling():  # opaque to the compiler
+            return int8_fbgemm_linear(xf, self.handle, self.out_features)
+        return fbgemm_linear(xf, self.packed)
+
+    def __deepcopy__(self, memo) -> PackedInt8:
+        return PackedInt8(self.packed, self.out_features)
+
+    def __reduce__(self):
+        return PackedInt8.from_codes, self.unpack()
 
 
 @torch.library.custom_op("palikit::int8_fbgemm_linear", mutates_args=())
