@@ -84,12 +84,14 @@ def attention(
     Hkv = k.shape[1]
     if not logit_cap:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hkv != Hq)
-    G = Hq // Hkv
-    qg = q.view(B, Hkv, G, T, D)  # query heads grouped under their kv head
-    scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)) * scale  # [B, Hkv, G, T, S]
+    G, S = Hq // Hkv, k.shape[2]
+    # query heads grouped under their kv head as rows of one matrix: k / v (slices of the KV cache) are
+    # read in place, never broadcast over the group (matmul would copy them G times per layer and step)
+    qg = q.reshape(B, Hkv, G * T, D)
+    scores = (torch.matmul(qg, k.transpose(-1, -2)) * scale).view(B, Hkv, G, T, S)
     scores = softcap(scores, logit_cap)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v[:, :, None])  # [B, Hkv, G, T, D]
+    out = torch.matmul(probs.view(B, Hkv, G * T, S), v)  # [B, Hkv, G*T, D]
     return out.view(B, Hq, T, D)
