@@ -277,7 +277,7 @@ def test_lora_bench_runs_the_three_ways_and_multi_lora_answers_equal_the_merged_
 def test_lora_on_a_quantized_base_matches_the_unmerged_delta_path(setup, one_thread, bits):
     """An int8 / int4 base (`model.quant`): a request on a LoRA slot gives the tokens of the existing
     single-adapter path on a quantized model (`merge_adapter` keeps the adapter as an unmerged
-    `LoRADelta` there). Log-probs agree to 3e-2, not 1e-4: the quantized base is that sensitive by
+    `LoRADelta` there), up to a near tie (`_same_greedy_answer`). Log-probs agree to 3e-2, not 1e-4: the quantized base is that sensitive by
     itself (activations rounded to bf16 / int8 per row: a 5e-7 change of a layer's input moves its
     output by 5e-4; the same base model batched vs alone differs by ~8e-3 with no adapter at all)."""
     from palikit.model.quant import plan, quantize_model
@@ -295,10 +295,66 @@ def test_lora_on_a_quantized_base_matches_the_unmerged_delta_path(setup, one_thr
     for i, req in enumerate(_requests(lora_model, 6, seed=11)):
         opts = GenerationOptions(max_new_tokens=8, ignore_eos=True, adapter=[None, "dec8", "both6"][i % 3])
         got, ref = engine.generate([req], opts)[0], _alone(refs, req, opts)
-        assert got.tokens == ref.tokens, opts.adapter
-        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), atol=3e-2, rtol=0)
+        _same_greedy_answer(got, ref, refs[opts.adapter], req, 3e-2)
         if opts.adapter is not None:
             plain = _alone(refs, req, GenerationOptions(max_new_tokens=8, ignore_eos=True))
             moved = max(moved, *(abs(a - b) for a, b in zip(got.logprobs, plain.logprobs)))
     assert moved > 0.1  # the adapters change the answer far beyond that tolerance
     engine.close()
+
+
+def _margins(model, request, tokens) -> list[float]:
+    """The reference's top-1 minus top-2 log-prob before each of its greedy `tokens` (teacher forced)."""
+    with torch.inference_mode():
+        feats = model.embed_images(request.pixel_values)  # [1, N, H]
+        prompt = model.config.prompt_row(request.text_ids, feats.shape[1])
+        ids = torch.tensor([prompt + tokens[:-1]])
+        ar = torch.tensor([[0] * len(prompt) + [1] * (len(tokens) - 1)])
+        logp = model(ids, image_features=feats, ar_mask=ar)[0, len(prompt) - 1:].float().log_softmax(-1)
+    top2 = logp.topk(2, dim=-1).values  # [n, 2]
+    return (top2[:, 0] - top2[:, 1]).tolist()
+
+
+def _same_greedy_answer(got, ref, ref_model, request, tol) -> float:
+    """Tokens equal, log-probs within `tol`, up to the first step where the reference's own top two
+    are within 2 * tol of each other (a near tie the quantized kernels' rounding may break either way:
+    the answers may part there, and nothing after it is compared). Returns the largest log-prob gap."""
+    margins = _margins(ref_model, request, ref.tokens)
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(got.tokens, ref.tokens)):
+        if a != b:
+            assert margins[i] < 2 * tol, f"token {i}: {a} != {b} with a top-2 margin of {margins[i]:.4f}"
+            break
+        worst = max(worst, abs(got.logprobs[i] - ref.logprobs[i]))
+    assert worst <= tol, worst
+    return worst
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_lora_on_a_quantized_base_matches_the_dequantized_base_with_the_adapter_merged(setup, one_thread, bits):
+    """Issue 34 on an int8 / int4 base: a request on an adapter in a device slot gives the tokens of
+    the float model holding the quantized base's dequantized weights with that adapter merged (the
+    plain merge path), log-probs within what the quantized kernels' activation rounding moves
+    (int8 per token / bf16), far below what the adapter itself moves."""
+    from palikit.model.quant import dequantize_model, plan, quantize_model
+
+    base_dir, paths, model, merged = setup
+    qmodel = quantize_model(copy.deepcopy(model), plan(model, bits))
+    dequantized = dequantize_model(copy.deepcopy(qmodel))
+    refs = {None: dequantized, **{name: merge_adapter(copy.deepcopy(dequantized), paths[name]) for name in ("dec8", "both6")}}
+    engine = Engine(qmodel, adapter_reader=read_adapter, max_slots=4, max_loras=2, max_lora_rank=8)
+    try:
+        for name in ("dec8", "both6"):
+            engine.load_adapter(name, paths[name])
+        worst, moved = 0.0, 0.0
+        for i, req in enumerate(_requests(qmodel, 6, seed=12)):
+            opts = GenerationOptions(max_new_tokens=8, ignore_eos=True, adapter=[None, "dec8", "both6"][i % 3])
+            got, ref = engine.generate([req], opts)[0], _alone(refs, req, opts)
+            worst = max(worst, _same_greedy_answer(got, ref, refs[opts.adapter], req, 3e-2))
+            if opts.adapter is not None:
+                plain = _alone(refs, req, GenerationOptions(max_new_tokens=8, ignore_eos=True))
+                moved = max(moved, *(abs(a - b) for a, b in zip(ref.logprobs, plain.logprobs)))
+    finally:
+        engine.close()
+    assert moved > 10 * worst, (worst, moved)  # the adapters move the answer far beyond the kernels' rounding
+
