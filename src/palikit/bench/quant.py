@@ -156,7 +156,7 @@ def kernel_bench(n: int = 16384, k: int = 2048, rows: int = 1, layers: int = 6, 
     del wb
     plain = [Q.quantize_int8(w) for w in ws]  # (q int8 [n, k], scales fp32 [n])
     ks = [s.to(torch.bfloat16) for _, s in plain]
-    out["int8 _weight_int8pack_mm, bf16 act. (the int8 head)"] = timed(
+    out["int8 _weight_int8pack_mm, bf16 act."] = timed(
         [lambda q=q, s=s: torch._weight_int8pack_mm(xb, q, s) for (q, _), s in zip(plain, ks)])
     out["int8 dequantize + bf16 F.linear"] = timed([lambda q=q, s=s: F.linear(xb, q.to(torch.bfloat16)) * s
                                                     for (q, _), s in zip(plain, ks)])
