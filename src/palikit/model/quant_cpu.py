@@ -7,7 +7,7 @@ Owns:
   `quantized::linear_with_input_q_dq_qweight_dq_output_fp32`, wrapped as the custom op
   `palikit::int8_fbgemm_linear` so `torch.compile(fullgraph=True)` treats it as opaque. Activations
   are 8 bits per token, symmetric: each row is scaled to max |x| = 1 and quantized with ONE fixed
-  scale and zero point (`ACT_QPARAMS`), so a row's codes, and its output, depend on that row alone:
+  scale and zero point (`act_qparams`), so a row's codes, and its output, depend on that row alone:
   bit-identical whatever shares the batch (fbgemm's `linear_dynamic` took its range from the whole
   call, so a request's answer changed with its batch mates: the flaky compiled == eager test). 8 bits
   where the CPU has VNNI (exact int32 accumulation); without VNNI fbgemm's u8 x s8 int16 pairs could
