@@ -4,18 +4,22 @@ Every target Linear (PEFT's names: the decoder's q/k/v/o/gate/up/down projection
 tower's q/k/v/out_proj/fc1/fc2, the projector's linear) gets two non-persistent buffers and a
 forward hook that adds the row's LoRA delta to the base output:
 
-    A [in, S+1, R]   B [S+1, R, out]        (S = max_loras slots, R = max_lora_rank)
-    delta[b] = (x[b] @ A[:, idx[b]]) @ B[idx[b]]    idx = the row's slot
+    A [S, R, in]   B [S, R, out]        (S = max_loras slots, R = max_lora_rank; slot s at index s-1)
+    delta[b] = (x[b] @ A[idx[b]-1].T) @ B[idx[b]-1]    idx = the row's slot, 0 = no adapter
 
-Two ways to compute it, the same numbers: a prompt (T > 1 tokens per row) gathers each row's A and
-B and runs two batched matmuls (the gather is paid once for T tokens); a decode step (T = 1) runs
-two plain matmuls over all slots at once, x @ A.view(in, (S+1)R), masked to the row's own slot's R
-columns, @ B.view((S+1)R, out), added in place (`addmm`): no per-row copies of A and B, whose
-reads would cost more than the step's own weights when S+1 is smaller than the batch.
+A is stored like a Linear weight (rows = rank columns, contiguous `in`), so both paths below read
+it without a copy of a transposed view. Two ways to compute the delta, the same numbers: a prompt
+(T > 1 tokens per row) gathers each row's A and B (contiguous blocks) and runs two batched matmuls
+(the gather is paid once for T tokens; rows on the base model are zeroed by a per-row gate); a
+decode step (T = 1) runs two plain matmuls over all slots at once, x @ A.view(S*R, in).T, masked
+to the row's own slot's R columns, @ B.view(S*R, out), added in place (`addmm`): no per-row copies
+of A and B, whose reads would cost more than the step's own weights when S is smaller than the
+batch. The base model has no columns (it used to be a zero slot 0: 1/(S+1) of the decode's LoRA
+work for nothing).
 
-Slot 0 stays zeros (the base model); an adapter of rank r < R fills the first r columns of A and
-rows of B, the rest stay zero; PEFT's alpha / r scale is folded into B; a module an adapter does
-not target keeps zeros in its slot. The per-row slot index (`LoRASlots.index`, a fixed tensor) is
+An adapter of rank r < R fills the first r rows of its slot of A and B, the rest stay zero; PEFT's
+alpha / r scale is folded into B at load; a module an adapter does not target keeps zeros in its
+slot. The per-row slot index (`LoRASlots.index`, a fixed tensor) and the masks derived from it are
 set once per forward by the engine (`lora_rows`) and read by every hook. Writing an adapter into a
 slot changes tensor contents, never shapes or module structure: a compiled step is not recompiled.
 The base weights and the model's state_dict are untouched (hooks and non-persistent buffers), so
@@ -60,8 +64,9 @@ class LoRASlots:
         self.max_loras, self.max_rank = max_loras, max_rank
         dev, dtype = model.device, model.dtype
         self.index = torch.zeros(max_rows, dtype=torch.long, device=dev)  # row -> slot, set per forward
-        self._col_slot = torch.arange((max_loras + 1) * max_rank, device=dev) // max_rank  # [(S+1)R]
-        self.mask = torch.zeros(max_rows, (max_loras + 1) * max_rank, device=dev, dtype=dtype)  # row's own columns
+        self._col_slot = torch.arange(max_loras * max_rank, device=dev) // max_rank + 1  # [SR]: column -> slot
+        self.mask = torch.zeros(max_rows, max_loras * max_rank, device=dev, dtype=dtype)  # row's own columns
+        self.gate = torch.zeros(max_rows, 1, 1, device=dev, dtype=dtype)  # 1 where the row has an adapter
         self.rows_slots: frozenset[int] = frozenset()  # slots the current forward's rows use (eager skip)
         own = dict(model.named_modules())
         self.modules: dict[str, nn.Module] = {}
@@ -70,9 +75,9 @@ class LoRASlots:
             m = own.get(name)
             if not isinstance(m, _LINEAR):
                 raise ValueError(f"LoRA target {name!r} is not a Linear layer of this model")
-            m.register_buffer("lora_A_slots", torch.zeros(m.in_features, max_loras + 1, max_rank, device=dev,
+            m.register_buffer("lora_A_slots", torch.zeros(max_loras, max_rank, m.in_features, device=dev,
                                                           dtype=dtype), persistent=False)
-            m.register_buffer("lora_B_slots", torch.zeros(max_loras + 1, max_rank, m.out_features, device=dev,
+            m.register_buffer("lora_B_slots", torch.zeros(max_loras, max_rank, m.out_features, device=dev,
                                                           dtype=dtype), persistent=False)
             m.lora_slots_used = set()  # host-side: slots whose adapter targets this module
             self._hooks.append(m.register_forward_hook(self._hook))
@@ -84,17 +89,20 @@ class LoRASlots:
         if not torch.compiler.is_compiling() and not (module.lora_slots_used & self.rows_slots):
             return out  # eager: no row of this forward has an adapter on this module (a compiled step always adds)
         Bn, T, _ = x.shape
-        A, B = module.lora_A_slots, module.lora_B_slots  # [in, S+1, R], [S+1, R, out]
+        A, B = module.lora_A_slots, module.lora_B_slots  # [S, R, in], [S, R, out]
         x = x.to(A.dtype)
+        acc = out.to(A.dtype)  # the base output itself when the dtypes agree: the delta is added in place
         if T == 1:  # decode: every slot at once, masked to each row's own
-            h = (x[:, 0] @ A.flatten(1)) * self.mask[:Bn]  # [B, (S+1)R]
-            return torch.addmm(out[:, 0].to(A.dtype), h, B.flatten(0, 1))[:, None].to(out.dtype)
-        idx = self.index[:Bn]  # [B]
-        h = torch.bmm(x, A.permute(1, 0, 2)[idx])  # [B, T, R]
-        return torch.baddbmm(out.to(A.dtype), h, B[idx]).to(out.dtype)  # [B, T, out]
+            h = (x[:, 0] @ A.flatten(0, 1).T) * self.mask[:Bn]  # [B, SR]
+            acc[:, 0].addmm_(h, B.flatten(0, 1))  # [B, out]
+        else:  # prompt: each row's own A and B
+            sel = (self.index[:Bn] - 1).clamp(min=0)  # [B]: slot -> storage index (base rows: gated to 0)
+            h = torch.bmm(x, A[sel].transpose(1, 2)) * self.gate[:Bn]  # [B, T, R]
+            acc.baddbmm_(h, B[sel])  # [B, T, out]
+        return acc.to(out.dtype)
 
     def bytes_per_slot(self) -> int:
-        return sum((m.lora_A_slots[:, 0].numel() + m.lora_B_slots[0].numel()) * m.lora_A_slots.element_size()
+        return sum((m.lora_A_slots[0].numel() + m.lora_B_slots[0].numel()) * m.lora_A_slots.element_size()
                    for m in self.modules.values())
 
     @torch.no_grad()
@@ -104,14 +112,14 @@ class LoRASlots:
         if not 1 <= slot <= self.max_loras:
             raise ValueError(f"slot {slot} outside 1..{self.max_loras}")
         for name, m in self.modules.items():
-            A, B = m.lora_A_slots[:, slot], m.lora_B_slots[slot]  # [in, R], [R, out]
+            A, B = m.lora_A_slots[slot - 1], m.lora_B_slots[slot - 1]  # [R, in], [R, out]
             A.zero_()
             B.zero_()
             d = layers.get(name)
             m.lora_slots_used.discard(slot)
             if d is not None:
                 r = d["lora_A"].shape[0]
-                A[:, :r].copy_(d["lora_A"].T.to(A.dtype))
+                A[:r].copy_(d["lora_A"].to(A.dtype))
                 B[:r].copy_((d["lora_B"].float() * scale).T.to(B.dtype))
                 m.lora_slots_used.add(slot)
 
@@ -123,15 +131,19 @@ class LoRASlots:
         if n > self.index.shape[0]:  # a larger batch than any before (eager paths: no compiled step cares)
             self.index = torch.zeros(n, dtype=torch.long, device=dev)
             self.mask = torch.zeros(n, self.mask.shape[1], device=dev, dtype=self.mask.dtype)
+            self.gate = torch.zeros(n, 1, 1, device=dev, dtype=self.gate.dtype)
         self.index[:n].copy_(slots)
         self.index[n:].zero_()
         self.mask[:n].copy_(self._col_slot[None] == slots[:, None])
         self.mask[n:].zero_()
+        self.gate[:n, 0, 0].copy_(slots > 0)
+        self.gate[n:].zero_()
         self.rows_slots = frozenset(slots.tolist()) - {0}
 
     def clear_rows(self) -> None:
         self.index.zero_()
         self.mask.zero_()
+        self.gate.zero_()
         self.rows_slots = frozenset()
 
     def remove(self, model: nn.Module) -> None:
