@@ -57,17 +57,25 @@ def test_adapters_side_by_side_equal_their_merged_models(setup):
         assert [m["id"] for m in c.get("/v1/models").json()["data"]][1:] == ["det", "ocr"]
         got = {name: c.post("/v1/caption", json={"image": b64(data), "max_new_tokens": MNT, "adapter": name}).json()
                for name in ("ocr", "det", None)}
-        chat = c.post("/v1/chat/completions", json={"model": "ocr", "max_tokens": MNT, "messages": [
-            {"role": "user", "content": [{"type": "text", "text": "caption en"},
-                                         {"type": "image_url", "image_url": {"url": data_url(data)}}]}]}).json()
+        messages = [{"role": "user", "content": [{"type": "text", "text": "caption en"},
+                                                 {"type": "image_url", "image_url": {"url": data_url(data)}}]}]
+        chat = c.post("/v1/chat/completions", json={"model": "ocr", "max_tokens": MNT, "messages": messages}).json()
+        base_chat = c.post("/v1/chat/completions", json={"max_tokens": MNT, "messages": messages}).json()
         metrics = metric_samples(c.get("/metrics").text, "palikit_adapter_requests")
+        events = c.post("/v1/chat/completions", json={"model": "det", "max_tokens": MNT, "stream": True,
+                                                      "messages": messages}).text
+        chunks = [json.loads(line[6:]) for line in events.splitlines() if line.startswith("data: {")]
     with one_thread():
         for name in ("ocr", "det"):
             want = _merged(paths[name]).caption(image, "en", max_new_tokens=MNT)
             assert got[name]["tokens"] == want.tokens, name
         assert chat["choices"][0]["message"]["content"] == got["ocr"]["text"]
+        assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == got["det"]["text"]
         base = _merged(None).caption(image, "en", max_new_tokens=MNT)
         assert got[None]["tokens"] == base.tokens
+    # an answer names the model that wrote it: the adapter a chat asked for, else the base model
+    assert chat["model"] == "ocr" and base_chat["model"] == ids[0]
+    assert len(chunks) > 2 and {ch["model"] for ch in chunks} == {"det"}
     assert metrics['palikit_adapter_requests{adapter="ocr"}'] == 2.0
     assert metrics['palikit_adapter_requests{adapter="det"}'] == 1.0
 

@@ -199,7 +199,9 @@ async def chat_completions(request: Request):
     if len(call.images) > settings.max_images_per_request:
         raise bad_request(f"{len(call.images)} images; at most {settings.max_images_per_request} per request.",
                           "messages")
-    opts = gen_options(Options(**call.options, adapter=chat_adapter(state, req.model)), settings)
+    adapter = chat_adapter(state, req.model)
+    served = adapter or state.name  # the answer names the model that wrote it: the adapter, else the base
+    opts = gen_options(Options(**call.options, adapter=adapter), settings)
     ids = state.prompt_ids(call.prompt, "messages")
     constraint = await chat_constraint(state.pg, call.structured)
     datas = [image_bytes_from_string(u, settings, "messages") for u in call.images]
@@ -213,14 +215,14 @@ async def chat_completions(request: Request):
     if not call.stream:
         result = await state.run(opts, item, request=request)
         n = len(result.tokens)
-        return {**completion(cid, state.name, result.text, "length" if n >= opts.max_new_tokens else "stop",
+        return {**completion(cid, served, result.text, "length" if n >= opts.max_new_tokens else "stop",
                              usage(n_prompt, n)),
                 **hint_field(result.hint, call.prompt)}
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
     pending = await state.front.submit(item, opts, lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
     # background: cancel it even when the client left before the stream started (then `stream` never runs)
-    return StreamingResponse(stream(state, cid, pending, pieces, call, opts, n_prompt), media_type="text/event-stream",
+    return StreamingResponse(stream(state, cid, pending, pieces, call, opts, n_prompt, served), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                              background=BackgroundTask(pending.cancel))
 
@@ -233,27 +235,27 @@ def _image_tokens(pg) -> int:
 
 
 # ------------------------------------------------------------------------------ streaming
-async def stream(state, cid: str, pending, pieces: asyncio.Queue, call, opts, n_prompt: int):
+async def stream(state, cid: str, pending, pieces: asyncio.Queue, call, opts, n_prompt: int, model: str):
     """SSE chunks of an OpenAI streaming chat completion for a request already queued on the engine:
     each new piece of text (incremental detokenization, put on `pieces` from the engine thread)
     becomes a chunk; an error after the stream started is one `data: {"error": ...}` event
-    (`errors.api_error`, as on every route)."""
+    (`errors.api_error`, as on every route). `model`: the served name every chunk carries."""
     created = int(time.time())
     job = asyncio.ensure_future(state.front.result(pending, state.settings.request_timeout_s))
     sent, get = [], None
     try:
-        yield chunk(cid, state.name, created, {"role": "assistant", "content": ""})
+        yield chunk(cid, model, created, {"role": "assistant", "content": ""})
         while True:
             get = asyncio.ensure_future(pieces.get())
             done, _ = await asyncio.wait({get, job}, return_when=asyncio.FIRST_COMPLETED)
             if get in done:
                 sent.append(get.result())
-                yield chunk(cid, state.name, created, {"content": sent[-1]})
+                yield chunk(cid, model, created, {"content": sent[-1]})
                 continue
             get.cancel()
             while not pieces.empty():
                 sent.append(pieces.get_nowait())
-                yield chunk(cid, state.name, created, {"content": sent[-1]})
+                yield chunk(cid, model, created, {"content": sent[-1]})
             break
         try:
             result = job.result()
@@ -262,12 +264,12 @@ async def stream(state, cid: str, pending, pieces: asyncio.Queue, call, opts, n_
             return
         streamed = "".join(sent)
         if result.text != streamed and result.text.startswith(streamed):  # held-back tail (or beam search)
-            yield chunk(cid, state.name, created, {"content": result.text[len(streamed):]})
+            yield chunk(cid, model, created, {"content": result.text[len(streamed):]})
         n = len(result.tokens)
         finish = "length" if n >= opts.max_new_tokens else "stop"
-        yield chunk(cid, state.name, created, {}, finish, extra=hint_field(result.hint, call.prompt))
+        yield chunk(cid, model, created, {}, finish, extra=hint_field(result.hint, call.prompt))
         if call.include_usage:
-            yield chunk(cid, state.name, created, {}, usage=usage(n_prompt, n), empty_choices=True)
+            yield chunk(cid, model, created, {}, usage=usage(n_prompt, n), empty_choices=True)
         yield "data: [DONE]\n\n"
     finally:
         for task in (get, job):  # the client went away: the engine frees its slot; no task left pending
