@@ -220,6 +220,14 @@ def test_bad_adapters_get_clear_errors_and_the_engine_keeps_serving(setup, tmp_p
     req = _requests(model, 1)[0]
     opts = GenerationOptions(max_new_tokens=4, ignore_eos=True, adapter="dec4")
     assert engine.generate([req], opts)[0].tokens == _alone(merged, req, opts).tokens
+    # precomputed image features skip the tower: refused for a tower adapter, fine for a decoder-only one
+    engine.load_adapter("tower2", paths["tower2"])
+    with torch.no_grad():
+        feats = model.embed_images(req.pixel_values[None])[0]  # [N, H] through the base tower
+    pre = Request(req.text_ids, image_features=feats)
+    with pytest.raises(ValueError, match=r"adapter 'tower2' changes the vision tower.*pixel_values"):
+        engine.submit(pre, GenerationOptions(max_new_tokens=4, adapter="tower2"))
+    assert engine.generate([pre], opts)[0].tokens == _alone(merged, req, opts).tokens
     engine.close()
 
 

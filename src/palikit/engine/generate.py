@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..model import PaliGemmaModel
+from ..model.lora import touches_tower
 from .request import Generation, GenerationOptions, Request
 from .scheduler import Scheduler, Ticket
 from .slots import SlotBatch
@@ -103,12 +104,24 @@ class Engine:
             if options.adapter is not None:
                 raise ValueError("beam search (num_beams > 1) runs on the base model only; drop num_beams or the "
                                  "adapter")
+        if options is not None and options.adapter is not None and request.image_features is not None:
+            self._check_features_adapter(options.adapter)
         vocab = self.model.config.text.vocab_size
         if not request.text_ids:
             raise ValueError("a request needs at least one text token ([BOS] ...)")
         bad = [t for t in request.text_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+
+    def _check_features_adapter(self, name: str) -> None:
+        """Precomputed image features skip the vision tower: refused for an adapter that changes it."""
+        adapter = self.adapters.get(name) if self.adapters is not None else None  # unknown: the hold says so
+        if adapter is not None and adapter.tower:
+            tower = [m for m in adapter.modules if touches_tower([m])]
+            raise ValueError(f"adapter {name!r} changes the vision tower / projector ({tower[0]}"
+                             f"{f' and {len(tower) - 1} more' if len(tower) > 1 else ''}), so image features "
+                             "computed without it would give a wrong answer: pass the image's pixels "
+                             "(pixel_values) instead of image_features for this adapter")
 
     def submit(self, request: Request, options: GenerationOptions = GenerationOptions(), on_token=None) -> Ticket:
         """Queue one request; the Ticket's `result()` is its Generation. `on_token(id, logprob)` is
