@@ -279,3 +279,41 @@ def test_adapter_is_merged_by_the_workers_and_keys_the_resume(ckpt, ray_local, t
     assert main(["batch", "--input", str(src), "--output", str(tmp_path / "o2"), "--task", "ocr", "--model", str(ckpt),
                  "--adapter", str(tmp_path / "in"), "--device", "cpu"]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_several_adapters_in_one_run_one_row_per_input_and_adapter(ckpt, ray_local, tmp_path, capsys):
+    """`palikit batch --adapter a=PATH --adapter b=PATH`: every input runs on each adapter (unmerged, one
+    engine), one row each with an 'adapter' column whose text equals the model with that adapter merged;
+    a rerun skips them all; the summary says what was written per adapter."""
+    import torch
+
+    from palikit.cli import main
+    from palikit.train.modes import all_linear_targets, inject_lora
+    from palikit.weights.adapter import save_lora_adapter
+    from palikit.weights.hf import load_hf_checkpoint
+
+    paths = {}
+    for seed, name in enumerate(("a", "b")):
+        model = inject_lora(load_hf_checkpoint(ckpt), all_linear_targets(load_hf_checkpoint(ckpt)), rank=4, alpha=8.0)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # large random adapters, so the answers surely differ
+            for n, p in model.named_parameters():
+                if ".lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        paths[name] = save_lora_adapter(model, tmp_path / name, {"rank": 4, "alpha": 8.0}, base_model=str(ckpt))
+    src = _images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    args = ["batch", "--input", str(src), "--output", str(out), "--task", "caption", "--model", str(ckpt),
+            "--device", "cpu", "--max-new-tokens", "6", "--no-progress",
+            "--adapter", f"a={paths['a']}", "--adapter", f"b={paths['b']}"]
+    assert main(args) == 0
+    assert "a: 2 written  b: 2 written" in capsys.readouterr().out
+    rows = read_results(out)
+    assert sorted((r["id"], r["adapter"]) for r in rows) == [(f"img{i:03d}.png", a) for i in range(2) for a in "ab"]
+    for name, path in paths.items():
+        merged = PaliGemma.from_pretrained(ckpt, device="cpu", adapter=path)
+        for r in (r for r in rows if r["adapter"] == name):
+            assert r["text"] == merged.predict(src / r["id"], "caption en", max_new_tokens=6).text
+    assert {r["text"] for r in rows if r["adapter"] == "a"} != {r["text"] for r in rows if r["adapter"] == "b"}
+    assert main(args) == 0
+    assert "0 written" in capsys.readouterr().out and len(read_results(out)) == 4  # resumed: nothing ran again

@@ -19,7 +19,10 @@ def batch(
     output: Path = typer.Option(..., "--output", "-o", help="Folder for part-*.jsonl / part-*.parquet results."),
     task: str = typer.Option(..., help="ocr | caption | describe | detect | segment | answer | predict"),
     model: str = typer.Option(None, "--model", "-m", help="Checkpoint folder or Hub id (default: bundled demo)."),
-    adapter: Path = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format) merged into --model."),
+    adapter: list[str] = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT format) merged into --model; "
+                                      "or NAME=PATH (repeatable): every input runs on each adapter (served unmerged "
+                                      "side by side, one batch), one output row per input and adapter with an "
+                                      "'adapter' column."),
     quantize: str = typer.Option(None, "--quantize", help="int8 or int4: every worker quantizes the weights at load."),
     labels: str = typer.Option(None, help="Classes for detect/segment, e.g. 'dog ; car' (commas also separate when "
                                "there is no ';', as in `palikit detect`)."),
@@ -39,16 +42,23 @@ def batch(
     """Run one task over many images; a rerun skips what is already written for this task and options."""
     from ..distributed.ray_batch import run_batch
     from .predict import default_model
+    from .serve import split_adapters
 
+    try:
+        adapter, named = split_adapters(adapter or [])
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--adapter") from None
     summary = run_batch(
         input, output, task, default_model(model),
         labels=labels, question=question, prompt=prompt,  # split by the one label rule (tasks.labels), per row
         lang=lang, fmt=format, batch_size=batch_size, num_workers=workers, device=device, address=address,
         max_new_tokens=max_new_tokens, retry_failed=retry_failed, progress=progress, adapter=adapter,
-        quantize=quantize,
+        quantize=quantize, adapters=named,
     )
     line = (f"{task}: {summary.written} written ({summary.failed} failed inputs recorded with their error), "
             f"{summary.skipped} already done, {summary.images_per_s:.1f} images/s -> {summary.output}")
+    if summary.adapters:  # one column per adapter: what this run wrote for each
+        line += "\n" + "  ".join(f"{name}: {n} written" for name, n in summary.adapters.items())
     if summary.interrupted:
         typer.echo(f"interrupted ({summary.interrupted}): {line}\nThe results written so far are kept; rerun the "
                    "same command to do the rest.", err=True)

@@ -21,7 +21,8 @@ import os
 import signal
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ class BatchSummary:
     seconds: float
     output: str
     interrupted: str | None = None  # "SIGINT" / "SIGTERM" when the run was stopped early
+    adapters: dict[str, int] = field(default_factory=dict)  # rows written per adapter (several-adapter runs)
 
     @property
     def images_per_s(self) -> float:
@@ -225,7 +227,7 @@ def _preprocess_fn(image_size: int, preprocessor_dir: str | None):
                 heights.append(0)
                 errors.append(f"{type(e).__name__}: {e}")
         return {"id": batch["id"], "key": batch["key"], "prompt": batch["prompt"], "labels": batch["labels"],
-                "pixels": np.stack(pixels),
+                "adapter": batch["adapter"], "pixels": np.stack(pixels),
                 "width": np.array(widths), "height": np.array(heights), "error": np.array(errors, dtype=object)}
 
     return preprocess
@@ -235,26 +237,37 @@ class _Predictor:
     """Actor: loads the model once, predicts a batch, writes its part file atomically."""
 
     def __init__(self, model: str, device: str, dtype: str, output: str, fmt: str, options: dict, task: str,
-                 adapter: str | None = None, quantize: str | None = None):
+                 adapter: str | None = None, quantize: str | None = None, adapters: dict[str, str] | None = None):
         from ..api import PaliGemma
 
-        self.pg = PaliGemma.from_pretrained(model, device=device, dtype=dtype, adapter=adapter, quantize=quantize)
+        self.pg = PaliGemma.from_pretrained(model, device=device, dtype=dtype, adapter=adapter, quantize=quantize,
+                                            adapters=adapters, max_lora_rank=_max_rank(adapters))
         self.output, self.fmt, self.options, self.task = Path(output), fmt, options, task
+        self.named = bool(adapters)  # rows carry an "adapter" column
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         from ..tasks.records import PredictionRecord
 
-        ok = [i for i, e in enumerate(batch["error"]) if not e]
         rows: dict[int, dict[str, Any]] = {}
-        if ok:
-            pv = torch.from_numpy(batch["pixels"][ok])
+        groups: dict[str, list[int]] = {}  # adapter name ("" = the model as loaded) -> its ok rows
+        for i, e in enumerate(batch["error"]):
+            if not e:
+                groups.setdefault(str(batch["adapter"][i]), []).append(i)
+
+        def predict(name: str, ok: list[int]) -> list:
             sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in ok]
             labels = [json.loads(batch["labels"][i]) if batch["labels"][i] else None for i in ok]
-            results = self.pg.predict_pixels(pv, sizes, [batch["prompt"][i] for i in ok], labels=labels,
-                                             **self.options)
-            for i, r in zip(ok, results):
+            return self.pg.predict_pixels(torch.from_numpy(batch["pixels"][ok]), sizes,
+                                          [batch["prompt"][i] for i in ok], labels=labels, adapter=name or None,
+                                          **self.options)
+
+        # one caller per adapter at once: the engine batches every adapter's rows together (multi-LoRA)
+        with ThreadPoolExecutor(max(len(groups), 1)) as pool:
+            done = {name: pool.submit(predict, name, ok) for name, ok in groups.items()}
+        for name, ok in groups.items():
+            for i, r in zip(ok, done[name].result()):
                 rows[i] = PredictionRecord.from_result(batch["id"][i], batch["prompt"][i], r, task=self.task,
                                                        key=str(batch["key"][i])).batch_row()
         for i, e in enumerate(batch["error"]):
@@ -262,6 +275,9 @@ class _Predictor:
                 rows[i] = PredictionRecord.failure(batch["id"][i], batch["prompt"][i], e, task=self.task,
                                                    key=str(batch["key"][i])).batch_row()
         ordered = [rows[i] for i in range(len(batch["id"]))]
+        if self.named:
+            for i, row in enumerate(ordered):
+                row["adapter"] = str(batch["adapter"][i])
         _write_part(self.output, ordered, self.fmt)
         return {"id": batch["id"], "failed": [bool(e) for e in batch["error"]]}
 
@@ -312,10 +328,13 @@ def run_batch(
     retry_failed: bool = False,
     adapter: str | Path | None = None,
     quantize: str | None = None,
+    adapters: dict[str, str | Path] | None = None,
 ) -> BatchSummary:
     """Run `task` over every input not yet written for this task, prompt, options and model (see the
     module docstring); `retry_failed` also reruns inputs whose earlier row is an error. `adapter`: a
-    LoRA adapter folder (PEFT format) merged into `model` by every worker (part of the resume key)."""
+    LoRA adapter folder (PEFT format) merged into `model` by every worker (part of the resume key).
+    `adapters` {name: folder}: several adapters in one run, served unmerged side by side (multi-LoRA):
+    every input runs once per adapter, one row each with an `adapter` column (its own resume key)."""
     import time
 
     if task not in ray_tasks():
@@ -337,24 +356,23 @@ def run_batch(
     PredictOptions.from_kwargs(options)  # refuse what the model would refuse, before Ray starts
     run_labels = labels if labels is None or isinstance(labels, str) else list(labels)
     model_id = str(files.weights if files.format == "hf" else model)
-    if adapter:  # a bad folder fails here with the reason, not inside a Ray worker
-        from ..weights.adapter import read_adapter
-
-        read_adapter(adapter)
-        adapter = str(Path(adapter).resolve())  # the workers may run in another folder
+    adapter, named = _checked_adapters(adapter, adapters)
+    model_key = model_id + (f" + {adapter}" if adapter else "") + (f" ({quantize})" if quantize else "")
     for r in rows:
         r["prompt"], requested = prompt_for(task, r, labels=run_labels, question=question, prompt=prompt, lang=lang)
         r["labels"] = json.dumps(requested) if requested else ""  # a plain string column through Ray Data
-        r["key"] = row_key(task, r["prompt"], options, model_id + (f" + {adapter}" if adapter else "")
-                           + (f" ({quantize})" if quantize else ""))
+        r["key"], r["adapter"] = row_key(task, r["prompt"], options, model_key), ""
         if isinstance(r["image"], Path):
             r["image"] = str(r["image"])
+    if named:  # one row per (input, adapter), each with its own resume key
+        rows = [{**r, "adapter": name, "key": row_key(task, r["prompt"], options, f"{model_key} @ {name}={path}")}
+                for r in rows for name, path in named.items()]
     done = done_keys(output, retry_failed=retry_failed)
     todo = [r for r in rows if (r["id"], r["key"]) not in done]
     t0, started = time.perf_counter(), time.time()
     written, failed, stopped = 0, 0, None
     if todo:
-        predictor_args = (model_id, dtype, str(output), fmt, options, task, adapter, quantize)
+        predictor_args = (model_id, dtype, str(output), fmt, options, task, adapter, quantize, named)
         preprocess = _preprocess_fn(image_size, str(files.preprocessor) if files.preprocessor else None)
         with _stop_on_signals() as stop:
             try:
@@ -367,8 +385,32 @@ def run_batch(
                 # batches the workers finished (and wrote) before the driver saw them count too
                 new = [r for r in _all_rows(output, ["id", "error"], newer_than=started)]
                 written, failed = max(written, len(new)), max(failed, sum(1 for r in new if r.get("error")))
+    per_adapter = {}
+    if named:  # what this run wrote, per adapter (the summary line's columns)
+        new = _all_rows(output, ["adapter"], newer_than=started)
+        per_adapter = {name: sum(1 for r in new if r.get("adapter") == name) for name in named}
     return BatchSummary(total=len(rows), skipped=len(rows) - len(todo), written=written, failed=failed,
-                        seconds=time.perf_counter() - t0, output=str(output), interrupted=stopped)
+                        seconds=time.perf_counter() - t0, output=str(output), interrupted=stopped,
+                        adapters=per_adapter)
+
+
+def _checked_adapters(adapter, adapters) -> tuple[str | None, dict[str, str]]:
+    """Every adapter folder read once here, so a bad one fails with the reason before Ray starts (not
+    inside a worker); absolute paths (the workers may run in another folder)."""
+    from ..weights.adapter import read_adapter
+
+    if adapter and adapters:
+        raise ValueError("give one adapter to merge (adapter=) or several served side by side (adapters=), not both")
+    for path in [adapter] if adapter else list((adapters or {}).values()):
+        read_adapter(path)
+    return (str(Path(adapter).resolve()) if adapter else None,
+            {name: str(Path(p).resolve()) for name, p in (adapters or {}).items()})
+
+
+def _max_rank(adapters: dict[str, str] | None) -> int:
+    from ..eval.adapters import adapter_rank
+
+    return max((adapter_rank(p) for p in (adapters or {}).values()), default=16)
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
@@ -398,14 +440,14 @@ def _run_pipeline(todo, preprocess, predictor_args, batch_size, num_workers, dev
     init_ray(address)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar of ours instead of Ray's
     use_gpu = device in ("cuda", "auto") and ray.cluster_resources().get("GPU", 0) > 0
-    model_id, dtype, output, fmt, options, task, adapter, quantize = predictor_args
+    model_id, dtype, output, fmt, options, task, adapter, quantize, named = predictor_args
     ds = ray.data.from_items([{"id": r["id"], "key": r["key"], "image": r["image"], "prompt": r["prompt"],
-                               "labels": r["labels"]}
+                               "labels": r["labels"], "adapter": r["adapter"]}
                               for r in todo])
     ds = ds.map_batches(preprocess, batch_size=batch_size, batch_format="numpy")
     ds = ds.map_batches(
         _Predictor, fn_constructor_args=(model_id, "cuda" if use_gpu else "cpu", dtype, output, fmt, options, task,
-                                         adapter, quantize),
+                                         adapter, quantize, named),
         batch_size=batch_size, concurrency=num_workers, num_gpus=1 if use_gpu else 0, batch_format="numpy",
     )
     bar = _progress(f"batch {task}", len(todo)) if progress else None
