@@ -25,6 +25,7 @@ the real loader. (m) and (swap) must give the same answers (greedy): `agree` cou
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -151,18 +152,21 @@ def run_lora_bench(pg, *, n_adapters: int = 8, n_requests: int = 480, rate: floa
     names = [f"lora{i}" for i in range(n_adapters)]
     adapters = {r.index: names[r.index % n_adapters] for r in trace}
     root = Path(tempfile.mkdtemp(prefix="palikit-bench-lora-"))
-    folders = {n: write_random_adapter(pg.model, root / n, r=(8, 16)[i % 2], tower=i % 4 == 3, seed=i)
-               for i, n in enumerate(names)}
-    pg.configure_scheduler(max_slots=slots)
-    warm = trace[:4]
-    run_batched(pg, warm, pool, {r.index: None for r in warm})
-    swap = run_swapping(pg, trace, pool, adapters, folders, slots)
-    base = run_batched(pg, trace, pool, {r.index: None for r in trace})
-    pg.enable_adapters(max_loras=n_adapters, max_lora_rank=max_lora_rank)
-    for n, f in folders.items():
-        pg.load_adapter(n, f)
-    run_batched(pg, warm, pool, {r.index: names[0] for r in warm})
-    multi = run_batched(pg, trace, pool, adapters)
+    try:  # the adapter folders go when the runs end (the engine keeps its CPU copies)
+        folders = {n: write_random_adapter(pg.model, root / n, r=(8, 16)[i % 2], tower=i % 4 == 3, seed=i)
+                   for i, n in enumerate(names)}
+        pg.configure_scheduler(max_slots=slots)
+        warm = trace[:4]
+        run_batched(pg, warm, pool, {r.index: None for r in warm})
+        swap = run_swapping(pg, trace, pool, adapters, folders, slots)
+        base = run_batched(pg, trace, pool, {r.index: None for r in trace})
+        pg.enable_adapters(max_loras=n_adapters, max_lora_rank=max_lora_rank)
+        for n, f in folders.items():
+            pg.load_adapter(n, f)
+        run_batched(pg, warm, pool, {r.index: names[0] for r in warm})
+        multi = run_batched(pg, trace, pool, adapters)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     agree = sum(a == b for a, b in zip(multi.pop("answers"), swap.pop("answers")))
     base.pop("answers")
     report = {"model": pg.name, "hardware": hardware(pg), "adapters": n_adapters, "requests": len(trace),
