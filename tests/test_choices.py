@@ -120,6 +120,10 @@ def test_answer_classify_and_predict_with_choices(tiny, one_thread):
     assert pg.tokenizer.decode(a.tokens) == a.text
     again = type(a).from_dict(d)
     assert [x.to_dict() for x in again.choices] == d["choices"]
+    t = pg.task("answer", im, "what is this", choices=["cat", "dog", "red"])  # the one routing answer() uses
+    assert [x.logprob for x in t.choices] == pytest.approx([x.logprob for x in b.choices], abs=1e-6)
+    with pytest.raises(ValueError, match="task caption takes no choices"):
+        pg.task("caption", im, choices=["a cat", "a dog"])
 
 
 def test_the_demo_model_picks_the_right_colour(demo, one_thread):

@@ -367,9 +367,10 @@ class PaliGemma:
                       hint=suggest_prompt(prompt, self.tokenizer))
 
     # ------------------------------------------------------------------------------ tasks
-    def task(self, name: str, image, *args, lang: str = "en", **options):
+    def task(self, name: str, image, *args, lang: str = "en", choices: Sequence[str] | None = None, **options):
         """Run the task `name` of the task table (`palikit.tasks.registry`) on one image: positional
-        `args` (or keywords) are the task's arguments (question, labels, ...), `lang` its language."""
+        `args` (or keywords) are the task's arguments (question, labels, ...), `lang` its language;
+        `choices` (tasks that take them): score that closed set of answers instead (`choose`)."""
         from .tasks.registry import get_task
 
         t = get_task(name)
@@ -379,6 +380,11 @@ class PaliGemma:
         values = dict(zip((a.name for a in t.args), args))
         values.update({a.name: options.pop(a.name) for a in t.args if a.name in options})
         prompt, labels = t.prompt(values, lang)
+        if choices is not None:
+            if not t.choices:
+                raise ValueError(f"task {name} takes no choices (a closed set of answers is scored for "
+                                 "answer and predict)")
+            return self.choose(image, prompt, choices)
         return self.predict_batch([image], [prompt], labels=[labels], **options)[0]
 
     def caption(self, image, lang: str = "en", **options):
@@ -393,11 +399,7 @@ class PaliGemma:
     def answer(self, image, question: str, lang: str = "en", *, choices: Sequence[str] | None = None, **options):
         """The answer to `question`; with `choices`, the most probable of them and every choice's
         probability (`choose`)."""
-        if choices is not None:
-            from .tasks.registry import get_task
-
-            return self.choose(image, get_task("answer").prompt({"question": question}, lang)[0], choices)
-        return self.task("answer", image, question, lang=lang, **options)
+        return self.task("answer", image, question, lang=lang, choices=choices, **options)
 
     def question(self, image, answer: str, lang: str = "en", **options):
         return self.task("question", image, answer, lang=lang, **options)

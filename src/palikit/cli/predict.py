@@ -150,17 +150,12 @@ def _register(app, task) -> None:
     arg = task.main_arg if task.main_arg is not None and task.main_arg.required else None
 
     def command(images, text=None, lang="en", choices=None, **options):
+        from ..tasks.labels import split_labels
+
         args = [text] if arg is not None else []
-
-        def make_result(pg, example, opts):
-            if choices is not None:
-                from ..tasks.labels import split_labels
-
-                values = dict(zip((a.name for a in task.args), args))
-                return pg.choose(example, task.prompt(values, lang)[0], split_labels(choices))
-            return pg.task(task.name, example, *args, lang=lang, **opts)
-
-        _run(images, make_result, **options)
+        closed = None if choices is None else split_labels(choices)
+        _run(images, lambda pg, example, opts: pg.task(task.name, example, *args, lang=lang, choices=closed, **opts),
+             **options)
 
     command.__signature__ = inspect.Signature(_parameters(task, arg))
     command.__doc__ = task.cli_help or task.summary
