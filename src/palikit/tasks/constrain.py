@@ -235,22 +235,22 @@ class DetectCursor:
         room = self._room()
         left = None if self.budget is None else self.budget - self.written
         if left is not None and left < self.g.need(node):  # the budget's end: only moves that still finish
-            ids = [i for i, child in self.g.moves(node).items() if 1 + self.g.fewest(child) <= left]
-            parts = [torch.tensor(sorted(ids), dtype=torch.int64)]
-            if node.end_label or node.end_sep:
-                parts.append(self.g._eos)
-            if node.end_sep and room:
-                parts.append(self.g.loc[:1023])
-            return torch.cat(parts)
+            return self._with_ends([i for i, c in self.g.moves(node).items() if 1 + self.g.fewest(c) <= left],
+                                   node, room)
         hit = node.allowed.get(room)
         if hit is None:  # shared by every request of the grammar
-            parts = [torch.tensor(sorted(self.g.moves(node)), dtype=torch.int64)]
-            if node.end_label or node.end_sep:
-                parts.append(self.g._eos)
-            if node.end_sep and room:
-                parts.append(self.g.loc[:1023])
-            hit = node.allowed[room] = torch.cat(parts)
+            hit = node.allowed[room] = self._with_ends(sorted(self.g.moves(node)), node, room)
         return hit
+
+    def _with_ends(self, text_ids: list[int], node: _Node, room: bool) -> torch.Tensor:
+        """`text_ids`, then EOS where a label (or label + separator) ends at `node`, and the next object's
+        <loc> after a separator when one still fits."""
+        parts = [torch.tensor(sorted(text_ids), dtype=torch.int64)]
+        if node.end_label or node.end_sep:
+            parts.append(self.g._eos)
+        if node.end_sep and room:
+            parts.append(self.g.loc[:1023])
+        return torch.cat(parts)
 
     def advance(self, token_id: int) -> None:
         g, token_id = self.g, int(token_id)
