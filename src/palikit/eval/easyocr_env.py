@@ -100,26 +100,23 @@ def find_python(venv: str | Path | None = None) -> Path:
                         f"{ENV_VAR}=PATH or pass easyocr?venv=PATH")
 
 
-def _canonical(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
-
-
 def remaining_requirements(site_packages: Path, installed: list[str]) -> list[str]:
     """What the distributions `installed` (put there with --no-deps) require, read from their METADATA,
     markers evaluated for this python, less what is already there and `GPU_ONLY`; one string each."""
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
-    have = {_canonical(d.name.split("-")[0]) for d in site_packages.glob("*.dist-info")}
-    wanted = {_canonical(Requirement(r).name) for r in installed}
+    infos = {canonicalize_name(d.name.split("-")[0]): d for d in sorted(site_packages.glob("*.dist-info"))}
+    wanted = {canonicalize_name(Requirement(r).name) for r in installed}
     out: dict[str, str] = {}
-    for info in sorted(site_packages.glob("*.dist-info")):
-        if _canonical(info.name.split("-")[0]) not in wanted:
+    for dist, info in infos.items():
+        if dist not in wanted:
             continue
         meta = Parser().parsestr((info / "METADATA").read_text(encoding="utf-8"), headersonly=True)
         for line in meta.get_all("Requires-Dist") or []:
             req = Requirement(line)
-            name = _canonical(req.name)
-            if (req.marker and not req.marker.evaluate({"extra": ""})) or name in have or name in GPU_ONLY:
+            name = canonicalize_name(req.name)
+            if (req.marker and not req.marker.evaluate({"extra": ""})) or name in infos or name in GPU_ONLY:
                 continue
             req.marker = None
             out.setdefault(name, str(req))
