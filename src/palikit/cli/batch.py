@@ -44,10 +44,7 @@ def batch(
     from .predict import default_model
     from .serve import split_adapters
 
-    try:
-        adapter, named = split_adapters(adapter or [])
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--adapter") from None
+    adapter, named = split_adapters(adapter or [])  # a bad value: ValueError, one 'error:' line (as eval, serve)
     summary = run_batch(
         input, output, task, default_model(model),
         labels=labels, question=question, prompt=prompt,  # split by the one label rule (tasks.labels), per row
