@@ -48,6 +48,23 @@ def _naive(model, x, slots, adapters):
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("slots", [[2, 0, 2], [0, 3, 3, 0], [3, 2, 0], [0, 0]])
+def test_decode_over_the_span_of_used_slots_equals_the_naive_formula(slots):
+    """An eager decode multiplies only the columns of the slots its rows use (lowest to highest):
+    a middle slot alone, the last alone, two of three, none."""
+    g = torch.Generator().manual_seed(3)
+    model = Two().eval()
+    lora = LoRASlots(model, S, R, targets=["a", "b"], max_rows=8)
+    adapters = {s: (_adapter(g, R - s, ["a", "b"]), 0.5 * s) for s in (1, 2, 3)}
+    for s, (layers, scale) in adapters.items():
+        lora.write(s, layers, scale)
+    x = torch.randn(len(slots), 1, IN, generator=g)
+    with torch.no_grad(), lora_rows(model, slots):
+        assert lora.columns == slice((min(set(slots) - {0} or {1}) - 1) * R, max(set(slots) - {0} or {1}) * R)
+        got = model(x)
+    torch.testing.assert_close(got, _naive(model, x, slots, adapters), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("T", [1, 5])
 def test_slots_equal_the_naive_per_row_formula(T):
     torch.manual_seed(0)

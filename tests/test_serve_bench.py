@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from palikit import PaliGemma
 from palikit.assets import bundled_demo_model
@@ -122,6 +123,31 @@ def test_bad_options_are_clear_errors(capsys):
     assert "backends must be letters" in capsys.readouterr().err
     assert main(["bench-serve", "--model", "no-such-model"]) == 2
     assert "neither a local folder" in capsys.readouterr().err
+    assert main(["bench-serve", "--layers", "2"]) == 2
+    assert "--layers 2: needs a preset --model" in capsys.readouterr().err
+    assert main(["bench-serve", "--model", "tiny-pg2", "--layers", "0"]) == 2
+    assert "a count >= 1" in capsys.readouterr().err
+    assert main(["bench-serve", "--adapters", "2", "--lora-ranks", "8,x"]) == 2
+    assert "--lora-ranks must be positive integers" in capsys.readouterr().err
+    assert main(["bench-serve", "--torch-threads", "-1"]) == 2
+    assert "--torch-threads must be >= 0" in capsys.readouterr().err
+
+
+def test_multi_lora_bench_on_a_preset_cut_to_fewer_layers(capsys):
+    """`--layers N` on a preset: full width, N decoder and tower layers; `--lora-ranks` cycled over the adapters."""
+    threads = torch.get_num_threads()
+    try:
+        code = main(["bench-serve", "--model", "tiny-pg2", "--layers", "1", "--adapters", "3", "--lora-ranks", "2,4",
+                     "--requests", "6", "--rate", "100", "--slots", "4", "--max-new-tokens", "short=2,caption=3,long=4",
+                     "--device", "cpu", "--torch-threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    last = json.loads(out[-1])
+    assert last["model"] == "tiny-pg2 (1 + 1 layers, full head)-random" and last["ranks"] == [2, 4]
+    assert last["agree_multi_swap"] == 6 and last["multi_lora"]["requests"] == 6
+    assert "over 3 adapters (ranks 2/4)" in out[0] and last["hardware"]["torch_threads"] == 1
 
 
 def test_random_full_size_tokenizer_spans_the_output_vocabulary(tmp_path: Path):

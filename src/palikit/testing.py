@@ -134,10 +134,10 @@ def random_tokenizer(cfg: PaliGemmaConfig, folder: Path):
     return tok, replace(cfg, text=text, image_token_index=tok.vocab_size - 1)
 
 
-def random_paligemma(preset: str, device: Any = "cpu", dtype: torch.dtype | None = None, seed: int = 0,
-                     folder: str | Path | None = None):
-    """A `PaliGemma` with random weights of `preset`'s shape (see `random_tokenizer`); the tokenizer is
-    written to `folder` (a temp dir by default)."""
+def random_paligemma(preset: str | PaliGemmaConfig, device: Any = "cpu", dtype: torch.dtype | None = None,
+                     seed: int = 0, folder: str | Path | None = None):
+    """A `PaliGemma` with random weights of `preset`'s shape (a preset name or a config; see
+    `random_tokenizer`); the tokenizer is written to `folder` (a temp dir by default)."""
     import tempfile
 
     from .api import PaliGemma
@@ -145,7 +145,7 @@ def random_paligemma(preset: str, device: Any = "cpu", dtype: torch.dtype | None
     from .weights.resolve import get_config
 
     folder = Path(folder or tempfile.mkdtemp(prefix="palikit-serve-bench-"))
-    tok, cfg = random_tokenizer(get_config(preset), folder)
+    tok, cfg = random_tokenizer(get_config(preset) if isinstance(preset, str) else preset, folder)
     model = random_model(cfg, device, dtype, seed=seed)
     proc = ImageProcessor(size=cfg.vision.image_size, patch_size=cfg.vision.patch_size)
     return PaliGemma(model, tok, proc, name=f"{cfg.name}-random")

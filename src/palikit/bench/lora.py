@@ -142,9 +142,21 @@ def _summary(t0, results, t_end) -> dict:
             "tokens_per_s": tokens / seconds, "answers": [r.tokens for r in results]}
 
 
+def parse_ranks(text: str) -> tuple[int, ...]:
+    """`--lora-ranks 8,16` -> (8, 16)."""
+    try:
+        ranks = tuple(int(r) for r in text.split(","))
+    except ValueError:
+        ranks = ()
+    if not ranks or min(ranks) < 1:
+        raise ValueError(f"--lora-ranks must be positive integers separated by commas, e.g. 8,16; got {text!r}")
+    return ranks
+
+
 def run_lora_bench(pg, *, n_adapters: int = 8, n_requests: int = 480, rate: float = 120.0, seed: int = 0,
-                   slots: int = 16, max_new_tokens: dict | None = None, max_lora_rank: int = 16) -> dict:
-    """The three runs on one trace (see the module docstring); the report with ratios and targets."""
+                   slots: int = 16, max_new_tokens: dict | None = None, ranks: tuple[int, ...] = (8, 16)) -> dict:
+    """The three runs on one trace (see the module docstring); the report with ratios and targets.
+    Adapter i has rank ranks[i % len(ranks)]; every fourth one targets the vision tower too."""
     if n_adapters < 1:
         raise ValueError(f"--adapters must be >= 1, got {n_adapters}")
     pool = image_pool(32, pg.model.config.vision.image_size)
@@ -153,14 +165,14 @@ def run_lora_bench(pg, *, n_adapters: int = 8, n_requests: int = 480, rate: floa
     adapters = {r.index: names[r.index % n_adapters] for r in trace}
     root = Path(tempfile.mkdtemp(prefix="palikit-bench-lora-"))
     try:  # the adapter folders go when the runs end (the engine keeps its CPU copies)
-        folders = {n: write_random_adapter(pg.model, root / n, r=(8, 16)[i % 2], tower=i % 4 == 3, seed=i)
+        folders = {n: write_random_adapter(pg.model, root / n, r=ranks[i % len(ranks)], tower=i % 4 == 3, seed=i)
                    for i, n in enumerate(names)}
         pg.configure_scheduler(max_slots=slots)
         warm = trace[:4]
         run_batched(pg, warm, pool, {r.index: None for r in warm})
         swap = run_swapping(pg, trace, pool, adapters, folders, slots)
         base = run_batched(pg, trace, pool, {r.index: None for r in trace})
-        pg.enable_adapters(max_loras=n_adapters, max_lora_rank=max_lora_rank)
+        pg.enable_adapters(max_loras=n_adapters, max_lora_rank=max(ranks))
         for n, f in folders.items():
             pg.load_adapter(n, f)
         run_batched(pg, warm, pool, {r.index: names[0] for r in warm})
@@ -169,7 +181,8 @@ def run_lora_bench(pg, *, n_adapters: int = 8, n_requests: int = 480, rate: floa
         shutil.rmtree(root, ignore_errors=True)
     agree = sum(a == b for a, b in zip(multi.pop("answers"), swap.pop("answers")))
     base.pop("answers")
-    report = {"model": pg.name, "hardware": hardware(pg), "adapters": n_adapters, "requests": len(trace),
+    report = {"model": pg.name, "hardware": hardware(pg), "adapters": n_adapters, "ranks": list(ranks),
+              "requests": len(trace),
               "rate_per_s": rate, "slots": slots, "multi_lora": multi, "base": base, "swap_merged": swap,
               "multi_vs_base": multi["req_per_s"] / base["req_per_s"],
               "multi_vs_swap": multi["req_per_s"] / swap["req_per_s"],
@@ -183,7 +196,8 @@ def run_lora_bench(pg, *, n_adapters: int = 8, n_requests: int = 480, rate: floa
 def format_lora_report(rep: dict) -> str:
     hw = rep["hardware"]
     lines = [f"multi-LoRA serving: {rep['model']} on {hw['device']} ({hw['cpu']}, {hw['torch_threads']} threads), "
-             f"{rep['requests']} requests at {rep['rate_per_s']:g}/s over {rep['adapters']} adapters, "
+             f"{rep['requests']} requests at {rep['rate_per_s']:g}/s over {rep['adapters']} adapters (ranks "
+             f"{'/'.join(map(str, rep['ranks']))}), "
              f"{rep['slots']} slots", "| run | req/s | tokens/s | seconds |", "|---|---|---|---|"]
     for key, label in (("multi_lora", f"multi-LoRA ({rep['adapters']} adapters, one batch)"),
                        ("base", "base model alone"),

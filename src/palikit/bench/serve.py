@@ -430,16 +430,22 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def load_pg(model: str | None, device: str = "auto", dtype: str = "auto"):
-    """The bundled demo model (None), random weights of a preset's shape, or a checkpoint folder / Hub id."""
+def load_pg(model: str | None, device: str = "auto", dtype: str = "auto", layers: int | None = None):
+    """The bundled demo model (None), random weights of a preset's shape (`layers` decoder and tower
+    layers at full width and with the full head: `bench.quant.shrink`), or a checkpoint folder / Hub id."""
     from ..api import PaliGemma
     from ..assets import default_model
     from ..config import PRESETS
     from ..runtime import resolve_device, resolve_dtype
+    from ..weights.resolve import get_config
+    from .quant import shrink
 
+    if layers is not None and (layers < 1 or model not in PRESETS):
+        raise ValueError(f"--layers {layers}: needs a preset --model (random weights, e.g. pg2-3b-224) and a count "
+                         f">= 1; got --model {model or 'the demo model'}")
     if model in PRESETS:
         dev = resolve_device(device)
-        return random_paligemma(model, dev, resolve_dtype(dtype, dev))
+        return random_paligemma(shrink(get_config(model), layers), dev, resolve_dtype(dtype, dev))
     return PaliGemma.from_pretrained(default_model(model, hint="pass --model (a preset such as pg1-3b-224 for random "
                                                              "weights, or a checkpoint)"), device=device, dtype=dtype)
 

@@ -43,12 +43,7 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    if torch_threads < 0:
-        raise ValueError(f"--torch-threads must be >= 0 (0 = torch's default), got {torch_threads}")
-    if torch_threads:
-        import torch
-
-        torch.set_num_threads(torch_threads)
+    _set_threads(torch_threads)
 
     if constrained is not None:
         return _bench_constrained(model, constrained, max(int(b) for b in batch_sizes.split(",")), new_tokens, repeats)
@@ -90,6 +85,15 @@ def bench(
     print(json.dumps(report))
 
 
+def _set_threads(n: int) -> None:
+    if n < 0:
+        raise ValueError(f"--torch-threads must be >= 0 (0 = torch's default), got {n}")
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 @app.command("bench-serve")
 def bench_serve(
     model: str = typer.Option(None, help="Checkpoint folder / Hub id, or a preset name (random weights); "
@@ -108,6 +112,11 @@ def bench_serve(
     no_stream: bool = typer.Option(False, "--no-stream", help="Skip the streaming check."),
     adapters: int = typer.Option(0, "--adapters", help="Multi-LoRA: the trace spread over N random adapters, against "
                                  "the base model alone and against swapping merged adapters per batch (one run)."),
+    lora_ranks: str = typer.Option("8,16", help="--adapters: LoRA ranks, cycled over the adapters (the largest is "
+                                   "--max-lora-rank)."),
+    layers: int = typer.Option(None, help="With a preset --model: decoder and tower layers to build (full width, "
+                                          "full head); default all."),
+    torch_threads: int = typer.Option(0, help="torch intra-op threads (0 = torch's default); recorded in the JSON."),
 ):
     """Serving benchmark: throughput, p50/p99 latency and time to first token under mixed open-loop traffic
     (continuous batching vs run-to-completion batches vs transformers, same weights, same trace)."""
@@ -117,12 +126,16 @@ def bench_serve(
     budgets = parse_classes(max_new_tokens, "--max-new-tokens", int)
     check_options(n_requests=requests, rate=rate, slots=slots, timeout_s=timeout, backends=backends,
                   max_new_tokens=budgets)
-    pg = load_pg(model, device, dtype)
+    from ..bench.lora import parse_ranks
+
+    ranks = parse_ranks(lora_ranks)
+    _set_threads(torch_threads)
+    pg = load_pg(model, device, dtype, layers)
     if adapters:
         from ..bench.lora import format_lora_report, run_lora_bench
 
         report = run_lora_bench(pg, n_adapters=adapters, n_requests=requests, rate=rate, seed=seed, slots=slots,
-                                max_new_tokens=budgets)
+                                max_new_tokens=budgets, ranks=ranks)
         print(format_lora_report(report))
         print(json.dumps(report))
         return
