@@ -6,6 +6,9 @@ skips a module, a slot rewritten with another adapter."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -103,3 +106,23 @@ def test_compiled_decode_equals_the_naive_formula():
     with torch.no_grad(), lora_rows(model, slots):
         got = step(x)
     torch.testing.assert_close(got, _naive(model, x, slots, adapters), atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_with_slots_pickles_and_deep_copies_and_the_slots_come_off():
+    """The targets' instance forwards travel with the model (pickle, deepcopy: bound to the copy's own
+    buffers); `remove` gives back the plain Linears."""
+    g = torch.Generator().manual_seed(4)
+    model = Two().eval()
+    lora = LoRASlots(model, S, R, targets=["a", "b"], max_rows=8)
+    adapters = {2: (_adapter(g, R, ["a", "b"]), 0.5)}
+    lora.write(2, *adapters[2])
+    slots, x = [2, 0, 2], torch.randn(3, 1, IN, generator=g)
+    want = _naive(model, x, slots, adapters)
+    for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert other.a.forward.args[1] is other.a and other.lora_slots is not lora
+        with torch.no_grad(), lora_rows(other, slots):
+            torch.testing.assert_close(other(x), want, atol=1e-5, rtol=1e-5)
+    lora.remove(model)
+    assert "forward" not in vars(model.a) and not hasattr(model.a, "lora_A_slots")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _naive(model, x, [0, 0, 0], {}))

@@ -33,7 +33,7 @@ a quantized base (`model.quant`) takes a delta the same way.
 from __future__ import annotations
 
 import contextlib
-import types
+import functools
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -86,10 +86,20 @@ class LoRASlots:
             m.register_buffer("lora_B_slots", torch.zeros(max_loras, max_rank, m.out_features, device=dev,
                                                           dtype=dtype), persistent=False)
             m.lora_slots_used = set()  # host-side: slots whose adapter targets this module
-            m.lora_owner, m.lora_views = self, None
-            m.forward = types.MethodType(_forward_with_delta, m)  # instance attribute: no hook machinery per call
+            m.lora_views = None
+            # an instance attribute (no hook machinery per call); a partial of a named function pickles and deep-copies
+            m.forward = functools.partial(LoRASlots.forward_with_delta, self, m)
             self.modules[name] = m
         model.lora_slots = self
+
+    def forward_with_delta(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A target Linear's forward while it has LoRA slots: its class's forward, then the rows' deltas
+        (skipped in eager mode when no row of this forward has an adapter on this module; a compiled
+        step always adds them, masked)."""
+        out = type(module).forward(module, x)
+        if not torch.compiler.is_compiling() and module.lora_slots_used.isdisjoint(self.rows_slots):
+            return out
+        return self.add_delta(module, x, out)
 
     def add_delta(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`out` (the base Linear's output for `x` [B, T, in]) plus each row's own LoRA delta."""
@@ -173,19 +183,8 @@ class LoRASlots:
 
     def remove(self, model: nn.Module) -> None:
         for m in self.modules.values():
-            del m.forward, m.lora_A_slots, m.lora_B_slots, m.lora_slots_used, m.lora_owner, m.lora_views
+            del m.forward, m.lora_A_slots, m.lora_B_slots, m.lora_slots_used, m.lora_views
         model.lora_slots = None
-
-
-def _forward_with_delta(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A target Linear's forward while it has LoRA slots: its class's forward, then the rows' deltas
-    (skipped in eager mode when no row of this forward has an adapter on this module; a compiled
-    step always adds them, masked)."""
-    out = type(module).forward(module, x)
-    lora = module.lora_owner
-    if not torch.compiler.is_compiling() and module.lora_slots_used.isdisjoint(lora.rows_slots):
-        return out
-    return lora.add_delta(module, x, out)
 
 
 @contextlib.contextmanager
