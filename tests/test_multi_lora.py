@@ -278,6 +278,7 @@ def test_lora_bench_runs_the_three_ways_and_multi_lora_answers_equal_the_merged_
     assert rep["agree_multi_swap"] == 24  # every multi-LoRA answer equals its merged-adapter answer
     assert rep["swap_merged"]["swaps"] >= 3 and rep["multi_lora"]["requests"] == rep["base"]["requests"] == 24
     assert rep["multi_vs_base"] == pytest.approx(rep["multi_lora"]["req_per_s"] / rep["base"]["req_per_s"])
+    assert rep["multi_vs_base_tokens"] == pytest.approx(rep["multi_lora"]["tokens_per_s"] / rep["base"]["tokens_per_s"])
     assert "swap merged adapters per batch" in format_lora_report(rep)
 
 
