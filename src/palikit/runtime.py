@@ -1,7 +1,10 @@
 """Device and dtype resolution shared by the API and the CLI ("auto" = CUDA + bf16 when present), and
-the CPU's name as benchmarks report it (`cpu_model`)."""
+the CPU's name as benchmarks report it (`cpu_model`) and its vendor as kernel choices read it
+(`cpu_vendor`)."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -29,16 +32,26 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or auto") from None
 
 
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("AuthenticAMD", "GenuineIntel"), "" where there is none."""
+    return _cpuinfo_field("vendor_id") or ""
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo ("AMD EPYC"), else what `platform` knows: the one place
     benchmarks and probes read it."""
     import platform
 
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown CPU"

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
-from .layers import GeGLU, RMSNorm, apply_rope, attention, rope_inv_freq, rope_tables
+from .layers import GeGLU, Linear, RMSNorm, apply_rope, attention, rope_inv_freq, rope_tables
 
 PAD_BLOCK = 2**30  # block number of padding / unwritten cache slots: never attended
 
@@ -99,10 +99,10 @@ class GemmaAttention(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False, **dd)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False, **dd)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False, **dd)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False, **dd)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False, **dd)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False, **dd)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False, **dd)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False, **dd)
         self.scale = cfg.query_pre_attn_scalar**-0.5
         self.logit_cap = cfg.attn_logit_softcapping
 

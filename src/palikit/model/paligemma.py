@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import PaliGemmaConfig
 from .gemma import GemmaDecoder, KVCache, positions_and_blocks
-from .layers import softcap
+from .layers import linear, softcap
 from .siglip import SiglipVisionTower
 
 
@@ -100,7 +100,7 @@ class PaliGemmaModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         emb, rows = self.language_model.embed_tokens, self.config.output_vocab_size
         if isinstance(emb, nn.Embedding):
-            out = nn.functional.linear(hidden, emb.weight[:rows])
+            out = linear(hidden, emb.weight[:rows])
         else:  # the int8 tied head (`model.quant.Int8Embedding`)
             out = emb.project(hidden, rows)
         return softcap(out, self.config.text.final_logit_softcapping)
