@@ -1,7 +1,7 @@
 """`model.layers.linear` (the decoder's Linears and the tied head): the few-row path it takes in fp32 on
-AMD CPUs, (W @ x.T).T, equals F.linear (values within fp32 rounding, shape, contiguity) at every row
-count around its bounds, with and without a bias, 2-D and 3-D inputs; it is taken only where it should
-be; `Linear` keeps nn.Linear's parameters and state_dict."""
+AMD CPUs for large weights, (W @ x.T).T, equals F.linear (values within fp32 rounding, shape,
+contiguity) at every row count around its bounds, with and without a bias, 2-D and 3-D inputs; it is
+taken only where it should be; `Linear` keeps nn.Linear's parameters and state_dict."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from palikit.model.layers import FEW_ROWS, Linear, linear
 @pytest.fixture(params=[True, False], ids=["transposed-path", "F.linear-path"])
 def path(request, monkeypatch):
     monkeypatch.setattr(layers, "_few_rows_transposed", lambda: request.param)
+    monkeypatch.setattr(layers, "FEW_ROWS_MIN_WEIGHT", 32)  # the tests' small weights take the path too
     return request.param
 
 
@@ -39,7 +40,8 @@ def test_the_transposed_path_is_taken_only_for_few_fp32_cpu_rows(path, monkeypat
     w = torch.randn(8, 4)
     for x in (torch.randn(1, 4), torch.randn(FEW_ROWS + 1, 4), torch.randn(4, 4, dtype=torch.bfloat16)):
         linear(x, w.to(x.dtype))
-    assert calls == []  # one row, many rows, bf16: F.linear
+    linear(torch.randn(3, 4), torch.randn(7, 4))  # a weight below FEW_ROWS_MIN_WEIGHT (28 < 32 elements)
+    assert calls == []  # one row, many rows, bf16, a small weight: F.linear
     linear(torch.randn(3, 1, 4), w)
     assert calls == ([(8, 4)] if path else [])
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FEW_ROWS = 32  # up to this many rows (decode steps, last-token logits) `linear` may take the W @ x.T path
+FEW_ROWS_MIN_WEIGHT = 2**20  # ... for weights of at least this many elements (smaller ones lose: 0.5-0.9x)
 
 
 @functools.cache
@@ -27,14 +28,16 @@ def _few_rows_transposed() -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except in fp32 on an AMD CPU with 2..FEW_ROWS rows, where it computes (W @ x.T).T:
-    torch's MKL takes 1.3-2.7x as long for x @ W.T at a few rows there (an AMD EPYC, Zen 4: the
-    257k x 2304 head at 4 rows 476 ms against 179; a 9216 x 2304 weight 14.7 ms against 9.1;
-    `python -m lab.probes.few_row_linear`); one row and many rows are as fast either way. Not
-    measured on other vendors, so left alone there. The output is contiguous, as F.linear's."""
+    """F.linear, except in fp32 on an AMD CPU with 2..FEW_ROWS rows and a weight of at least
+    FEW_ROWS_MIN_WEIGHT elements, where it computes (W @ x.T).T: torch's MKL takes 1.3-2.3x as long
+    for x @ W.T at a few rows there (an AMD EPYC, Zen 4: the 257k x 2304 head at 4 rows 405 ms
+    against 193; a 9216 x 2304 weight 14.7 ms against 8.6; `python -m lab.probes.few_row_linear`);
+    one row and many rows are as fast either way, and small weights (the demo model's) are faster
+    through F.linear. Not measured on other vendors, so left alone there. The output is contiguous,
+    as F.linear's."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if (1 < rows <= FEW_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.compiler.is_compiling() and _few_rows_transposed()):
+    if (1 < rows <= FEW_ROWS and weight.numel() >= FEW_ROWS_MIN_WEIGHT and x.dtype == torch.float32
+            and x.device.type == "cpu" and not torch.compiler.is_compiling() and _few_rows_transposed()):
         out = torch.mm(weight, x.reshape(rows, -1).T).T  # [rows, out] (a transposed view)
         if bias is not None:
             out = out + bias
