@@ -52,3 +52,15 @@ def test_linear_module_is_an_nn_linear_with_the_same_state_dict():
     ref.load_state_dict(m.state_dict())
     x = torch.randn(3, 1, 6)
     torch.testing.assert_close(m(x), ref(x), atol=1e-6, rtol=1e-6)
+
+
+def test_an_exported_graph_keeps_f_linear(path):
+    """torch.export (the ONNX exporter's front end) sees F.linear even where eager takes the few-row path:
+    no guard on a symbolic row count, and the weight stays MatMul's second input for ORT's quantizers."""
+    m = Linear(24, 56, bias=False).eval()
+    x = torch.randn(3, 1, 24)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(m, (x,), dynamic_shapes=({0: batch},))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "aten.linear.default" in targets and "aten.mm.default" not in targets
+    torch.testing.assert_close(program.module()(x), F.linear(x, m.weight), atol=1e-5, rtol=1e-5)

@@ -35,9 +35,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     one row and many rows are as fast either way, and small weights (the demo model's) are faster
     through F.linear. Not measured on other vendors, so left alone there. The output is contiguous,
     as F.linear's."""
+    # (compiling, exporting and tracing first: no guard on a symbolic row count, and an exported graph
+    # keeps the weight as MatMul's second input, where onnxruntime's weight quantizers look for it)
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or x.device.type != "cpu"
+            or x.dtype != torch.float32 or weight.numel() < FEW_ROWS_MIN_WEIGHT or not _few_rows_transposed()):
+        return F.linear(x, weight, bias)
     rows = x.numel() // max(x.shape[-1], 1)
-    if (1 < rows <= FEW_ROWS and weight.numel() >= FEW_ROWS_MIN_WEIGHT and x.dtype == torch.float32
-            and x.device.type == "cpu" and not torch.compiler.is_compiling() and _few_rows_transposed()):
+    if 1 < rows <= FEW_ROWS:
         out = torch.mm(weight, x.reshape(rows, -1).T).T  # [rows, out] (a transposed view)
         if bias is not None:
             out = out + bias
