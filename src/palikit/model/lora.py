@@ -18,16 +18,16 @@ to the row's own slot's R columns, @ B.view(S*R, out), added in place (`addmm`):
 of A and B, whose reads would cost more than the step's own weights when S is smaller than the
 batch. An eager step multiplies only the columns from the lowest to the highest slot its rows use
 (a view, no copy: a step whose rows use 2 of 8 slots pays for 2 to 8 slots' columns, not 8); a
-compiled step keeps all S*R (fixed shapes). The base model has no columns (it used to be a zero slot 0: 1/(S+1) of the decode's LoRA
-work for nothing).
+compiled step keeps all S*R (fixed shapes). The base model has no columns (it used to be a zero
+slot 0: 1/(S+1) of the decode's LoRA work for nothing).
 
 An adapter of rank r < R fills the first r rows of its slot of A and B, the rest stay zero; PEFT's
 alpha / r scale is folded into B at load; a module an adapter does not target keeps zeros in its
 slot. The per-row slot index (`LoRASlots.index`, a fixed tensor) and the masks derived from it are
-set once per forward by the engine (`lora_rows`) and read by every target's forward. Writing an adapter into a
-slot changes tensor contents, never shapes or module structure: a compiled step is not recompiled.
-The base weights and the model's state_dict are untouched (instance forwards and non-persistent buffers), so
-a quantized base (`model.quant`) takes a delta the same way.
+set once per forward by the engine (`lora_rows`) and read by every target's forward. Writing an
+adapter into a slot changes tensor contents, never shapes or module structure: a compiled step is
+not recompiled. The base weights and the model's state_dict are untouched (instance forwards and
+non-persistent buffers), so a quantized base (`model.quant`) takes a delta the same way.
 """
 
 from __future__ import annotations
@@ -128,9 +128,8 @@ class LoRASlots:
         views = module.lora_views  # keyed on the span and on the buffers themselves (`model.to` replaces them)
         if views is None or views[0] != cols or views[1] is not A:
             views = module.lora_views = (cols, A, A.flatten(0, 1)[cols].T, module.lora_B_slots.flatten(0, 1)[cols])
-        key = (Bn, cols, self.mask)
-        if self._mask_view[0] != key[:2] or self._mask_view[1] is not self.mask:
-            self._mask_view = (key[:2], self.mask, self.mask[:Bn, cols])
+        if self._mask_view[0] != (Bn, cols) or self._mask_view[1] is not self.mask:  # (`set_rows` may grow it)
+            self._mask_view = ((Bn, cols), self.mask, self.mask[:Bn, cols])
         return views[2], views[3], self._mask_view[2]
 
     def bytes_per_slot(self) -> int:
